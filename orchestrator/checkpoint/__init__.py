@@ -1,0 +1,1 @@
+"""Checkpoints: DeepSpeed shards plus per-rank state, committed by the controller."""

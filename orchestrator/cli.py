@@ -1,0 +1,168 @@
+"""The ``orchestrator`` command.
+
+    orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR]
+    orchestrator validate CONFIG [--set KEY=VALUE]...
+
+Exit codes: 0 trained to the end, 1 the run failed, 2 bad input (nothing
+was started), 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from orchestrator.config import Config, load_config
+from orchestrator.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Interrupted(Exception):
+    """The user asked the run to stop (SIGINT or SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"orchestrator: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML config file, e.g. cluster_configs/local.yaml")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.steps=300 (repeatable)",
+        )
+
+    launch = sub.add_parser("launch", help="run a training job to completion")
+    add_config_args(launch)
+    launch.add_argument("--run-dir", help="run directory; re-using one resumes its latest checkpoint")
+    launch.set_defaults(func=_launch)
+
+    validate = sub.add_parser("validate", help="check a config without starting anything")
+    add_config_args(validate)
+    validate.set_defaults(func=_validate)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, args.set)
+    _check_entrypoint(config)
+    return config
+
+
+def _check_entrypoint(config: Config) -> None:
+    """Fail before anything starts when the user's training module cannot be found."""
+    if config.train.entrypoint is None:
+        return
+    module = config.train.entrypoint.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(
+            f"train.entrypoint: module {module!r} is not importable; install it or add its "
+            "directory to PYTHONPATH"
+        )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(
+        f"config OK: {config.cluster.world_size} ranks ({config.cluster.nodes} node(s) x "
+        f"{config.cluster.workers_per_node}), {config.cluster.device}, ZeRO-{config.parallel.zero_stage}, "
+        f"tensor parallel {config.parallel.tensor_parallel}, {config.train.steps} steps"
+    )
+    return EXIT_OK
+
+
+def _launch(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from orchestrator.controller.controller import Controller
+    from orchestrator.controller.states import Failed
+    from orchestrator.controller.worker_group import RayWorkerGroup
+    from orchestrator.monitor.events import EventLog
+    from orchestrator.monitor.progress import make_progress
+    from orchestrator.run_dir import RunDir
+
+    run = RunDir.open(args.run_dir)
+    events = EventLog(run.events)
+    display = make_progress()
+    group = RayWorkerGroup(config, run.path)
+    controller = Controller(config, run, group, events, display)
+    display.note(
+        f"run {run.run_id}: {config.cluster.world_size} ranks, ZeRO-{config.parallel.zero_stage}, "
+        f"TP {config.parallel.tensor_parallel}, {config.train.steps} steps -> {run.path}"
+    )
+    started = time.monotonic()
+    try:
+        with _signals_interrupt():
+            try:
+                state = controller.run()
+            except Interrupted as exc:
+                display.note(f"{exc}: stopping every rank...")
+                controller.interrupted()
+                return 128 + exc.signum
+            finally:
+                # Cleanup is bounded by timeouts; a second Ctrl-C must not cut it short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                group.close()
+                display.close()
+    finally:
+        events.close()
+    elapsed = time.monotonic() - started
+    if isinstance(state, Failed):
+        _print_failure(state)
+        return EXIT_FAILED
+    loss = f"{controller.last_loss:.4f}" if controller.last_loss is not None else "n/a"
+    print(f"succeeded: step {controller.last_step}, final loss {loss}, {elapsed:.1f}s, run dir {run.path}")
+    return EXIT_OK
+
+
+def _print_failure(state: object) -> None:
+    from orchestrator.controller.failures import root_cause
+
+    failures = state.failures  # type: ignore[attr-defined]
+    cause = root_cause(failures)
+    out = sys.stderr
+    out.write(f"\nrun failed: rank {cause.rank}: {cause.message}\n")
+    if cause.details():
+        out.write(f"--- rank {cause.rank} ---\n{cause.details().rstrip()}\n---\n")
+    for other in failures:
+        if other is not cause:
+            out.write(f"(then rank {other.rank}: {other.message})\n")
+    out.flush()
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,183 @@
+"""The typed config tree: every key a job can set, its default and its bounds.
+
+One frozen pydantic model per section. Field docs here are the source of
+``docs/config.md``; keep the two in step. Cross-field rules live in
+``Config._check_layout`` so that a bad combination is reported with the key
+to change before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set by the orchestrator for every rank; a user value would silently break rendezvous.
+RESERVED_ENV = frozenset(
+    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(_Section):
+    """Where the job runs and how many ranks it has."""
+
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:PORT'); null starts an embedded local Ray."
+    )
+    nodes: Annotated[int, Field(ge=1)] = Field(1, description="Number of nodes.")
+    workers_per_node: Annotated[int, Field(ge=1)] = Field(
+        2, description="Ranks per node (one per GPU on GPU clusters)."
+    )
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu", description="cpu: gloo backend; gpu: one GPU per rank, nccl backend."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment for every training process (NCCL_*, OMP_*, ...).",
+    )
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _stringify_env(cls, value: object) -> object:
+        # YAML reads NCCL_IB_TIMEOUT: 22 as an int; the environment wants text.
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else _env_text(v) for k, v in value.items()}
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} is set by the orchestrator for each rank; remove it")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+def _env_text(value: object) -> object:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+class ParallelConfig(_Section):
+    """How the model and optimizer state are split across ranks."""
+
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = Field(2, description="DeepSpeed ZeRO stage, 0 to 3.")
+    tensor_parallel: Annotated[int, Field(ge=1)] = Field(
+        1, description="Tensor-parallel degree (DeepSpeed AutoTP); must divide the world size."
+    )
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    steps: Annotated[int, Field(ge=1)] = Field(200, description="Optimizer steps to train.")
+    seed: Annotated[int, Field(ge=0)] = Field(1234, description="Seed for weights, data order and RNG.")
+    micro_batch_size: Annotated[int, Field(ge=1)] = Field(
+        8, description="Sequences per data-parallel rank per step."
+    )
+    lr: Annotated[float, Field(gt=0)] = Field(3e-3, description="AdamW learning rate.")
+    entrypoint: str | None = Field(
+        None,
+        description="User training function 'module:function'; null runs the built-in GPT workload.",
+    )
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _check_entrypoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ENTRYPOINT.match(value):
+            raise ValueError(f"{value!r} is not of the form 'package.module:function'")
+        return value
+
+
+class ModelConfig(_Section):
+    """Shape of the built-in GPT (byte-level, 256-token vocabulary)."""
+
+    layers: Annotated[int, Field(ge=1)] = Field(2, description="Transformer blocks.")
+    heads: Annotated[int, Field(ge=1)] = Field(4, description="Attention heads.")
+    dim: Annotated[int, Field(ge=8)] = Field(128, description="Hidden size; a multiple of heads.")
+    seq_len: Annotated[int, Field(ge=8)] = Field(128, description="Tokens (bytes) per sequence.")
+
+
+class CheckpointConfig(_Section):
+    """When checkpoints are written and how many are kept."""
+
+    interval_steps: Annotated[int, Field(ge=0)] = Field(
+        50, description="Save every N steps (and at the last step); 0 turns checkpoints off."
+    )
+    keep_last: Annotated[int, Field(ge=1)] = Field(3, description="Committed checkpoints to keep.")
+
+
+class FaultToleranceConfig(_Section):
+    """Failure detection and the restart budget."""
+
+    max_restarts: Annotated[int, Field(ge=0)] = Field(3, description="Recoveries allowed before the run fails.")
+    hang_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="A rank with no step heartbeat for this long is declared hung."
+    )
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics from the controller.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address the metrics endpoint binds to.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        9464, description="Port of the metrics endpoint; 0 picks a free one."
+    )
+
+
+class Config(_Section):
+    """The whole job: one tree, validated when loaded."""
+
+    cluster: ClusterConfig = ClusterConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig = ModelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> Config:
+        world = self.cluster.world_size
+        if self.cluster.ray_address is None and self.cluster.nodes > 1:
+            raise ValueError(
+                "cluster.nodes: the embedded local Ray has one node; set cluster.nodes=1 "
+                "or give cluster.ray_address of a running Ray cluster"
+            )
+        if world % self.parallel.tensor_parallel:
+            raise ValueError(
+                f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide the "
+                f"world size {world} (cluster.nodes x cluster.workers_per_node); pick a divisor of {world}"
+            )
+        if self.train.entrypoint is None:
+            if self.model.dim % self.model.heads:
+                raise ValueError(
+                    f"model.dim: {self.model.dim} is not a multiple of model.heads={self.model.heads}"
+                )
+            if self.model.heads % self.parallel.tensor_parallel:
+                raise ValueError(
+                    f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide "
+                    f"model.heads={self.model.heads}; tensor parallelism splits attention heads"
+                )
+        return self
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.cluster.world_size // self.parallel.tensor_parallel

@@ -1,0 +1,100 @@
+"""Failures as data: what went wrong on which rank, and which failure was the root cause.
+
+When one rank dies, its peers fail moments later with collective errors
+("Connection reset by peer"). The root cause is the earliest failure by
+the time its actor saw it; the others are consequences.
+"""
+
+from __future__ import annotations
+
+import signal as signals
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from orchestrator.controller.worker_group import RankUpdate
+
+Reason = Literal["exit", "signal", "hang", "node_lost", "exception"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Failure:
+    """One rank's failure."""
+
+    rank: int
+    reason: Reason
+    at: float
+    message: str
+    exit_code: int | None = None
+    signal: int | None = None
+    exc_type: str | None = None
+    traceback: str = ""
+    log_tail: str = ""
+
+    def event_fields(self) -> dict[str, Any]:
+        """The ``failure_detected`` event's fields."""
+        fields: dict[str, Any] = {"rank": self.rank, "reason": self.reason, "message": self.message}
+        if self.exit_code is not None:
+            fields["exit_code"] = self.exit_code
+        if self.signal is not None:
+            fields["signal"] = self.signal
+            fields["signal_name"] = _signal_name(self.signal)
+        if self.exc_type is not None:
+            fields["exc_type"] = self.exc_type
+        return fields
+
+    def details(self) -> str:
+        """What the user needs to see: the traceback, else the end of the rank's log."""
+        return self.traceback or self.log_tail
+
+
+def failure_from(update: RankUpdate, error: dict[str, Any] | None) -> Failure | None:
+    """The failure ``update`` shows, given the rank's error report (if it sent one)."""
+    if update.lost is not None:
+        return Failure(rank=update.rank, reason="node_lost", at=time.time(), message=update.lost)
+    code = update.returncode
+    if error is not None:
+        return Failure(
+            rank=update.rank,
+            reason="exception",
+            at=error["at"],
+            message=f"{error['exc_type']}: {error['message']}",
+            exit_code=code,
+            exc_type=error["exc_type"],
+            traceback=error["traceback"],
+            log_tail=update.log_tail,
+        )
+    if code is None or code == 0:
+        return None
+    at = update.exited_at if update.exited_at is not None else time.time()
+    if code < 0:
+        return Failure(
+            rank=update.rank, reason="signal", at=at, signal=-code,
+            message=f"training process killed by {_signal_name(-code)}", log_tail=update.log_tail,
+        )
+    return Failure(
+        rank=update.rank, reason="exit", at=at, exit_code=code,
+        message=f"training process exited with code {code}", log_tail=update.log_tail,
+    )
+
+
+def first_per_rank(failures: list[Failure]) -> list[Failure]:
+    """One failure per rank: the first one seen (a rank's error report, then its exit)."""
+    seen: dict[int, Failure] = {}
+    for failure in failures:
+        seen.setdefault(failure.rank, failure)
+    return list(seen.values())
+
+
+def root_cause(failures: list[Failure]) -> Failure:
+    """The earliest failure; on a tie, the lowest rank."""
+    assert failures, "root_cause needs at least one failure"
+    return min(failures, key=lambda f: (f.at, f.rank))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signals.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+

@@ -1,0 +1,10 @@
+"""The project's user-facing error types.
+
+Anything the user can fix (a config key, a command-line argument, a bad
+entry point) raises :class:`ConfigError`; the CLI turns it into one message
+and exit code 2 before anything is started.
+"""
+
+
+class ConfigError(Exception):
+    """Bad user input: the message names the key and how to fix it."""

@@ -1,0 +1,1 @@
+"""Monitoring: the event log, terminal progress and (later) Prometheus export."""

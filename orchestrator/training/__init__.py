@@ -1,0 +1,1 @@
+"""The built-in workload: a small byte-level GPT trained with DeepSpeed on an offline corpus."""

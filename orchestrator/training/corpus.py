@@ -1,0 +1,62 @@
+"""A real text corpus present offline on every machine: the Python standard library's source.
+
+The bytes of the stdlib's ``.py`` files, concatenated in sorted path order,
+capped at ``max_bytes``. Every rank reads the same bytes; which windows a
+rank trains on is a pure function of (seed, step, data-parallel rank), so a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import torch
+
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+
+def stdlib_sources() -> list[Path]:
+    """The stdlib's ``.py`` files in a fixed order (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    """The corpus as a 1-D uint8 tensor."""
+    chunks, size = [], 0
+    for path in stdlib_sources():
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    blob = b"".join(chunks)[:max_bytes]
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, step)."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def batch(
+    corpus: torch.Tensor, *, seed: int, step: int, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This data-parallel rank's slice of step ``step``'s global batch: (inputs, targets).
+
+    The global batch (``micro_batch * dp_size`` windows) is the same however
+    it is split, so a change of world size keeps the data the model sees.
+    """
+    starts = torch.randint(
+        0, corpus.numel() - seq_len - 1, (micro_batch * dp_size,), generator=step_generator(seed, step)
+    )
+    mine = starts[dp_rank * micro_batch : (dp_rank + 1) * micro_batch]
+    windows = torch.stack([corpus[s : s + seq_len + 1] for s in mine.tolist()]).long()
+    return windows[:, :-1], windows[:, 1:]

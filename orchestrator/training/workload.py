@@ -1,0 +1,52 @@
+"""The built-in training function: a small GPT on the stdlib corpus, through the public TrainContext API."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.worker.context import TrainContext
+
+
+def train(ctx: TrainContext) -> None:
+    """Train ``train.steps`` steps, resuming from the committed checkpoint when there is one."""
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.training.corpus import batch, load_corpus
+    from orchestrator.training.engine import build_engine
+    from orchestrator.training.model import GPT
+
+    cfg = ctx.config
+    ctx.init_distributed()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    engine = build_engine(cfg, GPT(cfg.model).to(ctx.device))
+    done, _ = ctx.load_checkpoint(engine)
+
+    corpus = load_corpus()
+    # Ranks of one tensor-parallel group must see the same batch: shard by data-parallel rank.
+    dp_rank, dp_size = dist.get_rank(group=engine.data_parallel_group), engine.dp_world_size
+    tokens_per_step = cfg.train.micro_batch_size * cfg.model.seq_len * dp_size
+
+    for step in range(done + 1, cfg.train.steps + 1):
+        started = time.perf_counter()
+        inputs, targets = batch(
+            corpus, seed=cfg.train.seed, step=step, seq_len=cfg.model.seq_len,
+            micro_batch=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        )
+        loss = engine(inputs.to(ctx.device), targets.to(ctx.device))
+        engine.backward(loss)
+        engine.step()
+        # The mean over the world equals the data-parallel mean: TP peers hold the same loss.
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= ctx.world_size
+        ctx.report(
+            step,
+            loss=mean_loss.item(),
+            step_time_s=time.perf_counter() - started,
+            tokens=tokens_per_step,
+            lr=engine.get_lr()[0],
+            grad_norm=float(engine.get_global_grad_norm() or 0.0),
+        )
+        if ctx.should_checkpoint(step):
+            ctx.save_checkpoint(engine, step)

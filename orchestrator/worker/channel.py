@@ -1,0 +1,48 @@
+"""JSON-lines messages over a Unix socket between a rank's actor and its training process.
+
+The actor creates a ``socketpair`` and hands one end to the child as an
+inherited file descriptor. Reports (steps, checkpoints, errors) flow up;
+control messages (the start spec) flow down. Closing either end is how
+the other side learns its peer is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+CONTROL_FD_ENV = "ORCH_CONTROL_FD"
+
+
+class Channel:
+    """One end of the socket; ``send`` is thread-safe, ``messages`` is for one reader."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._reader = sock.makefile("r", encoding="utf-8")
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        return cls(socket.socket(fileno=fd))
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, default=str) + "\n").encode()
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        """Yield messages until the peer closes its end."""
+        for line in self._reader:
+            yield json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._reader.close()
+        self._sock.close()

@@ -1,0 +1,56 @@
+"""The environment of a rank's training process, built in one place from the config.
+
+torch.distributed, DeepSpeed and NCCL read their settings from the
+environment; building it here (and nowhere else) keeps that configuration
+visible and testable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from orchestrator.config.schema import Config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankPlacement:
+    """Where one rank runs and who its rendezvous peer is."""
+
+    rank: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    node_cpus: int
+    cuda_visible_devices: str | None = None
+
+
+def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
+    """The rank's settings; the actor lays them over its own environment."""
+    env = dict(config.cluster.env)
+    env.update(
+        RANK=str(placement.rank),
+        LOCAL_RANK=str(placement.local_rank),
+        WORLD_SIZE=str(config.cluster.world_size),
+        LOCAL_WORLD_SIZE=str(placement.local_world_size),
+        MASTER_ADDR=placement.master_addr,
+        MASTER_PORT=str(placement.master_port),
+        PYTHONUNBUFFERED="1",
+    )
+    if config.cluster.device == "cpu":
+        # Ranks sharing a node split its cores; oversubscribed OpenMP pools thrash.
+        threads = max(1, placement.node_cpus // placement.local_world_size)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        if placement.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
+        # Turn a dead peer into an exception the runtime can report instead of a hang.
+        env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    return env
+
+
+def local_cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0))
