@@ -104,7 +104,10 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
+    from orchestrator.controller.reaper import Reaper
+
     run = RunDir.open(args.run_dir)
+    reaper = Reaper()
     events = EventLog(run.events)
     display = make_progress()
     group = RayWorkerGroup(config, run.path)
@@ -129,6 +132,7 @@ def _launch(args: argparse.Namespace) -> int:
                 display.close()
     finally:
         events.close()
+        reaper.release()
     elapsed = time.monotonic() - started
     if isinstance(state, Failed):
         _print_failure(state)

@@ -1,0 +1,98 @@
+"""Leaves nothing behind when a controller ends, even by SIGKILL.
+
+Ray's agent processes outlive a raylet that was killed (they notice, but
+hang on exit), so a SIGKILLed controller would leave them running. Before
+starting Ray the controller marks its environment with a run token and
+starts this reaper in its own session, holding the read end of a pipe. When
+the controller ends in any way the pipe closes; the reaper then SIGKILLs
+every process whose environment carries the token: Ray's services and
+workers and the training processes all inherited it.
+
+Run as ``python -m orchestrator.controller.reaper TOKEN CONTROLLER_PID``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+RUN_TOKEN_ENV = "ORCH_RUN_TOKEN"
+_SWEEP_DEADLINE_S = 10.0
+_RELEASE_TIMEOUT_S = 15.0
+
+
+class Reaper:
+    """Handle on the reaper process; :meth:`release` at a clean exit."""
+
+    def __init__(self) -> None:
+        token = uuid.uuid4().hex
+        # Every process started from here on inherits the mark.
+        os.environ[RUN_TOKEN_ENV] = token
+        read_end, self._write_end = os.pipe()  # not inheritable: only we hold the write end
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.controller.reaper", token, str(os.getpid())],
+            stdin=read_end,
+            start_new_session=True,  # a Ctrl-C in the terminal must not reach it
+        )
+        os.close(read_end)
+
+    def release(self) -> None:
+        """Close the pipe and wait for the final sweep."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+        try:
+            self._proc.wait(timeout=_RELEASE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def marked_pids(token: str, exclude: set[int]) -> list[int]:
+    """Pids whose initial environment holds ``RUN_TOKEN_ENV=token``."""
+    marker = f"{RUN_TOKEN_ENV}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone, or not ours to read
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def sweep(token: str, exclude: set[int]) -> int:
+    """SIGKILL marked processes until none is left (or the deadline); returns how many were killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + _SWEEP_DEADLINE_S
+    while time.monotonic() < deadline:
+        pids = marked_pids(token, exclude)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    return len(killed)
+
+
+def main(argv: list[str]) -> int:
+    token, controller_pid = argv[0], int(argv[1])
+    sys.stdin.buffer.read()  # returns at EOF: the controller is gone or done
+    sweep(token, exclude={os.getpid(), controller_pid})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
