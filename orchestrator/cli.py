@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -65,8 +66,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config, args.set)
+    _import_from_launch_dir()
     _check_entrypoint(config)
     return config
+
+
+def _import_from_launch_dir() -> None:
+    """User entry points resolve from the launch directory, here and (via PYTHONPATH) in every rank."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
 
 
 def _check_entrypoint(config: Config) -> None:

@@ -37,6 +37,8 @@ def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
         MASTER_ADDR=placement.master_addr,
         MASTER_PORT=str(placement.master_port),
         PYTHONUNBUFFERED="1",
+        # Explicit, instead of DeepSpeed probing for a GPU (and warning when it finds none).
+        DS_ACCELERATOR="cpu" if config.cluster.device == "cpu" else "cuda",
     )
     if config.cluster.device == "cpu":
         # Ranks sharing a node split its cores; oversubscribed OpenMP pools thrash.

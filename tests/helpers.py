@@ -1,0 +1,103 @@
+"""Running the real CLI from tests, and reading what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_CONFIG = REPO / "cluster_configs" / "local.yaml"
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``orchestrator ARGS`` to completion from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """Start ``orchestrator ARGS`` in its own process group, as a shell would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def launch_args(run_dir: Path, *overrides: str, config: Path = LOCAL_CONFIG) -> list[str]:
+    args = ["launch", str(config), "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return out
+
+
+def of_kind(evs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in evs if e["event"] == kind]
+
+
+def losses_by_step(evs: list[dict[str, Any]]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in of_kind(evs, "step")}
+
+
+def wait_for_event(
+    run_dir: Path, predicate: Callable[[dict[str, Any]], bool], timeout: float, proc: subprocess.Popen | None = None
+) -> dict[str, Any]:
+    """Block until an event matching ``predicate`` is in the log; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in events(run_dir):
+            if predicate(event):
+                return event
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before the event: {proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no matching event within {timeout}s in {run_dir}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` is a live (non-zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """Pids still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    os.killpg(proc.pid, sig)
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group."""
+    kill_group(proc, signal.SIGINT)

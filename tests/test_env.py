@@ -1,0 +1,28 @@
+"""The rank environment, built in one place from the config."""
+
+from __future__ import annotations
+
+from orchestrator.config import load_config
+from orchestrator.worker.env import RankPlacement, rank_env
+from tests.helpers import LOCAL_CONFIG
+
+
+def _placement(**kw) -> RankPlacement:
+    base = dict(rank=1, local_rank=1, local_world_size=2, master_addr="127.0.0.1", master_port=29555, node_cpus=8)
+    return RankPlacement(**{**base, **kw})
+
+
+def test_cpu_rank_env() -> None:
+    env = rank_env(load_config(LOCAL_CONFIG), _placement())
+    assert env["RANK"] == "1" and env["LOCAL_RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "29555"
+    assert env["OMP_NUM_THREADS"] == "4", "ranks on a node split its cores"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_gpu_rank_env_and_user_env() -> None:
+    config = load_config(LOCAL_CONFIG, ["cluster.device=gpu", "cluster.env.NCCL_IB_HCA=mlx5", "cluster.env.OMP_NUM_THREADS=2"])
+    env = rank_env(config, _placement(cuda_visible_devices="0,1"))
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["DS_ACCELERATOR"] == "cuda"
+    assert env["NCCL_IB_HCA"] == "mlx5" and env["OMP_NUM_THREADS"] == "2"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

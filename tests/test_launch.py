@@ -1,0 +1,179 @@
+"""Real jobs through the real CLI: embedded Ray, rank actors, DeepSpeed over gloo, real signals.
+
+Kept small (tens of steps) so the whole file runs in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    cli,
+    events,
+    interrupt,
+    launch_args,
+    losses_by_step,
+    of_kind,
+    start_cli,
+    wait_for_event,
+    wait_gone,
+)
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(300)]
+
+SHORT = ("train.steps=40", "checkpoint.interval_steps=10")
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    result = cli(*launch_args(run_dir, *SHORT))
+    return run_dir, result.stdout + result.stderr, str(result.returncode)
+
+
+def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, str]) -> None:
+    run_dir, output, code = clean_run
+    assert code == "0", output
+    evs = events(run_dir)
+    started = of_kind(evs, "run_started")
+    assert len(started) == 1 and started[0]["world_size"] == 2 and started[0]["run_id"]
+    workers = of_kind(evs, "worker_started")
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert all(w["pid"] > 0 and w["node"] and w["attempt"] == 0 for w in workers)
+    steps = of_kind(evs, "step")
+    assert [s["step"] for s in steps] == list(range(1, 41)), "a step event for every step"
+    assert all(s["step_time_s"] > 0 and isinstance(s["loss"], float) for s in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, "the model must learn"
+    committed = of_kind(evs, "checkpoint_committed")
+    assert [c["step"] for c in committed] == [10, 20, 30, 40]
+    assert all(c["seconds"] > 0 and Path(c["path"]).is_dir() for c in committed[-3:])
+    finished = evs[-1]
+    assert finished["event"] == "run_finished" and finished["status"] == "succeeded"
+    assert finished["step"] == 40 and finished["final_loss"] == steps[-1]["loss"]
+    assert all("ts" in e for e in evs) and [e["ts"] for e in evs] == sorted(e["ts"] for e in evs)
+    # Retention: keep_last=3 of 4 committed, and latest names the newest.
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
+    assert ckpts == ["global_step20", "global_step30", "global_step40"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step40"
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    assert "succeeded: step 40" in output
+    assert wait_gone([w["pid"] for w in workers]) == []
+
+
+def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, str], tmp_path: Path) -> None:
+    clean_dir, output, code = clean_run
+    assert code == "0", output
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *SHORT))
+    try:
+        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_committed" and e["step"] == 20, 120, proc)
+        pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
+        for rank, pid in enumerate(pids):
+            # worker_started names the real training process, with the rank's environment.
+            environ = dict(
+                item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+            )
+            assert environ["RANK"] == str(rank) and environ["WORLD_SIZE"] == "2"
+            assert environ["MASTER_ADDR"] == "127.0.0.1" and int(environ["MASTER_PORT"]) > 0
+            assert "orchestrator.worker.process" in Path(f"/proc/{pid}/cmdline").read_text()
+        os.kill(proc.pid, signal.SIGKILL)  # the controller only; the reaper must do the rest
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert wait_gone(pids) == [], "training processes outlived their controller"
+
+    result = cli(*launch_args(run_dir, *SHORT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    evs = events(run_dir)
+    resumed_from = of_kind(evs, "run_started")[-1]["resumed_from_step"]
+    assert resumed_from >= 20
+    last_start = max(i for i, e in enumerate(evs) if e["event"] == "run_started")
+    resumed = losses_by_step(evs[last_start:])
+    clean = losses_by_step(events(clean_dir))
+    assert sorted(resumed) == list(range(resumed_from + 1, 41))
+    assert {s: resumed[s] for s in resumed} == {s: clean[s] for s in resumed}, "losses differ after resume"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stages_train(tmp_path: Path, stage: int) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, f"parallel.zero_stage={stage}", "train.steps=12", "checkpoint.interval_steps=6"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = of_kind(events(run_dir), "step")
+    assert len(steps) == 12 and steps[-1]["loss"] < steps[0]["loss"]
+    assert [c["step"] for c in of_kind(events(run_dir), "checkpoint_committed")] == [6, 12]
+
+
+def test_tensor_parallel_trains(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, "parallel.tensor_parallel=2", "train.steps=12", "checkpoint.interval_steps=0"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = of_kind(events(run_dir), "step")
+    assert len(steps) == 12 and steps[-1]["loss"] < steps[0]["loss"]
+    assert not of_kind(events(run_dir), "checkpoint_committed")
+
+
+def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0"))
+    try:
+        wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
+        pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
+        interrupt(proc)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, proc.stdout.read()
+    last = events(run_dir)[-1]
+    assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+    assert wait_gone(pids, timeout=5) == []
+
+
+def test_user_entrypoint_gets_the_context(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:allreduce_counter", "train.steps=5"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Each step all-reduces (rank + step) over ranks 0 and 1: 2 * step + 1.
+    assert losses_by_step(events(run_dir)) == {s: 2.0 * s + 1 for s in range(1, 6)}
+
+
+def test_user_exception_fails_with_its_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:raises_at_step_3", "train.steps=5"))
+    assert result.returncode == 1
+    assert "ValueError: user bug at step 3" in result.stderr
+    assert 'tests/user_train.py", line' in result.stderr, "the rank's traceback reaches the terminal"
+    evs = events(run_dir)
+    detected = of_kind(evs, "failure_detected")
+    assert detected and all(d["reason"] == "exception" for d in detected)
+    assert sum(d["root_cause"] for d in detected) == 1
+    assert evs[-1]["event"] == "run_finished" and evs[-1]["status"] == "failed"
+
+
+def test_killed_rank_is_detected_as_root_cause(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0",
+                                  "fault_tolerance.max_restarts=0"))
+    try:
+        wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
+        victim = next(w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read()
+    assert proc.returncode == 1, output
+    detected = of_kind(events(run_dir), "failure_detected")
+    cause = next(d for d in detected if d["root_cause"])
+    assert (cause["rank"], cause["reason"], cause["signal"]) == (1, "signal", 9)
+    assert "rank 1: training process killed by SIGKILL" in output
