@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from orchestrator.config import Config, load_config
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ClusterError, ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -135,8 +135,12 @@ def _launch(args: argparse.Namespace) -> int:
                 state = controller.run()
             except Interrupted as exc:
                 display.note(f"{exc}: stopping every rank...")
-                controller.interrupted()
+                controller.abort("interrupted")
                 return 128 + exc.signum
+            except ClusterError as exc:
+                controller.abort("cluster_error", str(exc))
+                print(f"orchestrator: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             finally:
                 # Cleanup is bounded by timeouts; a second Ctrl-C must not cut it short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)

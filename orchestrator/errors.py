@@ -8,3 +8,11 @@ and exit code 2 before anything is started.
 
 class ConfigError(Exception):
     """Bad user input: the message names the key and how to fix it."""
+
+
+class ClusterError(Exception):
+    """The cluster cannot run the job (unreachable Ray, resources that never free up).
+
+    Not the user's config and not a training failure: the CLI prints the
+    message and exits 1 without a traceback.
+    """

@@ -164,6 +164,6 @@ def test_lost_actor_is_node_lost(tmp_path: Path) -> None:
 def test_interrupted_run_is_recorded(tmp_path: Path) -> None:
     ctl, _, run = make(tmp_path, [])
     ctl.step()
-    ctl.interrupted()
+    ctl.abort("interrupted")
     last = read_events(run.events)[-1]
     assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")

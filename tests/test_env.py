@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.config import load_config
-from orchestrator.worker.env import RankPlacement, rank_env
+from orchestrator.worker.env import RankPlacement, rank_env, with_interpreter_tools
 from tests.helpers import LOCAL_CONFIG
 
 
@@ -26,3 +26,11 @@ def test_gpu_rank_env_and_user_env() -> None:
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["DS_ACCELERATOR"] == "cuda"
     assert env["NCCL_IB_HCA"] == "mlx5" and env["OMP_NUM_THREADS"] == "2"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+
+def test_training_processes_use_this_interpreters_tools() -> None:
+    import os
+    import sys
+
+    env = with_interpreter_tools({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]

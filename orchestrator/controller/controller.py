@@ -112,10 +112,11 @@ class Controller:
     def wait(self) -> None:
         self._sleep(POLL_INTERVAL_S)
 
-    def interrupted(self) -> None:
-        """Record a run stopped by the user (Ctrl-C, SIGTERM)."""
+    def abort(self, reason: str, message: str | None = None) -> None:
+        """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
+        extra = {"message": message} if message else {}
         self.events.emit(
-            "run_finished", status="failed", reason="interrupted", step=self.last_step, final_loss=self.last_loss
+            "run_finished", status="failed", reason=reason, step=self.last_step, final_loss=self.last_loss, **extra
         )
 
     # --- bookkeeping --------------------------------------------------------

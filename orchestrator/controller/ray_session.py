@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 
 from orchestrator.config.schema import Config
+from orchestrator.errors import ClusterError
 from orchestrator.worker.env import local_cpu_count
 
-# Read by Ray when it is imported; with it, a single-node Ray binds loopback instead of
-# the machine's external address (ray._private.services.get_node_ip_address).
-_LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Read by Ray when it is imported. The first makes a single-node Ray bind loopback instead of
+# the machine's external address (ray._private.services.get_node_ip_address); token auth is
+# Ray's default for new local clusters, made explicit.
+_EMBEDDED_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+}
+
+
+_HOST_PORT = re.compile(r"^([\w.\-]+):(\d+)$")
+_PROBE_TIMEOUT_S = 10.0
 
 
 def connect(config: Config) -> bool:
     """Connect to Ray per ``cluster.ray_address``; returns True when this call started Ray."""
     embedded = config.cluster.ray_address is None
     if embedded:
-        os.environ.update(_LOOPBACK_ONLY)
+        for name, value in _EMBEDDED_ENV.items():
+            os.environ.setdefault(name, value)
     import ray
 
     if ray.is_initialized():
@@ -31,10 +44,34 @@ def connect(config: Config) -> bool:
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if embedded:
         # Oversubscribe when the job has more ranks than cores (the CPU test mode on a laptop).
-        ray.init(num_cpus=max(local_cpu_count(), config.cluster.world_size), **common)
-    else:
+        # address="local": always a new Ray of our own, never one that happens to run here.
+        ray.init(address="local", num_cpus=max(local_cpu_count(), config.cluster.world_size), **common)
+        return True
+    _probe(config.cluster.ray_address)
+    try:
         ray.init(address=config.cluster.ray_address, **common)
+    except ConnectionError as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at cluster.ray_address={config.cluster.ray_address!r}: {exc}. "
+            "Check that it is running (`ray status`); a cluster with token authentication also needs "
+            "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here."
+        ) from None
     return True
+
+
+def _probe(address: str) -> None:
+    """Fail fast when nothing listens at a ``HOST:PORT`` address: Ray itself retries for minutes."""
+    match = _HOST_PORT.match(address)
+    if match is None:
+        return  # "auto" or "ray://...": Ray resolves these itself
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at cluster.ray_address={address!r}: {exc.strerror or exc}. "
+            "Check that its head node is running (`ray status`) and the address and port are right."
+        ) from None
 
 
 def disconnect() -> None:

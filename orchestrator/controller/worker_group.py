@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.config.schema import Config
+from orchestrator.errors import ClusterError
 from orchestrator.worker.env import RankPlacement, rank_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
@@ -159,7 +160,7 @@ class RayWorkerGroup:
         try:
             ray.get(self._pg.ready(), timeout=_PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
+            raise ClusterError(
                 f"Ray could not reserve {self.world_size} x {bundle} within {_PLACEMENT_TIMEOUT_S:.0f}s; "
                 "check `ray status` for free resources or lower cluster.nodes/cluster.workers_per_node"
             ) from None

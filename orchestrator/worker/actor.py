@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.env import local_cpu_count
+from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 from orchestrator.worker.process import PARENT_PID_ENV
 
 _LOG_TAIL_BYTES = 8192
@@ -65,7 +65,9 @@ class RankActor:
         assert self._proc is None or self._proc.poll() is not None, "previous process still running"
         self._close_channel()
         parent_end, child_end = socket.socketpair()
-        full_env = {**os.environ, **env, CONTROL_FD_ENV: str(child_end.fileno()), PARENT_PID_ENV: str(os.getpid())}
+        full_env = with_interpreter_tools(
+            {**os.environ, **env, CONTROL_FD_ENV: str(child_end.fileno()), PARENT_PID_ENV: str(os.getpid())}
+        )
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "ab") as log:
             log.write(f"=== rank {self.rank} attempt {spec['attempt']} ===\n".encode())

@@ -8,6 +8,7 @@ visible and testable.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from orchestrator.config.schema import Config
@@ -51,6 +52,19 @@ def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
         # Turn a dead peer into an exception the runtime can report instead of a hang.
         env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     return env
+
+
+def with_interpreter_tools(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's ``bin/`` first on PATH.
+
+    Torch builds DeepSpeed's ops with whichever ``ninja`` PATH finds first; two
+    different ninjas (the system's, the virtualenv's) disagree on the build log
+    and rebuild the op (~30 s) on every switch. Set-up builds with the
+    virtualenv's, so the training processes must use it too.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    return {**env, "PATH": os.pathsep.join([bin_dir, *parts])}
 
 
 def local_cpu_count() -> int:

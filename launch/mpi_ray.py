@@ -1,0 +1,105 @@
+"""Run the orchestrator on an MPI allocation: one MPI process per node brings up Ray there.
+
+    mpiexec -n NODES -ppn 1 python launch/mpi_ray.py [--port 6379] [--loopback] -- \\
+        launch cluster_configs/gpu_2x8.yaml --run-dir runs/exp1
+
+MPI rank 0 starts the Ray head and broadcasts its address; every other rank joins it as a
+Ray worker node. Rank 0 then runs ``orchestrator ARGS`` with ``cluster.ray_address`` and
+``cluster.nodes`` set, and broadcasts its exit code; every node stops the Ray it started
+(only that one: other Ray sessions on the node are left alone) and exits with that code.
+
+``--loopback`` keeps a single-node Ray on 127.0.0.1 (for trying this on one machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from mpi4py import MPI
+
+_HEAD_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 20.0
+
+
+def main() -> int:
+    args = _parse(sys.argv[1:])
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    # Token auth (Ray's default for new clusters) must be explicit for workers and the driver to join.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    if args.loopback:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    common = ["--block", "--include-dashboard=false", "--disable-usage-stats"]
+
+    address = None
+    ray_proc = None
+    if rank == 0:
+        ip = "127.0.0.1" if args.loopback else socket.gethostbyname(socket.gethostname())
+        address = f"{ip}:{args.port}"
+        ray_proc = subprocess.Popen(
+            [ray_cli, "start", "--head", f"--port={args.port}", f"--node-ip-address={ip}", *common], env=env
+        )
+        _wait_for_port(ip, args.port, ray_proc)
+    address = comm.bcast(address, root=0)
+    if rank != 0:
+        ray_proc = subprocess.Popen([ray_cli, "start", f"--address={address}", *common], env=env)
+    comm.Barrier()
+
+    code = 0
+    if rank == 0:
+        orchestrator = [sys.executable, "-m", "orchestrator", *args.orchestrator_args]
+        orchestrator += ["--set", f"cluster.ray_address={address}", "--set", f"cluster.nodes={size}"]
+        code = subprocess.call(orchestrator, env=env)
+    code = comm.bcast(code, root=0)
+    _stop(ray_proc)
+    return code
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=6379, help="Ray head (GCS) port")
+    parser.add_argument("--loopback", action="store_true", help="single machine: Ray on 127.0.0.1 only")
+    parser.add_argument("orchestrator_args", nargs=argparse.REMAINDER, help="-- then the orchestrator's arguments")
+    args = parser.parse_args(argv)
+    if args.orchestrator_args[:1] == ["--"]:
+        args.orchestrator_args = args.orchestrator_args[1:]
+    if not args.orchestrator_args:
+        parser.error("give the orchestrator's arguments after --, e.g. -- launch CONFIG")
+    return args
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + _HEAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"ray head exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"ray head did not listen on {host}:{port} within {_HEAD_TIMEOUT_S:.0f}s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """SIGTERM our `ray start --block`, which stops the Ray processes it started."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
