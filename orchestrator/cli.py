@@ -17,9 +17,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.controller.states import Failed
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -110,16 +114,15 @@ def _validate(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     config = _load(args)
     from orchestrator.controller.controller import Controller
+    from orchestrator.controller.reaper import Reaper
     from orchestrator.controller.states import Failed
     from orchestrator.controller.worker_group import RayWorkerGroup
     from orchestrator.monitor.events import EventLog
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
-    from orchestrator.controller.reaper import Reaper
-
     run = RunDir.open(args.run_dir)
-    reaper = Reaper()
+    reaper = Reaper()  # from here on, nothing this run starts can outlive it
     events = EventLog(run.events)
     display = make_progress()
     group = RayWorkerGroup(config, run.path)
@@ -141,33 +144,37 @@ def _launch(args: argparse.Namespace) -> int:
                 controller.abort("cluster_error", str(exc))
                 print(f"orchestrator: {exc}", file=sys.stderr)
                 return EXIT_FAILED
+            except Exception as exc:
+                controller.abort("controller_error", f"{type(exc).__name__}: {exc}")
+                raise
             finally:
-                # Cleanup is bounded by timeouts; a second Ctrl-C must not cut it short.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                # Cleanup is bounded by timeouts; a second Ctrl-C or a SIGTERM must not cut it short.
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
                 group.close()
                 display.close()
     finally:
         events.close()
         reaper.release()
-    elapsed = time.monotonic() - started
     if isinstance(state, Failed):
         _print_failure(state)
         return EXIT_FAILED
     loss = f"{controller.last_loss:.4f}" if controller.last_loss is not None else "n/a"
+    elapsed = time.monotonic() - started
     print(f"succeeded: step {controller.last_step}, final loss {loss}, {elapsed:.1f}s, run dir {run.path}")
     return EXIT_OK
 
 
-def _print_failure(state: object) -> None:
+def _print_failure(state: Failed) -> None:
+    """The root cause with its traceback (or log tail), then one line per consequent failure."""
     from orchestrator.controller.failures import root_cause
 
-    failures = state.failures  # type: ignore[attr-defined]
-    cause = root_cause(failures)
+    cause = root_cause(state.failures)
     out = sys.stderr
     out.write(f"\nrun failed: rank {cause.rank}: {cause.message}\n")
     if cause.details():
         out.write(f"--- rank {cause.rank} ---\n{cause.details().rstrip()}\n---\n")
-    for other in failures:
+    for other in state.failures:
         if other is not cause:
             out.write(f"(then rank {other.rank}: {other.message})\n")
     out.flush()
