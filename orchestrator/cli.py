@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ClusterError, ConfigError
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="run a training job to completion")
     add_config_args(launch)
     launch.add_argument("--run-dir", help="run directory; re-using one resumes its latest checkpoint")
+    launch.add_argument(
+        "--inject-fault", action="append", default=[], metavar="KIND@RANK:STEP",
+        help="rehearse a failure: KIND (kill, hang, raise, exit) in rank RANK right after it reports "
+        "step STEP, once per run, e.g. kill@1:30 (repeatable)",
+    )
     launch.set_defaults(func=_launch)
 
     validate = sub.add_parser("validate", help="check a config without starting anything")
@@ -111,8 +116,25 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def parse_fault(text: str, world_size: int) -> dict[str, Any]:
+    """``KIND@RANK:STEP`` -> ``{"kind", "rank", "step"}``; a malformed one is a user error."""
+    from orchestrator.worker.context import FAULT_KINDS
+
+    kind, _, where = text.partition("@")
+    rank, _, step = where.partition(":")
+    if kind not in FAULT_KINDS or not rank.isdigit() or not step.isdigit():
+        raise ConfigError(
+            f"--inject-fault {text!r}: expected KIND@RANK:STEP with KIND one of {', '.join(FAULT_KINDS)}, "
+            "e.g. kill@1:30"
+        )
+    if int(rank) >= world_size or int(step) < 1:
+        raise ConfigError(f"--inject-fault {text!r}: rank must be below the world size {world_size}, step at least 1")
+    return {"kind": kind, "rank": int(rank), "step": int(step)}
+
+
 def _launch(args: argparse.Namespace) -> int:
     config = _load(args)
+    faults = [parse_fault(item, config.cluster.world_size) for item in args.inject_fault]
     from orchestrator.controller.controller import Controller
     from orchestrator.controller.reaper import Reaper
     from orchestrator.controller.states import Failed
@@ -126,7 +148,7 @@ def _launch(args: argparse.Namespace) -> int:
     events = EventLog(run.events)
     display = make_progress()
     group = RayWorkerGroup(config, run.path)
-    controller = Controller(config, run, group, events, display)
+    controller = Controller(config, run, group, events, display, faults=faults)
     display.note(
         f"run {run.run_id}: {config.cluster.world_size} ranks, ZeRO-{config.parallel.zero_stage}, "
         f"TP {config.parallel.tensor_parallel}, {config.train.steps} steps -> {run.path}"
@@ -166,17 +188,22 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _print_failure(state: Failed) -> None:
-    """The root cause with its traceback (or log tail), then one line per consequent failure."""
+    """The root cause with its traceback (or log tail) once, then the other ranks' failures, merged."""
     from orchestrator.controller.failures import root_cause
 
     cause = root_cause(state.failures)
+    same = sorted(f.rank for f in state.failures if f is not cause and f.message == cause.message)
     out = sys.stderr
     out.write(f"\nrun failed: rank {cause.rank}: {cause.message}\n")
+    if same:
+        out.write(f"(the same error on rank{'s' if len(same) > 1 else ''} {', '.join(map(str, same))})\n")
     if cause.details():
         out.write(f"--- rank {cause.rank} ---\n{cause.details().rstrip()}\n---\n")
     for other in state.failures:
-        if other is not cause:
+        if other is not cause and other.rank not in same:
             out.write(f"(then rank {other.rank}: {other.message})\n")
+    if state.reason:
+        out.write(f"{state.reason}\n")
     out.flush()
 
 

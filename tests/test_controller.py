@@ -1,4 +1,4 @@
-"""The controller's state machine, one step at a time, against a fake worker group (no processes)."""
+"""The controller's state machine, one step at a time, against a fake worker group and a fake clock."""
 
 from __future__ import annotations
 
@@ -10,36 +10,69 @@ from orchestrator.checkpoint import store
 from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.failures import root_cause
-from orchestrator.controller.states import Failed, Running, Starting, Succeeded
+from orchestrator.controller.states import Failed, Recovering, Running, Starting, Succeeded
 from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
 from tests.helpers import LOCAL_CONFIG
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class FakeGroup:
-    """Scripted polls: each call to ``poll`` returns the next list of updates (then quiet ones)."""
+    """Scripted polls: each ``poll`` returns the next scripted list (then quiet, alive ranks)."""
 
-    def __init__(self, world_size: int, script: list[list[RankUpdate]]) -> None:
+    def __init__(self, clock: Clock, world_size: int = 2) -> None:
+        self.clock = clock
         self.world_size = world_size
-        self.script = list(script)
-        self.started: list[tuple[int, str | None]] = []
-        self.stops = 0
+        self.script: list[list[RankUpdate]] = []
+        self.starts: list[dict] = []
+        self.killed: list[int] = []
+        self.interrupted: list[int] = []
+        self.spare_requests = 0
+        self.on_interrupt: dict[int, dict] = {}
 
-    def start(self, attempt: int, resume_tag: str | None) -> list[WorkerInfo]:
-        self.started.append((attempt, resume_tag))
-        return [WorkerInfo(rank=r, pid=1000 + r, node="fake", attempt=attempt) for r in range(self.world_size)]
+    def start(self, attempt, resume_tag, faults, rejoin=()):
+        self.starts.append({"attempt": attempt, "resume_tag": resume_tag, "faults": list(faults), "rejoin": list(rejoin)})
+        new = [r for r in range(self.world_size) if r not in rejoin]
+        return [WorkerInfo(rank=r, pid=100 * (attempt + 1) + r, node="fake", attempt=attempt, spare=attempt > 0) for r in new]
 
-    def poll(self) -> list[RankUpdate]:
+    def poll(self):
         if self.script:
             return self.script.pop(0)
-        return [RankUpdate(rank=r) for r in range(self.world_size)]
+        return [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
 
-    def stop(self) -> None:
-        self.stops += 1
+    def interrupt(self, ranks):
+        self.interrupted += list(ranks)
+        # An interrupted survivor reports its (interrupted) error and readiness on the next poll.
+        self.script.insert(0, [
+            RankUpdate(rank=r, alive_at=self.clock.now, messages=[
+                {"type": "error", "exc_type": "Interrupted", "message": "stopped", "traceback": "", "interrupted": True,
+                 "step": 0, "at": self.clock.now},
+                {"type": "ready", "at": self.clock.now}]) if r in ranks else RankUpdate(rank=r)
+            for r in range(self.world_size)
+        ])
 
-    def close(self) -> None:
-        self.stop()
+    def kill(self, ranks):
+        self.killed += list(ranks)
+
+    def ensure_spares(self):
+        self.spare_requests += 1
+
+    def stop(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class NullDisplay:
@@ -56,113 +89,260 @@ class NullDisplay:
         pass
 
 
-def step_msg(step: int, loss: float) -> dict:
-    return {"type": "step", "step": step, "loss": loss, "step_time_s": 0.1, "tokens": 100, "at": 1.0}
+def step_msg(step: int, loss: float, at: float = 1000.0) -> dict:
+    return {"type": "step", "step": step, "loss": loss, "step_time_s": 0.1, "tokens": 100, "at": at}
 
 
 def saved(step: int) -> dict:
-    return {"type": "checkpoint_saved", "step": step, "tag": store.tag_for(step), "seconds": 0.2, "at": 1.0}
+    return {"type": "checkpoint_saved", "step": step, "tag": store.tag_for(step), "seconds": 0.2, "at": 1000.0}
 
 
-def make(tmp_path: Path, script: list[list[RankUpdate]], world: int = 2):
-    config = load_config(LOCAL_CONFIG, ["train.steps=2"])
+def error_msg(text: str, step: int, at: float, exc_type: str = "RuntimeError") -> dict:
+    return {"type": "error", "exc_type": exc_type, "message": text, "traceback": f"Traceback\n{exc_type}: {text}\n",
+            "interrupted": False, "step": step, "at": at}
+
+
+def make(tmp_path: Path, *overrides: str):
+    clock = Clock()
+    config = load_config(LOCAL_CONFIG, ["train.steps=3", *overrides])
     run = RunDir.open(tmp_path / "run")
-    group = FakeGroup(world, script)
-    events = EventLog(run.events)
-    ctl = Controller(config, run, group, events, NullDisplay(), sleep=lambda _s: None)
-    return ctl, group, run
+    group = FakeGroup(clock)
+    ctl = Controller(config, run, group, EventLog(run.events), NullDisplay(), sleep=clock.sleep, clock=clock)
+    return ctl, group, run, clock
+
+
+def kinds(run: RunDir) -> list[str]:
+    return [e["event"] for e in read_events(run.events)]
 
 
 def test_success_path_one_step_at_a_time(tmp_path: Path) -> None:
-    ctl, group, run = make(tmp_path, [
+    ctl, group, run, _ = make(tmp_path)
+    group.script = [
         [RankUpdate(rank=0, messages=[step_msg(1, 5.0)]), RankUpdate(rank=1, messages=[step_msg(1, 9.0)])],
-        [RankUpdate(rank=0, messages=[step_msg(2, 4.0), {"type": "finished"}], returncode=0),
-         RankUpdate(rank=1, messages=[{"type": "finished"}], returncode=0)],
-    ])
+        [RankUpdate(rank=0, messages=[step_msg(2, 4.0), step_msg(3, 3.0), {"type": "finished", "at": 1.0}], returncode=0),
+         RankUpdate(rank=1, messages=[{"type": "finished", "at": 1.0}], returncode=0)],
+    ]
     assert isinstance(ctl.state, Starting)
     previous, current = ctl.step()
     assert isinstance(previous, Starting) and isinstance(current, Running)
-    assert group.started == [(0, None)]
+    assert group.starts == [{"attempt": 0, "resume_tag": None, "faults": [], "rejoin": []}]
     _, current = ctl.step()
-    assert isinstance(current, Running), "not finished after one step report"
+    assert isinstance(current, Running)
+    assert group.spare_requests == 1, "spares are started once training runs, not before"
     _, current = ctl.step()
     assert isinstance(current, Succeeded) and current.terminal
     evs = read_events(run.events)
-    assert [e["pid"] for e in evs if e["event"] == "worker_started"] == [1000, 1001]
+    assert [e["pid"] for e in evs if e["event"] == "worker_started"] == [100, 101]
     steps = [e for e in evs if e["event"] == "step"]
-    assert [(e["step"], e["loss"]) for e in steps] == [(1, 5.0), (2, 4.0)], "only rank 0's losses are logged"
+    assert [(e["step"], e["loss"]) for e in steps] == [(1, 5.0), (2, 4.0), (3, 3.0)], "only rank 0's losses"
     assert steps[0]["tokens_per_s"] == pytest.approx(1000.0)
-    assert evs[-1] == {**evs[-1], "event": "run_finished", "status": "succeeded", "step": 2, "final_loss": 4.0}
+    last = evs[-1]
+    assert (last["event"], last["status"], last["step"], last["final_loss"], last["restarts"]) == (
+        "run_finished", "succeeded", 3, 3.0, 0)
 
 
 def test_checkpoint_commits_only_when_every_rank_saved(tmp_path: Path) -> None:
-    ctl, _, run = make(tmp_path, [
+    ctl, group, run, _ = make(tmp_path)
+    group.script = [
         [RankUpdate(rank=0, messages=[saved(1)]), RankUpdate(rank=1)],
         [RankUpdate(rank=0), RankUpdate(rank=1, messages=[saved(1)])],
-    ])
-    ctl.step()  # STARTING -> RUNNING
+    ]
+    ctl.step()
     ctl.step()
     assert store.committed_tag(run.checkpoints) is None, "committed before rank 1 saved"
     ctl.step()
     assert store.committed_tag(run.checkpoints) == "global_step1"
     committed = [e for e in read_events(run.events) if e["event"] == "checkpoint_committed"]
-    assert committed and committed[0]["step"] == 1 and committed[0]["path"].endswith("global_step1")
+    assert committed[0]["step"] == 1 and committed[0]["path"].endswith("global_step1")
 
 
 def test_resume_tag_comes_from_latest(tmp_path: Path) -> None:
     run = RunDir.open(tmp_path / "run")
     (run.checkpoints / "global_step7").mkdir()
     store.commit(run.checkpoints, "global_step7")
-    ctl, group, _ = make(tmp_path, [])
+    ctl, group, _, _ = make(tmp_path)
     ctl.step()
-    assert group.started == [(0, "global_step7")]
+    assert group.starts[0]["resume_tag"] == "global_step7"
 
 
-def test_killed_rank_is_the_root_cause_not_the_survivor(tmp_path: Path) -> None:
-    # Rank 0's collective error is polled first, but rank 1 died earlier.
-    error = {"type": "error", "exc_type": "RuntimeError", "message": "Connection reset by peer",
-             "traceback": "Traceback ...\nRuntimeError: Connection reset by peer\n", "at": 101.0}
-    ctl, group, run = make(tmp_path, [
-        [RankUpdate(rank=0, messages=[error], returncode=1, exited_at=101.1),
-         RankUpdate(rank=1, returncode=-9, exited_at=100.9, log_tail="...")],
-        [RankUpdate(rank=0, returncode=1, exited_at=101.1), RankUpdate(rank=1, returncode=-9, exited_at=100.9)],
-    ])
+def _kill_rank1_then_collective_error_on_rank0(clock: Clock) -> list[list[RankUpdate]]:
+    t = clock.now
+    return [
+        # Rank 0's collective error is polled first, but rank 1 died earlier.
+        [RankUpdate(rank=0, messages=[error_msg("Connection reset by peer", 50, t + 0.1), {"type": "ready", "at": t + 0.2}]),
+         RankUpdate(rank=1, returncode=-9, exited_at=t, log_tail="...")],
+    ]
+
+
+def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "checkpoint.interval_steps=1")
+    (run.checkpoints / "global_step40").mkdir()
+    ctl.step()  # STARTING -> RUNNING
+    ctl._commits.last_committed = "global_step40"
+    group.script = _kill_rank1_then_collective_error_on_rank0(clock)
+    _, current = ctl.step()
+    assert isinstance(current, Recovering)
+    assert root_cause(current.failures).rank == 1
+    assert current.decision.retry and current.decision.mode == "in_place"
+    _, current = ctl.step()
+    assert isinstance(current, Running)
+    assert group.starts[-1] == {"attempt": 1, "resume_tag": "global_step40", "faults": [], "rejoin": [0]}
+    assert group.interrupted == [], "a survivor that already left its training loop is not interrupted"
+    group.script = [[RankUpdate(rank=0, messages=[step_msg(41, 2.0, at=clock.now + 0.5)]), RankUpdate(rank=1)]]
+    clock.now += 0.5
     ctl.step()
+    evs = read_events(run.events)
+    detected = [(e["rank"], e["reason"], e["root_cause"]) for e in evs if e["event"] == "failure_detected"]
+    assert detected == [(1, "signal", True), (0, "exception", False)]
+    started = [e for e in evs if e["event"] == "recovery_started"][0]
+    assert (started["mode"], started["replaced"], started["rejoined"], started["restarts_left"]) == ("in_place", [1], [0], 2)
+    assert [(e["rank"], e["pid"], e["attempt"]) for e in evs if e["event"] == "worker_started"][-1] == (1, 201, 1)
+    finished = [e for e in evs if e["event"] == "recovery_finished"][0]
+    assert (finished["attempt"], finished["resumed_from_step"], finished["mode"]) == (1, 40, "in_place")
+    assert finished["seconds"] == pytest.approx(0.5)
+
+
+def test_live_survivor_is_interrupted_before_rejoining(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path)
+    ctl.step()
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, in_collective=False),
+                     RankUpdate(rank=1, returncode=3, exited_at=clock.now)]]
+    ctl.step()  # -> RECOVERING
+    _, current = ctl.step()
+    assert group.interrupted == [0]
+    assert isinstance(current, Running) and group.starts[-1]["rejoin"] == [0]
+
+
+def test_survivor_that_never_unwinds_is_replaced_too(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path)
+    ctl.step()
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=3, exited_at=clock.now)]]
+    ctl.step()
+    group.interrupt = lambda ranks: group.interrupted.extend(ranks)  # interrupts go unanswered
+    _, current = ctl.step()
+    assert isinstance(current, Running)
+    assert 0 in group.killed and group.starts[-1]["rejoin"] == []
+
+
+def test_budget_spent_fails_the_run(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.max_restarts=0")
+    ctl.step()
+    group.script = _kill_rank1_then_collective_error_on_rank0(clock)
     _, current = ctl.step()
     assert isinstance(current, Failed)
-    assert group.stops == 1
-    assert len(current.failures) == 2, "one failure per rank"
-    cause = root_cause(current.failures)
-    assert (cause.rank, cause.reason, cause.signal) == (1, "signal", 9)
-    detected = [e for e in read_events(run.events) if e["event"] == "failure_detected"]
-    assert [(e["rank"], e["reason"], e["root_cause"]) for e in detected] == [(1, "signal", True), (0, "exception", False)]
-    assert detected[0]["signal"] == 9 and detected[1]["exit_code"] == 1
-    finished = read_events(run.events)[-1]
-    assert finished["event"] == "run_finished" and finished["status"] == "failed"
+    assert "restart budget spent" in current.reason
+    last = read_events(run.events)[-1]
+    assert (last["event"], last["status"], last["root_cause"]["rank"]) == ("run_finished", "failed", 1)
 
 
-def test_exits_caused_by_our_own_stop_are_not_failures(tmp_path: Path) -> None:
-    ctl, _, _ = make(tmp_path, [
-        [RankUpdate(rank=0), RankUpdate(rank=1, returncode=3, exited_at=1.0)],
-        # After the stop, rank 0 ends by our SIGTERM "now": not a failure.
-        [RankUpdate(rank=0, returncode=-15, exited_at=4e9), RankUpdate(rank=1, returncode=3, exited_at=1.0)],
-    ])
+def test_exception_repeating_at_the_same_step_is_not_retried(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.max_restarts=5")
     ctl.step()
-    _, current = ctl.step()
+    for attempt in range(2):
+        group.script = [[RankUpdate(rank=0, messages=[error_msg("bad value", 3, clock.now, "ValueError"),
+                                                      {"type": "ready", "at": clock.now}]),
+                         RankUpdate(rank=1, messages=[error_msg("bad value", 3, clock.now + 0.01, "ValueError"),
+                                                      {"type": "ready", "at": clock.now}])]]
+        _, current = ctl.step()
+        if attempt == 0:
+            assert isinstance(current, Recovering)
+            ctl.step()
     assert isinstance(current, Failed)
-    assert [(f.rank, f.reason, f.exit_code) for f in current.failures] == [(1, "exit", 3)]
+    assert "same ValueError at step 4 on two attempts" in current.reason
+    assert len(group.starts) == 2, "exactly one retry, no restart loop"
 
 
-def test_lost_actor_is_node_lost(tmp_path: Path) -> None:
-    ctl, _, _ = make(tmp_path, [[RankUpdate(rank=0), RankUpdate(rank=1, lost="worker actor died")]])
+def _started(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
+    """Start, and let both ranks report a first step (arming the step-heartbeat clock)."""
     ctl.step()
+    group.script = [[RankUpdate(rank=r, messages=[step_msg(1, 5.0, at=clock.now)], alive_at=clock.now) for r in (0, 1)]]
+    ctl.step()
+
+
+def test_frozen_rank_is_the_hang_culprit_not_the_peer_waiting_for_it(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    _started(ctl, group, clock)
+    frozen_since = clock.now
+    clock.now += 6
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, in_collective=True, where="gloo wait"),
+                     RankUpdate(rank=1, alive_at=frozen_since)]]
     _, current = ctl.step()
-    assert isinstance(current, Failed)
+    assert isinstance(current, Recovering)
+    assert group.killed[:1] == [1], "the hung rank is killed at detection"
+    hang = root_cause(current.failures)
+    assert (hang.rank, hang.reason) == (1, "hang") and "no sign of life" in hang.message
+    assert [f.rank for f in current.failures] == [1]
+
+
+def test_rank_stuck_in_its_own_code_is_the_culprit(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    _started(ctl, group, clock)
+    clock.now += 6
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, in_collective=True),
+                     RankUpdate(rank=1, alive_at=clock.now, in_collective=False, where="train.py:42 in load")]]
+    _, current = ctl.step()
+    hang = root_cause(current.failures)
+    assert hang.rank == 1 and "train.py:42 in load" in hang.message
+
+
+def test_no_hang_before_the_timeout(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    _started(ctl, group, clock)
+    clock.now += 4
+    _, current = ctl.step()
+    assert isinstance(current, Running) and not group.killed
+
+
+def test_start_up_is_not_a_hang_until_the_start_up_limit(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    ctl.step()  # no step yet: importing, rendezvous, engine set-up
+    clock.now += 60
+    _, current = ctl.step()
+    assert isinstance(current, Running) and not group.killed
+    clock.now += 300
+    _, current = ctl.step()
+    assert isinstance(current, (Recovering, Failed)) and root_cause(current.failures).reason == "hang"
+
+
+def test_second_failure_before_progress_falls_back_to_full_restart(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path)
+    ctl.step()
+    group.script = _kill_rank1_then_collective_error_on_rank0(clock)
+    ctl.step()
+    ctl.step()  # in-place recovery started, no step yet
+    group.script = _kill_rank1_then_collective_error_on_rank0(clock)
+    _, current = ctl.step()
+    assert isinstance(current, Recovering) and current.decision.mode == "full_restart"
+    assert current.decision.delay_s > 0, "no progress since the last failure: back off"
+    ctl.step()
+    assert group.starts[-1]["rejoin"] == [], "a full restart gives every rank a new process"
+    assert 0 in group.killed, "the live rank is killed too: every rank restarts"
+
+
+def test_injected_fault_fires_once(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path)
+    ctl.faults = [{"kind": "kill", "rank": 1, "step": 2}]
+    ctl.step()
+    assert group.starts[0]["faults"] == [{"kind": "kill", "rank": 1, "step": 2}]
+    group.script = _kill_rank1_then_collective_error_on_rank0(clock)
+    group.script[0][1].messages = [{"type": "fault_injected", "kind": "kill", "rank": 1, "step": 2, "at": clock.now}]
+    ctl.step()
+    ctl.step()
+    assert group.starts[-1]["faults"] == [], "a fired fault is not armed again after the recovery"
+    assert "fault_injected" in kinds(run)
+
+
+def test_lost_actor_means_full_restart(tmp_path: Path) -> None:
+    ctl, group, _, _ = make(tmp_path)
+    ctl.step()
+    group.script = [[RankUpdate(rank=0), RankUpdate(rank=1, lost="worker actor died")]]
+    _, current = ctl.step()
     assert root_cause(current.failures).reason == "node_lost"
+    assert current.decision.mode == "full_restart"
 
 
 def test_interrupted_run_is_recorded(tmp_path: Path) -> None:
-    ctl, _, run = make(tmp_path, [])
+    ctl, _, run, _ = make(tmp_path)
     ctl.step()
     ctl.abort("interrupted")
     last = read_events(run.events)[-1]

@@ -38,3 +38,6 @@ class CommitTracker:
         store.prune(self._directory, self._keep_last)
         return True
 
+    def forget_partial(self) -> None:
+        """Drop saves some rank did not finish (it failed): they will never be committed."""
+        self._saved.clear()

@@ -130,6 +130,11 @@ class FaultToleranceConfig(_Section):
     hang_timeout_s: Annotated[float, Field(gt=0)] = Field(
         30.0, description="A rank with no step heartbeat for this long is declared hung."
     )
+    recovery: Literal["in_place", "full_restart"] = Field(
+        "in_place",
+        description="in_place: survivors keep their processes and a warm spare replaces the failed rank; "
+        "full_restart: every rank gets a new process.",
+    )
 
 
 class MetricsConfig(_Section):

@@ -1,31 +1,73 @@
 """The controller: runs the state machine over a worker group and records what happens.
 
-It owns the run's bookkeeping: the event log, the progress display, which
-ranks finished, which checkpoint is committed. Processes are only ever
-touched through the :class:`~orchestrator.controller.worker_group.WorkerGroup`.
+It owns the run's bookkeeping: the event log, the progress display, what
+each rank last did, which checkpoint is committed, the failure history and
+restart counters. Processes are only ever touched through the
+:class:`~orchestrator.controller.worker_group.WorkerGroup`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.commit import CommitTracker
 from orchestrator.config.schema import Config
 from orchestrator.controller.failures import Failure, failure_from, root_cause
+from orchestrator.controller.policy import Attempt, Decision, FailurePolicy
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
-from orchestrator.controller.worker_group import WorkerGroup
+from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.monitor.events import EventLog
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
 
 POLL_INTERVAL_S = 0.05
+# After the first failure, keep listening this long for its consequences (peers' collective errors).
+SETTLE_S = 0.5
+# Survivors get this long to leave their training function before they are replaced too.
+UNWIND_TIMEOUT_S = 10.0
+# No sign of life (not even the once-a-second liveness beat) for this long: the process is frozen.
+FROZEN_AFTER_S = 3.0
+# Until a rank's first step (or resume) in an attempt, it is starting up (imports, rendezvous,
+# engine set-up), which can take minutes on a big model; a start-up stuck this long is a hang.
+STARTUP_TIMEOUT_S = 300.0
+
+
+@dataclass(kw_only=True)
+class RankView:
+    """What the controller knows about one rank in the current attempt."""
+
+    progress_at: float
+    started_up: bool = False
+    step: int = 0
+    alive_at: float | None = None
+    where: str = ""
+    in_collective: bool = False
+    error: dict[str, Any] | None = None
+    ready: bool = False
+    finished: bool = False
+    failed: bool = False
+    running: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class PendingRecovery:
+    """A recovery waiting for its first step."""
+
+    attempt: int
+    mode: str
+    resumed_from_step: int
+    detected_at: float
+    replaced: list[int]
 
 
 class Controller:
-    """Drives one job from STARTING to SUCCEEDED or FAILED."""
+    """Drives one job from STARTING to SUCCEEDED or FAILED, recovering failures on the way."""
 
     def __init__(
         self,
@@ -35,7 +77,9 @@ class Controller:
         events: EventLog,
         display: ProgressDisplay,
         *,
+        faults: list[dict[str, Any]] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.run_dir = run
@@ -46,12 +90,19 @@ class Controller:
         self.attempt = 0
         self.last_step = 0
         self.last_loss: float | None = None
-        self._sleep = sleep
-        self._finished: set[int] = set()
-        self._errors: dict[int, dict[str, Any]] = {}
-        self._commits = CommitTracker(
-            run.checkpoints, group.world_size, config.checkpoint.keep_last, events
+        self.faults = list(faults or [])
+        self.policy = FailurePolicy(
+            max_restarts=config.fault_tolerance.max_restarts, prefer=config.fault_tolerance.recovery
         )
+        self.history: list[Attempt] = []
+        self.failures_by_reason: Counter[str] = Counter()
+        self.restarts_by_reason: Counter[str] = Counter()
+        self._sleep = sleep
+        self._clock = clock
+        self._views: dict[int, RankView] = {}
+        self._pending: PendingRecovery | None = None
+        self._spares_due = True
+        self._commits = CommitTracker(run.checkpoints, group.world_size, config.checkpoint.keep_last, events)
         self.resume_tag = self._commits.last_committed
 
     def run(self) -> State:
@@ -82,32 +133,78 @@ class Controller:
     # --- called by states -------------------------------------------------
 
     def start_workers(self) -> None:
-        self._finished.clear()
-        self._errors.clear()
-        for info in self.group.start(self.attempt, self.resume_tag):
-            self.events.emit("worker_started", rank=info.rank, pid=info.pid, node=info.node, attempt=info.attempt)
-
-    def stop_workers(self) -> float:
-        """Stop every rank; returns when the stop began."""
-        began = time.time()
-        self.group.stop()
-        return began
+        self._begin_attempt(self.group.start(self.attempt, self.resume_tag, self.faults))
 
     def observe(self) -> list[Failure]:
-        """Poll every rank once, record its reports; returns the failures seen."""
+        """Poll every rank once and record its reports; returns the new failures (hangs included)."""
         failures = []
         for update in self.group.poll():
-            for message in update.messages:
-                self._absorb(update.rank, message)
-            if update.returncode == 0:
-                self._finished.add(update.rank)
-            failure = failure_from(update, self._errors.get(update.rank))
+            failure = self._absorb(update)
             if failure is not None:
                 failures.append(failure)
+        failures += self._hangs()
         return failures
 
+    def settle(self, failures: list[Failure]) -> list[Failure]:
+        """Listen briefly for the failure's consequences so the root cause is chosen from all of them."""
+        deadline = self._clock() + SETTLE_S
+        while self._clock() < deadline and not all(v.failed or v.ready or not v.running for v in self._views.values()):
+            self.wait()
+            failures = failures + self.observe()
+        return failures
+
+    def decide(self, failures: list[Failure]) -> Decision:
+        """Record the failures and ask the policy what to do."""
+        cause = root_cause(failures)
+        for failure in sorted(failures, key=lambda f: f.at):
+            self.failures_by_reason[failure.reason] += 1
+            self.events.emit("failure_detected", root_cause=failure is cause, attempt=self.attempt, **failure.event_fields())
+        decision = self.policy.decide(cause, self.history)
+        self.display.note(f"rank {cause.rank} failed ({cause.message}); {decision.reason}")
+        return decision
+
+    def recover(self, failures: list[Failure], decision: Decision) -> None:
+        """Carry out a retry decision: replace failed ranks, let survivors rejoin, resume from the commit."""
+        detected_at = min(f.at for f in failures)
+        cause = root_cause(failures)
+        if decision.delay_s:
+            self._sleep(decision.delay_s)
+        replace = self._to_replace(failures, decision)
+        survivors = [r for r in range(self.group.world_size) if r not in replace]
+        self.group.kill([r for r in replace if self._views[r].running])
+        self.group.interrupt([r for r in survivors if not self._views[r].ready])
+        laggards = self._await_ready(survivors)
+        if laggards:
+            self.group.kill(laggards)
+            replace |= set(laggards)
+            survivors = [r for r in survivors if r not in laggards]
+        mode = "full_restart" if not survivors else "in_place"
+        self._commits.forget_partial()
+        self.resume_tag = self._commits.last_committed
+        self.attempt += 1
+        self.restarts_by_reason[cause.reason] += 1
+        self.history.append(Attempt(cause=cause, mode=mode, progressed=False))
+        self.events.emit(
+            "recovery_started",
+            attempt=self.attempt,
+            mode=mode,
+            replaced=sorted(replace),
+            rejoined=survivors,
+            resume_from=self.resume_tag,
+            restarts_left=self.config.fault_tolerance.max_restarts - len(self.history),
+        )
+        infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors)
+        self._begin_attempt(infos)
+        self._pending = PendingRecovery(
+            attempt=self.attempt,
+            mode=mode,
+            resumed_from_step=store.step_of(self.resume_tag) if self.resume_tag else 0,
+            detected_at=detected_at,
+            replaced=sorted(replace),
+        )
+
     def all_finished(self) -> bool:
-        return len(self._finished) == self.group.world_size
+        return all(view.finished for view in self._views.values())
 
     def wait(self) -> None:
         self._sleep(POLL_INTERVAL_S)
@@ -115,25 +212,122 @@ class Controller:
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
         extra = {"message": message} if message else {}
-        self.events.emit(
-            "run_finished", status="failed", reason=reason, step=self.last_step, final_loss=self.last_loss, **extra
-        )
+        self.events.emit("run_finished", status="failed", reason=reason, **self._totals(), **extra)
 
     # --- bookkeeping --------------------------------------------------------
 
-    def _absorb(self, rank: int, message: dict[str, Any]) -> None:
+    def _begin_attempt(self, infos: list[WorkerInfo]) -> None:
+        now = self._clock()
+        old = self._views
+        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else 0) for r in range(self.group.world_size)}
+        for info in infos:
+            self.events.emit(
+                "worker_started", rank=info.rank, pid=info.pid, node=info.node, attempt=info.attempt, spare=info.spare
+            )
+
+    def _absorb(self, update: RankUpdate) -> Failure | None:
+        view = self._views[update.rank]
+        if update.alive_at is not None:
+            view.alive_at, view.where, view.in_collective = update.alive_at, update.where, update.in_collective
+        for message in update.messages:
+            self._on_message(update.rank, view, message)
+        if update.returncode is not None:
+            view.running = False
+            if update.returncode == 0:
+                view.finished = True
+        if update.lost is not None:
+            view.running = False
+        if view.failed or view.finished:
+            return None
+        error = view.error if view.error and not view.error.get("interrupted") else None
+        if update.returncode is None and update.lost is None and error is None:
+            return None
+        failure = failure_from(update, error, view.step)
+        if failure is not None:
+            view.failed = True
+        return failure
+
+    def _on_message(self, rank: int, view: RankView, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "step" and rank == 0:
-            self._record_step(message)
+        if kind in ("step", "resumed"):
+            view.step, view.progress_at, view.started_up = message["step"], message["at"], True
+            if rank == 0 and kind == "step":
+                self._record_step(message)
         elif kind == "checkpoint_saved":
+            view.progress_at = message["at"]
             if self._commits.saved(rank, message["tag"], message["seconds"]):
                 self.display.note(f"checkpoint {message['tag']} committed")
-        elif kind == "resumed" and rank == 0:
-            self.display.note(f"rank 0 resumed at step {message['step']}")
         elif kind == "error":
-            self._errors[rank] = message
+            view.error = message
+        elif kind == "ready":
+            view.ready = True
         elif kind == "finished":
-            self._finished.add(rank)
+            view.finished = True
+        elif kind == "fault_injected":
+            fired = {k: message[k] for k in ("kind", "rank", "step")}
+            self.faults = [f for f in self.faults if f != fired]
+            self.events.emit("fault_injected", **fired)
+
+    def _hangs(self) -> list[Failure]:
+        """Ranks without a step for ``hang_timeout_s`` (start-up: ``STARTUP_TIMEOUT_S``); the stuck ones are killed."""
+        now = self._clock()
+        hang_timeout = self.config.fault_tolerance.hang_timeout_s
+
+        def limit(v: RankView) -> float:
+            return hang_timeout if v.started_up else max(hang_timeout, STARTUP_TIMEOUT_S)
+
+        stale = [r for r, v in self._views.items() if v.running and not (v.failed or v.finished or v.ready)
+                 and now - v.progress_at > limit(v)]
+        if not stale:
+            return []
+
+        def frozen(v: RankView) -> bool:
+            return v.alive_at is None or now - v.alive_at > FROZEN_AFTER_S
+
+        # A rank waiting in a collective is waiting for the stuck one. If all wait and nothing else
+        # failed that they could be waiting for, all are suspect.
+        culprits = [r for r in stale if frozen(self._views[r]) or not self._views[r].in_collective]
+        if not culprits and not any(v.failed for v in self._views.values()):
+            culprits = stale
+        failures = []
+        for rank in culprits:
+            view = self._views[rank]
+            view.failed = True
+            if frozen(view):
+                detail = "no sign of life either (stopped or frozen)"
+            else:
+                detail = f"main thread at {view.where}"
+            failures.append(
+                Failure(rank=rank, reason="hang", at=now, step=view.step + 1,
+                        message=f"no step for {now - view.progress_at:.1f}s (limit {limit(view):g}s); {detail}")
+            )
+        self.group.kill(culprits)
+        return failures
+
+    def _to_replace(self, failures: list[Failure], decision: Decision) -> set[int]:
+        """Ranks that get a new process: the failed ones (but not survivors that only saw a peer's failure)."""
+        if decision.mode == "full_restart":
+            return set(range(self.group.world_size))
+        cause = root_cause(failures)
+        replace = {r for r, v in self._views.items() if not v.running}
+        for failure in failures:
+            if failure.reason != "exception" or failure is cause:
+                replace.add(failure.rank)
+        return replace
+
+    def _await_ready(self, survivors: list[int]) -> list[int]:
+        """Poll until every survivor has left its training function; returns those that died or did not in time."""
+        deadline = self._clock() + UNWIND_TIMEOUT_S
+        while True:
+            gone = [r for r in survivors if not self._views[r].running]
+            waiting = [r for r in survivors if self._views[r].running and not self._views[r].ready]
+            if not waiting:
+                return gone
+            if self._clock() >= deadline:
+                return gone + waiting
+            self.wait()
+            for update in self.group.poll():
+                self._absorb(update)
 
     def _record_step(self, message: dict[str, Any]) -> None:
         step, loss, seconds = message["step"], message["loss"], message["step_time_s"]
@@ -143,19 +337,44 @@ class Controller:
         self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra)
         self.last_step, self.last_loss = step, loss
         self.display.step(step, self.config.train.steps, loss, rate)
+        if self._pending is not None:
+            self._finish_recovery(self._pending)
+        if self._spares_due:
+            self._spares_due = False
+            self.group.ensure_spares()
+
+    def _finish_recovery(self, pending: PendingRecovery) -> None:
+        seconds = self._clock() - pending.detected_at
+        self.events.emit(
+            "recovery_finished",
+            attempt=pending.attempt,
+            resumed_from_step=pending.resumed_from_step,
+            mode=pending.mode,
+            seconds=seconds,
+            replaced=pending.replaced,
+        )
+        self.display.note(
+            f"recovered ({pending.mode}, attempt {pending.attempt}) from step {pending.resumed_from_step} in {seconds:.2f}s"
+        )
+        self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
+        self._pending = None
+        self._spares_due = True
+
+    def _totals(self) -> dict[str, Any]:
+        return {
+            "step": self.last_step,
+            "final_loss": self.last_loss,
+            "restarts": sum(self.restarts_by_reason.values()),
+            "restarts_by_reason": dict(self.restarts_by_reason),
+            "failures_by_reason": dict(self.failures_by_reason),
+        }
 
     def _finish(self, state: State) -> None:
         if isinstance(state, Succeeded):
-            self.events.emit("run_finished", status="succeeded", step=self.last_step, final_loss=self.last_loss)
+            self.events.emit("run_finished", status="succeeded", **self._totals())
             return
         assert isinstance(state, Failed)
-        cause = root_cause(state.failures)
-        for failure in sorted(state.failures, key=lambda f: f.at):
-            self.events.emit("failure_detected", root_cause=failure is cause, **failure.event_fields())
         self.events.emit(
-            "run_finished",
-            status="failed",
-            step=self.last_step,
-            final_loss=self.last_loss,
-            root_cause=cause.event_fields(),
+            "run_finished", status="failed", reason=state.reason,
+            root_cause=root_cause(state.failures).event_fields(), **self._totals(),
         )

@@ -25,6 +25,7 @@ class Failure:
     reason: Reason
     at: float
     message: str
+    step: int = 0
     exit_code: int | None = None
     signal: int | None = None
     exc_type: str | None = None
@@ -33,7 +34,7 @@ class Failure:
 
     def event_fields(self) -> dict[str, Any]:
         """The ``failure_detected`` event's fields."""
-        fields: dict[str, Any] = {"rank": self.rank, "reason": self.reason, "message": self.message}
+        fields: dict[str, Any] = {"rank": self.rank, "reason": self.reason, "message": self.message, "step": self.step}
         if self.exit_code is not None:
             fields["exit_code"] = self.exit_code
         if self.signal is not None:
@@ -48,10 +49,14 @@ class Failure:
         return self.traceback or self.log_tail
 
 
-def failure_from(update: RankUpdate, error: dict[str, Any] | None) -> Failure | None:
-    """The failure ``update`` shows, given the rank's error report (if it sent one)."""
+def failure_from(update: RankUpdate, error: dict[str, Any] | None, last_step: int) -> Failure | None:
+    """The failure ``update`` shows, given the rank's error report (if it sent one) and its last step.
+
+    A failure's ``step`` is the step the rank was working on: one past the last it reported.
+    """
+    step = (error.get("step", last_step) if error else last_step) + 1
     if update.lost is not None:
-        return Failure(rank=update.rank, reason="node_lost", at=time.time(), message=update.lost)
+        return Failure(rank=update.rank, reason="node_lost", at=time.time(), message=update.lost, step=step)
     code = update.returncode
     if error is not None:
         return Failure(
@@ -59,6 +64,7 @@ def failure_from(update: RankUpdate, error: dict[str, Any] | None) -> Failure | 
             reason="exception",
             at=error["at"],
             message=f"{error['exc_type']}: {error['message']}",
+            step=step,
             exit_code=code,
             exc_type=error["exc_type"],
             traceback=error["traceback"],
@@ -69,11 +75,11 @@ def failure_from(update: RankUpdate, error: dict[str, Any] | None) -> Failure | 
     at = update.exited_at if update.exited_at is not None else time.time()
     if code < 0:
         return Failure(
-            rank=update.rank, reason="signal", at=at, signal=-code,
+            rank=update.rank, reason="signal", at=at, signal=-code, step=step,
             message=f"training process killed by {_signal_name(-code)}", log_tail=update.log_tail,
         )
     return Failure(
-        rank=update.rank, reason="exit", at=at, exit_code=code,
+        rank=update.rank, reason="exit", at=at, exit_code=code, step=step,
         message=f"training process exited with code {code}", log_tail=update.log_tail,
     )
 

@@ -1,11 +1,15 @@
 """The controller's states. Each ``step`` does one unit of work and returns the next state.
 
     STARTING -> RUNNING -> SUCCEEDED
-                       \\-> FAILED
+                 ^    \\
+                 |     +-> FAILED           (policy: not retryable, or budget spent)
+                 |     \\
+                 +---- RECOVERING           (policy: retry, in place or full restart)
 
-States decide; the :class:`~orchestrator.controller.controller.Controller`
-they are given does (starts processes, writes events). Tests drive one
-``Controller.step()`` at a time against a fake worker group.
+States decide, from what the controller observed and what the failure
+policy says; the :class:`~orchestrator.controller.controller.Controller`
+does (starts, signals and replaces processes, writes events). Tests drive
+one ``Controller.step()`` at a time against a fake worker group.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from orchestrator.controller.failures import Failure, first_per_rank
+from orchestrator.controller.failures import Failure
+from orchestrator.controller.policy import Decision
 
 if TYPE_CHECKING:
     from orchestrator.controller.controller import Controller
@@ -43,22 +48,36 @@ class Starting(State):
 
 
 class Running(State):
-    """Watch the ranks until all finish or one fails."""
+    """Watch the ranks until all finish or some fail; then ask the policy."""
 
     name = "RUNNING"
 
     def step(self, ctl: Controller) -> State:
         failures = ctl.observe()
         if failures:
-            # Collect the survivors' consequent errors too, so the root cause is chosen from all;
-            # what happened after our own stop (SIGTERM exits) is not a failure.
-            stopped_at = ctl.stop_workers()
-            late = [f for f in ctl.observe() if f.at < stopped_at]
-            return Failed(failures=first_per_rank(failures + late))
+            failures = ctl.settle(failures)
+            decision = ctl.decide(failures)
+            if decision.retry:
+                return Recovering(failures=failures, decision=decision)
+            return Failed(failures=failures, reason=decision.reason)
         if ctl.all_finished():
             return Succeeded()
         ctl.wait()
         return self
+
+
+@dataclass(repr=False)
+class Recovering(State):
+    """Replace the failed ranks (in place, or every rank) and resume from the latest commit."""
+
+    name: ClassVar[str] = "RECOVERING"
+    failures: list[Failure] = field(default_factory=list)
+    decision: Decision | None = None
+
+    def step(self, ctl: Controller) -> State:
+        assert self.decision is not None
+        ctl.recover(self.failures, self.decision)
+        return Running()
 
 
 class Succeeded(State):
@@ -70,8 +89,9 @@ class Succeeded(State):
 
 @dataclass(repr=False)
 class Failed(State):
-    """The run failed; ``failures`` holds every rank's failure, the root cause among them."""
+    """The run failed: ``failures`` of the last episode (root cause among them), and why it was not retried."""
 
     name: ClassVar[str] = "FAILED"
     terminal: ClassVar[bool] = True
     failures: list[Failure] = field(default_factory=list)
+    reason: str = ""

@@ -1,19 +1,22 @@
 """The seam between the controller and the processes it runs.
 
-:class:`WorkerGroup` is what the controller needs: start all ranks, poll
-them, stop them. :class:`RayWorkerGroup` does it with a placement group
-(one bundle per rank) and one :class:`~orchestrator.worker.actor.RankActor`
-per rank; controller tests use a fake with the same methods.
+:class:`WorkerGroup` is what the controller needs: start ranks (all of them,
+or replacements beside survivors that rejoin in place), poll them,
+interrupt or kill some, stop all. :class:`RayWorkerGroup` does it with a
+placement group (one bundle per rank), one
+:class:`~orchestrator.worker.actor.RankActor` per bundle and one warm spare
+per node; controller tests use a fake with the same methods.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.errors import ClusterError
 from orchestrator.worker.env import RankPlacement, rank_env
 
@@ -24,12 +27,13 @@ _STOP_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerInfo:
-    """A started rank: who and where."""
+    """A started rank: who and where, and whether it is a promoted warm spare."""
 
     rank: int
     pid: int
     node: str
     attempt: int
+    spare: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,15 +42,22 @@ class RankUpdate:
 
     ``returncode`` is None while the process runs (negative: killed by that
     signal); ``exited_at`` is when its actor saw it end; ``lost`` means its
-    actor (and so, likely, its node) is gone.
+    actor (and so, likely, its node) is gone. ``alive_at`` is the last sign
+    of life (any message, or the liveness beat every second), ``where`` the
+    main thread's innermost frame then, ``in_collective`` whether it was
+    waiting in a collective.
     """
 
     rank: int
+    pid: int | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     returncode: int | None = None
     exited_at: float | None = None
     log_tail: str = ""
     lost: str | None = None
+    alive_at: float | None = None
+    where: str = ""
+    in_collective: bool = False
 
 
 class WorkerGroup(Protocol):
@@ -54,11 +65,23 @@ class WorkerGroup(Protocol):
 
     world_size: int
 
-    def start(self, attempt: int, resume_tag: str | None) -> list[WorkerInfo]:
-        """Start every rank's training process for ``attempt``, resuming from ``resume_tag``."""
+    def start(
+        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
+    ) -> list[WorkerInfo]:
+        """Start ``attempt``: ranks in ``rejoin`` continue in their live processes, every other
+        rank gets a new one (the node's warm spare when there is one). Returns the new ones."""
 
     def poll(self) -> list[RankUpdate]:
         """One update per rank."""
+
+    def interrupt(self, ranks: Collection[int]) -> None:
+        """Make these ranks leave their training function and wait for a rejoin."""
+
+    def kill(self, ranks: Collection[int]) -> None:
+        """SIGKILL these ranks' processes."""
+
+    def ensure_spares(self) -> None:
+        """Start a warm spare on every node that has none."""
 
     def stop(self) -> None:
         """Stop and reap every training process; the group can be started again."""
@@ -73,49 +96,71 @@ class RayWorkerGroup:
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.world_size = config.cluster.world_size
         self._config = config
+        self._config_dict = config.model_dump(mode="json")
         self._run_dir = run_dir
         self._ray: Any = None
         self._started_ray = False
         self._pg: Any = None
         self._actors: list[Any] = []
         self._nodes: list[dict[str, Any]] = []
+        self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
 
-    def start(self, attempt: int, resume_tag: str | None) -> list[WorkerInfo]:
+    def start(
+        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
+    ) -> list[WorkerInfo]:
         self._ensure_actors()
-        config_dict = self._config.model_dump(mode="json")
-        refs = [
-            actor.start.remote(
-                {
-                    "rank": p.rank,
-                    "local_rank": p.local_rank,
-                    "world_size": self.world_size,
-                    "node": self._nodes[p.rank]["hostname"],
-                    "attempt": attempt,
-                    "config": config_dict,
-                    "run_dir": str(self._run_dir),
-                    "resume_tag": resume_tag,
-                },
-                rank_env(self._config, p),
-            )
-            for actor, p in zip(self._actors, self._placements(), strict=True)
-        ]
-        pids = self._ray.get(refs, timeout=_CALL_TIMEOUT_S)
-        return [
-            WorkerInfo(rank=rank, pid=pid, node=self._nodes[rank]["hostname"], attempt=attempt)
-            for rank, pid in enumerate(pids)
-        ]
+        placements = self._placements()
+        specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
+        for rank in rejoin:
+            self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "rejoin", **specs[rank]}))
+        started = []
+        for p in placements:
+            if p.rank in rejoin:
+                continue
+            home = self._nodes[p.rank]
+            spare_host = self._spare_host(home["node_id"])
+            pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]))
+            promoted = pid is not None
+            if promoted:
+                if self._host[p.rank] != spare_host:
+                    self._call(self._actors[self._host[p.rank]].forget.remote(p.rank), dead_ok=True)
+                self._host[p.rank] = spare_host
+            else:
+                self._host[p.rank] = p.rank
+                pid = self._call(self._actors[p.rank].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]))
+            started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt, spare=promoted))
+        return started
 
     def poll(self) -> list[RankUpdate]:
-        refs = [actor.poll.remote() for actor in self._actors]
-        updates = []
-        for rank, ref in enumerate(refs):
+        hosts = sorted(set(self._host.values()))
+        refs = {index: self._actors[index].poll.remote() for index in hosts}
+        by_rank: dict[int, RankUpdate] = {}
+        for index, ref in refs.items():
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayActorError as exc:
-                updates.append(RankUpdate(rank=rank, lost=f"worker actor died: {exc}"))
+                for rank in [r for r, h in self._host.items() if h == index]:
+                    by_rank[rank] = RankUpdate(rank=rank, lost=f"worker actor died: {exc}")
                 continue
-            updates.append(RankUpdate(rank=rank, **result))
-        return updates
+            for rank, status in result["ranks"].items():
+                if self._host.get(rank) == index:
+                    by_rank[rank] = RankUpdate(rank=rank, **status)
+        return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
+
+    def interrupt(self, ranks: Collection[int]) -> None:
+        for rank in ranks:
+            self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "interrupt"}), dead_ok=True)
+
+    def kill(self, ranks: Collection[int]) -> None:
+        for rank in ranks:
+            self._call(self._actors[self._host[rank]].kill.remote(rank), dead_ok=True)
+
+    def ensure_spares(self) -> None:
+        placements = self._placements(port=0)
+        for index in sorted({self._spare_host(info["node_id"]) for info in self._nodes}):
+            # The node's shared settings (threads, devices, cluster.env); the rank's own come at promotion.
+            env = {k: v for k, v in rank_env(self._config, placements[index]).items() if k not in RESERVED_ENV}
+            self._call(self._actors[index].start_spare.remote(self._config_dict, env), dead_ok=True)
 
     def stop(self) -> None:
         refs = [actor.stop.remote(_STOP_TIMEOUT_S) for actor in self._actors]
@@ -123,7 +168,7 @@ class RayWorkerGroup:
             try:
                 self._ray.get(ref, timeout=3 * _STOP_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
-                pass  # a dead actor's process died with it (PDEATHSIG)
+                pass  # a dead actor's processes died with it (PDEATHSIG)
 
     def close(self) -> None:
         try:
@@ -139,6 +184,32 @@ class RayWorkerGroup:
 
                 ray_session.disconnect()
                 self._started_ray = False
+
+    def _spec(self, p: RankPlacement, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "rank": p.rank,
+            "local_rank": p.local_rank,
+            "world_size": self.world_size,
+            "node": self._nodes[p.rank]["hostname"],
+            "attempt": attempt,
+            "config": self._config_dict,
+            "run_dir": str(self._run_dir),
+            "resume_tag": resume_tag,
+            "faults": faults,
+            "env": rank_env(self._config, p),
+        }
+
+    def _spare_host(self, node_id: str) -> int:
+        """The actor that keeps a node's spare: the lowest bundle index on that node."""
+        return min(i for i, info in enumerate(self._nodes) if info["node_id"] == node_id)
+
+    def _call(self, ref: Any, dead_ok: bool = False) -> Any:
+        try:
+            return self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
+        except self._ray.exceptions.RayActorError:
+            if dead_ok:
+                return None
+            raise
 
     def _ensure_actors(self) -> None:
         """Connect to Ray, reserve one bundle per rank and place one actor in each (once)."""
@@ -176,15 +247,17 @@ class RayWorkerGroup:
             for rank in range(self.world_size)
         ]
         self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
+        self._host = {rank: rank for rank in range(self.world_size)}
 
-    def _placements(self) -> list[RankPlacement]:
+    def _placements(self, port: int | None = None) -> list[RankPlacement]:
         """Local ranks, GPU visibility and the rendezvous address for a new attempt."""
         by_node: dict[str, list[int]] = defaultdict(list)
         for rank, info in enumerate(self._nodes):
             by_node[info["node_id"]].append(rank)
         master = self._nodes[0]["ip"]
-        # A fresh port every attempt: a reused store would hand out a dead rank's address.
-        port = self._ray.get(self._actors[0].free_port.remote(master), timeout=_CALL_TIMEOUT_S)
+        if port is None:
+            # A fresh port every attempt: a reused store would hand out a dead rank's address.
+            port = self._call(self._actors[self._host[0]].free_port.remote(master))
         placements = []
         for rank, info in enumerate(self._nodes):
             peers = by_node[info["node_id"]]

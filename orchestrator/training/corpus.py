@@ -8,6 +8,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -27,8 +28,9 @@ def stdlib_sources() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+@functools.lru_cache(maxsize=2)
 def load_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """The corpus as a 1-D uint8 tensor."""
+    """The corpus as a 1-D uint8 tensor; read once per process (a rejoining rank re-uses it)."""
     chunks, size = [], 0
     for path in stdlib_sources():
         data = path.read_bytes()

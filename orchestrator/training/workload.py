@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
+import os
 import time
 
+from orchestrator.config.schema import Config
 from orchestrator.worker.context import TrainContext
+
+
+def warmup(config: Config) -> None:
+    """Run by a warm spare before it is needed: a full rehearsal on a private one-rank group.
+
+    The first ``deepspeed.initialize`` and the first step in a process pay
+    one-time costs (lazy imports, optimizer and autograd set-up: ~1.5 s on
+    2 cores) that a spare must not pay during a recovery.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.training.corpus import batch, load_corpus
+    from orchestrator.training.engine import build_engine
+    from orchestrator.training.model import GPT
+    from orchestrator.worker.teardown import tear_down
+
+    solo = config.model_copy(update={"parallel": config.parallel.model_copy(update={"tensor_parallel": 1})})
+    corpus = load_corpus()
+    rehearsal_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in rehearsal_env}
+    os.environ.update(rehearsal_env)  # DeepSpeed reads them even for an existing group
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    engine = build_engine(solo, GPT(config.model))
+    try:
+        inputs, targets = batch(corpus, seed=0, step=0, seq_len=config.model.seq_len,
+                                micro_batch=config.train.micro_batch_size, dp_rank=0, dp_size=1)
+        loss = engine(inputs, targets)
+        engine.backward(loss)
+        engine.step()
+    finally:
+        tear_down([engine])
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    torch.manual_seed(0)
 
 
 def train(ctx: TrainContext) -> None:

@@ -7,6 +7,9 @@ GPT workload (``orchestrator.training.workload``) uses exactly this API; see
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,10 @@ class TrainContext:
         config: the job's validated config tree.
         run_dir: the run directory; ``checkpoint_dir`` is its ``checkpoints/``.
         resume_tag: the committed checkpoint to resume from, or None for a fresh start.
+        faults: injected faults (``--inject-fault``) this rank still has to fire.
+        last_step: the last step reported.
+        engines: DeepSpeed engines given to :meth:`load_checkpoint`; torn down by the
+            orchestrator when this rank has to rejoin a new process group.
     """
 
     rank: int
@@ -39,6 +46,9 @@ class TrainContext:
     run_dir: Path
     resume_tag: str | None
     _channel: Channel
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    last_step: int = 0
+    engines: list[Any] = field(default_factory=list)
     _last_report: float = field(default_factory=time.perf_counter)
 
     @property
@@ -78,6 +88,11 @@ class TrainContext:
         self._channel.send(
             {"type": "step", "step": step, "loss": float(loss), "step_time_s": step_time_s, **metrics}
         )
+        self.last_step = step
+        for fault in self.faults:
+            if fault["rank"] == self.rank and fault["step"] == step:
+                self._channel.send({"type": "fault_injected", **fault})
+                inject(fault["kind"], step)
 
     def should_checkpoint(self, step: int) -> bool:
         """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last)."""
@@ -105,10 +120,30 @@ class TrainContext:
         Returns ``(step, user_state)``: the number of steps already done (0 on a
         fresh start) and what was given to :meth:`save_checkpoint`.
         """
+        if not any(e is engine for e in self.engines):
+            self.engines.append(engine)
         if self.resume_tag is None:
             return 0, None
         step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank)
+        self.last_step = step
         self._channel.send({"type": "resumed", "step": step, "tag": self.resume_tag})
         self._last_report = time.perf_counter()
         return step, user_state
 
+
+
+FAULT_KINDS = ("kill", "hang", "raise", "exit")
+
+
+def inject(kind: str, step: int) -> None:
+    """Make this process fail the way ``kind`` says (``--inject-fault``)."""
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "exit":
+        os._exit(3)
+    elif kind == "raise":
+        raise RuntimeError(f"injected fault at step {step}")
+    elif kind == "hang":
+        threading.Event().wait()  # alive, but never reports another step
+    else:
+        raise AssertionError(f"unknown fault kind {kind!r}")

@@ -1,10 +1,21 @@
 """Entry point of a rank's training process: ``python -m orchestrator.worker.process``.
 
-Started by the rank's actor with the rank's environment and one end of a
-control socket (fd in ``ORCH_CONTROL_FD``). It waits for the start spec,
-resolves the training function, runs it, and reports how it ended. An
-exception travels to the controller as data (type, message, traceback), so
-the root cause reaches the user's terminal, not only the rank's log.
+Started by an actor with one end of a control socket (fd in
+``ORCH_CONTROL_FD``). The process runs the training function for each
+start or rejoin spec it is sent, so that a healthy rank survives a peer's
+failure without exiting:
+
+    [spare: import and warm up, wait] -> start -> train(ctx) -> finished
+                                            ^          | raises (own bug, peer died, interrupted)
+                                            |          v
+                                         rejoin <- report error, tear down, wait for the decision
+                                                       | exit
+                                                       v
+
+An exception travels to the controller as data (type, message, traceback,
+step), so the root cause reaches the user's terminal. A liveness thread
+reports every second where the main thread is, which tells a rank stuck in
+its own code from one waiting for a stuck peer in a collective.
 
 The process never outlives its actor: the kernel kills it when the actor
 dies (``PR_SET_PDEATHSIG``), and it exits when the control socket closes.
@@ -20,6 +31,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +41,19 @@ from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.context import TrainContext
+from orchestrator.worker.teardown import tear_down
 
 PARENT_PID_ENV = "ORCH_PARENT_PID"
 BUILTIN_ENTRYPOINT = "orchestrator.training.workload:train"
-_START_TIMEOUT_S = 120.0
+LIVENESS_INTERVAL_S = 1.0
+_DECISION_TIMEOUT_S = 600.0
 _PR_SET_PDEATHSIG = 1
+# Frames in these packages mean "waiting for peers", not "stuck in my own code".
+_COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed"), os.sep + os.path.join("deepspeed", "comm"))
+
+
+class Interrupted(Exception):
+    """Raised in the main thread when the controller stops this rank's training for a recovery."""
 
 
 def main() -> int:
@@ -42,28 +62,106 @@ def main() -> int:
     # `kill -USR1 PID` prints every thread's stack to the rank's log: the first thing to look at in a hang.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     channel = Channel.from_fd(int(os.environ[CONTROL_FD_ENV]))
-    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-    threading.Thread(target=_read_control, args=(channel, inbox), name="control", daemon=True).start()
-    try:
-        spec = inbox.get(timeout=_START_TIMEOUT_S)
-    except queue.Empty:
-        print("no start message from the actor; exiting", file=sys.stderr)
+    runtime = Runtime(channel)
+    return runtime.run()
+
+
+class Runtime:
+    """The process's main loop; the control thread feeds it messages."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.in_training = threading.Event()
+        self.ctx: TrainContext | None = None
+        signal.signal(signal.SIGUSR2, self._on_interrupt)
+        threading.Thread(target=self._read_control, name="control", daemon=True).start()
+        threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
+
+    def run(self) -> int:
+        message = self._next_message(timeout=None)
+        if message["type"] == "prepare":
+            try:
+                _warm_up(message["config"])
+            except Exception:  # noqa: BLE001 - a cold spare is still a spare
+                traceback.print_exc()
+                print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
+            message = self._next_message(timeout=None)
+        while message["type"] in ("start", "rejoin"):
+            outcome = self._train(message)
+            if outcome == 0:
+                return 0
+            message = self._next_message(timeout=_DECISION_TIMEOUT_S)
         return 1
-    try:
-        ctx = _context(spec, channel)
-        train = resolve_entrypoint(ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
-        train(ctx)
-        _leave_process_group()
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
-        text = traceback.format_exc()
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        channel.send(
-            {"type": "error", "exc_type": type(exc).__name__, "message": str(exc), "traceback": text}
-        )
-        return 1
-    channel.send({"type": "finished"})
-    return 0
+
+    def _train(self, spec: dict[str, Any]) -> int:
+        """One attempt: 0 when training finished, 1 when it raised (already reported)."""
+        if "log_path" in spec:
+            _redirect_output(spec["log_path"])  # a promoted spare writes to its new rank's log
+        os.environ.update(spec.get("env", {}))
+        if "torch" in sys.modules and "OMP_NUM_THREADS" in os.environ:
+            # A spare imported torch before it knew its share of the node's cores.
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        try:
+            self.ctx = _context(spec, self.channel)
+            train = resolve_entrypoint(self.ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
+            self.in_training.set()
+            try:
+                train(self.ctx)
+            finally:
+                self.in_training.clear()
+            _leave_process_group()
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
+            text = traceback.format_exc()
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.channel.send(
+                {
+                    "type": "error",
+                    "exc_type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": text,
+                    "interrupted": isinstance(exc, Interrupted),
+                    "step": self.ctx.last_step if self.ctx else 0,
+                }
+            )
+            _tear_down(self.ctx)
+            self.channel.send({"type": "ready"})
+            return 1
+        self.channel.send({"type": "finished"})
+        return 0
+
+    def _next_message(self, timeout: float | None) -> dict[str, Any]:
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            print(f"no instruction from the controller within {timeout:.0f}s; exiting", file=sys.stderr)
+            return {"type": "exit"}
+
+    def _read_control(self) -> None:
+        for message in self.channel.messages():
+            if message["type"] == "interrupt":
+                if self.in_training.is_set():
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+            else:
+                self.inbox.put(message)
+        # The actor closed its end or died: nobody is left to report to.
+        os._exit(1)
+
+    def _on_interrupt(self, _signum: int, _frame: object) -> None:
+        if self.in_training.is_set():
+            raise Interrupted("stopped by the controller for a recovery")
+
+    def _liveness(self) -> None:
+        main_id = threading.main_thread().ident
+        while True:
+            time.sleep(LIVENESS_INTERVAL_S)
+            frame = sys._current_frames().get(main_id)
+            where, in_collective = _describe_stack(frame)
+            try:
+                self.channel.send({"type": "alive", "where": where, "in_collective": in_collective})
+            except OSError:
+                return
 
 
 def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
@@ -79,6 +177,19 @@ def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
     return func
 
 
+def _warm_up(config_dict: dict[str, Any]) -> None:
+    """A spare pays the start-up costs before it is needed: imports and the entry point's ``warmup()``."""
+    config = Config.model_validate(config_dict)
+    import deepspeed  # noqa: F401
+    import torch._dynamo  # noqa: F401  - deepspeed.initialize imports it lazily (~1.3 s)
+
+    spec = config.train.entrypoint or BUILTIN_ENTRYPOINT
+    module = importlib.import_module(spec.partition(":")[0])
+    warmup = getattr(module, "warmup", None)
+    if callable(warmup):
+        warmup(config)
+
+
 def _context(spec: dict[str, Any], channel: Channel) -> TrainContext:
     return TrainContext(
         rank=spec["rank"],
@@ -89,15 +200,39 @@ def _context(spec: dict[str, Any], channel: Channel) -> TrainContext:
         config=Config.model_validate(spec["config"]),
         run_dir=Path(spec["run_dir"]),
         resume_tag=spec["resume_tag"],
+        faults=spec.get("faults", []),
         _channel=channel,
     )
 
 
-def _read_control(channel: Channel, inbox: queue.Queue[dict[str, Any]]) -> None:
-    for message in channel.messages():
-        inbox.put(message)
-    # The actor closed its end or died: nobody is left to report to.
-    os._exit(1)
+def _describe_stack(frame: Any) -> tuple[str, bool]:
+    """The innermost frame as ``file:line in function``, and whether the stack is inside a collective."""
+    if frame is None:
+        return "", False
+    where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    in_collective = False
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _COLLECTIVE_PATHS):
+            in_collective = True
+            break
+        frame = frame.f_back
+    return where, in_collective
+
+
+def _tear_down(ctx: TrainContext | None) -> None:
+    """Leave the broken process group so this process can join a new one."""
+    tear_down(ctx.engines if ctx is not None else [])
+    if ctx is not None:
+        ctx.engines.clear()
+
+
+def _redirect_output(path: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _die_with_parent() -> None:

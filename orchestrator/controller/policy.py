@@ -1,0 +1,84 @@
+"""The failure policy: given a failure and what happened before, retry or give up, and how.
+
+Pure: no processes, no clocks. The controller carries the decision out.
+
+- A user error (``ConfigError``) is not retried: it fails the same way every time.
+- An exception that repeats at the same step with the same message on the
+  next attempt is a bug in the training code, not a fault: not retried.
+- Otherwise retry while ``fault_tolerance.max_restarts`` allows, in place
+  (survivors keep their processes) unless the config asks for full
+  restarts, a node was lost, or the previous in-place recovery failed before
+  making progress.
+- No delay for a failure after progress; failures without progress in
+  between back off exponentially.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from orchestrator.controller.failures import Failure
+
+Mode = Literal["in_place", "full_restart"]
+
+_BACKOFF_BASE_S = 1.0
+_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Attempt:
+    """What one earlier recovery was for, and whether it got back to training."""
+
+    cause: Failure
+    mode: Mode
+    progressed: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decision:
+    """Retry (in ``mode``, after ``delay_s``) or not (``reason`` says why)."""
+
+    retry: bool
+    reason: str
+    mode: Mode = "in_place"
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FailurePolicy:
+    """Decides what a failure costs the run."""
+
+    max_restarts: int
+    prefer: Mode = "in_place"
+
+    def decide(self, cause: Failure, history: list[Attempt]) -> Decision:
+        """``cause`` is the root cause of the failure at hand; ``history`` the recoveries so far."""
+        if cause.exc_type == "ConfigError":
+            return Decision(retry=False, reason=f"not retryable: a config error ({cause.message})")
+        previous = history[-1].cause if history else None
+        if (
+            previous is not None
+            and cause.reason == "exception"
+            and previous.reason == "exception"
+            and (cause.exc_type, cause.message, cause.step) == (previous.exc_type, previous.message, previous.step)
+        ):
+            return Decision(
+                retry=False,
+                reason=f"not retryable: the same {cause.exc_type} at step {cause.step} on two attempts",
+            )
+        if len(history) >= self.max_restarts:
+            return Decision(
+                retry=False, reason=f"restart budget spent ({len(history)} of fault_tolerance.max_restarts={self.max_restarts})"
+            )
+        stalled = 0
+        for attempt in reversed(history):
+            if attempt.progressed:
+                break
+            stalled += 1
+        mode: Mode = self.prefer
+        if cause.reason == "node_lost" or (history and not history[-1].progressed and history[-1].mode == "in_place"):
+            mode = "full_restart"
+        delay = 0.0 if stalled == 0 else min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (stalled - 1))
+        left = self.max_restarts - len(history) - 1
+        return Decision(retry=True, reason=f"retrying ({left} restarts left)", mode=mode, delay_s=delay)

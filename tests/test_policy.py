@@ -1,0 +1,63 @@
+"""The failure policy as a pure function."""
+
+from __future__ import annotations
+
+from orchestrator.controller.failures import Failure
+from orchestrator.controller.policy import Attempt, FailurePolicy
+
+
+def failure(reason: str = "signal", **kw) -> Failure:
+    return Failure(rank=kw.pop("rank", 1), reason=reason, at=0.0, message=kw.pop("message", "x"), **kw)
+
+
+def test_first_failure_retries_in_place_at_once() -> None:
+    decision = FailurePolicy(max_restarts=3).decide(failure(), [])
+    assert decision.retry and decision.mode == "in_place" and decision.delay_s == 0
+    assert "2 restarts left" in decision.reason
+
+
+def test_budget() -> None:
+    history = [Attempt(cause=failure(), mode="in_place", progressed=True)] * 3
+    decision = FailurePolicy(max_restarts=3).decide(failure(), history)
+    assert not decision.retry and "budget spent" in decision.reason
+    assert not FailurePolicy(max_restarts=0).decide(failure(), []).retry
+
+
+def test_config_error_is_never_retried() -> None:
+    cause = failure("exception", exc_type="ConfigError", message="ConfigError: train.entrypoint: ...")
+    decision = FailurePolicy(max_restarts=3).decide(cause, [])
+    assert not decision.retry and "config error" in decision.reason
+
+
+def test_same_exception_same_step_is_a_bug() -> None:
+    first = failure("exception", exc_type="ValueError", message="ValueError: nan", step=7)
+    again = failure("exception", exc_type="ValueError", message="ValueError: nan", step=7, rank=0)
+    history = [Attempt(cause=first, mode="in_place", progressed=False)]
+    assert not FailurePolicy(max_restarts=9).decide(again, history).retry
+
+
+def test_same_exception_at_another_step_is_retried() -> None:
+    first = failure("exception", exc_type="OSError", message="OSError: stale handle", step=7)
+    later = failure("exception", exc_type="OSError", message="OSError: stale handle", step=90)
+    history = [Attempt(cause=first, mode="in_place", progressed=True)]
+    assert FailurePolicy(max_restarts=9).decide(later, history).retry
+
+
+def test_failed_in_place_recovery_falls_back_to_full_restart_with_backoff() -> None:
+    history = [Attempt(cause=failure(), mode="in_place", progressed=False)]
+    decision = FailurePolicy(max_restarts=5).decide(failure(), history)
+    assert decision.retry and decision.mode == "full_restart" and decision.delay_s == 1.0
+    history.append(Attempt(cause=failure(), mode="full_restart", progressed=False))
+    assert FailurePolicy(max_restarts=5).decide(failure(), history).delay_s == 2.0
+
+
+def test_progress_resets_backoff() -> None:
+    history = [Attempt(cause=failure(), mode="in_place", progressed=False),
+               Attempt(cause=failure(), mode="full_restart", progressed=True)]
+    decision = FailurePolicy(max_restarts=5).decide(failure(), history)
+    assert decision.delay_s == 0 and decision.mode == "in_place"
+
+
+def test_node_lost_and_configured_full_restart() -> None:
+    assert FailurePolicy(max_restarts=3).decide(failure("node_lost"), []).mode == "full_restart"
+    assert FailurePolicy(max_restarts=3, prefer="full_restart").decide(failure(), []).mode == "full_restart"

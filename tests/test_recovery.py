@@ -1,0 +1,153 @@
+"""Failures in real runs: real signals to real training processes, recovery, the same final loss.
+
+Every scenario is compared with a clean run of the same config, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    cli,
+    events,
+    launch_args,
+    losses_by_step,
+    of_kind,
+    start_cli,
+    wait_for_event,
+    wait_gone,
+)
+
+pytestmark = [pytest.mark.processes, pytest.mark.timeout(420)]
+
+BASE = ("train.steps=60", "checkpoint.interval_steps=10")
+
+
+def _clean(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    result = cli(*launch_args(run_dir, *BASE, *overrides))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return losses_by_step(events(run_dir))
+
+
+@pytest.fixture(scope="module")
+def clean_zero2(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    return _clean(tmp_path_factory)
+
+
+def _all_pids(run_dir: Path) -> list[int]:
+    return [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
+
+
+def _signal_rank_at(run_dir: Path, proc, rank: int, step: int, sig: int) -> float:
+    """Send ``sig`` to ``rank``'s current training process once rank 0 reported ``step``; returns when."""
+    wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= step, 180, proc)
+    pid = [w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == rank][-1]["pid"]
+    os.kill(pid, sig)
+    return time.time()
+
+
+def _finish(proc, timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigkill_of_any_rank_recovers_in_place_with_the_same_losses(
+    tmp_path: Path, clean_zero2: dict[int, float], rank: int
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *BASE))
+    killed_at = _signal_rank_at(run_dir, proc, rank, 25, signal.SIGKILL)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    evs = events(run_dir)
+    cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
+    assert (cause["rank"], cause["reason"], cause["signal"]) == (rank, "signal", 9)
+    started = of_kind(evs, "recovery_started")[0]
+    assert started["mode"] == "in_place" and started["replaced"] == [rank]
+    finished = of_kind(evs, "recovery_finished")[0]
+    assert finished["mode"] == "in_place" and finished["resumed_from_step"] == 20
+    replacement = [w for w in of_kind(evs, "worker_started") if w["attempt"] == 1]
+    assert [w["rank"] for w in replacement] == [rank], "only the failed rank gets a new process"
+    assert replacement[0]["spare"] is True, "the warm spare replaced it"
+    next_step = next(e for e in of_kind(evs, "step") if e["ts"] > killed_at)
+    assert next_step["step"] == 21
+    # Every step, replayed ones included, equals the clean run's, bit for bit.
+    assert all(clean_zero2[e["step"]] == e["loss"] for e in of_kind(evs, "step"))
+    assert evs[-1]["final_loss"] == clean_zero2[60] and evs[-1]["restarts"] == 1
+    assert wait_gone(_all_pids(run_dir)) == []
+
+
+def test_sigstop_is_detected_as_a_hang_and_recovered(tmp_path: Path, clean_zero2: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *BASE, "fault_tolerance.hang_timeout_s=5"))
+    stopped_at = _signal_rank_at(run_dir, proc, 1, 25, signal.SIGSTOP)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    evs = events(run_dir)
+    hang = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
+    assert (hang["rank"], hang["reason"]) == (1, "hang")
+    assert hang["ts"] - stopped_at <= 5 + 2, "detected within hang_timeout_s + 2 s"
+    assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["in_place"]
+    assert evs[-1]["final_loss"] == clean_zero2[60]
+    assert wait_gone(_all_pids(run_dir)) == [], "the stopped process was killed and reaped"
+
+
+def test_five_kills_at_random_steps(tmp_path: Path, clean_zero2: dict[int, float]) -> None:
+    rng = random.Random(7)
+    steps = sorted(rng.sample(range(5, 58), 5))
+    faults = [f"--inject-fault=kill@{rng.randrange(2)}:{s}" for s in steps]
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, *BASE, "fault_tolerance.max_restarts=5"), *faults, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    evs = events(run_dir)
+    assert len(of_kind(evs, "fault_injected")) == 5
+    assert len(of_kind(evs, "recovery_finished")) == 5
+    assert evs[-1]["status"] == "succeeded" and evs[-1]["final_loss"] == clean_zero2[60]
+    assert evs[-1]["restarts"] == 5
+    assert wait_gone(_all_pids(run_dir)) == [], "no stray process after five recoveries"
+
+
+def test_full_restart_path(tmp_path: Path, clean_zero2: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, *BASE, "fault_tolerance.recovery=full_restart"), "--inject-fault=kill@1:33")
+    assert result.returncode == 0, result.stdout + result.stderr
+    evs = events(run_dir)
+    assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["full_restart"]
+    assert sorted(w["rank"] for w in of_kind(evs, "worker_started") if w["attempt"] == 1) == [0, 1]
+    assert evs[-1]["final_loss"] == clean_zero2[60]
+
+
+def test_zero3_recovers_in_place(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    clean = _clean(tmp_path_factory, "parallel.zero_stage=3", "train.steps=30")
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, *BASE, "parallel.zero_stage=3", "train.steps=30"), "--inject-fault=kill@0:15")
+    assert result.returncode == 0, result.stdout + result.stderr
+    evs = events(run_dir)
+    assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["in_place"]
+    assert evs[-1]["final_loss"] == clean[30]
+
+
+def test_repeated_exception_fails_after_one_retry_with_one_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:raises_at_step_3", "train.steps=5",
+                              "fault_tolerance.max_restarts=5"))
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback") == 1, result.stderr
+    assert "ValueError: user bug at step 3" in result.stderr
+    assert "not retryable: the same ValueError at step 3 on two attempts" in result.stderr
+    evs = events(run_dir)
+    assert len(of_kind(evs, "recovery_started")) == 1, "one retry, then no restart loop"
+    assert evs[-1]["status"] == "failed"
