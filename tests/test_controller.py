@@ -332,13 +332,20 @@ def test_injected_fault_fires_once(tmp_path: Path) -> None:
     assert "fault_injected" in kinds(run)
 
 
-def test_lost_actor_means_full_restart(tmp_path: Path) -> None:
-    ctl, group, _, _ = make(tmp_path)
-    ctl.step()
-    group.script = [[RankUpdate(rank=0), RankUpdate(rank=1, lost="worker actor died")]]
+def test_lost_actor_is_the_root_cause_and_only_its_rank_is_replaced(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path)
+    last_seen = clock.now  # _started's step reports carry this time
+    _started(ctl, group, clock)
+    clock.now += 0.5
+    # Rank 0's collective error is seen at the same poll that finds rank 1's actor gone.
+    group.script = [[RankUpdate(rank=0, messages=[error_msg("Connection reset", 1, clock.now), {"type": "ready", "at": clock.now}]),
+                     RankUpdate(rank=1, lost="worker actor 1 died")]]
     _, current = ctl.step()
-    assert root_cause(current.failures).reason == "node_lost"
-    assert current.decision.mode == "full_restart"
+    cause = root_cause(current.failures)
+    assert (cause.rank, cause.reason, cause.at) == (1, "node_lost", last_seen)
+    assert current.decision.mode == "in_place"
+    ctl.step()
+    assert group.starts[-1]["rejoin"] == [0]
 
 
 def test_interrupted_run_is_recorded(tmp_path: Path) -> None:

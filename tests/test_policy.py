@@ -58,6 +58,6 @@ def test_progress_resets_backoff() -> None:
     assert decision.delay_s == 0 and decision.mode == "in_place"
 
 
-def test_node_lost_and_configured_full_restart() -> None:
-    assert FailurePolicy(max_restarts=3).decide(failure("node_lost"), []).mode == "full_restart"
+def test_node_lost_is_recovered_in_place_unless_configured_otherwise() -> None:
+    assert FailurePolicy(max_restarts=3).decide(failure("node_lost"), []).mode == "in_place"
     assert FailurePolicy(max_restarts=3, prefer="full_restart").decide(failure(), []).mode == "full_restart"

@@ -151,3 +151,20 @@ def test_repeated_exception_fails_after_one_retry_with_one_traceback(tmp_path: P
     evs = events(run_dir)
     assert len(of_kind(evs, "recovery_started")) == 1, "one retry, then no restart loop"
     assert evs[-1]["status"] == "failed"
+
+
+def test_lost_actor_is_replaced_and_the_run_finishes(tmp_path: Path, clean_zero2: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *BASE))
+    wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 25, 180, proc)
+    training_pid = [w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == 1][-1]["pid"]
+    actor_pid = int(Path(f"/proc/{training_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert "RankActor" in Path(f"/proc/{actor_pid}/cmdline").read_text()
+    os.kill(actor_pid, signal.SIGKILL)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    evs = events(run_dir)
+    cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
+    assert (cause["rank"], cause["reason"]) == (1, "node_lost")
+    assert evs[-1]["final_loss"] == clean_zero2[60]
+    assert wait_gone(_all_pids(run_dir)) == []

@@ -242,7 +242,7 @@ class Controller:
         error = view.error if view.error and not view.error.get("interrupted") else None
         if update.returncode is None and update.lost is None and error is None:
             return None
-        failure = failure_from(update, error, view.step)
+        failure = failure_from(update, error, view.step, last_seen=view.alive_at)
         if failure is not None:
             view.failed = True
         return failure

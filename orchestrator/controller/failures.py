@@ -49,14 +49,20 @@ class Failure:
         return self.traceback or self.log_tail
 
 
-def failure_from(update: RankUpdate, error: dict[str, Any] | None, last_step: int) -> Failure | None:
-    """The failure ``update`` shows, given the rank's error report (if it sent one) and its last step.
+def failure_from(
+    update: RankUpdate, error: dict[str, Any] | None, last_step: int, last_seen: float | None = None
+) -> Failure | None:
+    """The failure ``update`` shows, given the rank's error report (if it sent one), its last step
+    and when it was last seen alive.
 
-    A failure's ``step`` is the step the rank was working on: one past the last it reported.
+    A failure's ``step`` is the step the rank was working on: one past the last it reported. A lost
+    rank died after it was last seen, so that time (not when we noticed) orders it against the
+    collective errors its death caused in its peers.
     """
     step = (error.get("step", last_step) if error else last_step) + 1
     if update.lost is not None:
-        return Failure(rank=update.rank, reason="node_lost", at=time.time(), message=update.lost, step=step)
+        at = last_seen if last_seen is not None else time.time()
+        return Failure(rank=update.rank, reason="node_lost", at=at, message=update.lost, step=step)
     code = update.returncode
     if error is not None:
         return Failure(

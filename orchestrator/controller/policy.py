@@ -6,9 +6,9 @@ Pure: no processes, no clocks. The controller carries the decision out.
 - An exception that repeats at the same step with the same message on the
   next attempt is a bug in the training code, not a fault: not retried.
 - Otherwise retry while ``fault_tolerance.max_restarts`` allows, in place
-  (survivors keep their processes) unless the config asks for full
-  restarts, a node was lost, or the previous in-place recovery failed before
-  making progress.
+  (survivors keep their processes; ranks on a lost node get new ones) unless
+  the config asks for full restarts or the previous in-place recovery failed
+  before making progress.
 - No delay for a failure after progress; failures without progress in
   between back off exponentially.
 """
@@ -77,7 +77,7 @@ class FailurePolicy:
                 break
             stalled += 1
         mode: Mode = self.prefer
-        if cause.reason == "node_lost" or (history and not history[-1].progressed and history[-1].mode == "in_place"):
+        if history and not history[-1].progressed and history[-1].mode == "in_place":
             mode = "full_restart"
         delay = 0.0 if stalled == 0 else min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (stalled - 1))
         left = self.max_restarts - len(history) - 1

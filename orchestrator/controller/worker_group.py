@@ -104,11 +104,13 @@ class RayWorkerGroup:
         self._actors: list[Any] = []
         self._nodes: list[dict[str, Any]] = []
         self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
+        self._dead: set[int] = set()  # actors that died (their node, or their process, is gone)
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
     ) -> list[WorkerInfo]:
         self._ensure_actors()
+        self._revive_dead_actors()
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
         for rank in rejoin:
@@ -139,8 +141,10 @@ class RayWorkerGroup:
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayActorError as exc:
+                self._dead.add(index)
                 for rank in [r for r, h in self._host.items() if h == index]:
-                    by_rank[rank] = RankUpdate(rank=rank, lost=f"worker actor died: {exc}")
+                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    by_rank[rank] = RankUpdate(rank=rank, lost=f"worker actor {index} died: {first_line}")
                 continue
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
@@ -220,9 +224,6 @@ class RayWorkerGroup:
         self._started_ray = ray_session.connect(self._config)
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from orchestrator.worker.actor import RankActor
 
         self._ray = ray
         gpu = self._config.cluster.device == "gpu"
@@ -235,19 +236,37 @@ class RayWorkerGroup:
                 f"Ray could not reserve {self.world_size} x {bundle} within {_PLACEMENT_TIMEOUT_S:.0f}s; "
                 "check `ray status` for free resources or lower cluster.nodes/cluster.workers_per_node"
             ) from None
-        actor_cls = ray.remote(RankActor)
-        self._actors = [
-            actor_cls.options(
+        self._actors = [self._new_actor(index) for index in range(self.world_size)]
+        self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
+        self._host = {rank: rank for rank in range(self.world_size)}
+
+    def _new_actor(self, index: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from orchestrator.worker.actor import RankActor
+
+        gpu = self._config.cluster.device == "gpu"
+        return (
+            self._ray.remote(RankActor)
+            .options(
                 num_cpus=1,
                 num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=rank
+                    placement_group=self._pg, placement_group_bundle_index=index
                 ),
-            ).remote(rank, str(self._run_dir / "logs"))
-            for rank in range(self.world_size)
-        ]
-        self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
-        self._host = {rank: rank for rank in range(self.world_size)}
+            )
+            .remote(index, str(self._run_dir / "logs"))
+        )
+
+    def _revive_dead_actors(self) -> None:
+        """Replace dead actors in their bundles (Ray moves a lost node's bundles to a live node)."""
+        for index in sorted(self._dead):
+            self._actors[index] = self._new_actor(index)
+            self._nodes[index] = self._ray.get(self._actors[index].node_info.remote(), timeout=_PLACEMENT_TIMEOUT_S)
+            for rank, host in self._host.items():
+                if host == index:
+                    self._host[rank] = rank
+        self._dead.clear()
 
     def _placements(self, port: int | None = None) -> list[RankPlacement]:
         """Local ranks, GPU visibility and the rendezvous address for a new attempt."""
