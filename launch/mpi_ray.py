@@ -33,7 +33,8 @@ def main() -> int:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     # Token auth (Ray's default for new clusters) must be explicit for workers and the driver to join.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    # Workers at normal priority: Ray's default (15) is inherited by the training processes.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_worker_niceness="0")
     if args.loopback:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")

@@ -26,7 +26,10 @@ from orchestrator.monitor.events import EventLog
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
 
-POLL_INTERVAL_S = 0.05
+# Steady state: every poll costs the actors and Ray CPU that training could use. While a
+# failure is being handled, poll fast.
+POLL_INTERVAL_S = 0.2
+FAST_POLL_INTERVAL_S = 0.02
 # After the first failure, keep listening this long for its consequences (peers' collective errors).
 SETTLE_S = 0.5
 # Survivors get this long to leave their training function before they are replaced too.
@@ -149,7 +152,7 @@ class Controller:
         """Listen briefly for the failure's consequences so the root cause is chosen from all of them."""
         deadline = self._clock() + SETTLE_S
         while self._clock() < deadline and not all(v.failed or v.ready or not v.running for v in self._views.values()):
-            self.wait()
+            self.wait(fast=True)
             failures = failures + self.observe()
         return failures
 
@@ -206,8 +209,8 @@ class Controller:
     def all_finished(self) -> bool:
         return all(view.finished for view in self._views.values())
 
-    def wait(self) -> None:
-        self._sleep(POLL_INTERVAL_S)
+    def wait(self, fast: bool = False) -> None:
+        self._sleep(FAST_POLL_INTERVAL_S if fast else POLL_INTERVAL_S)
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
@@ -325,7 +328,7 @@ class Controller:
                 return gone
             if self._clock() >= deadline:
                 return gone + waiting
-            self.wait()
+            self.wait(fast=True)
             for update in self.group.poll():
                 self._absorb(update)
 

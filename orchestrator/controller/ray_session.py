@@ -17,13 +17,16 @@ from orchestrator.config.schema import Config
 from orchestrator.errors import ClusterError
 from orchestrator.worker.env import local_cpu_count
 
-# Read by Ray when it is imported. The first makes a single-node Ray bind loopback instead of
-# the machine's external address (ray._private.services.get_node_ip_address); token auth is
-# Ray's default for new local clusters, made explicit.
+# Read by Ray when it is imported or started. The first makes a single-node Ray bind loopback
+# instead of the machine's external address (ray._private.services.get_node_ip_address); token
+# auth is Ray's default for new local clusters, made explicit.
 _EMBEDDED_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
+    # Ray renices its workers to 15, and the training processes our actors start inherit it
+    # (a child cannot undo it without privilege): every Ray service would preempt training.
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -47,6 +47,7 @@ PARENT_PID_ENV = "ORCH_PARENT_PID"
 BUILTIN_ENTRYPOINT = "orchestrator.training.workload:train"
 LIVENESS_INTERVAL_S = 1.0
 _DECISION_TIMEOUT_S = 600.0
+_WARM_UP_JOIN_TIMEOUT_S = 300.0
 _PR_SET_PDEATHSIG = 1
 # Frames in these packages mean "waiting for peers", not "stuck in my own code".
 _COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed"), os.sep + os.path.join("deepspeed", "comm"))
@@ -81,12 +82,11 @@ class Runtime:
     def run(self) -> int:
         message = self._next_message(timeout=None)
         if message["type"] == "prepare":
-            try:
-                _warm_up(message["config"])
-            except Exception:  # noqa: BLE001 - a cold spare is still a spare
-                traceback.print_exc()
-                print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
+            warm_up = threading.Thread(target=_warm_up_in_background, args=(message["config"],), name="warm-up")
+            warm_up.start()
             message = self._next_message(timeout=None)
+            # Promoted: a half-done warm-up is joined, not raced (it would initialise DeepSpeed twice).
+            warm_up.join(timeout=_WARM_UP_JOIN_TIMEOUT_S)
         while message["type"] in ("start", "rejoin"):
             outcome = self._train(message)
             if outcome == 0:
@@ -175,6 +175,24 @@ def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
     if not callable(func):
         raise ConfigError(f"train.entrypoint: {module_name!r} has no function {func_name!r}")
     return func
+
+
+def _warm_up_in_background(config_dict: dict[str, Any]) -> None:
+    """The spare's warm-up, on a thread that only gets CPU time no training rank wants.
+
+    Scheduling priority is per thread on Linux: this thread goes to SCHED_IDLE
+    while the main thread, which will train once promoted, keeps its normal
+    priority (lowering a whole process could not be undone without privilege).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        os.nice(19)
+    try:
+        _warm_up(config_dict)
+    except Exception:  # noqa: BLE001 - a cold spare is still a spare
+        traceback.print_exc()
+        print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
 
 
 def _warm_up(config_dict: dict[str, Any]) -> None:
