@@ -68,6 +68,9 @@ class FakeGroup:
     def ensure_spares(self):
         self.spare_requests += 1
 
+    def warm_spares(self):
+        return {}
+
     def stop(self):
         pass
 
@@ -126,9 +129,10 @@ def test_success_path_one_step_at_a_time(tmp_path: Path) -> None:
     previous, current = ctl.step()
     assert isinstance(previous, Starting) and isinstance(current, Running)
     assert group.starts == [{"attempt": 0, "resume_tag": None, "faults": [], "rejoin": []}]
+    assert group.spare_requests == 0, "no spares during the ranks' start-up"
     _, current = ctl.step()
     assert isinstance(current, Running)
-    assert group.spare_requests == 1, "spares are started once training runs, not before"
+    assert group.spare_requests == 1, "spares are started once training runs"
     _, current = ctl.step()
     assert isinstance(current, Succeeded) and current.terminal
     evs = read_events(run.events)

@@ -104,7 +104,8 @@ class Controller:
         self._clock = clock
         self._views: dict[int, RankView] = {}
         self._pending: PendingRecovery | None = None
-        self._spares_due = True
+        self._spares_started = False
+        self._warm_spares: dict[str, int] = {}
         self._commits = CommitTracker(run.checkpoints, group.world_size, config.checkpoint.keep_last, events)
         self.resume_tag = self._commits.last_committed
 
@@ -146,7 +147,15 @@ class Controller:
             if failure is not None:
                 failures.append(failure)
         failures += self._hangs()
+        self._note_spares()
         return failures
+
+    def _note_spares(self) -> None:
+        warm = self.group.warm_spares()
+        for node, pid in warm.items():
+            if self._warm_spares.get(node) != pid:
+                self.events.emit("spare_ready", node=node, pid=pid)
+        self._warm_spares = warm
 
     def settle(self, failures: list[Failure]) -> list[Failure]:
         """Listen briefly for the failure's consequences so the root cause is chosen from all of them."""
@@ -342,8 +351,9 @@ class Controller:
         self.display.step(step, self.config.train.steps, loss, rate)
         if self._pending is not None:
             self._finish_recovery(self._pending)
-        if self._spares_due:
-            self._spares_due = False
+        elif not self._spares_started:
+            # Not before: the nodes' zygotes would compete with the ranks' start-up for the CPU.
+            self._spares_started = True
             self.group.ensure_spares()
 
     def _finish_recovery(self, pending: PendingRecovery) -> None:
@@ -361,7 +371,7 @@ class Controller:
         )
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
         self._pending = None
-        self._spares_due = True
+        self.group.ensure_spares()
 
     def _totals(self) -> dict[str, Any]:
         return {

@@ -83,6 +83,9 @@ class WorkerGroup(Protocol):
     def ensure_spares(self) -> None:
         """Start a warm spare on every node that has none."""
 
+    def warm_spares(self) -> dict[str, int]:
+        """Node host name -> pid of its warm spare, for nodes that have one (as of the last poll)."""
+
     def stop(self) -> None:
         """Stop and reap every training process; the group can be started again."""
 
@@ -105,6 +108,7 @@ class RayWorkerGroup:
         self._nodes: list[dict[str, Any]] = []
         self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
         self._dead: set[int] = set()  # actors that died (their node, or their process, is gone)
+        self._warm: dict[str, int] = {}
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
@@ -134,7 +138,7 @@ class RayWorkerGroup:
         return started
 
     def poll(self) -> list[RankUpdate]:
-        hosts = sorted(set(self._host.values()))
+        hosts = sorted(set(self._host.values()) | {self._spare_host(info["node_id"]) for info in self._nodes})
         refs = {index: self._actors[index].poll.remote() for index in hosts}
         by_rank: dict[int, RankUpdate] = {}
         for index, ref in refs.items():
@@ -149,7 +153,17 @@ class RayWorkerGroup:
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
                     by_rank[rank] = RankUpdate(rank=rank, **status)
+            node = self._nodes[index]
+            if index != self._spare_host(node["node_id"]):
+                continue  # only a node's spare-host actor speaks for its spare
+            if result["warm_spare"] is None:
+                self._warm.pop(node["hostname"], None)
+            else:
+                self._warm[node["hostname"]] = result["warm_spare"]
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
+
+    def warm_spares(self) -> dict[str, int]:
+        return dict(self._warm)
 
     def interrupt(self, ranks: Collection[int]) -> None:
         for rank in ranks:

@@ -9,6 +9,13 @@ from orchestrator.config.schema import Config
 from orchestrator.worker.context import TrainContext
 
 
+def preload(config: Config) -> None:
+    """Run by the node's zygote before it forks spares: data every spare inherits (no threads)."""
+    from orchestrator.training.corpus import load_corpus
+
+    load_corpus()
+
+
 def warmup(config: Config) -> None:
     """Run by a warm spare before it is needed: a full rehearsal on a private one-rank group.
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +34,57 @@ SPARE = "spare"
 _LOG_TAIL_BYTES = 8192
 # How long after a process exits we wait for its last reports to be read.
 _DRAIN_TIMEOUT_S = 2.0
+_FORK_TIMEOUT_S = 120.0  # the first fork waits for the zygote's imports
 
 
 class HostedProcess:
-    """One training process, its control channel and what it reported."""
+    """One process this actor owns (a training process, or the node's zygote), its control
+    channel and what it reported.
 
-    def __init__(self, env: dict[str, str], log_path: Path, header: str) -> None:
+    Started with ``subprocess`` (``module`` run with ``env``), or forked by ``zygote``;
+    a forked process's exit status comes from the zygote (:meth:`exited`).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        header: str,
+        *,
+        module: str = "orchestrator.worker.process",
+        zygote: Zygote | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         parent_end, child_end = socket.socketpair()
-        full_env = with_interpreter_tools(
-            {**os.environ, **env, CONTROL_FD_ENV: str(child_end.fileno()), PARENT_PID_ENV: str(os.getpid())}
-        )
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.reported_returncode: int | None = None
+        self.warm = False  # a spare that finished its warm-up
         with open(log_path, "ab") as log:
             log.write(f"=== {header} ===\n".encode())
             log.flush()
             self.log_offset = log.tell()
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.worker.process"],
-                env=full_env,
-                pass_fds=(child_end.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C in the user's terminal reaches the controller,
-                # which stops ranks in order, instead of interrupting them mid-collective.
-                start_new_session=True,
-            )
+            if zygote is not None:
+                self.pid = zygote.fork(env, log_path, child_end.fileno())
+            else:
+                full_env = with_interpreter_tools(
+                    {**os.environ, **env, CONTROL_FD_ENV: str(child_end.fileno()), PARENT_PID_ENV: str(os.getpid())}
+                )
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-m", module],
+                    env=full_env,
+                    pass_fds=(child_end.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # Its own session: a Ctrl-C in the user's terminal reaches the controller,
+                    # which stops ranks in order, instead of interrupting them mid-collective.
+                    start_new_session=True,
+                )
+                self.pid = self.popen.pid
         child_end.close()
+        self._on_message = on_message
         self.channel = Channel(parent_end)
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self.alive_at = time.time()
@@ -70,9 +95,14 @@ class HostedProcess:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def exited(self, returncode: int) -> None:
+        """The zygote reaped this (forked) process."""
+        self.reported_returncode = returncode
+
+    def poll_exit(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.poll()
+        return self.reported_returncode
 
     def send(self, message: dict[str, Any]) -> bool:
         try:
@@ -101,25 +131,35 @@ class HostedProcess:
         return result
 
     def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
+        if self.poll_exit() is None:
             _signal_group(self.pid, sig)
 
     def stop(self, timeout_s: float) -> int | None:
         """SIGTERM the process (and anything it started), SIGKILL after ``timeout_s``; reap it."""
-        if self.popen.poll() is None:
+        if self.poll_exit() is None:
             _signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+            if not self._wait(timeout_s):
                 _signal_group(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=timeout_s)
+                self._wait(timeout_s)
         # Children the process left behind in its session die with it.
         _signal_group(self.pid, signal.SIGKILL)
         self.channel.close()
-        return self.popen.returncode
+        return self.poll_exit()
+
+    def _wait(self, timeout_s: float) -> bool:
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=timeout_s)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout_s
+        while self.reported_returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the zygote reaps its children every 0.2 s
+        return self.reported_returncode is not None
 
     def _returncode(self) -> int | None:
-        code = self.popen.poll()
+        code = self.poll_exit()
         if code is None:
             return None
         if self.exited_at is None:
@@ -132,6 +172,9 @@ class HostedProcess:
     def _read(self) -> None:
         try:
             for message in self.channel.messages():
+                if self._on_message is not None:
+                    self._on_message(message)
+                    continue
                 now = time.time()
                 self.alive_at = now
                 if message["type"] == "alive":
@@ -154,6 +197,45 @@ class HostedProcess:
             return ""
 
 
+class Zygote:
+    """The node's zygote process (``orchestrator.worker.zygote``): forks warm spares."""
+
+    def __init__(self, config: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
+        self._forked: dict[int, HostedProcess] = {}
+        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._lock = threading.Lock()
+        self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
+                                  on_message=self._on_message)
+        self.proc.send({"type": "prepare", "config": config})
+
+    def alive(self) -> bool:
+        return self.proc.poll_exit() is None
+
+    def fork(self, env: dict[str, str], log_path: Path, control_fd: int) -> int:
+        """Fork a spare with ``env`` whose control socket is ``control_fd``; returns its pid."""
+        with self._lock:
+            self.proc.channel.send_fd({"type": "fork", "env": env, "log_path": str(log_path)}, control_fd)
+            return self._replies.get(timeout=_FORK_TIMEOUT_S)["pid"]
+
+    def adopt(self, proc: HostedProcess) -> None:
+        self._forked[proc.pid] = proc
+
+    def stop(self) -> None:
+        self.proc.stop(1.0)
+        # Its children die with it (PDEATHSIG); nobody is left to report their exits.
+        for proc in self._forked.values():
+            if proc.reported_returncode is None:
+                proc.exited(-signal.SIGKILL)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message["type"] == "forked":
+            self._replies.put(message)
+        elif message["type"] == "exited":
+            proc = self._forked.pop(message["pid"], None)
+            if proc is not None:
+                proc.exited(message["returncode"])
+
+
 class RankActor:
     """Hosts rank processes (and maybe the node's spare). Wrapped with ``ray.remote`` by the worker group."""
 
@@ -162,6 +244,12 @@ class RankActor:
         self._log_dir = Path(log_dir)
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
+        self._zygote: Zygote | None = None
+        # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
+        # imports, which must not block polls; and the kernel's parent-death signal fires when
+        # the *thread* that forked a child exits, so that thread must live as long as the actor.
+        self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str]]] = queue.Queue()
+        threading.Thread(target=self._make_spares, name="spares", daemon=True).start()
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor landed: host name, IP, Ray node id, GPUs Ray gave it, usable CPUs."""
@@ -189,22 +277,33 @@ class RankActor:
         proc.send({"type": "start", **spec})
         return proc.pid
 
-    def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> int:
-        """Start (or keep) this node's warm spare; returns its pid."""
-        spare = self._procs.get(SPARE)
-        if spare is not None and spare.popen.poll() is None:
-            return spare.pid
-        self._spares_started += 1
-        log = self._log_dir / f"spare-{self.index}-{self._spares_started}.log"
-        spare = HostedProcess(env, log, "warm spare")
-        self._procs[SPARE] = spare
-        spare.send({"type": "prepare", "config": config})
-        return spare.pid
+    def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
+        """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
+        self._spare_requests.put((config, env))
+
+    def _make_spares(self) -> None:
+        while True:
+            config, env = self._spare_requests.get()
+            spare = self._procs.get(SPARE)
+            if spare is not None and spare.poll_exit() is None:
+                continue
+            try:
+                if self._zygote is None or not self._zygote.alive():
+                    self._zygote = Zygote(config, env, self._log_dir / f"zygote-{self.index}.log")
+                self._spares_started += 1
+                log = self._log_dir / f"spare-{self.index}-{self._spares_started}.log"
+                spare = HostedProcess(env, log, "warm spare", zygote=self._zygote)
+            except (OSError, queue.Empty) as exc:
+                print(f"could not make a warm spare: {exc!r}", file=sys.stderr, flush=True)
+                continue
+            self._zygote.adopt(spare)
+            spare.send({"type": "prepare", "config": config})
+            self._procs[SPARE] = spare
 
     def promote_spare(self, rank: int, spec: dict[str, Any]) -> int | None:
         """Make the spare ``rank``; returns its pid, or None when there is no live spare."""
         spare = self._procs.pop(SPARE, None)
-        if spare is None or spare.popen.poll() is not None:
+        if spare is None or spare.poll_exit() is not None:
             return None
         self._forget(rank)
         log = self._rank_log(rank)
@@ -228,21 +327,24 @@ class RankActor:
             proc.signal(signal.SIGKILL)
 
     def poll(self) -> dict[str, Any]:
-        """Status of every hosted rank process, and whether the spare is alive."""
+        """Status of every hosted rank process, and the pid of the spare once it is warm."""
         ranks = {rank: p.status() for rank, p in self._procs.items() if rank != SPARE}
         spare = self._procs.get(SPARE)
-        if spare is not None and spare.popen.poll() is not None:
+        if spare is not None and spare.poll_exit() is not None:
             spare.stop(0)
             del self._procs[SPARE]
             spare = None
-        return {"ranks": ranks, "spare_pid": None if spare is None else spare.pid}
+        if spare is not None and not spare.warm:
+            spare.warm = any(m["type"] == "warm" for m in spare.status()["messages"])
+        return {"ranks": ranks, "warm_spare": spare.pid if spare is not None and spare.warm else None}
 
-    def stop(self, timeout_s: float = 5.0, spare: bool = True) -> None:
-        """Stop and reap every hosted rank process (and the spare, unless ``spare`` is False)."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop and reap every hosted process: ranks, the spare, the zygote."""
         for key in list(self._procs):
-            if key == SPARE and not spare:
-                continue
             self._procs.pop(key).stop(timeout_s)
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._zygote = None
 
     def forget(self, rank: int) -> None:
         """Stop hosting ``rank`` (its process moved to another actor)."""

@@ -34,6 +34,12 @@ class Channel:
         with self._send_lock:
             self._sock.sendall(data)
 
+    def send_fd(self, message: dict[str, Any], fd: int) -> None:
+        """Send ``message`` with a file descriptor attached (SCM_RIGHTS)."""
+        data = (json.dumps(message, default=str) + "\n").encode()
+        with self._send_lock:
+            socket.send_fds(self._sock, [data], [fd])
+
     def messages(self) -> Iterator[dict[str, Any]]:
         """Yield messages until the peer closes its end."""
         for line in self._reader:

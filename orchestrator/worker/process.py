@@ -47,7 +47,6 @@ PARENT_PID_ENV = "ORCH_PARENT_PID"
 BUILTIN_ENTRYPOINT = "orchestrator.training.workload:train"
 LIVENESS_INTERVAL_S = 1.0
 _DECISION_TIMEOUT_S = 600.0
-_WARM_UP_JOIN_TIMEOUT_S = 300.0
 _PR_SET_PDEATHSIG = 1
 # Frames in these packages mean "waiting for peers", not "stuck in my own code".
 _COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed"), os.sep + os.path.join("deepspeed", "comm"))
@@ -58,7 +57,7 @@ class Interrupted(Exception):
 
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     faulthandler.enable()
     # `kill -USR1 PID` prints every thread's stack to the rank's log: the first thing to look at in a hang.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -82,11 +81,14 @@ class Runtime:
     def run(self) -> int:
         message = self._next_message(timeout=None)
         if message["type"] == "prepare":
-            warm_up = threading.Thread(target=_warm_up_in_background, args=(message["config"],), name="warm-up")
-            warm_up.start()
+            # A start that arrives meanwhile waits in the inbox: never two DeepSpeed set-ups at once.
+            try:
+                _warm_up(message["config"])
+            except Exception:  # noqa: BLE001 - a cold spare is still a spare
+                traceback.print_exc()
+                print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
+            self.channel.send({"type": "warm"})
             message = self._next_message(timeout=None)
-            # Promoted: a half-done warm-up is joined, not raced (it would initialise DeepSpeed twice).
-            warm_up.join(timeout=_WARM_UP_JOIN_TIMEOUT_S)
         while message["type"] in ("start", "rejoin"):
             outcome = self._train(message)
             if outcome == 0:
@@ -164,6 +166,22 @@ class Runtime:
                 return
 
 
+def run_forked_spare(control_fd: int, env: dict[str, str], log_path: str) -> int:
+    """Main of a spare forked by the node's zygote (``orchestrator.worker.zygote``)."""
+    os.setsid()  # its own session, like a spare the actor starts itself
+    os.environ.update(env)
+    os.environ[CONTROL_FD_ENV] = str(control_fd)
+    os.environ[PARENT_PID_ENV] = str(os.getppid())
+    _redirect_output(log_path)
+    try:
+        return main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
 def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
     """Import ``module:function``; a missing module or name is a user error."""
     module_name, _, func_name = spec.partition(":")
@@ -177,26 +195,9 @@ def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
     return func
 
 
-def _warm_up_in_background(config_dict: dict[str, Any]) -> None:
-    """The spare's warm-up, on a thread that only gets CPU time no training rank wants.
-
-    Scheduling priority is per thread on Linux: this thread goes to SCHED_IDLE
-    while the main thread, which will train once promoted, keeps its normal
-    priority (lowering a whole process could not be undone without privilege).
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        os.nice(19)
-    try:
-        _warm_up(config_dict)
-    except Exception:  # noqa: BLE001 - a cold spare is still a spare
-        traceback.print_exc()
-        print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
-
-
 def _warm_up(config_dict: dict[str, Any]) -> None:
-    """A spare pays the start-up costs before it is needed: imports and the entry point's ``warmup()``."""
+    """A spare pays the start-up costs before it is needed: imports (already done when forked from
+    the zygote) and the entry point's ``warmup()``."""
     config = Config.model_validate(config_dict)
     import deepspeed  # noqa: F401
     import torch._dynamo  # noqa: F401  - deepspeed.initialize imports it lazily (~1.3 s)
@@ -253,7 +254,7 @@ def _redirect_output(path: str) -> None:
     os.close(fd)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     # The parent may have died before prctl took effect.
