@@ -22,7 +22,6 @@ restarts hang or fail on this stack (see ../shared/STACK-NOTES.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -34,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.monitor.events import read_events
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,15 +61,7 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
+    return read_events(path) if path.exists() else []
 
 
 def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step: int | None) -> Run:

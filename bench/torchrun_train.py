@@ -69,6 +69,8 @@ def main() -> None:
             dist.barrier()
             if rank == 0:
                 store.commit(ckpt, store.tag_for(step))
+    if steps_log is not None:
+        steps_log.close()
     dist.barrier()
     deepspeed.comm.destroy_process_group()
 

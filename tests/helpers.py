@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.monitor.events import read_events
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "cluster_configs" / "local.yaml"
@@ -40,15 +42,7 @@ def launch_args(run_dir: Path, *overrides: str, config: Path = LOCAL_CONFIG) -> 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return out
+    return read_events(path) if path.exists() else []
 
 
 def of_kind(evs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

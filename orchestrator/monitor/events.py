@@ -37,7 +37,7 @@ class EventLog:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """All events of a log, skipping a torn last line left by a crash."""
+    """All records of a JSON-lines file, skipping a torn line (a crash, or a write in progress)."""
     events = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
