@@ -65,7 +65,13 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step: int | None) -> Run:
-    """Run ``cmd``; optionally SIGKILL rank 1 once ``kill_step`` is reached. ``steps_of()`` lists (ts, step, loss)."""
+    """Run ``cmd``; optionally SIGKILL rank 1 once ``kill_step`` is reached.
+
+    ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed
+    step after the kill is the first logged step whose number is not above the last one
+    logged before the kill: training resumed from a checkpoint, so it went back. (Steps done
+    before the kill may be logged just after it.)
+    """
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     killed_at = None
@@ -82,7 +88,16 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step:
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}")
     rows = steps_of()
-    after = [ts for ts, _, _ in rows if killed_at is not None and ts > killed_at]
+    after = []
+    if killed_at is not None:
+        before = [s for ts, s, _ in rows if ts <= killed_at]
+        later = [(ts, s) for ts, s, _ in rows if ts > killed_at]
+        seen = before[-1] if before else 0
+        for ts, s in later:
+            if s <= seen:
+                after.append(ts)
+                break
+            seen = s
     times = [ts for ts, _, _ in rows]
     return Run(
         training_s=times[-1] - times[0],
