@@ -120,11 +120,12 @@ class RayWorkerGroup:
         for rank in rejoin:
             self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "rejoin", **specs[rank]}))
         started = []
+        spare_hosts = self._spare_hosts()
         for p in placements:
             if p.rank in rejoin:
                 continue
             home = self._nodes[p.rank]
-            spare_host = self._spare_host(home["node_id"])
+            spare_host = spare_hosts[home["node_id"]]
             pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]))
             promoted = pid is not None
             if promoted:
@@ -138,7 +139,8 @@ class RayWorkerGroup:
         return started
 
     def poll(self) -> list[RankUpdate]:
-        hosts = sorted(set(self._host.values()) | {self._spare_host(info["node_id"]) for info in self._nodes})
+        spare_hosts = self._spare_hosts()
+        hosts = sorted(set(self._host.values()) | set(spare_hosts.values()))
         refs = {index: self._actors[index].poll.remote() for index in hosts}
         by_rank: dict[int, RankUpdate] = {}
         for index, ref in refs.items():
@@ -154,7 +156,7 @@ class RayWorkerGroup:
                 if self._host.get(rank) == index:
                     by_rank[rank] = RankUpdate(rank=rank, **status)
             node = self._nodes[index]
-            if index != self._spare_host(node["node_id"]):
+            if index != spare_hosts[node["node_id"]]:
                 continue  # only a node's spare-host actor speaks for its spare
             if result["warm_spare"] is None:
                 self._warm.pop(node["hostname"], None)
@@ -175,7 +177,7 @@ class RayWorkerGroup:
 
     def ensure_spares(self) -> None:
         placements = self._placements(port=0)
-        for index in sorted({self._spare_host(info["node_id"]) for info in self._nodes}):
+        for index in sorted(self._spare_hosts().values()):
             # The node's shared settings (threads, devices, cluster.env); the rank's own come at promotion.
             env = {k: v for k, v in rank_env(self._config, placements[index]).items() if k not in RESERVED_ENV}
             self._call(self._actors[index].start_spare.remote(self._config_dict, env), dead_ok=True)
@@ -217,9 +219,12 @@ class RayWorkerGroup:
             "env": rank_env(self._config, p),
         }
 
-    def _spare_host(self, node_id: str) -> int:
-        """The actor that keeps a node's spare: the lowest bundle index on that node."""
-        return min(i for i, info in enumerate(self._nodes) if info["node_id"] == node_id)
+    def _spare_hosts(self) -> dict[str, int]:
+        """Node id -> the actor that keeps the node's spare: the lowest bundle index on that node."""
+        hosts: dict[str, int] = {}
+        for index, info in enumerate(self._nodes):
+            hosts.setdefault(info["node_id"], index)
+        return hosts
 
     def _call(self, ref: Any, dead_ok: bool = False) -> Any:
         try:
