@@ -162,6 +162,9 @@ def _launch(args: argparse.Namespace) -> int:
                 display.note(f"{exc}: stopping every rank...")
                 controller.abort("interrupted")
                 return 128 + exc.signum
+            except ConfigError as exc:
+                controller.abort("config_error", str(exc))
+                raise
             except ClusterError as exc:
                 controller.abort("cluster_error", str(exc))
                 print(f"orchestrator: {exc}", file=sys.stderr)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from orchestrator.checkpoint import store
+from orchestrator.checkpoint.manifest import FileEntry, Manifest, verify
 from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.failures import root_cause
@@ -96,8 +98,19 @@ def step_msg(step: int, loss: float, at: float = 1000.0) -> dict:
     return {"type": "step", "step": step, "loss": loss, "step_time_s": 0.1, "tokens": 100, "at": at}
 
 
-def saved(step: int) -> dict:
-    return {"type": "checkpoint_saved", "step": step, "tag": store.tag_for(step), "seconds": 0.2, "at": 1000.0}
+def saved(step: int, attempt: int = 0) -> dict:
+    return {"type": "checkpoint_saved", "step": step, "tag": store.tag_for(step), "attempt": attempt,
+            "blocked_s": 0.01, "write_s": 0.2, "files": {"shard.pt": {"size": 1, "sha256": SHA_OF_X}}, "at": 1000.0}
+
+
+SHA_OF_X = hashlib.sha256(b"x").hexdigest()
+
+
+def stage(run: RunDir, step: int, attempt: int = 0) -> None:
+    """What the ranks' writers leave in the staging directory before they report."""
+    directory = store.staging_dir(run.checkpoints, attempt) / store.tag_for(step)
+    directory.mkdir(parents=True)
+    (directory / "shard.pt").write_bytes(b"x")
 
 
 def error_msg(text: str, step: int, at: float, exc_type: str = "RuntimeError") -> dict:
@@ -147,26 +160,75 @@ def test_success_path_one_step_at_a_time(tmp_path: Path) -> None:
 
 def test_checkpoint_commits_only_when_every_rank_saved(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
+    stage(run, 1)
     group.script = [
         [RankUpdate(rank=0, messages=[saved(1)]), RankUpdate(rank=1)],
         [RankUpdate(rank=0), RankUpdate(rank=1, messages=[saved(1)])],
     ]
     ctl.step()
     ctl.step()
-    assert store.committed_tag(run.checkpoints) is None, "committed before rank 1 saved"
+    assert store.latest_tag(run.checkpoints) is None, "committed before rank 1 saved"
+    assert not (run.checkpoints / "global_step1").exists()
     ctl.step()
-    assert store.committed_tag(run.checkpoints) == "global_step1"
+    assert store.latest_tag(run.checkpoints) == "global_step1"
+    assert verify(run.checkpoints / "global_step1") == []
+    manifest = Manifest.read(run.checkpoints / "global_step1")
+    assert (manifest.step, manifest.world_size, manifest.data_parallel_size) == (1, 2, 2)
     committed = [e for e in read_events(run.events) if e["event"] == "checkpoint_committed"]
     assert committed[0]["step"] == 1 and committed[0]["path"].endswith("global_step1")
 
 
-def test_resume_tag_comes_from_latest(tmp_path: Path) -> None:
-    run = RunDir.open(tmp_path / "run")
-    (run.checkpoints / "global_step7").mkdir()
-    store.commit(run.checkpoints, "global_step7")
-    ctl, group, _, _ = make(tmp_path)
+def test_save_of_an_abandoned_attempt_is_never_committed(tmp_path: Path) -> None:
+    ctl, group, run, _ = make(tmp_path)
+    ctl._commits.forget_partial(1)
+    group.script = [[RankUpdate(rank=0, messages=[saved(1, attempt=0)]), RankUpdate(rank=1, messages=[saved(1, attempt=0)])]]
     ctl.step()
-    assert group.starts[0]["resume_tag"] == "global_step7"
+    ctl.step()
+    assert store.latest_tag(run.checkpoints) is None
+
+
+def test_failed_save_is_reported_and_stops_the_run_only_when_asked(tmp_path: Path) -> None:
+    failed = {"type": "checkpoint_failed", "step": 1, "tag": "global_step1", "attempt": 0,
+              "path": "/x/shard.pt", "error": "No space left on device", "errno": 28, "at": 1000.0}
+    for policy, expected in (("continue", Running), ("stop", Failed)):
+        ctl, group, run, _ = make(tmp_path / policy, f"checkpoint.on_failure={policy}")
+        stage(run, 1)
+        group.script = [[RankUpdate(rank=0, messages=[failed]), RankUpdate(rank=1, messages=[saved(1)])]]
+        ctl.step()
+        ctl.step()
+        assert isinstance(ctl.state, expected), policy
+        assert store.latest_tag(run.checkpoints) is None
+        event = [e for e in read_events(run.events) if e["event"] == "checkpoint_failed"][0]
+        assert event["rank"] == 0 and "No space left on device" in event["message"] and "/x/shard.pt" in event["message"]
+
+
+def commit_for_test(run: RunDir, step: int, payload: bytes = b"x") -> Path:
+    directory = run.checkpoints / store.tag_for(step)
+    directory.mkdir()
+    (directory / "shard.pt").write_bytes(payload)
+    Manifest(tag=directory.name, step=step, world_size=2, data_parallel_size=2, tensor_parallel=1, zero_stage=2,
+             global_batch=16, files={"shard.pt": FileEntry(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())}
+             ).write(directory)
+    return directory
+
+
+def test_resumes_from_the_newest_valid_checkpoint(tmp_path: Path) -> None:
+    run = RunDir.open(tmp_path / "run")
+    commit_for_test(run, 5)
+    damaged = commit_for_test(run, 7)
+    (damaged / "shard.pt").write_bytes(b"y")  # same size, other bytes
+    store.set_latest(run.checkpoints, "global_step7")
+    (store.staging_dir(run.checkpoints, 0) / "global_step9").mkdir(parents=True)
+    ctl, group, _, _ = make(tmp_path)
+    ctl.prepare()
+    ctl.step()
+    assert group.starts[0]["resume_tag"] == "global_step5"
+    assert store.latest_tag(run.checkpoints) == "global_step5", "latest repaired to name a valid checkpoint"
+    assert not (run.checkpoints / store.STAGING).exists(), "staging leftovers removed at start"
+    evs = read_events(run.events)
+    invalid = [e for e in evs if e["event"] == "checkpoint_invalid"]
+    assert len(invalid) == 1 and invalid[0]["step"] == 7 and "shard.pt" in invalid[0]["message"]
+    assert [e for e in evs if e["event"] == "run_started"][0]["resumed_from_step"] == 5
 
 
 def _kill_rank1_then_collective_error_on_rank0(clock: Clock) -> list[list[RankUpdate]]:

@@ -1,43 +1,131 @@
-"""The controller's half of a checkpoint: commit once every rank has saved its shards."""
+"""The controller's half of a checkpoint: commit once every rank's files are durable.
+
+A rank reports ``checkpoint_saved`` (its files, sizes and checksums) when
+its background writer has fsynced them into the attempt's staging
+directory. When all ranks have reported, the controller
+
+1. writes ``manifest.json`` into the staged directory (temp file, fsync, rename),
+2. renames the staged directory to ``checkpoints/TAG`` and fsyncs ``checkpoints/``,
+3. replaces ``latest`` atomically, then emits ``checkpoint_committed`` and prunes.
+
+A crash between any two of these leaves either no new checkpoint (staging
+is removed at the next start) or a complete one, and ``latest`` always
+names a complete checkpoint.
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.checkpoint import store
+from orchestrator.checkpoint.manifest import FileEntry, Manifest, fsync_dir
+from orchestrator.config.schema import Config
 from orchestrator.monitor.events import EventLog
 
 
+@dataclass(frozen=True, kw_only=True)
+class CommitOutcome:
+    """What became of a report: a checkpoint committed, or a save that failed (and why)."""
+
+    tag: str
+    committed: bool
+    message: str = ""
+
+
 class CommitTracker:
-    """Collects per-rank ``checkpoint_saved`` reports; commits, announces and prunes when all are in."""
+    """Collects per-rank save reports for the current attempt; commits, announces and prunes."""
 
-    def __init__(self, directory: Path, world_size: int, keep_last: int, events: EventLog) -> None:
-        self._directory = directory
+    def __init__(self, checkpoints: Path, config: Config, world_size: int, events: EventLog) -> None:
+        self._checkpoints = checkpoints
+        self._config = config
         self._world_size = world_size
-        self._keep_last = keep_last
         self._events = events
-        self._saved: dict[str, dict[int, float]] = defaultdict(dict)
-        self.last_committed: str | None = store.committed_tag(directory)
+        self._saved: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self._failed: set[str] = set()
+        self.attempt = 0
+        self.last_committed: str | None = None
+        self.in_use: str | None = None
 
-    def saved(self, rank: int, tag: str, seconds: float) -> bool:
-        """Record that ``rank`` saved ``tag``; returns True when this completed and committed it."""
-        ranks = self._saved[tag]
-        ranks[rank] = seconds
-        if len(ranks) < self._world_size:
-            return False
+    def saved(self, rank: int, report: dict[str, Any]) -> CommitOutcome | None:
+        """Record ``rank``'s ``checkpoint_saved`` report; commits when it was the last one missing."""
+        tag = report["tag"]
+        if report["attempt"] != self.attempt or tag in self._failed:
+            return None  # a save of an attempt that was abandoned, or one another rank failed
+        reports = self._saved[tag]
+        reports[rank] = report
+        if len(reports) < self._world_size:
+            return None
         del self._saved[tag]
-        store.commit(self._directory, tag)
-        self.last_committed = tag
+        try:
+            manifest = self._commit(tag, reports)
+        except OSError as exc:
+            return self._fail(tag, report["step"], None, exc.filename or str(self._checkpoints), _reason(exc))
         self._events.emit(
             "checkpoint_committed",
-            step=store.step_of(tag),
-            path=str(self._directory / tag),
-            seconds=max(ranks.values()),
+            step=manifest.step,
+            path=str(self._checkpoints / tag),
+            seconds=max(r["blocked_s"] + r["write_s"] for r in reports.values()),
+            blocked_s=max(r["blocked_s"] for r in reports.values()),
+            bytes=manifest.total_bytes,
         )
-        store.prune(self._directory, self._keep_last)
-        return True
+        store.prune(self._checkpoints, self._config.checkpoint.keep_last, protect={tag, self.in_use or tag})
+        return CommitOutcome(tag=tag, committed=True)
 
-    def forget_partial(self) -> None:
-        """Drop saves some rank did not finish (it failed): they will never be committed."""
+    def failed(self, rank: int, report: dict[str, Any]) -> CommitOutcome | None:
+        """Record that ``rank`` could not write its part of a checkpoint: it will never be committed."""
+        if report["attempt"] != self.attempt or report["tag"] in self._failed:
+            return None
+        self._saved.pop(report["tag"], None)
+        return self._fail(report["tag"], report["step"], rank, report["path"], report["error"])
+
+    def forget_partial(self, next_attempt: int) -> None:
+        """A new attempt starts: saves the old one did not finish will never be committed."""
         self._saved.clear()
+        self._failed.clear()
+        self.attempt = next_attempt
+
+    def _commit(self, tag: str, reports: dict[int, dict[str, Any]]) -> Manifest:
+        staged = store.staging_dir(self._checkpoints, self.attempt) / tag
+        files = {name: FileEntry(**entry) for r in reports.values() for name, entry in r["files"].items()}
+        config = self._config
+        manifest = Manifest(
+            tag=tag,
+            step=store.step_of(tag),
+            world_size=self._world_size,
+            data_parallel_size=config.data_parallel_size,
+            tensor_parallel=config.parallel.tensor_parallel,
+            zero_stage=config.parallel.zero_stage,
+            global_batch=config.train.micro_batch_size * config.data_parallel_size,
+            files=files,
+            config=config.model_dump(mode="json"),
+            created=time.time(),
+        )
+        manifest.write(staged)
+        target = self._checkpoints / tag
+        # A committed directory of the same step can only be a damaged one skipped at start.
+        store.discard(target, self._checkpoints)
+        os.rename(staged, target)
+        script = staged.parent / "zero_to_fp32.py"
+        if script.exists():
+            os.replace(script, self._checkpoints / script.name)
+        fsync_dir(self._checkpoints)
+        store.set_latest(self._checkpoints, tag)
+        self.last_committed = tag
+        return manifest
+
+    def _fail(self, tag: str, step: int, rank: int | None, path: str, reason: str) -> CommitOutcome:
+        self._failed.add(tag)
+        store.discard(store.staging_dir(self._checkpoints, self.attempt) / tag, self._checkpoints)
+        where = f"rank {rank}" if rank is not None else "the controller"
+        message = f"checkpoint {tag} not saved: {where} could not write {path}: {reason}"
+        self._events.emit("checkpoint_failed", step=step, rank=rank, path=path, error=reason, message=message)
+        return CommitOutcome(tag=tag, committed=False, message=message)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

@@ -1,27 +1,33 @@
-"""DeepSpeed checkpoints in the run directory, committed by the controller.
+"""Where checkpoints live in the run directory, and the rank's side of saving and loading them.
 
-Layout under ``RUN_DIR/checkpoints/``::
+Layout under ``RUN_DIR/checkpoints/`` (details in ``docs/checkpoints.md``)::
 
-    global_step50/            DeepSpeed's shards for step 50
-        ...                   (model states, per-rank ZeRO optimizer shards)
-        rank_state_00000.pt   per-rank orchestrator state: step and RNG states
-    latest                    the committed tag, written last and atomically
+    global_step50/              a committed checkpoint: DeepSpeed's shards, the
+        manifest.json           orchestrator's rank_state_*.pt, and the manifest (last)
+    latest                      the newest committed tag, replaced atomically
+    zero_to_fp32.py             DeepSpeed's consolidation script
+    .staging/attempt-N/TAG/     saves in progress; never read, removed at start
+    .universal/TAG/             TAG converted for a different parallel layout
 
-Every rank saves with ``save_latest=False``; only the controller writes
-``latest``, after every rank has reported its shards saved, so ``latest``
-never names a checkpoint some rank has not finished. Loading unpickles
-DeepSpeed's files: only load checkpoints you trust.
+A rank saves into the staging directory of its attempt. The controller turns
+a staged save into a committed checkpoint (``commit.py``) once every rank's
+files are durable. Loading unpickles DeepSpeed's files: only load
+checkpoints you trust.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint.manifest import MANIFEST, Manifest, write_durably
+
 LATEST = "latest"
+STAGING = ".staging"
+UNIVERSAL = ".universal"
+TRASH = ".trash"
 _TAG_PREFIX = "global_step"
 
 
@@ -32,76 +38,128 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     """Inverse of :func:`tag_for`."""
-    assert tag.startswith(_TAG_PREFIX), tag
+    assert is_tag(tag), tag
     return int(tag.removeprefix(_TAG_PREFIX))
 
 
-def save(engine: Any, directory: Path, step: int, rank: int, user_state: dict | None) -> str:
-    """Save this rank's part of checkpoint ``step``; returns its tag. Collective: all ranks call it."""
-    import torch
+def is_tag(name: str) -> bool:
+    return name.startswith(_TAG_PREFIX) and name.removeprefix(_TAG_PREFIX).isdigit()
 
+
+def staging_dir(checkpoints: Path, attempt: int) -> Path:
+    """Where the ranks of ``attempt`` save: a failed attempt's leftovers never mix with the next one's."""
+    return checkpoints / STAGING / f"attempt-{attempt}"
+
+
+def universal_dir(checkpoints: Path) -> Path:
+    return checkpoints / UNIVERSAL
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_state_{rank:05d}.pt"
+
+
+def snapshot_save(
+    engine: Any, checkpoints: Path, attempt: int, step: int, rank: int, user_state: dict | None
+) -> tuple[Path, list[tuple[Path, Any]]]:
+    """Copy this rank's part of checkpoint ``step`` to host memory (collective: all ranks call it).
+
+    Returns the staged checkpoint directory and the files to write into it.
+    """
+    from orchestrator.checkpoint import snapshot  # torch and deepspeed: training processes only
+
+    snap = snapshot.install(engine)
+    save_dir = staging_dir(checkpoints, attempt)
     tag = tag_for(step)
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"user": user_state}, save_latest=False)
-    torch.save({"step": step, "rng": _capture_rng()}, directory / tag / _rank_state_name(rank))
-    return tag
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state={"user": user_state}, save_latest=False)
+    files = snap.take()
+    files.append((save_dir / tag / rank_state_name(rank), {"step": step, "rng": _capture_rng()}))
+    return save_dir / tag, files
 
 
-def load(engine: Any, directory: Path, tag: str, rank: int) -> tuple[int, dict | None]:
-    """Load checkpoint ``tag`` into ``engine``; restores this rank's RNG. Returns (step, user state)."""
+def load(engine: Any, checkpoints: Path, tag: str, rank: int, layout: tuple[int, int]) -> tuple[int, dict | None]:
+    """Load committed checkpoint ``tag`` into ``engine``. Returns (step, user state).
+
+    ``layout`` is this job's (data-parallel size, tensor-parallel size). When
+    the checkpoint was saved with another layout, the
+    universal conversion the controller prepared is loaded instead, and the
+    per-rank RNG states (which belong to the old layout) are not restored.
+    """
     import torch
 
-    path, client = engine.load_checkpoint(str(directory), tag=tag)
+    manifest = Manifest.read(checkpoints / tag)
+    same_layout = manifest.layout == layout
+    if same_layout:
+        path, client = engine.load_checkpoint(str(checkpoints), tag=tag)
+    else:
+        path, client = _load_universal(engine, checkpoints, tag)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {directory}")
-    # Trusted-only: these files are written by this orchestrator (see module docstring).
-    own = torch.load(directory / tag / _rank_state_name(rank), weights_only=False)
-    _restore_rng(own["rng"])
-    return own["step"], (client or {}).get("user")
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {checkpoints}")
+    if same_layout:
+        # Trusted-only: these files are written by this orchestrator (see module docstring).
+        own = torch.load(checkpoints / tag / rank_state_name(rank), weights_only=False)
+        _restore_rng(own["rng"])
+    return manifest.step, (client or {}).get("user")
 
 
-def committed_tag(directory: Path) -> str | None:
-    """The tag ``latest`` names, or None when nothing was committed yet."""
+def _load_universal(engine: Any, checkpoints: Path, tag: str) -> tuple[Any, Any]:
+    source = universal_dir(checkpoints)
+    if not (source / tag).is_dir():
+        raise FileNotFoundError(f"{source / tag}: no universal conversion of {tag} to load into this layout")
+    # DeepSpeed reads this switch from its config; it only changes how the next load reads files.
+    engine._config.load_universal_checkpoint = True
     try:
-        tag = (directory / LATEST).read_text().strip()
+        return engine.load_checkpoint(str(source), tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
+
+
+def committed_tags(checkpoints: Path) -> list[str]:
+    """Tags of the directories that have a manifest (committed, maybe damaged since), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    tags = [p.name for p in checkpoints.iterdir() if is_tag(p.name) and (p / MANIFEST).exists()]
+    return sorted(tags, key=step_of)
+
+
+def latest_tag(checkpoints: Path) -> str | None:
+    """The tag ``latest`` names, or None."""
+    try:
+        return (checkpoints / LATEST).read_text().strip() or None
     except FileNotFoundError:
         return None
-    return tag or None
 
 
-def commit(directory: Path, tag: str) -> None:
-    """Point ``latest`` at ``tag`` atomically (write a temp file, fsync, rename)."""
-    tmp = directory / f".{LATEST}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(tag)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / LATEST)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def set_latest(checkpoints: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` atomically and durably."""
+    write_durably(checkpoints / LATEST, tag.encode())
 
 
-def prune(directory: Path, keep_last: int) -> list[str]:
-    """Delete committed checkpoints older than the newest ``keep_last``; never the one ``latest`` names."""
-    current = committed_tag(directory)
-    if current is None:
-        return []
-    newest = step_of(current)
-    tags = sorted(
-        (p.name for p in directory.iterdir() if p.is_dir() and p.name.startswith(_TAG_PREFIX)),
-        key=step_of,
-    )
-    committed = [t for t in tags if step_of(t) <= newest]
-    doomed = committed[:-keep_last] if len(committed) > keep_last else []
+def prune(checkpoints: Path, keep_last: int, protect: set[str]) -> list[str]:
+    """Delete committed checkpoints older than the newest ``keep_last``, except those in ``protect``."""
+    tags = committed_tags(checkpoints)
+    doomed = [t for t in tags[: max(0, len(tags) - keep_last)] if t not in protect]
     for tag in doomed:
-        shutil.rmtree(directory / tag, ignore_errors=True)
+        discard(checkpoints / tag, checkpoints)
+        shutil.rmtree(universal_dir(checkpoints) / tag, ignore_errors=True)
     return doomed
 
 
-def _rank_state_name(rank: int) -> str:
-    return f"rank_state_{rank:05d}.pt"
+def discard(path: Path, checkpoints: Path) -> None:
+    """Remove a checkpoint directory; renamed away first so no reader ever sees it half deleted."""
+    if not path.exists():
+        return
+    trash = checkpoints / TRASH
+    trash.mkdir(exist_ok=True)
+    moved = trash / f"{path.name}-{random.getrandbits(32):08x}"
+    path.rename(moved)
+    shutil.rmtree(moved, ignore_errors=True)
+
+
+def clean_leftovers(checkpoints: Path) -> None:
+    """Remove what an interrupted save or delete left behind (staging and trash)."""
+    for name in (STAGING, TRASH):
+        shutil.rmtree(checkpoints / name, ignore_errors=True)
 
 
 def _capture_rng() -> dict[str, Any]:

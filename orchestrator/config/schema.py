@@ -121,6 +121,15 @@ class CheckpointConfig(_Section):
         50, description="Save every N steps (and at the last step); 0 turns checkpoints off."
     )
     keep_last: Annotated[int, Field(ge=1)] = Field(3, description="Committed checkpoints to keep.")
+    async_save: bool = Field(
+        True, description="Write in the background; training blocks only for the copy to host memory."
+    )
+    when_busy: Literal["wait", "skip"] = Field(
+        "wait", description="A save is due while the previous one is still being written: wait for it, or skip this one."
+    )
+    on_failure: Literal["continue", "stop"] = Field(
+        "continue", description="A save fails (disk full, permission denied): keep training, or stop the run."
+    )
 
 
 class FaultToleranceConfig(_Section):

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.checkpoint import store
-from orchestrator.checkpoint.commit import CommitTracker
+from orchestrator.checkpoint import resume, store
+from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.config.schema import Config
 from orchestrator.controller.failures import Failure, failure_from, root_cause
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy
@@ -106,25 +106,38 @@ class Controller:
         self._pending: PendingRecovery | None = None
         self._spares_started = False
         self._warm_spares: dict[str, int] = {}
-        self._commits = CommitTracker(run.checkpoints, group.world_size, config.checkpoint.keep_last, events)
-        self.resume_tag = self._commits.last_committed
+        self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
+        self._checkpoint_failures: list[Failure] = []
+        self.resume_tag: str | None = None
 
     def run(self) -> State:
         """Run to a terminal state; emits ``run_started`` and ``run_finished``."""
-        resumed = store.step_of(self.resume_tag) if self.resume_tag else 0
-        self.last_step = resumed
+        self.prepare()
+        while not self.state.terminal:
+            self.step()
+        return self.state
+
+    def prepare(self) -> None:
+        """Choose the checkpoint to resume from (converted if the layout changed); emits ``run_started``."""
+        checkpoints = self.run_dir.checkpoints
+        manifest, rejected = resume.select(checkpoints)
+        self.last_step = manifest.step if manifest else 0
         self.events.emit(
             "run_started",
             run_id=self.run_dir.run_id,
             world_size=self.group.world_size,
-            resumed_from_step=resumed,
+            resumed_from_step=self.last_step,
             config=self.config.model_dump(mode="json"),
         )
-        if self.resume_tag:
-            self.display.note(f"resuming from checkpoint {self.resume_tag}")
-        while not self.state.terminal:
-            self.step()
-        return self.state
+        for tag, problems in rejected:
+            message = f"checkpoint {tag} is damaged, not used: {problems[0]}"
+            self.events.emit("checkpoint_invalid", step=store.step_of(tag), path=str(checkpoints / tag),
+                             problems=problems, message=message)
+            self.display.note(message)
+        if manifest is not None:
+            resume.prepare(checkpoints, manifest, self.config, self.events)
+            self.resume_tag = self._commits.last_committed = self._commits.in_use = manifest.tag
+            self.display.note(f"resuming from checkpoint {manifest.tag}")
 
     def step(self) -> tuple[State, State]:
         """One state-machine iteration: returns (previous, next)."""
@@ -147,6 +160,8 @@ class Controller:
             if failure is not None:
                 failures.append(failure)
         failures += self._hangs()
+        failures += self._checkpoint_failures
+        self._checkpoint_failures = []
         self._note_spares()
         return failures
 
@@ -191,9 +206,9 @@ class Controller:
             replace |= set(laggards)
             survivors = [r for r in survivors if r not in laggards]
         mode = "full_restart" if not survivors else "in_place"
-        self._commits.forget_partial()
-        self.resume_tag = self._commits.last_committed
         self.attempt += 1
+        self._commits.forget_partial(self.attempt)
+        self.resume_tag = self._commits.in_use = self._commits.last_committed
         self.restarts_by_reason[cause.reason] += 1
         self.history.append(Attempt(cause=cause, mode=mode, progressed=False))
         self.events.emit(
@@ -267,8 +282,15 @@ class Controller:
                 self._record_step(message)
         elif kind == "checkpoint_saved":
             view.progress_at = message["at"]
-            if self._commits.saved(rank, message["tag"], message["seconds"]):
-                self.display.note(f"checkpoint {message['tag']} committed")
+            self._on_checkpoint(rank, self._commits.saved(rank, message))
+        elif kind == "checkpoint_failed":
+            view.progress_at = message["at"]
+            self._on_checkpoint(rank, self._commits.failed(rank, message))
+        elif kind == "checkpoint_skipped":
+            if rank == 0:
+                self.events.emit("checkpoint_skipped", step=message["step"], reason="previous save still writing")
+        elif kind == "saving":
+            view.progress_at = message["at"]  # busy writing a checkpoint, not hung
         elif kind == "error":
             view.error = message
         elif kind == "ready":
@@ -279,6 +301,19 @@ class Controller:
             fired = {k: message[k] for k in ("kind", "rank", "step")}
             self.faults = [f for f in self.faults if f != fired]
             self.events.emit("fault_injected", **fired)
+
+    def _on_checkpoint(self, rank: int, outcome: CommitOutcome | None) -> None:
+        if outcome is None:
+            return
+        if outcome.committed:
+            self.display.note(f"checkpoint {outcome.tag} committed")
+            return
+        self.display.note(outcome.message)
+        if self.config.checkpoint.on_failure == "stop":
+            self._checkpoint_failures.append(
+                Failure(rank=rank, reason="checkpoint", at=self._clock(), step=store.step_of(outcome.tag),
+                        message=outcome.message)
+            )
 
     def _hangs(self) -> list[Failure]:
         """Ranks without a step for ``hang_timeout_s`` (start-up: ``STARTUP_TIMEOUT_S``); the stuck ones are killed."""

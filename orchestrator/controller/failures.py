@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from orchestrator.controller.worker_group import RankUpdate
 
-Reason = Literal["exit", "signal", "hang", "node_lost", "exception"]
+Reason = Literal["exit", "signal", "hang", "node_lost", "exception", "checkpoint"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

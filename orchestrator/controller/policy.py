@@ -3,6 +3,7 @@
 Pure: no processes, no clocks. The controller carries the decision out.
 
 - A user error (``ConfigError``) is not retried: it fails the same way every time.
+- A failed checkpoint save reaches the policy only with ``checkpoint.on_failure: stop``: not retried.
 - An exception that repeats at the same step with the same message on the
   next attempt is a bug in the training code, not a fault: not retried.
 - Otherwise retry while ``fault_tolerance.max_restarts`` allows, in place
@@ -56,6 +57,8 @@ class FailurePolicy:
         """``cause`` is the root cause of the failure at hand; ``history`` the recoveries so far."""
         if cause.exc_type == "ConfigError":
             return Decision(retry=False, reason=f"not retryable: a config error ({cause.message})")
+        if cause.reason == "checkpoint":
+            return Decision(retry=False, reason="checkpoint.on_failure is stop: a failed save ends the run")
         previous = history[-1].cause if history else None
         if (
             previous is not None

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.checkpoint import store
+from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
 from orchestrator.worker.channel import Channel
+
+# While a save is being written, the rank tells the controller it is busy, not hung, this often.
+_SAVE_BEAT_S = 1.0
+# A write that takes longer than this is stuck (a dead network filesystem, say).
+SAVE_WRITE_TIMEOUT_S = 3600.0
 
 
 @dataclass(kw_only=True)
@@ -46,6 +52,7 @@ class TrainContext:
     run_dir: Path
     resume_tag: str | None
     _channel: Channel
+    _writer: BackgroundWriter = field(default_factory=BackgroundWriter)
     faults: list[dict[str, Any]] = field(default_factory=list)
     last_step: int = 0
     engines: list[Any] = field(default_factory=list)
@@ -104,15 +111,58 @@ class TrainContext:
     def save_checkpoint(self, engine: Any, step: int, user_state: dict | None = None) -> None:
         """Save a DeepSpeed checkpoint for ``step`` (collective: every rank calls it).
 
-        The controller commits it once every rank has saved; ``user_state``
-        (picklable) comes back from :meth:`load_checkpoint`.
+        Training blocks only while the state is copied to host memory; the
+        files are written, checksummed and fsynced in the background, and the
+        controller commits the checkpoint once every rank's files are durable
+        (``checkpoint.async_save: false`` writes before returning). With a
+        save still in flight this waits for it, or skips this one when
+        ``checkpoint.when_busy`` is ``skip``. ``user_state`` (picklable)
+        comes back from :meth:`load_checkpoint`.
         """
+        settings = self.config.checkpoint
         started = time.perf_counter()
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tag = store.save(engine, self.checkpoint_dir, step, self.rank, user_state)
-        seconds = time.perf_counter() - started
-        self._channel.send({"type": "checkpoint_saved", "step": step, "tag": tag, "seconds": seconds})
+        if settings.when_busy == "skip" and self._any_rank_busy():
+            self._channel.send({"type": "checkpoint_skipped", "step": step, "attempt": self.attempt})
+            return
+        self.wait_for_saves()
+        directory, files = store.snapshot_save(engine, self.checkpoint_dir, self.attempt, step, self.rank, user_state)
+        snapshot_s = time.perf_counter() - started
+        report = {"step": step, "tag": store.tag_for(step), "attempt": self.attempt}
+
+        def done(result: SaveResult) -> None:
+            if result.error is not None:
+                self._channel.send({
+                    "type": "checkpoint_failed", **report, "path": str(result.failed_path),
+                    "error": result.error.strerror or str(result.error), "errno": result.error.errno,
+                })
+                return
+            blocked_s = snapshot_s if settings.async_save else snapshot_s + result.write_s
+            self._channel.send({
+                "type": "checkpoint_saved", **report, "blocked_s": blocked_s, "write_s": result.write_s,
+                "files": {name: vars(entry) for name, entry in result.files.items()},
+            })
+
+        self._writer.submit(SaveJob(directory=directory, files=files, done=done))
+        if not settings.async_save:
+            self.wait_for_saves()
         self._last_report = time.perf_counter()
+
+    def wait_for_saves(self) -> None:
+        """Block until this rank's save in flight (if any) is written and reported."""
+        deadline = time.monotonic() + SAVE_WRITE_TIMEOUT_S
+        while not self._writer.wait(_SAVE_BEAT_S):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a checkpoint write did not finish in {SAVE_WRITE_TIMEOUT_S:.0f}s")
+            self._channel.send({"type": "saving"})
+
+    def _any_rank_busy(self) -> bool:
+        """Whether some rank still writes the previous save (all ranks must skip together)."""
+        import torch
+        import torch.distributed as dist
+
+        busy = torch.tensor([1.0 if self._writer.busy else 0.0], device=self.device)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        return bool(busy.item())
 
     def load_checkpoint(self, engine: Any) -> tuple[int, dict | None]:
         """Load the committed checkpoint into ``engine``, if any.
@@ -124,7 +174,8 @@ class TrainContext:
             self.engines.append(engine)
         if self.resume_tag is None:
             return 0, None
-        step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank)
+        layout = (self.config.data_parallel_size, self.config.parallel.tensor_parallel)
+        step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, layout)
         self.last_step = step
         self._channel.send({"type": "resumed", "step": step, "tag": self.resume_tag})
         self._last_report = time.perf_counter()

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
@@ -74,6 +75,7 @@ class Runtime:
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.in_training = threading.Event()
         self.ctx: TrainContext | None = None
+        self.writer = BackgroundWriter()  # one per process: a save outlives the attempt that made it
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
         threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
@@ -105,13 +107,14 @@ class Runtime:
             # A spare imported torch before it knew its share of the node's cores.
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         try:
-            self.ctx = _context(spec, self.channel)
+            self.ctx = _context(spec, self.channel, self.writer)
             train = resolve_entrypoint(self.ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
             self.in_training.set()
             try:
                 train(self.ctx)
             finally:
                 self.in_training.clear()
+            self.ctx.wait_for_saves()  # the last checkpoint is durable before "finished"
             _leave_process_group()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
             text = traceback.format_exc()
@@ -209,7 +212,7 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
         warmup(config)
 
 
-def _context(spec: dict[str, Any], channel: Channel) -> TrainContext:
+def _context(spec: dict[str, Any], channel: Channel, writer: BackgroundWriter) -> TrainContext:
     return TrainContext(
         rank=spec["rank"],
         local_rank=spec["local_rank"],
@@ -221,6 +224,7 @@ def _context(spec: dict[str, Any], channel: Channel) -> TrainContext:
         resume_tag=spec["resume_tag"],
         faults=spec.get("faults", []),
         _channel=channel,
+        _writer=writer,
     )
 
 
