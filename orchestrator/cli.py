@@ -14,6 +14,7 @@ import importlib.util
 import os
 import signal
 import sys
+from pathlib import Path
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -70,7 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config without starting anything")
     add_config_args(validate)
     validate.set_defaults(func=_validate)
+
+    checkpoints = sub.add_parser("checkpoints", help="list or verify a run directory's checkpoints")
+    checkpoints.add_argument("action", choices=["list", "verify"],
+                             help="list: sizes checked (fast); verify: every file's checksum too")
+    checkpoints.add_argument("run_dir", metavar="RUN_DIR")
+    checkpoints.set_defaults(func=_checkpoints)
     return parser
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    """Exit 0 when every committed checkpoint is valid, 1 when one is damaged."""
+    from orchestrator.checkpoint import report
+
+    checksums = args.action == "verify"
+    entries = report.inspect(Path(args.run_dir), checksums=checksums)
+    sys.stdout.write(report.render(entries, checksums))
+    return EXIT_FAILED if any(e.status == "damaged" for e in entries) else EXIT_OK
 
 
 def _load(args: argparse.Namespace) -> Config:
