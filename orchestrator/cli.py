@@ -14,10 +14,10 @@ import importlib.util
 import os
 import signal
 import sys
-from pathlib import Path
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, load_config

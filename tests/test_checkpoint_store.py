@@ -10,7 +10,12 @@ import torch
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, file_sha256, verify
 from orchestrator.checkpoint.snapshot import SnapshotEngine
-from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult, write_files
+from orchestrator.checkpoint.writer import (
+    BackgroundWriter,
+    SaveJob,
+    SaveResult,
+    write_files,
+)
 
 
 def _commit(checkpoints: Path, step: int) -> Path:

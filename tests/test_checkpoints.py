@@ -18,7 +18,16 @@ import pytest
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import MANIFEST, verify
-from tests.helpers import cli, events, launch_args, losses_by_step, of_kind, start_cli, wait_for_event, wait_gone
+from tests.helpers import (
+    cli,
+    events,
+    launch_args,
+    losses_by_step,
+    of_kind,
+    start_cli,
+    wait_for_event,
+    wait_gone,
+)
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(900)]
 

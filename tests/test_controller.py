@@ -12,7 +12,13 @@ from orchestrator.checkpoint.manifest import FileEntry, Manifest, verify
 from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.failures import root_cause
-from orchestrator.controller.states import Failed, Recovering, Running, Starting, Succeeded
+from orchestrator.controller.states import (
+    Failed,
+    Recovering,
+    Running,
+    Starting,
+    Succeeded,
+)
 from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir

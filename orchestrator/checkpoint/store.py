@@ -66,7 +66,9 @@ def snapshot_save(
 
     Returns the staged checkpoint directory and the files to write into it.
     """
-    from orchestrator.checkpoint import snapshot  # torch and deepspeed: training processes only
+    from orchestrator.checkpoint import (
+        snapshot,  # torch and deepspeed: training processes only
+    )
 
     snap = snapshot.install(engine)
     save_dir = staging_dir(checkpoints, attempt)
