@@ -109,7 +109,7 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step:
 
 def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None) -> Run:
     run_dir = workdir / "run"
-    cmd = [sys.executable, "-m", "orchestrator", "launch", str(CONFIG), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "orchestrator", "launch", str(CONFIG), "--run-dir", str(run_dir), "--set", "metrics.port=0"]
     for item in overrides:
         cmd += ["--set", item]
     events = run_dir / "events.jsonl"

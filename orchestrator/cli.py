@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="list: sizes checked (fast); verify: every file's checksum too")
     checkpoints.add_argument("run_dir", metavar="RUN_DIR")
     checkpoints.set_defaults(func=_checkpoints)
+
+    metrics = sub.add_parser("metrics", help="print a run's Prometheus endpoint and a scrape config for it")
+    metrics.add_argument("run_dir", metavar="RUN_DIR")
+    metrics.set_defaults(func=_metrics)
     return parser
 
 
@@ -160,12 +164,16 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
+    metrics, server = _serve_metrics(config)
     run = RunDir.open(args.run_dir)
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
     events = EventLog(run.events)
     display = make_progress()
+    if server is not None:
+        events.emit("metrics_started", url=server.url, target=server.target)
+        display.note(f"metrics: {server.url}")
     group = RayWorkerGroup(config, run.path)
-    controller = Controller(config, run, group, events, display, faults=faults)
+    controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics)
     display.note(
         f"run {run.run_id}: {config.cluster.world_size} ranks, ZeRO-{config.parallel.zero_stage}, "
         f"TP {config.parallel.tensor_parallel}, {config.train.steps} steps -> {run.path}"
@@ -196,6 +204,8 @@ def _launch(args: argparse.Namespace) -> int:
                 group.close()
                 display.close()
     finally:
+        if server is not None:
+            server.close()
         events.close()
         reaper.release()
     if isinstance(state, Failed):
@@ -204,6 +214,37 @@ def _launch(args: argparse.Namespace) -> int:
     loss = f"{controller.last_loss:.4f}" if controller.last_loss is not None else "n/a"
     elapsed = time.monotonic() - started
     print(f"succeeded: step {controller.last_step}, final loss {loss}, {elapsed:.1f}s, run dir {run.path}")
+    return EXIT_OK
+
+
+def _serve_metrics(config: Config) -> tuple[Any, Any]:
+    """The run's metrics and its endpoint, bound before anything starts so a taken port fails fast."""
+    if not config.metrics.enabled:
+        return None, None
+    from orchestrator.monitor.exporter import MetricsServer
+    from orchestrator.monitor.metrics import JobMetrics
+
+    metrics = JobMetrics(config.cluster.world_size)
+    return metrics, MetricsServer(metrics.registry, config.metrics.host, config.metrics.port)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    """Print a run's metrics endpoint and a Prometheus scrape config for it."""
+    from orchestrator.monitor.events import read_events
+    from orchestrator.monitor.exporter import scrape_config
+    from orchestrator.run_dir import RunDir
+
+    path = Path(args.run_dir)
+    if not (path / "events.jsonl").exists():
+        raise ConfigError(f"RUN_DIR {path}: no events.jsonl; is it a run directory?")
+    evs = read_events(path / "events.jsonl")
+    started = [e for e in evs if e["event"] == "metrics_started"]
+    if not started:
+        raise ConfigError(f"RUN_DIR {path}: this run never served metrics (metrics.enabled=false?)")
+    last = started[-1]
+    running = not any(e["event"] == "run_finished" and e["ts"] >= last["ts"] for e in evs)
+    print(f"endpoint: {last['url']} ({'running' if running else 'run finished; endpoint closed'})")
+    print(scrape_config(last["target"], RunDir.open(path).run_id), end="")
     return EXIT_OK
 
 

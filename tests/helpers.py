@@ -35,7 +35,8 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
 
 def launch_args(run_dir: Path, *overrides: str, config: Path = LOCAL_CONFIG) -> list[str]:
     args = ["launch", str(config), "--run-dir", str(run_dir)]
-    for item in overrides:
+    # A free port per run: tests (and a developer's own runs) must not contend for 9464.
+    for item in ("metrics.port=0", *overrides):
         args += ["--set", item]
     return args
 

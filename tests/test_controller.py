@@ -76,6 +76,9 @@ class FakeGroup:
     def ensure_spares(self):
         self.spare_requests += 1
 
+    def gpu_metrics(self) -> list:
+        return []
+
     def warm_spares(self):
         return {}
 

@@ -29,7 +29,7 @@ def test_mpiexec_brings_up_ray_and_runs_the_job(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", _free_port()
     result = subprocess.run(
         [MPIEXEC, "-n", "1", sys.executable, "launch/mpi_ray.py", "--port", str(port), "--loopback", "--",
-         "launch", "cluster_configs/local.yaml", "--run-dir", str(run_dir), "--set", "train.steps=6"],
+         "launch", "cluster_configs/local.yaml", "--run-dir", str(run_dir), "--set", "train.steps=6", "--set", "metrics.port=0"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -46,7 +46,7 @@ def test_unreachable_cluster_is_one_clear_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", "launch", "cluster_configs/local.yaml", "--run-dir", str(run_dir),
-         "--set", f"cluster.ray_address=127.0.0.1:{_free_port()}"],
+         "--set", f"cluster.ray_address=127.0.0.1:{_free_port()}", "--set", "metrics.port=0"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 1

@@ -23,6 +23,7 @@ from orchestrator.controller.policy import Attempt, Decision, FailurePolicy
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
 from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.monitor.events import EventLog
+from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
 
@@ -39,6 +40,8 @@ FROZEN_AFTER_S = 3.0
 # Until a rank's first step (or resume) in an attempt, it is starting up (imports, rendezvous,
 # engine set-up), which can take minutes on a big model; a start-up stuck this long is a hang.
 STARTUP_TIMEOUT_S = 300.0
+# How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
+GPU_INTERVAL_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -48,6 +51,7 @@ class RankView:
     progress_at: float
     started_up: bool = False
     step: int = 0
+    step_time_s: float | None = None
     alive_at: float | None = None
     where: str = ""
     in_collective: bool = False
@@ -81,6 +85,7 @@ class Controller:
         display: ProgressDisplay,
         *,
         faults: list[dict[str, Any]] | None = None,
+        metrics: JobMetrics | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -108,6 +113,10 @@ class Controller:
         self._warm_spares: dict[str, int] = {}
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
         self._checkpoint_failures: list[Failure] = []
+        self.metrics = metrics
+        self._gpus_read_at = float("-inf")
+        if metrics is not None:
+            events.subscribe(metrics.on_event)
         self.resume_tag: str | None = None
 
     def run(self) -> State:
@@ -163,7 +172,19 @@ class Controller:
         failures += self._checkpoint_failures
         self._checkpoint_failures = []
         self._note_spares()
+        if self.metrics is not None:
+            self._update_metrics()
         return failures
+
+    def _update_metrics(self) -> None:
+        now = self._clock()
+        self.metrics.update_ranks(
+            (rank, v.running and not v.finished, now - v.progress_at, v.step, v.step_time_s)
+            for rank, v in self._views.items()
+        )
+        if now - self._gpus_read_at >= GPU_INTERVAL_S:
+            self._gpus_read_at = now
+            self.metrics.update_gpus(self.group.gpu_metrics())
 
     def _note_spares(self) -> None:
         warm = self.group.warm_spares()
@@ -183,9 +204,11 @@ class Controller:
     def decide(self, failures: list[Failure]) -> Decision:
         """Record the failures and ask the policy what to do."""
         cause = root_cause(failures)
+        now = self._clock()
         for failure in sorted(failures, key=lambda f: f.at):
             self.failures_by_reason[failure.reason] += 1
-            self.events.emit("failure_detected", root_cause=failure is cause, attempt=self.attempt, **failure.event_fields())
+            self.events.emit("failure_detected", root_cause=failure is cause, attempt=self.attempt,
+                             detection_s=max(0.0, now - failure.at), **failure.event_fields())
         decision = self.policy.decide(cause, self.history)
         self.display.note(f"rank {cause.rank} failed ({cause.message}); {decision.reason}")
         return decision
@@ -214,6 +237,7 @@ class Controller:
         self.events.emit(
             "recovery_started",
             attempt=self.attempt,
+            reason=cause.reason,
             mode=mode,
             replaced=sorted(replace),
             rejoined=survivors,
@@ -278,6 +302,7 @@ class Controller:
         kind = message["type"]
         if kind in ("step", "resumed"):
             view.step, view.progress_at, view.started_up = message["step"], message["at"], True
+            view.step_time_s = message.get("step_time_s", view.step_time_s)
             if rank == 0 and kind == "step":
                 self._record_step(message)
         elif kind == "checkpoint_saved":
@@ -380,7 +405,7 @@ class Controller:
         step, loss, seconds = message["step"], message["loss"], message["step_time_s"]
         tokens = message.get("tokens")
         rate = tokens / seconds if tokens and seconds > 0 else None
-        extra = {k: message[k] for k in ("lr", "grad_norm") if k in message}
+        extra = {k: message[k] for k in ("lr", "grad_norm", "flops") if k in message}
         self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra)
         self.last_step, self.last_loss = step, loss
         self.display.step(step, self.config.train.steps, loss, rate)

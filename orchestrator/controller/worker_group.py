@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.errors import ClusterError
+from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RankPlacement, rank_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
@@ -79,6 +80,9 @@ class WorkerGroup(Protocol):
 
     def kill(self, ranks: Collection[int]) -> None:
         """SIGKILL these ranks' processes."""
+
+    def gpu_metrics(self) -> list[GpuReading]:
+        """Read every rank's GPUs (on its actor, off the training loop)."""
 
     def ensure_spares(self) -> None:
         """Start a warm spare on every node that has none."""
@@ -166,6 +170,17 @@ class RayWorkerGroup:
 
     def warm_spares(self) -> dict[str, int]:
         return dict(self._warm)
+
+    def gpu_metrics(self) -> list[GpuReading]:
+        refs = {index: actor.gpu_metrics.remote(index) for index, actor in enumerate(self._actors)
+                if index not in self._dead}
+        collections = []
+        for ref in refs.values():
+            try:
+                collections.append(self._ray.get(ref, timeout=_CALL_TIMEOUT_S))
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
+                continue  # a lost actor is reported by poll(); its GPUs are missing from this reading
+        return collections
 
     def interrupt(self, ranks: Collection[int]) -> None:
         for rank in ranks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ class EventLog:
         self.path = path
         self._lock = threading.Lock()
         self._file = open(path, "a", encoding="utf-8")
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener`` with every event emitted from now on (the metrics follow the log)."""
+        self._listeners.append(listener)
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one event with ``ts`` and ``event`` first; returns the record."""
@@ -29,6 +35,8 @@ class EventLog:
         with self._lock:
             self._file.write(line)
             self._file.flush()
+        for listener in self._listeners:
+            listener(record)
         return record
 
     def close(self) -> None:

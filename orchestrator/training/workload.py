@@ -68,7 +68,10 @@ def train(ctx: TrainContext) -> None:
     cfg = ctx.config
     ctx.init_distributed()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, GPT(cfg.model).to(ctx.device))
+    model = GPT(cfg.model).to(ctx.device)
+    # Model FLOPs per token: 6 per parameter (forward and backward), attention's own left out.
+    flops_per_token = 6 * sum(p.numel() for p in model.parameters())
+    engine = build_engine(cfg, model)
     done, _ = ctx.load_checkpoint(engine)
 
     corpus = load_corpus()
@@ -94,6 +97,7 @@ def train(ctx: TrainContext) -> None:
             loss=mean_loss.item(),
             step_time_s=time.perf_counter() - started,
             tokens=tokens_per_step,
+            flops=flops_per_token * tokens_per_step,
             lr=engine.get_lr()[0],
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
         )

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.monitor.gpu import GpuCollector, GpuReading
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 from orchestrator.worker.process import PARENT_PID_ENV
@@ -245,6 +246,7 @@ class RankActor:
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
         self._zygote: Zygote | None = None
+        self._gpus: GpuCollector | None = None
         # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
         # imports, which must not block polls; and the kernel's parent-death signal fires when
         # the *thread* that forked a child exits, so that thread must live as long as the actor.
@@ -262,6 +264,14 @@ class RankActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cpus": local_cpu_count(),
         }
+
+    def gpu_metrics(self, rank: int) -> GpuReading:
+        """Read the GPUs Ray gave this actor's bundle (the ones rank ``rank`` uses)."""
+        if self._gpus is None:
+            import ray
+
+            self._gpus = GpuCollector(rank, [int(g) for g in ray.get_gpu_ids()])
+        return self._gpus.collect()
 
     def free_port(self, host: str) -> int:
         """A port free on this node right now, for the rank-0 rendezvous of a new attempt."""

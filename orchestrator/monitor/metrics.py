@@ -1,0 +1,183 @@
+"""The run's Prometheus metrics: job metrics (``orchestrator_*``) and the nodes' GPU metrics (``DCGM_FI_*``).
+
+:class:`JobMetrics` owns one ``CollectorRegistry``. The controller feeds it
+every event it emits (:meth:`on_event`), the per-rank view on each poll
+(:meth:`update_ranks`) and the GPU collections its actors return
+(:meth:`update_gpus`); the exporter's HTTP thread renders it on each scrape.
+``docs/monitoring.md`` lists every metric with its type, unit and labels.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from orchestrator.monitor.goodput import CAUSES, GoodputTracker
+from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
+
+# Dense fp32 peak FLOP/s per GPU, for model FLOPs utilisation; other devices get no MFU.
+PEAK_FLOPS = {"A100": 19.5e12, "H100": 67e12, "H200": 67e12}
+_CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+
+
+class JobMetrics:
+    """Everything the endpoint serves for one run."""
+
+    def __init__(self, world_size: int, clock: Any = time.time) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        r = self.registry
+        self.info = Gauge("orchestrator_run_info", "The run: always 1, its identity in labels.",
+                          ["run_id", "world_size", "zero_stage", "tensor_parallel"], registry=r)
+        self.loss = Gauge("orchestrator_training_loss", "Training loss of the last step (rank 0's report).", registry=r)
+        self.step = Gauge("orchestrator_training_step", "Last completed training step.", registry=r)
+        self.step_time = Gauge("orchestrator_step_time_seconds", "Wall time of the last step (rank 0).", registry=r)
+        self.tokens = Gauge("orchestrator_tokens_per_second", "Global training throughput of the last step.", registry=r)
+        self.lr = Gauge("orchestrator_learning_rate", "Learning rate of the last step.", registry=r)
+        self.grad_norm = Gauge("orchestrator_grad_norm", "Global gradient norm of the last step.", registry=r)
+        self.mfu: Gauge | None = None  # registered once a GPU with a known peak reports
+        self.rank_up = Gauge("orchestrator_rank_up", "1 while the rank's training process runs.", ["rank"], registry=r)
+        self.rank_heartbeat_age = Gauge("orchestrator_rank_heartbeat_age_seconds",
+                                        "Seconds since the rank last reported progress (a step or checkpoint work).",
+                                        ["rank"], registry=r)
+        self.rank_step_time = Gauge("orchestrator_rank_step_time_seconds", "Wall time of the rank's last step.",
+                                    ["rank"], registry=r)
+        self.rank_step = Gauge("orchestrator_rank_step", "Last step the rank reported.", ["rank"], registry=r)
+        self.restarts = Counter("orchestrator_restarts", "Recoveries, by the root cause's reason.", ["reason"], registry=r)
+        self.failures = Counter("orchestrator_failures", "Failed ranks, by reason.", ["reason"], registry=r)
+        self.ckpt_duration = Histogram("orchestrator_checkpoint_duration_seconds",
+                                       "Save time of committed checkpoints (slowest rank: blocked + write).",
+                                       buckets=_CHECKPOINT_BUCKETS, registry=r)
+        self.ckpt_blocked = Histogram("orchestrator_checkpoint_blocked_seconds",
+                                      "Training time blocked per committed checkpoint (slowest rank).",
+                                      buckets=_CHECKPOINT_BUCKETS, registry=r)
+        self.ckpt_bytes = Gauge("orchestrator_checkpoint_bytes", "Size of the last committed checkpoint.", registry=r)
+        self.ckpt_step = Gauge("orchestrator_checkpoint_last_step", "Step of the last committed checkpoint.", registry=r)
+        self.ckpt_failures = Counter("orchestrator_checkpoint_failures", "Checkpoint saves that failed.", registry=r)
+        self.goodput = Gauge("orchestrator_goodput_ratio", "Productive training time / wall time of this launch.",
+                             registry=r)
+        self.productive = Gauge("orchestrator_productive_seconds", "Step time of steps trained for the first time.",
+                                registry=r)
+        self.wall = Gauge("orchestrator_wall_seconds", "Wall time since this launch started.", registry=r)
+        self.badput = Gauge("orchestrator_badput_seconds", "Wall time not spent on productive steps, by cause.",
+                            ["cause"], registry=r)
+        for cause in CAUSES:
+            self.badput.labels(cause=cause)
+        for rank in range(world_size):
+            self.rank_up.labels(rank=str(rank)).set(0)
+        self.gpus = _GpuFamilies()
+        r.register(self.gpus)
+        self._goodput = GoodputTracker()
+        self._flops_per_step: float | None = None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Update from one event of the run's event log (the controller calls this for each)."""
+        kind = event["event"]
+        with self._lock:
+            self._goodput.on_event(event)
+        if kind == "run_started":
+            cfg = event["config"]
+            self.info.labels(run_id=event["run_id"], world_size=str(event["world_size"]),
+                             zero_stage=str(cfg["parallel"]["zero_stage"]),
+                             tensor_parallel=str(cfg["parallel"]["tensor_parallel"])).set(1)
+        elif kind == "step":
+            self.step.set(event["step"])
+            self.loss.set(event["loss"])
+            self.step_time.set(event["step_time_s"])
+            if event.get("tokens_per_s") is not None:
+                self.tokens.set(event["tokens_per_s"])
+            for key, gauge in (("lr", self.lr), ("grad_norm", self.grad_norm)):
+                if key in event:
+                    gauge.set(event[key])
+            self._update_mfu(event)
+        elif kind == "checkpoint_committed":
+            self.ckpt_duration.observe(event["seconds"])
+            self.ckpt_blocked.observe(event.get("blocked_s", 0.0))
+            self.ckpt_bytes.set(event.get("bytes", 0))
+            self.ckpt_step.set(event["step"])
+        elif kind == "checkpoint_failed":
+            self.ckpt_failures.inc()
+        elif kind == "failure_detected":
+            self.failures.labels(reason=event["reason"]).inc()
+        elif kind == "recovery_started":
+            self.restarts.labels(reason=event["reason"]).inc()
+
+    def update_ranks(self, ranks: Iterable[tuple[int, bool, float, int, float | None]]) -> None:
+        """Per rank: (rank, running, seconds since progress, last step, last step time)."""
+        for rank, running, age, step, step_time in ranks:
+            label = str(rank)
+            self.rank_up.labels(rank=label).set(1 if running else 0)
+            self.rank_heartbeat_age.labels(rank=label).set(age)
+            self.rank_step.labels(rank=label).set(step)
+            if step_time is not None:
+                self.rank_step_time.labels(rank=label).set(step_time)
+        self._update_goodput()
+
+    def update_gpus(self, collections: list[GpuReading]) -> None:
+        self.gpus.update(collections)
+
+    def _update_goodput(self) -> None:
+        with self._lock:
+            report = self._goodput.report(self._clock())
+        self.goodput.set(report.ratio)
+        self.productive.set(report.productive_s)
+        self.wall.set(report.wall_s)
+        for cause, seconds in report.badput_s.items():
+            self.badput.labels(cause=cause).set(seconds)
+
+    def _update_mfu(self, event: dict[str, Any]) -> None:
+        flops = event.get("flops")
+        peak = self.gpus.peak_flops()
+        if flops and peak and event["step_time_s"] > 0:
+            if self.mfu is None:
+                self.mfu = Gauge("orchestrator_model_flops_utilization",
+                                 "Model FLOPs of the last step / (step time x summed fp32 peak FLOP/s of "
+                                 "the job's GPUs); only where every GPU's peak is known.", registry=self.registry)
+            self.mfu.set(flops / event["step_time_s"] / peak)
+
+
+class _GpuFamilies(Collector):
+    """The latest GPU collections, rendered as DCGM-named gauge families on each scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._collections: list[GpuReading] = []
+
+    def update(self, collections: list[GpuReading]) -> None:
+        with self._lock:
+            self._collections = list(collections)
+
+    def peak_flops(self) -> float:
+        """Summed peak FLOP/s of the job's GPUs, 0 when any model is unknown or there are none."""
+        with self._lock:
+            models = [g.labels["modelName"] for c in self._collections for g in c.gpus]
+        peaks = [next((p for name, p in PEAK_FLOPS.items() if name in m), 0.0) for m in models]
+        return sum(peaks) if peaks and all(peaks) else 0.0
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            collections = list(self._collections)
+        available = GaugeMetricFamily("orchestrator_gpu_collector_available",
+                                      "1 where NVML answered on the rank's node, 0 where it is missing "
+                                      "(see the reason label).", labels=["rank", "Hostname", "reason"])
+        families = {name: GaugeMetricFamily(name, text, labels=list(LABELS)) for name, text in FIELDS.items()}
+        for collection in collections:
+            available.add_metric([collection.rank, collection.hostname, collection.reason],
+                                 1 if collection.available else 0)
+            for gpu in collection.gpus:
+                labels = [gpu.labels[k] for k in LABELS]
+                for name, value in gpu.values.items():
+                    if not math.isnan(value):
+                        families[name].add_metric(labels, value)
+        yield available
+        for family in families.values():
+            if family.samples:
+                yield family

@@ -1,0 +1,200 @@
+"""Metrics end to end: a real Prometheus scrapes a running local job; the shipped files check out.
+
+Needs Debian's ``prometheus`` package (``bash .ci/setup`` installs it where
+apt-get can run as root); without it these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.monitor.goodput import GoodputTracker
+from orchestrator.monitor.metrics import JobMetrics
+from tests.helpers import REPO, cli, events, launch_args, of_kind, start_cli, wait_for_event
+
+ASSETS = REPO / "orchestrator" / "monitor" / "assets"
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+needs_prometheus = pytest.mark.skipif(
+    not (PROMETHEUS and PROMTOOL),
+    reason="Debian's prometheus package is not installed (bash .ci/setup installs it where apt-get runs as root)",
+)
+# Expressions that only have data on a machine with NVIDIA GPUs.
+GPU_ONLY = ("DCGM_FI_", "orchestrator_model_flops_utilization")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _query(api: str, expr: str) -> dict[str, Any]:
+    try:
+        return _get(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    dashboard = json.loads((ASSETS / "grafana-dashboard.json").read_text())
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def _rule_exprs() -> list[tuple[str, str]]:
+    rules = yaml.safe_load((ASSETS / "alerts.yml").read_text())
+    return [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+@needs_prometheus
+def test_promtool_accepts_the_shipped_rules_and_config() -> None:
+    for args in (["check", "rules", str(ASSETS / "alerts.yml")], ["check", "config", str(ASSETS / "prometheus.yml")]):
+        result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_prometheus
+@pytest.mark.processes
+@pytest.mark.timeout(600)
+def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = start_cli(*launch_args(run_dir, "train.steps=5000", "checkpoint.interval_steps=20"))
+    prometheus = None
+    try:
+        started = wait_for_event(run_dir, lambda e: e["event"] == "metrics_started", 60, job)
+        shown = cli("metrics", str(run_dir))
+        assert shown.returncode == 0 and started["url"] in shown.stdout
+        scrape = yaml.safe_load(shown.stdout.split("\n", 1)[1])["scrape_configs"][0]
+        scrape["scrape_interval"] = "1s"
+        config = {"global": {"evaluation_interval": "1s"}, "rule_files": [str(ASSETS / "alerts.yml")],
+                  "scrape_configs": [scrape]}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        prometheus = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+        )
+        deadline = time.monotonic() + 180
+
+        def wait_until(what: str, ok) -> None:
+            while time.monotonic() < deadline:
+                assert job.poll() is None, "the job ended before the checks"
+                assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+                try:
+                    if ok():
+                        return
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            raise AssertionError(f"not within 180 s: {what}")
+
+        # Two checkpoints scraped, so rates over them have two points.
+        wait_until("two checkpoints scraped",
+                   lambda: _query(api, "orchestrator_checkpoint_duration_seconds_count >= 2")["data"]["result"])
+
+        def rules_evaluated() -> bool:
+            rules = [r for g in _get(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+            return len(rules) == len(_rule_exprs()) and all(r["lastEvaluation"] > "2000" for r in rules)
+        wait_until("every alert rule evaluated", rules_evaluated)
+
+        rules = [r for g in _get(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+        assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+        for name, expr in _rule_exprs():
+            answer = _query(api, expr)
+            assert answer["status"] == "success", (name, expr, answer)
+        for title, expr in _dashboard_exprs():
+            answer = _query(api, expr)
+            assert answer["status"] == "success", (title, expr, answer)
+            if not any(marker in expr for marker in GPU_ONLY):
+                assert answer["data"]["result"], f"dashboard panel {title!r} has no data: {expr}"
+        [loss] = _query(api, "orchestrator_training_loss")["data"]["result"]
+        assert 0 < float(loss["value"][1]) < 10
+        ranks = _query(api, "orchestrator_rank_up")["data"]["result"]
+        assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
+        assert all(r["metric"]["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"] for r in ranks)
+    finally:
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+        if job.poll() is None:
+            job.send_signal(signal.SIGINT)
+            job.wait(timeout=60)
+    assert of_kind(events(run_dir), "run_finished")[-1]["reason"] == "interrupted"
+
+
+def test_taken_port_is_a_clear_error_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli(*launch_args(tmp_path / "run", f"metrics.port={port}"), timeout=60)
+    assert result.returncode == 2
+    assert f"metrics.port: 127.0.0.1:{port} is already in use" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _event(kind: str, ts: float, **fields: Any) -> dict[str, Any]:
+    return {"event": kind, "ts": ts, **fields}
+
+
+def test_goodput_splits_wall_time_by_cause() -> None:
+    tracker = GoodputTracker()
+    for event in [
+        _event("run_started", 100.0, resumed_from_step=0),
+        _event("step", 110.0, step=1, step_time_s=1.0),            # startup 9 s
+        _event("step", 111.0, step=2, step_time_s=1.0),
+        _event("checkpoint_committed", 111.5, blocked_s=0.5),
+        _event("step", 113.0, step=3, step_time_s=1.0),
+        _event("failure_detected", 114.0, root_cause=True, detection_s=0.25),
+        _event("step", 116.0, step=3, step_time_s=1.0),            # recomputed: lost work; recovery 1 s
+        _event("step", 117.0, step=4, step_time_s=1.0),
+        _event("run_finished", 120.0),
+    ]:
+        tracker.on_event(event)
+    report = tracker.report(now=500.0)
+    assert report.wall_s == 20.0 and report.productive_s == 4.0 and report.ratio == 0.2
+    assert report.badput_s == {"startup": 9.0, "checkpoint": 0.5, "failure_detection": 0.25, "recovery": 1.0,
+                               "lost_work": 1.0, "other": 4.25}
+
+
+def test_job_metrics_follow_the_event_log() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = JobMetrics(world_size=2, clock=lambda: 130.0)
+    config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
+    for event in [
+        _event("run_started", 100.0, run_id="r1", world_size=2, resumed_from_step=0, config=config),
+        _event("step", 110.0, step=7, loss=2.5, step_time_s=0.1, tokens_per_s=1000.0, lr=0.003, grad_norm=0.4),
+        _event("failure_detected", 111.0, rank=1, reason="signal", root_cause=True, detection_s=0.2),
+        _event("recovery_started", 111.5, reason="signal", attempt=1),
+        _event("checkpoint_committed", 112.0, step=10, seconds=0.3, blocked_s=0.02, bytes=1234),
+        _event("checkpoint_failed", 113.0, step=20, rank=0),
+    ]:
+        metrics.on_event(event)
+    metrics.update_ranks([(0, True, 0.5, 7, 0.1), (1, False, 4.0, 6, 0.3)])
+    text = generate_latest(metrics.registry).decode()
+    for line in ['orchestrator_training_loss 2.5', 'orchestrator_training_step 7.0',
+                 'orchestrator_restarts_total{reason="signal"} 1.0', 'orchestrator_failures_total{reason="signal"} 1.0',
+                 'orchestrator_checkpoint_failures_total 1.0', 'orchestrator_checkpoint_last_step 10.0',
+                 'orchestrator_rank_up{rank="1"} 0.0', 'orchestrator_rank_heartbeat_age_seconds{rank="1"} 4.0',
+                 'orchestrator_rank_step_time_seconds{rank="1"} 0.3', 'orchestrator_wall_seconds 30.0']:
+        assert line in text, line
+    assert "orchestrator_model_flops_utilization" not in text, "no MFU without a known GPU peak"
