@@ -22,7 +22,15 @@ import yaml
 
 from orchestrator.monitor.goodput import GoodputTracker
 from orchestrator.monitor.metrics import JobMetrics
-from tests.helpers import REPO, cli, events, launch_args, of_kind, start_cli, wait_for_event
+from tests.helpers import (
+    REPO,
+    cli,
+    events,
+    launch_args,
+    of_kind,
+    start_cli,
+    wait_for_event,
+)
 
 ASSETS = REPO / "orchestrator" / "monitor" / "assets"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
