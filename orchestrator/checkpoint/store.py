@@ -156,6 +156,10 @@ def discard(path: Path, checkpoints: Path) -> None:
     moved = trash / f"{path.name}-{random.getrandbits(32):08x}"
     path.rename(moved)
     shutil.rmtree(moved, ignore_errors=True)
+    try:
+        trash.rmdir()
+    except OSError:
+        pass  # another removal still in progress, or a leftover: cleaned at the next start
 
 
 def clean_leftovers(checkpoints: Path) -> None:
