@@ -100,7 +100,7 @@ class CommitTracker:
             data_parallel_size=config.data_parallel_size,
             tensor_parallel=config.parallel.tensor_parallel,
             zero_stage=config.parallel.zero_stage,
-            global_batch=config.train.micro_batch_size * config.data_parallel_size,
+            global_batch=config.global_batch,
             files=files,
             config=config.model_dump(mode="json"),
             created=time.time(),

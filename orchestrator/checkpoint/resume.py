@@ -24,7 +24,6 @@ from orchestrator.errors import ConfigError
 from orchestrator.monitor.events import EventLog
 from orchestrator.worker.env import with_interpreter_tools
 
-_DONE = ".converted"
 CONVERSION_TIMEOUT_S = 3600.0
 
 
@@ -46,7 +45,7 @@ def select(checkpoints: Path) -> tuple[Manifest | None, list[tuple[str, list[str
 
 def prepare(checkpoints: Path, manifest: Manifest, config: Config, events: EventLog) -> None:
     """Make ``manifest``'s checkpoint loadable by ``config``'s layout (a no-op when it already is)."""
-    layout = (config.data_parallel_size, config.parallel.tensor_parallel)
+    layout = config.layout
     if manifest.layout == layout:
         return
     saved = f"data-parallel {manifest.data_parallel_size} x tensor-parallel {manifest.tensor_parallel}"
@@ -58,11 +57,11 @@ def prepare(checkpoints: Path, manifest: Manifest, config: Config, events: Event
             "parallel.tensor_parallel) or start a new --run-dir"
         )
     target = store.universal_dir(checkpoints) / manifest.tag
-    if not (target / _DONE).exists():
+    if not target.is_dir():  # renamed into place only once complete
         seconds = convert(checkpoints / manifest.tag, target, manifest.zero_stage)
         events.emit("checkpoint_converted", step=manifest.step, path=str(target), seconds=seconds,
                     saved_layout=list(manifest.layout), layout=list(layout))
-    global_batch = config.train.micro_batch_size * config.data_parallel_size
+    global_batch = config.global_batch
     if global_batch != manifest.global_batch:
         events.emit(
             "warning",
@@ -96,7 +95,5 @@ def convert(source: Path, target: Path, zero_stage: int) -> float:
     # The universal loader reads the module states (and client state) from the tag's own directory.
     for model_states in source.glob("mp_rank_*_model_states.pt"):
         shutil.copyfile(model_states, tmp / model_states.name)
-    (tmp / _DONE).touch()
-    shutil.rmtree(target, ignore_errors=True)  # an unfinished earlier conversion
     os.replace(tmp, target)
     return time.monotonic() - started

@@ -66,9 +66,8 @@ def snapshot_save(
 
     Returns the staged checkpoint directory and the files to write into it.
     """
-    from orchestrator.checkpoint import (
-        snapshot,  # torch and deepspeed: training processes only
-    )
+    # Imports torch and deepspeed: training processes only.
+    from orchestrator.checkpoint import snapshot
 
     snap = snapshot.install(engine)
     save_dir = staging_dir(checkpoints, attempt)

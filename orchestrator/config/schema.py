@@ -195,3 +195,13 @@ class Config(_Section):
     @property
     def data_parallel_size(self) -> int:
         return self.cluster.world_size // self.parallel.tensor_parallel
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(data-parallel size, tensor-parallel size): what a checkpoint must match or be converted to."""
+        return self.data_parallel_size, self.parallel.tensor_parallel
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all data-parallel ranks."""
+        return self.train.micro_batch_size * self.data_parallel_size

@@ -174,8 +174,7 @@ class TrainContext:
             self.engines.append(engine)
         if self.resume_tag is None:
             return 0, None
-        layout = (self.config.data_parallel_size, self.config.parallel.tensor_parallel)
-        step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, layout)
+        step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
         self.last_step = step
         self._channel.send({"type": "resumed", "step": step, "tag": self.resume_tag})
         self._last_report = time.perf_counter()
