@@ -58,7 +58,13 @@ class FakeNVML:
     def nvmlDeviceGetPowerUsage(self, h): return self._value(h, "power_mw")
     def nvmlDeviceGetClockInfo(self, h, clock): return self._value(h, "sm_clock" if clock == 1 else "mem_clock")
     def nvmlDeviceGetPcieThroughput(self, h, counter): return self._value(h, "pcie_kib")
-    def nvmlDeviceGetFieldValues(self, h, fields): raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    def nvmlDeviceGetFieldValues(self, h, fields):
+        """NVLink totals as NVML keeps them: running KiB per field, stamped in microseconds."""
+        totals = self._value(h, "nvlink")
+        return [SimpleNamespace(nvmlReturn=self.NVML_SUCCESS, timestamp=totals["us"],
+                                value=SimpleNamespace(ullVal=totals[field_id])) for field_id, _scope in fields]
+
     def nvmlDeviceGetTotalEccErrors(self, h, kind, counter): return self._value(h, "ecc")[kind]
     def nvmlDeviceGetRemappedRows(self, h): return self._value(h, "remapped")
     def nvmlEventSetCreate(self): return "events"
@@ -94,6 +100,17 @@ def test_normal_values_under_dcgm_names_and_labels() -> None:
     assert v["DCGM_FI_PROF_PCIE_TX_BYTES"] == 2048 * 1024 and v["DCGM_FI_DEV_XID_ERRORS"] == 0
     assert v["DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"] == 3 and v["DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"] == 1
     assert "DCGM_FI_PROF_NVLINK_TX_BYTES" not in v  # no NVLink on this stand-in
+
+
+def test_nvlink_throughput_is_the_rate_of_nvml_running_totals() -> None:
+    nvml = FakeNVML({0: _gpu(nvlink={138: 1_000, 139: 500, "us": 10_000_000})})
+    collector = GpuCollector(rank=0, indices=[0], nvml=nvml, hostname="n")
+    assert "DCGM_FI_PROF_NVLINK_TX_BYTES" not in collector.collect().gpus[0].values  # one total is no rate
+    nvml.gpus[0]["nvlink"] = {138: 5_000, 139: 500, "us": 12_000_000}
+    v = collector.collect().gpus[0].values
+    assert v["DCGM_FI_PROF_NVLINK_TX_BYTES"] == 4_000 * 1024 / 2.0 and v["DCGM_FI_PROF_NVLINK_RX_BYTES"] == 0
+    nvml.gpus[0]["nvlink"] = {138: 10, 139: 10, "us": 13_000_000}  # counters reset (driver reload)
+    assert "DCGM_FI_PROF_NVLINK_TX_BYTES" not in collector.collect().gpus[0].values
 
 
 def test_xid_events_are_remembered_per_gpu() -> None:

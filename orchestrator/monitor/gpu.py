@@ -84,6 +84,7 @@ class GpuCollector:
         self._missing_reason = ""
         self._events: Any = None
         self._last_xid: dict[str, float] = {}
+        self._counters: dict[tuple[str, int], tuple[int, int]] = {}  # (uuid, field) -> (KiB, timestamp us)
         self._lost: set[int] = set()
 
     def collect(self) -> GpuReading:
@@ -161,8 +162,8 @@ class GpuCollector:
             "DCGM_FI_DEV_XID_ERRORS": lambda: self._xid(handle, uuid),
             "DCGM_FI_PROF_PCIE_TX_BYTES": lambda: nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_TX_BYTES) * 1024.0,
             "DCGM_FI_PROF_PCIE_RX_BYTES": lambda: nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_RX_BYTES) * 1024.0,
-            "DCGM_FI_PROF_NVLINK_TX_BYTES": lambda: self._field(handle, nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX),
-            "DCGM_FI_PROF_NVLINK_RX_BYTES": lambda: self._field(handle, nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX),
+            "DCGM_FI_PROF_NVLINK_TX_BYTES": lambda: self._rate(handle, uuid, nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX),
+            "DCGM_FI_PROF_NVLINK_RX_BYTES": lambda: self._rate(handle, uuid, nvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX),
             "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL": lambda: nvml.nvmlDeviceGetTotalEccErrors(
                 handle, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC),
             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": lambda: nvml.nvmlDeviceGetTotalEccErrors(
@@ -171,13 +172,24 @@ class GpuCollector:
             "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": lambda: remapped()[1],
         }
 
-    def _field(self, handle: Any, field_id: int) -> float | None:
-        """An NVML field value (NVLink throughput: KiB/s over all links, scope UINT_MAX)."""
+    def _rate(self, handle: Any, uuid: str, field_id: int) -> float | None:
+        """Bytes/s of an NVLink throughput field over all links (scope UINT_MAX).
+
+        NVML reports these fields as running totals in KiB, stamped in
+        microseconds; the rate is the difference between this reading and
+        the previous one, so the first reading (and one after a counter
+        reset) yields no value.
+        """
         nvml = self._nvml
         [value] = nvml.nvmlDeviceGetFieldValues(handle, [(field_id, 0xFFFFFFFF)])
         if value.nvmlReturn != nvml.NVML_SUCCESS:
             return None
-        return float(value.value.ullVal) * 1024.0
+        total, stamp = int(value.value.ullVal), int(value.timestamp)
+        previous = self._counters.get((uuid, field_id))
+        self._counters[(uuid, field_id)] = (total, stamp)
+        if previous is None or stamp <= previous[1] or total < previous[0]:
+            return None
+        return (total - previous[0]) * 1024.0 / ((stamp - previous[1]) / 1e6)
 
     def _xid(self, handle: Any, uuid: str) -> float:
         """The last XID error seen on this GPU (0 when none): NVML reports XIDs as events."""
