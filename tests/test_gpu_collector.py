@@ -53,7 +53,18 @@ class FakeNVML:
     def nvmlDeviceGetPciInfo(self, h): return SimpleNamespace(busId=f"00000000:0{h}:00.0".encode())
     def nvmlDeviceGetName(self, h): return "NVIDIA H100 80GB HBM3"
     def nvmlDeviceGetUtilizationRates(self, h): return SimpleNamespace(**self._value(h, "util"))
-    def nvmlDeviceGetMemoryInfo(self, h): return SimpleNamespace(**self._value(h, "memory"))
+    nvmlMemory_v2 = 0x02000028
+
+    def nvmlDeviceGetMemoryInfo(self, h, version=None):
+        """v1 counts the driver's reserved memory as used; v2 reports it apart (where the driver has v2)."""
+        memory = dict(self._value(h, "memory"))
+        reserved = memory.pop("reserved", 0)
+        if version is None:
+            return SimpleNamespace(used=memory["used"] + reserved, free=memory["free"])
+        if not self._gpu(h).get("memory_v2", True):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return SimpleNamespace(reserved=reserved, **memory)
+
     def nvmlDeviceGetTemperature(self, h, sensor): return self._value(h, "temp")
     def nvmlDeviceGetPowerUsage(self, h): return self._value(h, "power_mw")
     def nvmlDeviceGetClockInfo(self, h, clock): return self._value(h, "sm_clock" if clock == 1 else "mem_clock")
@@ -78,7 +89,7 @@ class FakeNVML:
 
 
 def _gpu(**overrides) -> dict:
-    gpu = {"util": {"gpu": 87, "memory": 40}, "memory": {"used": 10 * 2**30, "free": 70 * 2**30},
+    gpu = {"util": {"gpu": 87, "memory": 40}, "memory": {"used": 10 * 2**30, "free": 70 * 2**30, "reserved": 2**29},
            "temp": 61, "power_mw": 312_500, "sm_clock": 1980, "mem_clock": 2619, "pcie_kib": 2048,
            "ecc": {0: 3, 1: 0}, "remapped": (1, 0, False, False)}
     gpu.update(overrides)
@@ -111,6 +122,13 @@ def test_nvlink_throughput_is_the_rate_of_nvml_running_totals() -> None:
     assert v["DCGM_FI_PROF_NVLINK_TX_BYTES"] == 4_000 * 1024 / 2.0 and v["DCGM_FI_PROF_NVLINK_RX_BYTES"] == 0
     nvml.gpus[0]["nvlink"] = {138: 10, 139: 10, "us": 13_000_000}  # counters reset (driver reload)
     assert "DCGM_FI_PROF_NVLINK_TX_BYTES" not in collector.collect().gpus[0].values
+
+
+def test_memory_used_leaves_reserved_memory_out_where_the_driver_can() -> None:
+    nvml = FakeNVML({0: _gpu(), 1: _gpu(memory_v2=False)})
+    new_driver, old_driver = GpuCollector(rank=0, indices=[0, 1], nvml=nvml, hostname="n").collect().gpus
+    assert new_driver.values["DCGM_FI_DEV_FB_USED"] == 10 * 1024  # as nvidia-smi's memory.used
+    assert old_driver.values["DCGM_FI_DEV_FB_USED"] == 10 * 1024 + 512  # v1: reserved counted as used
 
 
 def test_xid_events_are_remembered_per_gpu() -> None:

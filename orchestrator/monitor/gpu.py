@@ -148,7 +148,7 @@ class GpuCollector:
     def _queries(self, handle: Any, uuid: str) -> dict[str, Callable[[], float | None]]:
         nvml = self._nvml
         util = _cached(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
-        memory = _cached(lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+        memory = _cached(lambda: self._memory(handle))
         remapped = _cached(lambda: nvml.nvmlDeviceGetRemappedRows(handle))
         return {
             "DCGM_FI_DEV_GPU_UTIL": lambda: util().gpu,
@@ -171,6 +171,17 @@ class GpuCollector:
             "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": lambda: remapped()[0],
             "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": lambda: remapped()[1],
         }
+
+    def _memory(self, handle: Any) -> Any:
+        """Framebuffer use as nvidia-smi and DCGM count it: v2 leaves the driver's reserved memory out of ``used``.
+
+        Drivers without the v2 call answer with v1, whose ``used`` includes it.
+        """
+        nvml = self._nvml
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+        except nvml.NVMLError:
+            return nvml.nvmlDeviceGetMemoryInfo(handle)
 
     def _rate(self, handle: Any, uuid: str, field_id: int) -> float | None:
         """Bytes/s of an NVLink throughput field over all links (scope UINT_MAX).
