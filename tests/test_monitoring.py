@@ -192,6 +192,7 @@ def test_job_metrics_follow_the_event_log() -> None:
         _event("run_started", 100.0, run_id="r1", world_size=2, resumed_from_step=0, config=config),
         _event("step", 110.0, step=7, loss=2.5, step_time_s=0.1, tokens_per_s=1000.0, lr=0.003, grad_norm=0.4),
         _event("failure_detected", 111.0, rank=1, reason="signal", root_cause=True, detection_s=0.2),
+        _event("failure_detected", 111.0, rank=0, reason="exception", root_cause=False, detection_s=0.01),
         _event("recovery_started", 111.5, reason="signal", attempt=1),
         _event("checkpoint_committed", 112.0, step=10, seconds=0.3, blocked_s=0.02, bytes=1234),
         _event("checkpoint_failed", 113.0, step=20, rank=0),
@@ -205,4 +206,5 @@ def test_job_metrics_follow_the_event_log() -> None:
                  'orchestrator_rank_up{rank="1"} 0.0', 'orchestrator_rank_heartbeat_age_seconds{rank="1"} 4.0',
                  'orchestrator_rank_step_time_seconds{rank="1"} 0.3', 'orchestrator_wall_seconds 30.0']:
         assert line in text, line
+    assert 'reason="exception"' not in text, "a rank failing because its peer died is no failure of its own"
     assert "orchestrator_model_flops_utilization" not in text, "no MFU without a known GPU peak"

@@ -52,7 +52,8 @@ class JobMetrics:
                                     ["rank"], registry=r)
         self.rank_step = Gauge("orchestrator_rank_step", "Last step the rank reported.", ["rank"], registry=r)
         self.restarts = Counter("orchestrator_restarts", "Recoveries, by the root cause's reason.", ["reason"], registry=r)
-        self.failures = Counter("orchestrator_failures", "Failed ranks, by reason.", ["reason"], registry=r)
+        self.failures = Counter("orchestrator_failures", "Failures, by the root cause's reason (one per incident).",
+                                ["reason"], registry=r)
         self.ckpt_duration = Histogram("orchestrator_checkpoint_duration_seconds",
                                        "Save time of committed checkpoints (slowest rank: blocked + write).",
                                        buckets=_CHECKPOINT_BUCKETS, registry=r)
@@ -105,7 +106,7 @@ class JobMetrics:
             self.ckpt_step.set(event["step"])
         elif kind == "checkpoint_failed":
             self.ckpt_failures.inc()
-        elif kind == "failure_detected":
+        elif kind == "failure_detected" and event["root_cause"]:
             self.failures.labels(reason=event["reason"]).inc()
         elif kind == "recovery_started":
             self.restarts.labels(reason=event["reason"]).inc()
