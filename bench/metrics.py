@@ -7,7 +7,7 @@ Throughput is steps per second between step ``--skip`` and the last step,
 from the step events' timestamps (start-up left out). Target (issue 5):
 scraped throughput >= 99% of the metrics-off throughput.
 
-    .venv/bin/python bench/metrics.py [--steps 400] [--repeats 2]
+    .venv/bin/python bench/metrics.py [--steps 400] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--skip", type=int, default=50, help="steps left out at the start (warm-up)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rates: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as work:

@@ -51,7 +51,7 @@ class FakeNVML:
 
     def nvmlDeviceGetUUID(self, h): return f"GPU-{h:04d}"
     def nvmlDeviceGetPciInfo(self, h): return SimpleNamespace(busId=f"00000000:0{h}:00.0".encode())
-    def nvmlDeviceGetName(self, h): return "NVIDIA H100 80GB HBM3"
+    def nvmlDeviceGetName(self, h): return self._gpu(h).get("name", "NVIDIA H100 80GB HBM3")
     def nvmlDeviceGetUtilizationRates(self, h): return SimpleNamespace(**self._value(h, "util"))
     nvmlMemory_v2 = 0x02000028
 
@@ -177,6 +177,23 @@ def test_exposition_uses_dcgm_names_with_rank() -> None:
     metrics.update_gpus([GpuCollector(rank=0, indices=[0], nvml=FakeNVML({0: _gpu()}), hostname="n").collect()])
     text = _exposition(metrics)
     assert 'DCGM_FI_DEV_GPU_UTIL{Hostname="n",UUID="GPU-0000",device="nvidia0",gpu="0",modelName="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:00:00.0",rank="0"} 87.0' in text
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 67e12), ("NVIDIA H100 PCIe", 51e12)])
+def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) -> None:
+    metrics = JobMetrics(world_size=2)
+    nvml = FakeNVML({0: _gpu(name=name), 1: _gpu(name=name)})
+    metrics.update_gpus([GpuCollector(rank=r, indices=[r], nvml=nvml, hostname="n").collect() for r in (0, 1)])
+    metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 2 * peak * 0.5 * 0.4})
+    assert "orchestrator_model_flops_utilization 0.4" in _exposition(metrics)
+
+
+def test_no_mfu_when_one_gpu_model_has_no_known_peak() -> None:
+    metrics = JobMetrics(world_size=2)
+    nvml = FakeNVML({0: _gpu(), 1: _gpu(name="Tesla T4")})
+    metrics.update_gpus([GpuCollector(rank=r, indices=[r], nvml=nvml, hostname="n").collect() for r in (0, 1)])
+    metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 1e12})
+    assert "orchestrator_model_flops_utilization" not in _exposition(metrics)
 
 
 def _exposition(metrics: JobMetrics) -> str:

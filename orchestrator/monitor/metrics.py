@@ -22,8 +22,9 @@ from prometheus_client.registry import Collector
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
 from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
 
-# Dense fp32 peak FLOP/s per GPU, for model FLOPs utilisation; other devices get no MFU.
-PEAK_FLOPS = {"A100": 19.5e12, "H100": 67e12, "H200": 67e12}
+# Dense fp32 peak FLOP/s by a part of NVML's model name, most specific first (training runs in
+# fp32); for model FLOPs utilisation. Other devices get no MFU.
+PEAK_FLOPS = (("H100 PCIe", 51e12), ("H100 NVL", 60e12), ("H100", 67e12), ("H200", 67e12), ("A100", 19.5e12))
 _CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 
 
@@ -160,7 +161,7 @@ class _GpuFamilies(Collector):
         """Summed peak FLOP/s of the job's GPUs, 0 when any model is unknown or there are none."""
         with self._lock:
             models = [g.labels["modelName"] for c in self._collections for g in c.gpus]
-        peaks = [next((p for name, p in PEAK_FLOPS.items() if name in m), 0.0) for m in models]
+        peaks = [next((p for name, p in PEAK_FLOPS if name in m), 0.0) for m in models]
         return sum(peaks) if peaks and all(peaks) else 0.0
 
     def collect(self) -> Iterator[Metric]:
