@@ -85,6 +85,7 @@ class GpuCollector:
         self._events: Any = None
         self._last_xid: dict[str, float] = {}
         self._counters: dict[tuple[str, int], tuple[int, int]] = {}  # (uuid, field) -> (KiB, timestamp us)
+        self._memory_v2 = True
         self._lost: set[int] = set()
 
     def collect(self) -> GpuReading:
@@ -175,13 +176,15 @@ class GpuCollector:
     def _memory(self, handle: Any) -> Any:
         """Framebuffer use as nvidia-smi and DCGM count it: v2 leaves the driver's reserved memory out of ``used``.
 
-        Drivers without the v2 call answer with v1, whose ``used`` includes it.
+        A driver without the v2 call is asked with v1 (whose ``used`` includes it) from then on.
         """
         nvml = self._nvml
-        try:
-            return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-        except nvml.NVMLError:
-            return nvml.nvmlDeviceGetMemoryInfo(handle)
+        if self._memory_v2:
+            try:
+                return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            except (nvml.NVMLError_FunctionNotFound, nvml.NVMLError_NotSupported):
+                self._memory_v2 = False
+        return nvml.nvmlDeviceGetMemoryInfo(handle)
 
     def _rate(self, handle: Any, uuid: str, field_id: int) -> float | None:
         """Bytes/s of an NVLink throughput field over all links (scope UINT_MAX).
