@@ -2,6 +2,7 @@
 
     orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     orchestrator validate CONFIG [--set KEY=VALUE]...
+    orchestrator network [CONFIG] [--set KEY=VALUE]... [--sysfs-root DIR] [--head ADDR]
 
 Exit codes: 0 trained to the end, 1 the run failed, 2 bad input (nothing
 was started), 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
@@ -72,6 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     add_config_args(validate)
     validate.set_defaults(func=_validate)
 
+    network = sub.add_parser(
+        "network", help="print, as JSON, the network variables this node's ranks would get",
+        description="Detect this node's network per cluster.network (interface, InfiniBand/RoCE adapters, GID "
+        "index) and print the variables a rank here would get, as JSON. Without CONFIG: the defaults with "
+        "cluster.device=gpu.",
+    )
+    network.add_argument("config", nargs="?", help="YAML config file (default: the defaults, on GPU)")
+    network.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    network.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+                         help="read devices from DIR/class/... instead of /sys (default: /sys)")
+    network.add_argument("--head", metavar="ADDR",
+                         help="the head node's address (default: the host of cluster.ray_address, else 127.0.0.1)")
+    network.set_defaults(func=_network)
+
     checkpoints = sub.add_parser("checkpoints", help="list or verify a run directory's checkpoints")
     checkpoints.add_argument("action", choices=["list", "verify"],
                              help="list: sizes checked (fast); verify: every file's checksum too")
@@ -135,6 +150,28 @@ def _validate(args: argparse.Namespace) -> int:
         f"tensor parallel {config.parallel.tensor_parallel}, {config.train.steps} steps"
     )
     return EXIT_OK
+
+
+def _network(args: argparse.Namespace) -> int:
+    """Print the variables ``worker/network.py`` would give ranks on this node; details on stderr."""
+    import json
+
+    from orchestrator.worker.network import configure
+
+    overrides = args.set if args.config else ["cluster.device=gpu", *args.set]
+    config = load_config(args.config, overrides)
+    head = args.head or _head_host(config.cluster.ray_address)
+    found = configure(config, head, args.sysfs_root)
+    print(f"head {head}: {found.summary()}", file=sys.stderr)
+    print(json.dumps(found.env, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _head_host(ray_address: str | None) -> str:
+    """The host part of ``HOST:PORT`` (or ``ray://HOST:PORT``); loopback for the embedded Ray or ``auto``."""
+    if ray_address is None or ray_address == "auto":
+        return "127.0.0.1"
+    return ray_address.removeprefix("ray://").rpartition(":")[0] or "127.0.0.1"
 
 
 def parse_fault(text: str, world_size: int) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class FakeGroup:
     def warm_spares(self):
         return {}
 
+    def node_networks(self):
+        return {"node-a": {"interface": "eth0", "address": "10.0.0.1", "ib_ports": [], "env": {}, "summary": "eth0"}}
+
     def stop(self):
         pass
 

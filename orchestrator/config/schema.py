@@ -25,6 +25,46 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+
+class NetworkConfig(_Section):
+    """How ranks on different nodes reach each other: detected on each node, written into the ranks'
+    environment (``orchestrator/worker/network.py``). A variable set in ``cluster.env`` wins."""
+
+    interface: str = Field(
+        "auto",
+        min_length=1,
+        description="Interface for gloo/NCCL sockets (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME): a name such as "
+        "eth0, or 'auto' for the one that routes to the head node.",
+    )
+    ib_hca: str = Field(
+        "auto",
+        min_length=1,
+        description="InfiniBand/RoCE adapters for NCCL (NCCL_IB_HCA), e.g. 'mlx5_0:1,mlx5_1:1'; 'auto' lists "
+        "the devices with an ACTIVE port; 'none' turns InfiniBand off (NCCL_IB_DISABLE=1).",
+    )
+    ib_gid_index: int | Literal["auto"] | None = Field(
+        "auto",
+        description="RoCE GID index (NCCL_IB_GID_INDEX); 'auto' picks the port's RoCE v2 IPv4 GID; null leaves it to NCCL.",
+    )
+    nccl_debug: Literal["VERSION", "WARN", "INFO", "TRACE"] | None = Field(
+        "WARN", description="NCCL_DEBUG level; null leaves it unset."
+    )
+
+    @field_validator("interface", "ib_hca")
+    @classmethod
+    def _check_names(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.:,@-]+", value):
+            raise ValueError(f"{value!r}: expected a name or a comma-separated list of names, without spaces")
+        return value
+
+    @field_validator("ib_gid_index")
+    @classmethod
+    def _check_gid(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value} is negative; give a GID index from `show_gids`, 'auto' or null")
+        return value
+
+
 class ClusterConfig(_Section):
     """Where the job runs and how many ranks it has."""
 
@@ -38,9 +78,13 @@ class ClusterConfig(_Section):
     device: Literal["cpu", "gpu"] = Field(
         "cpu", description="cpu: gloo backend; gpu: one GPU per rank, nccl backend."
     )
+    spare_nodes: Annotated[int, Field(ge=0)] = Field(
+        0, description="Extra nodes held, warm, to take over the ranks of a lost node."
+    )
+    network: NetworkConfig = NetworkConfig()
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra environment for every training process (NCCL_*, OMP_*, ...).",
+        description="Extra environment for every training process (NCCL_*, OMP_*, ...); wins over cluster.network.",
     )
 
     @field_validator("env", mode="before")
@@ -91,6 +135,11 @@ class TrainConfig(_Section):
     micro_batch_size: Annotated[int, Field(ge=1)] = Field(
         8, description="Sequences per data-parallel rank per step."
     )
+    global_batch_size: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Sequences per optimizer step over all ranks, kept on any world size by gradient "
+        "accumulation; null: micro_batch_size x data-parallel size.",
+    )
     lr: Annotated[float, Field(gt=0)] = Field(3e-3, description="AdamW learning rate.")
     entrypoint: str | None = Field(
         None,
@@ -139,6 +188,18 @@ class FaultToleranceConfig(_Section):
     hang_timeout_s: Annotated[float, Field(gt=0)] = Field(
         30.0, description="A rank with no step heartbeat for this long is declared hung."
     )
+    node_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="A node whose actors answer no poll for this long is lost (also how long its ranks keep "
+        "training without the controller before they stop themselves: half of it).",
+    )
+    node_wait_s: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Without a spare node, wait this long for a lost node (or a new one) to join before "
+        "shrinking or failing."
+    )
+    allow_shrink: bool = Field(
+        False, description="Without a spare node, continue on the nodes left (same global batch) instead of failing."
+    )
     recovery: Literal["in_place", "full_restart"] = Field(
         "in_place",
         description="in_place: survivors keep their processes and a warm spare replaces the failed rank; "
@@ -175,6 +236,23 @@ class Config(_Section):
                 "cluster.nodes: the embedded local Ray has one node; set cluster.nodes=1 "
                 "or give cluster.ray_address of a running Ray cluster"
             )
+        if self.cluster.ray_address is None and self.cluster.spare_nodes:
+            raise ValueError(
+                "cluster.spare_nodes: the embedded local Ray has one node; set cluster.spare_nodes=0 "
+                "or give cluster.ray_address of a running Ray cluster"
+            )
+        if self.parallel.tensor_parallel > self.cluster.workers_per_node and self.cluster.nodes > 1:
+            raise ValueError(
+                f"parallel.tensor_parallel: {self.parallel.tensor_parallel} is more than "
+                f"cluster.workers_per_node={self.cluster.workers_per_node}; a tensor-parallel group must lie "
+                "inside one node (its collectives run every layer)"
+            )
+        if self.cluster.workers_per_node % self.parallel.tensor_parallel and self.cluster.nodes > 1:
+            raise ValueError(
+                f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide "
+                f"cluster.workers_per_node={self.cluster.workers_per_node}; tensor-parallel groups must not "
+                "straddle nodes"
+            )
         if world % self.parallel.tensor_parallel:
             raise ValueError(
                 f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide the "
@@ -190,11 +268,27 @@ class Config(_Section):
                     f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide "
                     f"model.heads={self.model.heads}; tensor parallelism splits attention heads"
                 )
+        if self.train.global_batch_size is not None:
+            self.accumulation_steps(self.data_parallel_size)  # raises when it does not divide
         return self
 
     @property
     def data_parallel_size(self) -> int:
         return self.cluster.world_size // self.parallel.tensor_parallel
+
+    def accumulation_steps(self, data_parallel_size: int) -> int:
+        """Micro-batches per optimizer step that keep ``train.global_batch_size`` on this many replicas."""
+        per_step = self.train.micro_batch_size * data_parallel_size
+        wanted = self.train.global_batch_size
+        if wanted is None:
+            return 1
+        if wanted % per_step:
+            raise ValueError(
+                f"train.global_batch_size: {wanted} is not a multiple of train.micro_batch_size x data-parallel "
+                f"size = {self.train.micro_batch_size} x {data_parallel_size} = {per_step}; pick a multiple "
+                "of it (or a micro batch that divides it)"
+            )
+        return wanted // per_step
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -204,4 +298,4 @@ class Config(_Section):
     @property
     def global_batch(self) -> int:
         """Sequences per optimizer step over all data-parallel ranks."""
-        return self.train.micro_batch_size * self.data_parallel_size
+        return self.train.micro_batch_size * self.data_parallel_size * self.accumulation_steps(self.data_parallel_size)

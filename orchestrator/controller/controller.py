@@ -111,6 +111,7 @@ class Controller:
         self._pending: PendingRecovery | None = None
         self._spares_started = False
         self._warm_spares: dict[str, int] = {}
+        self._networks_reported: dict[str, dict[str, Any]] = {}
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
@@ -271,10 +272,22 @@ class Controller:
         now = self._clock()
         old = self._views
         self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else 0) for r in range(self.group.world_size)}
+        self._report_networks()
         for info in infos:
             self.events.emit(
-                "worker_started", rank=info.rank, pid=info.pid, node=info.node, attempt=info.attempt, spare=info.spare
+                "worker_started", rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
+                node_id=info.node_id, attempt=info.attempt, spare=info.spare,
             )
+
+    def _report_networks(self) -> None:
+        """``network_configured`` once per node (again if what it detected changed), and one line each."""
+        for node_id, found in self.group.node_networks().items():
+            if self._networks_reported.get(node_id) == found:
+                continue
+            self._networks_reported[node_id] = found
+            fields = {k: v for k, v in found.items() if k != "summary"}
+            self.events.emit("network_configured", node_id=node_id, **fields)
+            self.display.note(f"network on {node_id[:8]}: {found['summary']}")
 
     def _absorb(self, update: RankUpdate) -> Failure | None:
         view = self._views[update.rank]

@@ -3,14 +3,18 @@
 :class:`WorkerGroup` is what the controller needs: start ranks (all of them,
 or replacements beside survivors that rejoin in place), poll them,
 interrupt or kill some, stop all. :class:`RayWorkerGroup` does it with a
-placement group (one bundle per rank), one
-:class:`~orchestrator.worker.actor.RankActor` per bundle and one warm spare
-per node; controller tests use a fake with the same methods.
+placement group of one bundle per node (``workers_per_node`` CPUs, and GPUs,
+each; STRICT_SPREAD puts every bundle on a different Ray node), one
+:class:`~orchestrator.worker.actor.RankActor` per rank slot of a bundle and
+one warm spare per node; controller tests use a fake with the same methods.
+
+Ranks are numbered in node order: node slot ``s`` holds ranks ``s*k .. s*k+k-1``
+(``k = workers_per_node``), so tensor-parallel groups (consecutive ranks, a
+divisor of ``k``) lie inside one node and data-parallel replicas span nodes.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,8 @@ class WorkerInfo:
     pid: int
     node: str
     attempt: int
+    node_ip: str = ""
+    node_id: str = ""
     spare: bool = False
 
 
@@ -90,6 +96,9 @@ class WorkerGroup(Protocol):
     def warm_spares(self) -> dict[str, int]:
         """Node host name -> pid of its warm spare, for nodes that have one (as of the last poll)."""
 
+    def node_networks(self) -> dict[str, dict[str, Any]]:
+        """Ray node id -> what was detected there for the current rendezvous address (``network_configured``)."""
+
     def stop(self) -> None:
         """Stop and reap every training process; the group can be started again."""
 
@@ -102,6 +111,11 @@ class RayWorkerGroup:
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.world_size = config.cluster.world_size
+        self._per_node = config.cluster.workers_per_node
+        # Node slot -> its placement-group bundle. Bundles past config.cluster.nodes are spare nodes.
+        self._slot_bundle = list(range(config.cluster.nodes))
+        self._num_bundles = config.cluster.nodes + config.cluster.spare_nodes
+        self._networks: dict[tuple[str, str], dict[str, Any]] = {}  # (node id, head address) -> detection
         self._config = config
         self._config_dict = config.model_dump(mode="json")
         self._run_dir = run_dir
@@ -109,7 +123,7 @@ class RayWorkerGroup:
         self._started_ray = False
         self._pg: Any = None
         self._actors: list[Any] = []
-        self._nodes: list[dict[str, Any]] = []
+        self._nodes: list[dict[str, Any]] = []  # per actor: where it landed (RankActor.node_info)
         self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
         self._dead: set[int] = set()  # actors that died (their node, or their process, is gone)
         self._warm: dict[str, int] = {}
@@ -128,7 +142,7 @@ class RayWorkerGroup:
         for p in placements:
             if p.rank in rejoin:
                 continue
-            home = self._nodes[p.rank]
+            home = self._nodes[self._home(p.rank)]
             spare_host = spare_hosts[home["node_id"]]
             pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]))
             promoted = pid is not None
@@ -137,9 +151,10 @@ class RayWorkerGroup:
                     self._call(self._actors[self._host[p.rank]].forget.remote(p.rank), dead_ok=True)
                 self._host[p.rank] = spare_host
             else:
-                self._host[p.rank] = p.rank
-                pid = self._call(self._actors[p.rank].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]))
-            started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt, spare=promoted))
+                self._host[p.rank] = self._home(p.rank)
+                pid = self._call(self._actors[self._host[p.rank]].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]))
+            started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt,
+                                      node_ip=home["ip"], node_id=home["node_id"], spare=promoted))
         return started
 
     def poll(self) -> list[RankUpdate]:
@@ -171,6 +186,10 @@ class RayWorkerGroup:
     def warm_spares(self) -> dict[str, int]:
         return dict(self._warm)
 
+    def node_networks(self) -> dict[str, dict[str, Any]]:
+        head = self._head_ip()
+        return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
+
     def gpu_metrics(self) -> list[GpuReading]:
         refs = {index: actor.gpu_metrics.remote(index) for index, actor in enumerate(self._actors)
                 if index not in self._dead}
@@ -191,10 +210,10 @@ class RayWorkerGroup:
             self._call(self._actors[self._host[rank]].kill.remote(rank), dead_ok=True)
 
     def ensure_spares(self) -> None:
-        placements = self._placements(port=0)
         for index in sorted(self._spare_hosts().values()):
-            # The node's shared settings (threads, devices, cluster.env); the rank's own come at promotion.
-            env = {k: v for k, v in rank_env(self._config, placements[index]).items() if k not in RESERVED_ENV}
+            # The node's shared settings (threads, devices, network, cluster.env); the rank's own come at promotion.
+            placement = self._placement(index, local_rank=index % self._per_node, master_port=0)
+            env = {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
             self._call(self._actors[index].start_spare.remote(self._config_dict, env), dead_ok=True)
 
     def stop(self) -> None:
@@ -225,7 +244,7 @@ class RayWorkerGroup:
             "rank": p.rank,
             "local_rank": p.local_rank,
             "world_size": self.world_size,
-            "node": self._nodes[p.rank]["hostname"],
+            "node": self._nodes[self._home(p.rank)]["hostname"],
             "attempt": attempt,
             "config": self._config_dict,
             "run_dir": str(self._run_dir),
@@ -250,7 +269,7 @@ class RayWorkerGroup:
             raise
 
     def _ensure_actors(self) -> None:
-        """Connect to Ray, reserve one bundle per rank and place one actor in each (once)."""
+        """Connect to Ray, reserve one bundle per node, place one actor per rank slot in each (once)."""
         if self._actors:
             return
         from orchestrator.controller import ray_session
@@ -261,20 +280,43 @@ class RayWorkerGroup:
 
         self._ray = ray
         gpu = self._config.cluster.device == "gpu"
-        bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-        self._pg = placement_group([bundle] * self.world_size, strategy="PACK")
+        bundle = {"CPU": self._per_node, "GPU": self._per_node} if gpu else {"CPU": self._per_node}
+        # STRICT_SPREAD: every bundle on its own Ray node, or none at all.
+        self._pg = placement_group([bundle] * self._num_bundles, strategy="STRICT_SPREAD")
         try:
             ray.get(self._pg.ready(), timeout=_PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise ClusterError(
-                f"Ray could not reserve {self.world_size} x {bundle} within {_PLACEMENT_TIMEOUT_S:.0f}s; "
-                "check `ray status` for free resources or lower cluster.nodes/cluster.workers_per_node"
+                f"Ray could not reserve {self._num_bundles} node(s) with {bundle} each (cluster.nodes="
+                f"{self._config.cluster.nodes} + cluster.spare_nodes={self._config.cluster.spare_nodes}, each on "
+                f"its own Ray node) within {_PLACEMENT_TIMEOUT_S:.0f}s; check `ray status` for nodes and free "
+                "resources, or lower cluster.nodes/cluster.workers_per_node/cluster.spare_nodes"
             ) from None
-        self._actors = [self._new_actor(index) for index in range(self.world_size)]
+        self._actors = [self._new_actor(index) for index in range(self._num_bundles * self._per_node)]
         self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
-        self._host = {rank: rank for rank in range(self.world_size)}
+        self._host = {rank: self._home(rank) for rank in range(self.world_size)}
+
+    def _home(self, rank: int) -> int:
+        """The actor that normally hosts ``rank``: its local slot on its node slot's bundle."""
+        slot, local = divmod(rank, self._per_node)
+        return self._slot_bundle[slot] * self._per_node + local
+
+    def _head_ip(self) -> str:
+        return self._nodes[self._home(0)]["ip"]
+
+    def _detect_networks(self) -> None:
+        """Detect each node's network for the current head address, once per node and address."""
+        head = self._head_ip()
+        todo = {}
+        for index, info in enumerate(self._nodes):
+            key = (info["node_id"], head)
+            if key not in self._networks and index not in self._dead and key not in todo:
+                todo[key] = self._actors[index].network.remote(self._config_dict, head)
+        for key, ref in todo.items():
+            self._networks[key] = self._call(ref)
 
     def _new_actor(self, index: int) -> Any:
+        """The actor for slot ``index % workers_per_node`` of bundle ``index // workers_per_node``."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from orchestrator.worker.actor import RankActor
@@ -286,7 +328,7 @@ class RayWorkerGroup:
                 num_cpus=1,
                 num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=index
+                    placement_group=self._pg, placement_group_bundle_index=index // self._per_node
                 ),
             )
             .remote(index, str(self._run_dir / "logs"))
@@ -299,32 +341,29 @@ class RayWorkerGroup:
             self._nodes[index] = self._ray.get(self._actors[index].node_info.remote(), timeout=_PLACEMENT_TIMEOUT_S)
             for rank, host in self._host.items():
                 if host == index:
-                    self._host[rank] = rank
+                    self._host[rank] = self._home(rank)
         self._dead.clear()
 
-    def _placements(self, port: int | None = None) -> list[RankPlacement]:
-        """Local ranks, GPU visibility and the rendezvous address for a new attempt."""
-        by_node: dict[str, list[int]] = defaultdict(list)
-        for rank, info in enumerate(self._nodes):
-            by_node[info["node_id"]].append(rank)
-        master = self._nodes[0]["ip"]
-        if port is None:
-            # A fresh port every attempt: a reused store would hand out a dead rank's address.
-            port = self._call(self._actors[self._host[0]].free_port.remote(master))
-        placements = []
-        for rank, info in enumerate(self._nodes):
-            peers = by_node[info["node_id"]]
-            # Every rank of a node sees all of the node's job GPUs, ordered by local rank.
-            node_gpus = [g for r in peers for g in self._nodes[r]["gpu_ids"]]
-            placements.append(
-                RankPlacement(
-                    rank=rank,
-                    local_rank=peers.index(rank),
-                    local_world_size=len(peers),
-                    master_addr=master,
-                    master_port=port,
-                    node_cpus=info["cpus"],
-                    cuda_visible_devices=",".join(node_gpus) if node_gpus else None,
-                )
-            )
-        return placements
+    def _placements(self) -> list[RankPlacement]:
+        """Every rank's local rank, devices, network and rendezvous address for a new attempt."""
+        self._detect_networks()
+        # A fresh port every attempt: a reused store would hand out a dead rank's address.
+        port = self._call(self._actors[self._host[0]].free_port.remote(self._head_ip()))
+        return [self._placement(self._home(rank), rank=rank, local_rank=rank % self._per_node, master_port=port)
+                for rank in range(self.world_size)]
+
+    def _placement(self, index: int, *, local_rank: int, master_port: int, rank: int = 0) -> RankPlacement:
+        """A process on actor ``index``'s node: the node's GPUs (ordered by local rank), CPUs and network."""
+        info = self._nodes[index]
+        first = index - index % self._per_node
+        node_gpus = [g for i in range(first, first + self._per_node) for g in self._nodes[i]["gpu_ids"]]
+        return RankPlacement(
+            rank=rank,
+            local_rank=local_rank,
+            local_world_size=self._per_node,
+            master_addr=self._head_ip(),
+            master_port=master_port,
+            node_cpus=info["cpus"],
+            cuda_visible_devices=",".join(node_gpus) if node_gpus else None,
+            network_env=self._networks.get((info["node_id"], self._head_ip()), {}).get("env", {}),
+        )

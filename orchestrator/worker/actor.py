@@ -265,6 +265,14 @@ class RankActor:
             "cpus": local_cpu_count(),
         }
 
+    def network(self, config: dict[str, Any], head_addr: str) -> dict[str, Any]:
+        """Detect this node's network for ranks meeting at ``head_addr`` (``worker/network.py``)."""
+        from orchestrator.config.schema import Config
+        from orchestrator.worker.network import configure
+
+        found = configure(Config.model_validate(config), head_addr)
+        return {**found.as_event(), "summary": found.summary()}
+
     def gpu_metrics(self, rank: int) -> GpuReading:
         """Read the GPUs Ray gave this actor's bundle (the ones rank ``rank`` uses)."""
         if self._gpus is None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from orchestrator.config.schema import Config
 
@@ -25,11 +26,16 @@ class RankPlacement:
     master_port: int
     node_cpus: int
     cuda_visible_devices: str | None = None
+    network_env: Mapping[str, str] = field(default_factory=dict)
 
 
 def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
-    """The rank's settings; the actor lays them over its own environment."""
-    env = dict(config.cluster.env)
+    """The rank's settings; the actor lays them over its own environment.
+
+    Layered: the node's detected network (``worker/network.py``), then ``cluster.env``, then
+    what the rank's place in the job fixes.
+    """
+    env = {**placement.network_env, **config.cluster.env}
     env.update(
         RANK=str(placement.rank),
         LOCAL_RANK=str(placement.local_rank),
@@ -49,8 +55,6 @@ def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
     else:
         if placement.cuda_visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
-        # Turn a dead peer into an exception the runtime can report instead of a hang.
-        env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     return env
 
 
