@@ -3,6 +3,8 @@
     orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR]
     orchestrator validate CONFIG [--set KEY=VALUE]...
     orchestrator network [CONFIG] [--set KEY=VALUE]... [--sysfs-root DIR] [--head ADDR]
+    orchestrator dev-cluster up --nodes N [--cpus-per-node C] [--json] | down NAME
+                             | kill-node NAME INDEX | partition NAME INDEX
 
 Exit codes: 0 trained to the end, 1 the run failed, 2 bad input (nothing
 was started), 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
@@ -87,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
                          help="the head node's address (default: the host of cluster.ray_address, else 127.0.0.1)")
     network.set_defaults(func=_network)
 
+    dev = sub.add_parser("dev-cluster", help="a multi-node Ray cluster on this machine, one network namespace per node")
+    dev_sub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dev_up = dev_sub.add_parser("up", help="start a head and N nodes; prints the cluster.ray_address to use")
+    dev_up.add_argument("--nodes", type=int, required=True, help="worker nodes (each its own namespace and address)")
+    dev_up.add_argument("--cpus-per-node", type=int, default=2, help="CPUs each node offers Ray (default: 2)")
+    dev_up.add_argument("--json", action="store_true", help="print one JSON object: name, address, nodes")
+    dev_down = dev_sub.add_parser("down", help="remove every process, namespace and bridge of a dev cluster")
+    dev_down.add_argument("name")
+    for action, text in (("kill-node", "SIGKILL every process of node INDEX (a lost node)"),
+                         ("partition", "cut node INDEX off the others; its processes keep running")):
+        p = dev_sub.add_parser(action, help=text)
+        p.add_argument("name")
+        p.add_argument("index", type=int, help="the node's index in `up`'s list of nodes")
+    dev.set_defaults(func=_dev_cluster)
+
     checkpoints = sub.add_parser("checkpoints", help="list or verify a run directory's checkpoints")
     checkpoints.add_argument("action", choices=["list", "verify"],
                              help="list: sizes checked (fast); verify: every file's checksum too")
@@ -164,6 +181,39 @@ def _network(args: argparse.Namespace) -> int:
     found = configure(config, head, args.sysfs_root)
     print(f"head {head}: {found.summary()}", file=sys.stderr)
     print(json.dumps(found.env, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    """``dev-cluster up|down|kill-node|partition``; a cluster that cannot be made exits 1."""
+    import json
+
+    from orchestrator import devcluster
+
+    try:
+        if args.action == "up":
+            if args.nodes < 1 or args.cpus_per_node < 1:
+                raise ConfigError("dev-cluster up: --nodes and --cpus-per-node must be at least 1")
+            cluster = devcluster.up(args.nodes, args.cpus_per_node)
+            if args.json:
+                print(json.dumps(cluster.summary()))
+            else:
+                print(f"dev cluster {cluster.name}: head {cluster.address}")
+                for node in cluster.nodes:
+                    print(f"  node {node.index}: {node.address} ({args.cpus_per_node} CPUs)")
+                print(f"use: --set cluster.ray_address={cluster.address} --set cluster.nodes=N")
+                print(f"stop: orchestrator dev-cluster down {cluster.name}")
+        elif args.action == "down":
+            devcluster.down(args.name)
+        elif args.action == "kill-node":
+            pids = devcluster.kill_node(args.name, args.index)
+            print(f"node {args.index}: killed {len(pids)} processes")
+        else:
+            devcluster.partition(args.name, args.index)
+            print(f"node {args.index}: cut off (its processes keep running)")
+    except ClusterError as exc:
+        print(f"orchestrator: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -40,6 +40,8 @@ def connect(config: Config) -> bool:
     if embedded:
         for name, value in _EMBEDDED_ENV.items():
             os.environ.setdefault(name, value)
+    else:
+        _use_dev_cluster_token(config.cluster.ray_address)  # Ray reads it when imported
     import ray
 
     if ray.is_initialized():
@@ -60,6 +62,16 @@ def connect(config: Config) -> bool:
             "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here."
         ) from None
     return True
+
+
+def _use_dev_cluster_token(address: str) -> None:
+    """A dev cluster of this machine (``orchestrator dev-cluster``) keeps its token in its state directory."""
+    from orchestrator import devcluster
+
+    token = devcluster.token_for(address)
+    if token is not None and "RAY_AUTH_TOKEN" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
 
 
 def _probe(address: str) -> None:

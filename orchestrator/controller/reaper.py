@@ -53,9 +53,9 @@ class Reaper:
             self._proc.wait()
 
 
-def marked_pids(token: str, exclude: set[int]) -> list[int]:
-    """Pids whose initial environment holds ``RUN_TOKEN_ENV=token``."""
-    marker = f"{RUN_TOKEN_ENV}={token}".encode()
+def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list[int]:
+    """Pids whose initial environment holds ``env=token``."""
+    marker = f"{env}={token}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in exclude:

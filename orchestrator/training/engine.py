@@ -18,7 +18,7 @@ def deepspeed_config(config: Config) -> dict[str, Any]:
     ds: dict[str, Any] = {
         # Only the micro batch: train_batch_size would be checked against TP ranks too.
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": config.accumulation_steps(config.data_parallel_size),
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": config.train.lr, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": config.parallel.zero_stage},

@@ -77,24 +77,30 @@ def train(ctx: TrainContext) -> None:
     corpus = load_corpus()
     # Ranks of one tensor-parallel group must see the same batch: shard by data-parallel rank.
     dp_rank, dp_size = dist.get_rank(group=engine.data_parallel_group), engine.dp_world_size
-    tokens_per_step = cfg.train.micro_batch_size * cfg.model.seq_len * dp_size
+    # With train.global_batch_size, each step accumulates micro-batches so the global batch (and so the
+    # optimisation) is the same on any data-parallel size: micro-batch m of replica r is block r*k+m.
+    micro_steps = engine.gradient_accumulation_steps()
+    tokens_per_step = cfg.train.micro_batch_size * cfg.model.seq_len * dp_size * micro_steps
 
     for step in range(done + 1, cfg.train.steps + 1):
         started = time.perf_counter()
-        inputs, targets = batch(
-            corpus, seed=cfg.train.seed, step=step, seq_len=cfg.model.seq_len,
-            micro_batch=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-        )
-        loss = engine(inputs.to(ctx.device), targets.to(ctx.device))
-        engine.backward(loss)
-        engine.step()
+        step_loss = torch.zeros((), device=ctx.device)
+        for micro in range(micro_steps):
+            inputs, targets = batch(
+                corpus, seed=cfg.train.seed, step=step, seq_len=cfg.model.seq_len,
+                micro_batch=cfg.train.micro_batch_size, dp_rank=dp_rank * micro_steps + micro,
+                dp_size=dp_size * micro_steps,
+            )
+            loss = engine(inputs.to(ctx.device), targets.to(ctx.device))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+            step_loss += loss.detach()
         # The mean over the world equals the data-parallel mean: TP peers hold the same loss.
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= ctx.world_size
+        dist.all_reduce(step_loss)
+        step_loss /= ctx.world_size * micro_steps
         ctx.report(
             step,
-            loss=mean_loss.item(),
+            loss=step_loss.item(),
             step_time_s=time.perf_counter() - started,
             tokens=tokens_per_step,
             flops=flops_per_token * tokens_per_step,
