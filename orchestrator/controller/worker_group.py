@@ -16,6 +16,7 @@ divisor of ``k``) lie inside one node and data-parallel replicas span nodes.
 from __future__ import annotations
 
 from collections.abc import Collection
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RankPlacement, rank_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
+# A poll waits at most this long for slow actors; their answers are picked up by a later poll.
+_POLL_WAIT_S = 0.5
+_FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 
@@ -126,7 +130,17 @@ class RayWorkerGroup:
         self._nodes: list[dict[str, Any]] = []  # per actor: where it landed (RankActor.node_info)
         self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
         self._dead: set[int] = set()  # actors that died (their node, or their process, is gone)
+        self._lost_bundles: set[int] = set()  # bundles whose node was lost (not used again)
+        self._spare_bundles = list(range(config.cluster.nodes, self._num_bundles))
         self._warm: dict[str, int] = {}
+        ft = config.fault_tolerance
+        self._node_timeout_s = ft.node_timeout_s
+        # Ranks stop themselves after this long without a call from us (RankActor's lease)...
+        self._lease_s = ft.node_timeout_s / 2
+        # ...so a rank of a lost node is replaced only once its lease has certainly run out.
+        self._fenced_at = 0.0
+        self._pending: dict[int, Any] = {}  # actor -> its poll in flight
+        self._answered: dict[int, float] = {}  # actor -> when it last answered (monotonic)
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
@@ -158,19 +172,37 @@ class RayWorkerGroup:
         return started
 
     def poll(self) -> list[RankUpdate]:
+        """One update per rank. Polls run concurrently; an actor that has not answered for
+        ``fault_tolerance.node_timeout_s`` (or whose node Ray reports dead) takes its whole node with it."""
         spare_hosts = self._spare_hosts()
         hosts = sorted(set(self._host.values()) | set(spare_hosts.values()))
-        refs = {index: self._actors[index].poll.remote() for index in hosts}
+        now = time.monotonic()
+        for index in hosts:
+            if index not in self._pending:
+                self._pending[index] = self._actors[index].poll.remote()
+                self._answered.setdefault(index, now)
+        refs = [self._pending[index] for index in hosts]
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
+        ready_set = set(ready)
+        now = time.monotonic()
         by_rank: dict[int, RankUpdate] = {}
-        for index, ref in refs.items():
+        lost: dict[int, str] = {}  # actor -> why
+        for index in hosts:
+            ref = self._pending[index]
+            if ref not in ready_set:
+                silent = now - self._answered[index]
+                if silent > self._node_timeout_s:
+                    lost[index] = (f"node {self._nodes[index]['ip']} lost: its worker actor answered nothing for "
+                                   f"{silent:.1f}s (fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
+                continue
+            del self._pending[index]
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-            except self._ray.exceptions.RayActorError as exc:
-                self._dead.add(index)
-                for rank in [r for r, h in self._host.items() if h == index]:
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    by_rank[rank] = RankUpdate(rank=rank, lost=f"worker actor {index} died: {first_line}")
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {first_line}"
                 continue
+            self._answered[index] = now
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
                     by_rank[rank] = RankUpdate(rank=rank, **status)
@@ -178,10 +210,38 @@ class RayWorkerGroup:
             if index != spare_hosts[node["node_id"]]:
                 continue  # only a node's spare-host actor speaks for its spare
             if result["warm_spare"] is None:
-                self._warm.pop(node["hostname"], None)
+                self._warm.pop(node["node_id"], None)
             else:
-                self._warm[node["hostname"]] = result["warm_spare"]
+                self._warm[node["node_id"]] = result["warm_spare"]
+        for index, why in self._lose(lost).items():
+            for rank in [r for r, h in self._host.items() if h == index]:
+                by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
+
+    def _lose(self, lost: dict[int, str]) -> dict[int, str]:
+        """Record lost actors; when their node is gone (silent, or dead to Ray), every actor on it.
+        Returns every actor now lost, with why."""
+        if not lost:
+            return {}
+        alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        result = dict(lost)
+        for index, why in lost.items():
+            node_id = self._nodes[index]["node_id"]
+            if "answered nothing" in why or node_id not in alive_nodes:
+                for other, info in enumerate(self._nodes):
+                    if info["node_id"] == node_id and other not in self._dead:
+                        result.setdefault(other, why if "node" in why[:5] else f"node {info['ip']} lost: {why}")
+        for index in result:
+            self._dead.add(index)
+            self._pending.pop(index, None)
+            # Its ranks may still run (a partition): not replaced before their lease ran out.
+            self._fenced_at = max(self._fenced_at, self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
+            bundle = index // self._per_node
+            if bundle in self._spare_bundles and all(
+                    i in self._dead for i in range(bundle * self._per_node, (bundle + 1) * self._per_node)):
+                self._spare_bundles.remove(bundle)
+                self._lost_bundles.add(bundle)
+        return result
 
     def warm_spares(self) -> dict[str, int]:
         return dict(self._warm)
@@ -191,10 +251,12 @@ class RayWorkerGroup:
         return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
 
     def gpu_metrics(self) -> list[GpuReading]:
-        refs = {index: actor.gpu_metrics.remote(index) for index, actor in enumerate(self._actors)
-                if index not in self._dead}
+        refs = [actor.gpu_metrics.remote(index) for index, actor in enumerate(self._actors)
+                if index not in self._dead and index // self._per_node not in self._lost_bundles]
+        # A silent node must not stall the controller: its GPUs are missing from this reading.
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
         collections = []
-        for ref in refs.values():
+        for ref in ready:
             try:
                 collections.append(self._ray.get(ref, timeout=_CALL_TIMEOUT_S))
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
@@ -203,21 +265,28 @@ class RayWorkerGroup:
 
     def interrupt(self, ranks: Collection[int]) -> None:
         for rank in ranks:
+            if self._host[rank] in self._dead:
+                continue
             self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "interrupt"}), dead_ok=True)
 
     def kill(self, ranks: Collection[int]) -> None:
         for rank in ranks:
+            if self._host[rank] in self._dead:
+                continue  # its node is gone, or fenced: its lease stops it
             self._call(self._actors[self._host[rank]].kill.remote(rank), dead_ok=True)
 
     def ensure_spares(self) -> None:
         for index in sorted(self._spare_hosts().values()):
+            if index in self._dead:
+                continue
             # The node's shared settings (threads, devices, network, cluster.env); the rank's own come at promotion.
             placement = self._placement(index, local_rank=index % self._per_node, master_port=0)
             env = {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
             self._call(self._actors[index].start_spare.remote(self._config_dict, env), dead_ok=True)
 
     def stop(self) -> None:
-        refs = [actor.stop.remote(_STOP_TIMEOUT_S) for actor in self._actors]
+        refs = [actor.stop.remote(_STOP_TIMEOUT_S) for index, actor in enumerate(self._actors)
+                if index not in self._dead and index // self._per_node not in self._lost_bundles]
         for ref in refs:
             try:
                 self._ray.get(ref, timeout=3 * _STOP_TIMEOUT_S)
@@ -257,7 +326,8 @@ class RayWorkerGroup:
         """Node id -> the actor that keeps the node's spare: the lowest bundle index on that node."""
         hosts: dict[str, int] = {}
         for index, info in enumerate(self._nodes):
-            hosts.setdefault(info["node_id"], index)
+            if index not in self._dead and index // self._per_node not in self._lost_bundles:
+                hosts.setdefault(info["node_id"], index)
         return hosts
 
     def _call(self, ref: Any, dead_ok: bool = False) -> Any:
@@ -331,18 +401,54 @@ class RayWorkerGroup:
                     placement_group=self._pg, placement_group_bundle_index=index // self._per_node
                 ),
             )
-            .remote(index, str(self._run_dir / "logs"))
+            .remote(index, str(self._run_dir / "logs"), self._lease_s)
         )
 
     def _revive_dead_actors(self) -> None:
-        """Replace dead actors in their bundles (Ray moves a lost node's bundles to a live node)."""
-        for index in sorted(self._dead):
-            self._actors[index] = self._new_actor(index)
-            self._nodes[index] = self._ray.get(self._actors[index].node_info.remote(), timeout=_PLACEMENT_TIMEOUT_S)
-            for rank, host in self._host.items():
-                if host == index:
-                    self._host[rank] = self._home(rank)
-        self._dead.clear()
+        """Give every dead actor a successor: a lost node's slot moves to a spare node; otherwise the
+        actors are re-created in their bundles (Ray moves a lost node's bundle to a node that joins)."""
+        if not self._dead:
+            return
+        alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        for slot, bundle in enumerate(self._slot_bundle):
+            indexes = range(bundle * self._per_node, (bundle + 1) * self._per_node)
+            if not any(i in self._dead for i in indexes):
+                continue
+            node_lost = self._nodes[indexes[0]]["node_id"] not in alive_nodes or all(i in self._dead for i in indexes)
+            if node_lost and self._spare_bundles:
+                self._slot_bundle[slot] = self._spare_bundles.pop(0)
+                self._lost_bundles.add(bundle)
+                for i in indexes:
+                    self._ray.kill(self._actors[i], no_restart=True)
+                continue
+            wait_s = max(self._config.fault_tolerance.node_wait_s, _PLACEMENT_TIMEOUT_S if not node_lost else 0.0)
+            self._recreate(indexes, wait_s, node_lost)
+        self._dead -= {i for i in self._dead if i // self._per_node not in self._lost_bundles}
+        for rank in self._host:
+            if self._host[rank] in self._dead or self._host[rank] // self._per_node in self._lost_bundles:
+                self._host[rank] = self._home(rank)
+        # A partitioned node's ranks may still run until their lease ends: never two copies of a rank.
+        delay = self._fenced_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _recreate(self, indexes: range, wait_s: float, node_lost: bool) -> None:
+        for i in indexes:
+            if i in self._dead:
+                self._ray.kill(self._actors[i], no_restart=True)
+                self._actors[i] = self._new_actor(i)
+        try:
+            infos = self._ray.get([self._actors[i].node_info.remote() for i in indexes], timeout=max(wait_s, 1.0))
+        except self._ray.exceptions.GetTimeoutError:
+            raise ClusterError(
+                f"node {self._nodes[indexes[0]]['ip']} was lost and no node took its place within "
+                f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={self._config.fault_tolerance.node_wait_s:g}); "
+                "hold a spare with cluster.spare_nodes, let a node join sooner, or raise fault_tolerance.node_wait_s"
+            ) from None
+        for i, info in zip(indexes, infos):
+            self._nodes[i] = info
+            self._answered[i] = time.monotonic()
+            self._dead.discard(i)
 
     def _placements(self) -> list[RankPlacement]:
         """Every rank's local rank, devices, network and rendezvous address for a new attempt."""

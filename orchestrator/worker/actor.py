@@ -240,9 +240,15 @@ class Zygote:
 class RankActor:
     """Hosts rank processes (and maybe the node's spare). Wrapped with ``ray.remote`` by the worker group."""
 
-    def __init__(self, index: int, log_dir: str) -> None:
+    def __init__(self, index: int, log_dir: str, lease_s: float = 5.0) -> None:
         self.index = index
         self._log_dir = Path(log_dir)
+        # Fencing: with no call from the controller for lease_s (a partition, a dead controller), this
+        # node's ranks are stopped. The controller replaces them only after the lease has run out, so
+        # two copies of a rank never train at once.
+        self._lease_s = lease_s
+        self._called_at: float | None = None
+        threading.Thread(target=self._fence, name="fence", daemon=True).start()
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
         self._zygote: Zygote | None = None
@@ -289,6 +295,7 @@ class RankActor:
 
     def start(self, rank: int, spec: dict[str, Any], env: dict[str, str]) -> int:
         """Start a fresh process for ``rank``; returns its pid."""
+        self._renew()
         self._forget(rank)
         proc = HostedProcess(env, self._rank_log(rank), f"rank {rank} attempt {spec['attempt']}: fresh process")
         self._procs[rank] = proc
@@ -298,6 +305,23 @@ class RankActor:
     def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
         """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
         self._spare_requests.put((config, env))
+
+    def _renew(self) -> None:
+        if self._called_at is not None:
+            self._called_at = time.monotonic()
+
+    def _fence(self) -> None:
+        while True:
+            time.sleep(min(0.5, self._lease_s / 4))
+            called_at = self._called_at
+            if called_at is None or time.monotonic() - called_at <= self._lease_s:
+                continue
+            running = [(k, p) for k, p in list(self._procs.items()) if k != SPARE and p.poll_exit() is None]
+            if running:
+                print(f"no call from the controller for {time.monotonic() - called_at:.1f}s (lease "
+                      f"{self._lease_s:g}s): stopping ranks {[k for k, _ in running]}", file=sys.stderr, flush=True)
+            for _, proc in running:
+                proc.signal(signal.SIGKILL)
 
     def _make_spares(self) -> None:
         while True:
@@ -320,6 +344,7 @@ class RankActor:
 
     def promote_spare(self, rank: int, spec: dict[str, Any]) -> int | None:
         """Make the spare ``rank``; returns its pid, or None when there is no live spare."""
+        self._renew()
         spare = self._procs.pop(SPARE, None)
         if spare is None or spare.poll_exit() is not None:
             return None
@@ -335,6 +360,7 @@ class RankActor:
 
     def send(self, rank: int, message: dict[str, Any]) -> bool:
         """Send a control message to ``rank``'s process; False if it is gone."""
+        self._renew()
         proc = self._procs.get(rank)
         return proc is not None and proc.send(message)
 
@@ -346,6 +372,7 @@ class RankActor:
 
     def poll(self) -> dict[str, Any]:
         """Status of every hosted rank process, and the pid of the spare once it is warm."""
+        self._called_at = time.monotonic()
         ranks = {rank: p.status() for rank, p in self._procs.items() if rank != SPARE}
         spare = self._procs.get(SPARE)
         if spare is not None and spare.poll_exit() is not None:
