@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -41,12 +40,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.controller.reaper import marked_pids
+from orchestrator.controller.reaper import sweep
 from orchestrator.errors import ClusterError, ConfigError
 
 NODE_MARK_ENV = "ORCH_DEV_NODE"
 _START_TIMEOUT_S = 90.0
-_KILL_TIMEOUT_S = 15.0
 _HEAD_PORT = 6379
 # Ray's defaults notice a dead node after ~30 s and let a cut-off raylet live for a minute;
 # a dev cluster is for rehearsing failures, so both are a few seconds here.
@@ -253,21 +251,10 @@ def _start_ray(cluster: DevCluster, node: str, args: list[str], netns: str | Non
 
 def _kill_marked(marks: list[str]) -> list[int]:
     """SIGKILL every process carrying one of ``marks`` until none is left (bounded)."""
-    killed: set[int] = set()
-    deadline = time.monotonic() + _KILL_TIMEOUT_S
-    me = {os.getpid()}
-    while time.monotonic() < deadline:
-        pids = [pid for mark in marks for pid in marked_pids(mark, me, env=NODE_MARK_ENV)]
-        if not pids:
-            return sorted(killed)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    raise ClusterError(f"processes of {', '.join(marks)} still alive after {_KILL_TIMEOUT_S:.0f}s")
+    killed, alive = sweep(marks, {os.getpid()}, env=NODE_MARK_ENV)
+    if alive:
+        raise ClusterError(f"processes {alive[:10]} of {', '.join(marks)} are still alive after SIGKILL")
+    return sorted(killed)
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

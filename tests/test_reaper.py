@@ -21,7 +21,7 @@ def test_sweep_kills_marked_only() -> None:
     other = _sleeper({**os.environ, RUN_TOKEN_ENV: "tok-b"})
     try:
         assert marked_pids("tok-a", exclude=set()) == [marked.pid]
-        assert sweep("tok-a", exclude=set()) == 1
+        assert sweep(["tok-a"], exclude=set()) == ({marked.pid}, [])
         assert marked.wait(timeout=10) == -signal.SIGKILL
         assert other.poll() is None
     finally:

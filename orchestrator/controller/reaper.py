@@ -69,14 +69,15 @@ def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list
     return found
 
 
-def sweep(token: str, exclude: set[int]) -> int:
-    """SIGKILL marked processes until none is left (or the deadline); returns how many were killed."""
+def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV) -> tuple[set[int], list[int]]:
+    """SIGKILL processes marked ``env=TOKEN`` (any of ``tokens``) until none is left or the deadline
+    passes; returns the pids killed and those still alive."""
     killed: set[int] = set()
     deadline = time.monotonic() + _SWEEP_DEADLINE_S
-    while time.monotonic() < deadline:
-        pids = marked_pids(token, exclude)
-        if not pids:
-            break
+    while True:
+        pids = [pid for token in tokens for pid in marked_pids(token, exclude, env)]
+        if not pids or time.monotonic() >= deadline:
+            return killed, pids
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -84,13 +85,12 @@ def sweep(token: str, exclude: set[int]) -> int:
             except ProcessLookupError:
                 pass
         time.sleep(0.05)
-    return len(killed)
 
 
 def main(argv: list[str]) -> int:
     token, controller_pid = argv[0], int(argv[1])
     sys.stdin.buffer.read()  # returns at EOF: the controller is gone or done
-    sweep(token, exclude={os.getpid(), controller_pid})
+    sweep([token], exclude={os.getpid(), controller_pid})
     return 0
 
 
