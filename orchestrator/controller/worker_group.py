@@ -187,13 +187,15 @@ class RayWorkerGroup:
         now = time.monotonic()
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # actor -> why
+        silent: set[int] = set()  # lost by timeout: its node is unreachable
         for index in hosts:
             ref = self._pending[index]
             if ref not in ready_set:
-                silent = now - self._answered[index]
-                if silent > self._node_timeout_s:
-                    lost[index] = (f"node {self._nodes[index]['ip']} lost: its worker actor answered nothing for "
-                                   f"{silent:.1f}s (fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
+                quiet_s = now - self._answered[index]
+                if quiet_s > self._node_timeout_s:
+                    silent.add(index)
+                    lost[index] = (f"its worker actor answered nothing for {quiet_s:.1f}s "
+                                   f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
                 continue
             del self._pending[index]
             try:
@@ -213,12 +215,12 @@ class RayWorkerGroup:
                 self._warm.pop(node["node_id"], None)
             else:
                 self._warm[node["node_id"]] = result["warm_spare"]
-        for index, why in self._lose(lost).items():
+        for index, why in self._lose(lost, silent).items():
             for rank in [r for r, h in self._host.items() if h == index]:
                 by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
 
-    def _lose(self, lost: dict[int, str]) -> dict[int, str]:
+    def _lose(self, lost: dict[int, str], silent: set[int]) -> dict[int, str]:
         """Record lost actors; when their node is gone (silent, or dead to Ray), every actor on it.
         Returns every actor now lost, with why."""
         if not lost:
@@ -227,10 +229,11 @@ class RayWorkerGroup:
         result = dict(lost)
         for index, why in lost.items():
             node_id = self._nodes[index]["node_id"]
-            if "answered nothing" in why or node_id not in alive_nodes:
+            if index in silent or node_id not in alive_nodes:
+                message = f"node {self._nodes[index]['ip']} lost: {why}"
                 for other, info in enumerate(self._nodes):
                     if info["node_id"] == node_id and other not in self._dead:
-                        result.setdefault(other, why if "node" in why[:5] else f"node {info['ip']} lost: {why}")
+                        result[other] = message
         for index in result:
             self._dead.add(index)
             self._pending.pop(index, None)
