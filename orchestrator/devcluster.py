@@ -45,7 +45,6 @@ from orchestrator.errors import ClusterError, ConfigError
 
 NODE_MARK_ENV = "ORCH_DEV_NODE"
 _START_TIMEOUT_S = 90.0
-_HEAD_PORT = 6379
 # Ray's defaults notice a dead node after ~30 s and let a cut-off raylet live for a minute;
 # a dev cluster is for rehearsing failures, so both are a few seconds here.
 _RAY_FAILURE_SETTINGS = {
@@ -125,7 +124,8 @@ def up(nodes: int, cpus_per_node: int) -> DevCluster:
     if use_netns:
         subnet = _free_subnet()
         hosts = list(subnet.hosts())
-        cluster = DevCluster(name=name, address=f"{hosts[0]}:{_HEAD_PORT}", namespaces=True, bridge=f"ob-{name}")
+        # A port of its own: Ray's GCS listens on it on every address, so two dev clusters cannot share one.
+        cluster = DevCluster(name=name, address=f"{hosts[0]}:{_free_port()}", namespaces=True, bridge=f"ob-{name}")
         cluster.nodes = [DevNode(index=i, address=str(hosts[9 + i]), netns=f"orch-{name}-{i}", veth=f"ov-{name}-{i}")
                          for i in range(nodes)]
     else:

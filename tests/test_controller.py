@@ -20,9 +20,10 @@ from orchestrator.controller.states import (
     Succeeded,
 )
 from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
+from orchestrator.errors import ClusterError
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
-from tests.helpers import LOCAL_CONFIG
+from tests.helpers import LOCAL_CONFIG, of_kind
 
 
 class Clock:
@@ -48,6 +49,9 @@ class FakeGroup:
         self.interrupted: list[int] = []
         self.spare_requests = 0
         self.on_interrupt: dict[int, dict] = {}
+        self.unheard_script: list[list[int]] = []
+        self.missing: list[int] = []  # node slots the next replace_lost finds no place for
+        self.shrunk: list[list[int]] = []
 
     def start(self, attempt, resume_tag, faults, rejoin=()):
         self.starts.append({"attempt": attempt, "resume_tag": resume_tag, "faults": list(faults), "rejoin": list(rejoin)})
@@ -58,6 +62,22 @@ class FakeGroup:
         if self.script:
             return self.script.pop(0)
         return [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
+
+    def poll_mark(self):
+        return 0
+
+    def unheard(self, mark):
+        return self.unheard_script.pop(0) if self.unheard_script else []
+
+    def replace_lost(self, allow_missing):
+        missing, self.missing = self.missing, []
+        if missing and not allow_missing:
+            raise ClusterError(f"node slots {missing} lost")
+        return missing
+
+    def shrink(self, config, slots):
+        self.shrunk.append(sorted(slots))
+        self.world_size = config.cluster.world_size
 
     def interrupt(self, ranks):
         self.interrupted += list(ranks)
@@ -134,7 +154,7 @@ def make(tmp_path: Path, *overrides: str):
     clock = Clock()
     config = load_config(LOCAL_CONFIG, ["train.steps=3", *overrides])
     run = RunDir.open(tmp_path / "run")
-    group = FakeGroup(clock)
+    group = FakeGroup(clock, config.cluster.world_size)
     ctl = Controller(config, run, group, EventLog(run.events), NullDisplay(), sleep=clock.sleep, clock=clock)
     return ctl, group, run, clock
 
@@ -424,6 +444,65 @@ def test_lost_actor_is_the_root_cause_and_only_its_rank_is_replaced(tmp_path: Pa
     assert current.decision.mode == "in_place"
     ctl.step()
     assert group.starts[-1]["rejoin"] == [0]
+
+
+def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -> None:
+    """A node killed at once: its actor reports its rank's SIGKILL, then goes silent and is found lost.
+    The decision waits for the silent actor instead of calling it a killed process."""
+    ctl, group, run, clock = make(tmp_path)
+    _started(ctl, group, clock)
+    t = clock.now
+    quiet = [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1)]
+    group.script = [
+        [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
+        *[quiet] * 100,
+        [RankUpdate(rank=0, messages=[error_msg("Connection reset", 1, t + 1), {"type": "ready", "at": t + 1}]),
+         RankUpdate(rank=1, lost="node 10.0.0.2 lost: worker actor 1 died")],
+    ]
+    group.unheard_script = [[1]] * 101  # rank 1's actor stays silent until it is found lost
+    _, current = ctl.step()
+    assert isinstance(current, Recovering), "the silent actor delays the decision, not forever"
+    assert clock.now - t > 1.0, "the decision waited for the silent actor"
+    detected = [(e["rank"], e["reason"]) for e in read_events(run.events) if e["event"] == "failure_detected"]
+    assert sorted(detected) == [(0, "exception"), (1, "node_lost")]
+    assert root_cause(current.failures).reason == "node_lost"
+
+
+def _lose_node_1(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
+    """Ranks 2 and 3 (node slot 1 of two nodes x two ranks) are lost; no node takes their place."""
+    _started(ctl, group, clock)
+    group.script = [[RankUpdate(rank=r, messages=[error_msg("Connection reset", 1, clock.now), {"type": "ready", "at": clock.now}])
+                     for r in (0, 1)] + [RankUpdate(rank=r, lost="node 10.0.0.2 lost") for r in (2, 3)]]
+    group.missing = [1]
+    ctl.step()  # -> RECOVERING
+
+
+TWO_NODES = ("cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=2", "train.micro_batch_size=4")
+
+
+def test_lost_node_without_a_spare_ends_the_run_unless_it_may_shrink(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, *TWO_NODES)
+    _lose_node_1(ctl, group, clock)
+    with pytest.raises(ClusterError):
+        ctl.step()
+
+
+def test_shrink_goes_on_with_the_nodes_left_and_the_same_global_batch(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, *TWO_NODES, "fault_tolerance.allow_shrink=true")
+    assert ctl.config.global_batch == 16
+    _lose_node_1(ctl, group, clock)
+    _, current = ctl.step()
+    assert isinstance(current, Running)
+    assert group.shrunk == [[1]] and group.world_size == 2
+    assert (ctl.config.cluster.nodes, ctl.config.global_batch, ctl.config.accumulation_steps(2)) == (1, 16, 2)
+    assert group.starts[-1]["rejoin"] == [], "a new world size is a full restart"
+    evs = read_events(run.events)
+    shrunk = of_kind(evs, "world_shrunk")[0]
+    assert (shrunk["nodes"], shrunk["world_size"], shrunk["world_size_before"], shrunk["global_batch"]) == (1, 2, 4, 16)
+    started = of_kind(evs, "recovery_started")[0]
+    assert (started["mode"], started["replaced"], started["rejoined"]) == ("full_restart", [0, 1], [])
+    assert sorted(w["rank"] for w in of_kind(evs, "worker_started") if w["attempt"] == 1) == [0, 1]
+    assert sorted(ctl._views) == [0, 1]
 
 
 def test_interrupted_run_is_recorded(tmp_path: Path) -> None:

@@ -208,3 +208,19 @@ def test_job_metrics_follow_the_event_log() -> None:
         assert line in text, line
     assert 'reason="exception"' not in text, "a rank failing because its peer died is no failure of its own"
     assert "orchestrator_model_flops_utilization" not in text, "no MFU without a known GPU peak"
+
+
+def test_a_shrunk_job_has_no_series_for_the_ranks_it_dropped() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = JobMetrics(world_size=4, clock=lambda: 130.0)
+    config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
+    metrics.on_event(_event("run_started", 100.0, run_id="r1", world_size=4, resumed_from_step=0, config=config))
+    metrics.update_ranks([(r, True, 0.5, 7, 0.1) for r in range(4)])
+    metrics.on_event(_event("world_shrunk", 120.0, world_size=2, world_size_before=4, nodes=1, nodes_before=2,
+                            lost_node_slots=[1], global_batch=32, accumulation_steps=2))
+    text = generate_latest(metrics.registry).decode()
+    assert 'orchestrator_run_info{run_id="r1",tensor_parallel="1",world_size="2",zero_stage="2"} 1.0' in text
+    assert 'world_size="4"' not in text
+    assert 'orchestrator_rank_up{rank="1"} 1.0' in text
+    assert not any(f'rank="{r}"' in text for r in (2, 3)), "series of dropped ranks removed"

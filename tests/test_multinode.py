@@ -123,28 +123,35 @@ def _watch_deaths(pids: list[int], stop: threading.Event) -> dict[int, float]:
     return died
 
 
-@pytest.mark.xfail(strict=False, reason="known defect (issue 10): kill-node can SIGKILL the ranks before their "
-                   "actors, which then report reason 'signal' instead of 'node_lost'")
+def _lose_rank2s_node(
+    cluster: dict[str, Any], run_dir: Path, fault: str, stop: threading.Event, *overrides: str
+) -> tuple[list[dict[str, Any]], str, dict[int, float]]:
+    """Launch on ``cluster``, lose (``fault``) the node of rank 2 at step 25, wait for a clean exit.
+    Returns the first attempt's ``worker_started`` events, the lost node's address and when each
+    of its ranks' processes died (watched until ``stop``)."""
+    proc = start_cli(*launch_args(run_dir, *_on_cluster(cluster, "fault_tolerance.node_timeout_s=6", *overrides)))
+    wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 25, 300, proc)
+    first = [w for w in of_kind(events(run_dir), "worker_started") if w["attempt"] == 0]
+    lost_ip = next(w["node_ip"] for w in first if w["rank"] == 2)
+    index = next(n["index"] for n in cluster["nodes"] if n["address"] == lost_ip)
+    died = _watch_deaths([w["pid"] for w in first if w["node_ip"] == lost_ip], stop)
+    result = cli("dev-cluster", fault, cluster["name"], str(index), timeout=60)
+    assert result.returncode == 0, result.stderr
+    out, _ = proc.communicate(timeout=400)
+    stop.set()
+    assert proc.returncode == 0, out
+    return first, lost_ip, died
+
+
 @pytest.mark.parametrize("fault", ["kill-node", "partition"])
 def test_lost_node_moves_to_the_spare_node_bit_exact(fault: str, clean: dict[int, float], tmp_path: Path) -> None:
     cluster = _up(3)
     try:
         run_dir = tmp_path / "run"
-        proc = start_cli(*launch_args(run_dir, *_on_cluster(cluster, "cluster.spare_nodes=1",
-                                                             "fault_tolerance.node_timeout_s=6")))
-        wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 25, 300, proc)
-        first = [w for w in of_kind(events(run_dir), "worker_started") if w["attempt"] == 0]
-        lost_ip = next(w["node_ip"] for w in first if w["rank"] == 2)
-        lost_ranks = sorted(w["rank"] for w in first if w["node_ip"] == lost_ip)
-        index = next(n["index"] for n in cluster["nodes"] if n["address"] == lost_ip)
-        lost_pids = [w["pid"] for w in first if w["node_ip"] == lost_ip]
         stop = threading.Event()
-        died = _watch_deaths(lost_pids, stop)
-        result = cli("dev-cluster", fault, cluster["name"], str(index), timeout=60)
-        assert result.returncode == 0, result.stderr
-        out, _ = proc.communicate(timeout=400)
-        stop.set()
-        assert proc.returncode == 0, out
+        first, lost_ip, died = _lose_rank2s_node(cluster, run_dir, fault, stop, "cluster.spare_nodes=1")
+        lost_ranks = sorted(w["rank"] for w in first if w["node_ip"] == lost_ip)
+        lost_pids = [w["pid"] for w in first if w["node_ip"] == lost_ip]
 
         evs = events(run_dir)
         detected = [e for e in of_kind(evs, "failure_detected") if e["reason"] == "node_lost"]
@@ -171,3 +178,28 @@ def test_lost_node_moves_to_the_spare_node_bit_exact(fault: str, clean: dict[int
         assert not leftovers, leftovers
     finally:
         _down(cluster)
+
+
+def test_lost_node_without_a_spare_shrinks_to_the_nodes_left(
+    two_nodes: dict[str, Any], tp1_run: list[dict[str, Any]], clean: dict[int, float], tmp_path: Path
+) -> None:
+    """Last in the module: it kills a node of the shared 2-node cluster."""
+    run_dir = tmp_path / "run"
+    first, _, _ = _lose_rank2s_node(two_nodes, run_dir, "kill-node", threading.Event(), "fault_tolerance.allow_shrink=true")
+
+    evs = events(run_dir)
+    assert sorted(e["rank"] for e in of_kind(evs, "failure_detected") if e["reason"] == "node_lost") == [2, 3]
+    shrunk = of_kind(evs, "world_shrunk")
+    assert len(shrunk) == 1 and (shrunk[0]["world_size"], shrunk[0]["world_size_before"]) == (2, 4)
+    before = of_kind(evs, "run_started")[0]["config"]
+    global_batch = before["train"]["micro_batch_size"] * 4
+    assert (shrunk[0]["global_batch"], shrunk[0]["accumulation_steps"]) == (global_batch, 2)
+    restarted = [w for w in of_kind(evs, "worker_started") if w["attempt"] == 1]
+    assert sorted(w["rank"] for w in restarted) == [0, 1] and {w["node_ip"] for w in restarted} == {first[0]["node_ip"]}
+    assert len(of_kind(evs, "recovery_finished")) == 1
+    final = of_kind(evs, "run_finished")[-1]
+    assert final["status"] == "succeeded" and final["step"] == STEPS
+    # The same global batch on half the ranks: the optimisation goes on as on four.
+    resumed = of_kind(evs, "recovery_finished")[0]["resumed_from_step"]
+    losses = losses_by_step(evs)
+    assert max(abs(losses[s] - clean[s]) for s in range(resumed + 1, STEPS + 1)) <= 1e-5

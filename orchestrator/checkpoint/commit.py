@@ -83,6 +83,11 @@ class CommitTracker:
         self._saved.pop(report["tag"], None)
         return self._fail(report["tag"], report["step"], rank, report["path"], report["error"])
 
+    def resize(self, config: Config, world_size: int) -> None:
+        """The job goes on as ``config`` on ``world_size`` ranks (a shrink): later commits wait for that many."""
+        self._config, self._world_size = config, world_size
+        self._saved.clear()
+
     def forget_partial(self, next_attempt: int) -> None:
         """A new attempt starts: saves the old one did not finish will never be committed."""
         self._saved.clear()

@@ -17,9 +17,10 @@ from typing import Any
 
 from orchestrator.checkpoint import resume, store
 from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
+from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
-from orchestrator.controller.failures import Failure, failure_from, root_cause
-from orchestrator.controller.policy import Attempt, Decision, FailurePolicy
+from orchestrator.controller.failures import Failure, failure_from, one_per_rank, root_cause
+from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
 from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.monitor.events import EventLog
@@ -59,6 +60,7 @@ class RankView:
     ready: bool = False
     finished: bool = False
     failed: bool = False
+    lost: bool = False
     running: bool = True
 
 
@@ -195,12 +197,22 @@ class Controller:
         self._warm_spares = warm
 
     def settle(self, failures: list[Failure]) -> list[Failure]:
-        """Listen briefly for the failure's consequences so the root cause is chosen from all of them."""
-        deadline = self._clock() + SETTLE_S
-        while self._clock() < deadline and not all(v.failed or v.ready or not v.running for v in self._views.values()):
+        """Listen briefly for the failure's consequences so the root cause is chosen from all of them.
+
+        Until every rank's actor has answered again, the failure is not fully known: a rank killed
+        by a signal may be the first sign of its whole node dying (``node_lost``), which its actor's
+        silence (or death) shows a moment later. So the wait lasts until they answer or are lost.
+        """
+        mark = self.group.poll_mark()
+        start = self._clock()
+        give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
+        while self._clock() < give_up:
+            settled = all(v.failed or v.ready or not v.running for v in self._views.values())
+            if not self.group.unheard(mark) and (settled or self._clock() >= start + SETTLE_S):
+                break
             self.wait(fast=True)
             failures = failures + self.observe()
-        return failures
+        return one_per_rank(failures)
 
     def decide(self, failures: list[Failure]) -> Decision:
         """Record the failures and ask the policy what to do."""
@@ -229,6 +241,10 @@ class Controller:
             self.group.kill(laggards)
             replace |= set(laggards)
             survivors = [r for r in survivors if r not in laggards]
+        missing = self.group.replace_lost(allow_missing=self.config.fault_tolerance.allow_shrink)
+        if missing:
+            self._shrink(missing)
+            replace, survivors = set(range(self.group.world_size)), []
         mode = "full_restart" if not survivors else "in_place"
         self.attempt += 1
         self._commits.forget_partial(self.attempt)
@@ -253,6 +269,32 @@ class Controller:
             resumed_from_step=store.step_of(self.resume_tag) if self.resume_tag else 0,
             detected_at=detected_at,
             replaced=sorted(replace),
+        )
+
+    def _shrink(self, slots: list[int]) -> None:
+        """Go on without node slots ``slots`` (lost, nothing took their place): fewer ranks, the same
+        global batch, every rank restarted from the last commit (converted for the new layout)."""
+        before = self.config
+        self.config = config = shrunk_config(before, len(slots))
+        self.group.shrink(config, slots)
+        self._commits.resize(config, self.group.world_size)
+        if self._commits.last_committed is not None:
+            manifest = Manifest.read(self.run_dir.checkpoints / self._commits.last_committed)
+            resume.prepare(self.run_dir.checkpoints, manifest, config, self.events)
+        self.events.emit(
+            "world_shrunk",
+            lost_node_slots=sorted(slots),
+            nodes=config.cluster.nodes,
+            nodes_before=before.cluster.nodes,
+            world_size=config.cluster.world_size,
+            world_size_before=before.cluster.world_size,
+            global_batch=config.global_batch,
+            accumulation_steps=config.accumulation_steps(config.data_parallel_size),
+        )
+        self.display.note(
+            f"going on with {config.cluster.nodes} node(s), {config.cluster.world_size} ranks "
+            f"(fault_tolerance.allow_shrink); global batch {config.global_batch} kept by "
+            f"{config.accumulation_steps(config.data_parallel_size)} micro-batches a step"
         )
 
     def all_finished(self) -> bool:
@@ -301,6 +343,11 @@ class Controller:
                 view.finished = True
         if update.lost is not None:
             view.running = False
+            if view.failed and not view.lost and not view.finished:
+                # It died with its node: the node, not the process, is the failure.
+                view.lost = True
+                return failure_from(update, view.error, view.step, last_seen=view.alive_at)
+            view.lost = True
         if view.failed or view.finished:
             return None
         error = view.error if view.error and not view.error.get("interrupted") else None

@@ -90,12 +90,13 @@ def failure_from(
     )
 
 
-def first_per_rank(failures: list[Failure]) -> list[Failure]:
-    """One failure per rank: the first one seen (a rank's error report, then its exit)."""
-    seen: dict[int, Failure] = {}
+def one_per_rank(failures: list[Failure]) -> list[Failure]:
+    """One failure per rank: the first seen, unless its node was lost (then that is the failure)."""
+    chosen: dict[int, Failure] = {}
     for failure in failures:
-        seen.setdefault(failure.rank, failure)
-    return list(seen.values())
+        if failure.rank not in chosen or (failure.reason == "node_lost" and chosen[failure.rank].reason != "node_lost"):
+            chosen[failure.rank] = failure
+    return list(chosen.values())
 
 
 def root_cause(failures: list[Failure]) -> Failure:

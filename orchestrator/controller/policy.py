@@ -12,6 +12,10 @@ Pure: no processes, no clocks. The controller carries the decision out.
   before making progress.
 - No delay for a failure after progress; failures without progress in
   between back off exponentially.
+- A lost node that nothing replaces (no spare node, none joined within
+  ``fault_tolerance.node_wait_s``) ends the run, unless
+  ``fault_tolerance.allow_shrink`` lets it go on with the nodes left and the
+  same global batch (:func:`shrunk_config`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import ValidationError
+
+from orchestrator.config.schema import Config
 from orchestrator.controller.failures import Failure
+from orchestrator.errors import ClusterError
 
 Mode = Literal["in_place", "full_restart"]
 
@@ -85,3 +93,23 @@ class FailurePolicy:
         delay = 0.0 if stalled == 0 else min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (stalled - 1))
         left = self.max_restarts - len(history) - 1
         return Decision(retry=True, reason=f"retrying ({left} restarts left)", mode=mode, delay_s=delay)
+
+
+def shrunk_config(config: Config, lost_nodes: int) -> Config:
+    """The job on ``lost_nodes`` fewer nodes (``fault_tolerance.allow_shrink``), keeping the global
+    batch by gradient accumulation. Raises :class:`ClusterError` when that is not possible."""
+    cluster = config.cluster
+    nodes = cluster.nodes - lost_nodes
+    if nodes < 1:
+        raise ClusterError("every node of the job was lost; nothing is left to shrink to")
+    data = config.model_dump(mode="json")
+    data["cluster"]["nodes"] = nodes
+    data["train"]["global_batch_size"] = config.global_batch
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ClusterError(
+            f"cannot go on with {nodes} node(s) instead of {cluster.nodes} (fault_tolerance.allow_shrink): "
+            f"{problem}"
+        ) from None

@@ -15,8 +15,9 @@ divisor of ``k``) lie inside one node and data-parallel replicas span nodes.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ _POLL_WAIT_S = 0.5
 _FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
+_RECREATE_PAUSE_S = 0.5
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,6 +86,22 @@ class WorkerGroup(Protocol):
 
     def poll(self) -> list[RankUpdate]:
         """One update per rank."""
+
+    def poll_mark(self) -> int:
+        """A mark for :meth:`unheard`: the polls issued so far."""
+
+    def unheard(self, mark: int) -> list[int]:
+        """Ranks whose host has not answered a poll issued after ``mark`` (and is not known lost):
+        while there are any, a node may be dying and the failure at hand is not fully known."""
+
+    def replace_lost(self, allow_missing: bool) -> list[int]:
+        """Find a place for every lost node: a spare node, else one that joins within
+        ``fault_tolerance.node_wait_s``. Returns the node slots nothing took (only with ``allow_missing``;
+        otherwise that is a :class:`ClusterError`)."""
+
+    def shrink(self, config: Config, slots: Collection[int]) -> None:
+        """Drop node slots ``slots`` (lost, not replaced) and stop every rank: the job goes on as ``config``
+        (fewer nodes), renumbered in node order, from a full restart."""
 
     def interrupt(self, ranks: Collection[int]) -> None:
         """Make these ranks leave their training function and wait for a rejoin."""
@@ -139,14 +157,19 @@ class RayWorkerGroup:
         self._lease_s = ft.node_timeout_s / 2
         # ...so a rank of a lost node is replaced only once its lease has certainly run out.
         self._fenced_at = 0.0
-        self._pending: dict[int, Any] = {}  # actor -> its poll in flight
+        self._pending: dict[int, tuple[Any, int]] = {}  # actor -> its poll in flight, and that poll's number
         self._answered: dict[int, float] = {}  # actor -> when it last answered (monotonic)
+        self._polls = 0
+        self._heard: dict[int, int] = {}  # actor -> number of the last poll it answered
+        self._acked: dict[int, int] = {}  # actor -> number of its last answer we received (its lease runs from it)
+        self._keepalive: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
     ) -> list[WorkerInfo]:
         self._ensure_actors()
-        self._revive_dead_actors()
+        self.replace_lost(allow_missing=False)
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
         for rank in rejoin:
@@ -177,11 +200,14 @@ class RayWorkerGroup:
         spare_hosts = self._spare_hosts()
         hosts = sorted(set(self._host.values()) | set(spare_hosts.values()))
         now = time.monotonic()
+        # A lost actor is asked nothing more: a call that reached it late must not look like a live controller.
+        hosts = [index for index in hosts if index not in self._dead]
+        self._polls += 1
         for index in hosts:
             if index not in self._pending:
-                self._pending[index] = self._actors[index].poll.remote()
+                self._pending[index] = (self._actors[index].poll.remote(self._acked.get(index, 0)), self._polls)
                 self._answered.setdefault(index, now)
-        refs = [self._pending[index] for index in hosts]
+        refs = [self._pending[index][0] for index in hosts]
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
         ready_set = set(ready)
         now = time.monotonic()
@@ -189,7 +215,7 @@ class RayWorkerGroup:
         lost: dict[int, str] = {}  # actor -> why
         silent: set[int] = set()  # lost by timeout: its node is unreachable
         for index in hosts:
-            ref = self._pending[index]
+            ref, number = self._pending[index]
             if ref not in ready_set:
                 quiet_s = now - self._answered[index]
                 if quiet_s > self._node_timeout_s:
@@ -205,6 +231,8 @@ class RayWorkerGroup:
                 lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {first_line}"
                 continue
             self._answered[index] = now
+            self._heard[index] = number
+            self._acked[index] = max(self._acked.get(index, 0), result["answer"])
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
                     by_rank[rank] = RankUpdate(rank=rank, **status)
@@ -219,6 +247,37 @@ class RayWorkerGroup:
             for rank in [r for r, h in self._host.items() if h == index]:
                 by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
+
+    def _keep_leases(self) -> None:
+        """Renew every live actor's lease while the controller is busy elsewhere (placing nodes,
+        converting a checkpoint): a node's ranks stop only when the node cannot reach us."""
+        in_flight: dict[int, tuple[Any, Any]] = {}  # actor -> (renew call, the actor it went to)
+        period = max(0.1, self._lease_s / 4)
+        while not self._closing.wait(period):
+            for index, actor in enumerate(list(self._actors)):
+                if index not in self._dead and index not in in_flight:
+                    in_flight[index] = (actor.renew.remote(self._acked.get(index, 0)), actor)
+            refs = [ref for ref, _ in in_flight.values()]
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+            ready_set = set(ready)
+            for index, (ref, actor) in list(in_flight.items()):
+                if ref not in ready_set:
+                    continue
+                del in_flight[index]
+                try:
+                    answer = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
+                except self._ray.exceptions.RayError:
+                    continue  # poll() finds out what happened to it
+                if index < len(self._actors) and self._actors[index] is actor:
+                    self._acked[index] = max(self._acked.get(index, 0), answer)
+                    self._answered[index] = time.monotonic()
+
+    def poll_mark(self) -> int:
+        return self._polls
+
+    def unheard(self, mark: int) -> list[int]:
+        return sorted(rank for rank, index in self._host.items()
+                      if index not in self._dead and self._heard.get(index, 0) <= mark)
 
     def _lose(self, lost: dict[int, str], silent: set[int]) -> dict[int, str]:
         """Record lost actors; when their node is gone (silent, or dead to Ray), every actor on it.
@@ -299,6 +358,9 @@ class RayWorkerGroup:
     def close(self) -> None:
         try:
             self.stop()
+            self._closing.set()
+            if self._keepalive is not None:
+                self._keepalive.join(timeout=_CALL_TIMEOUT_S)
             for actor in self._actors:
                 self._ray.kill(actor)
             if self._pg is not None:
@@ -368,6 +430,8 @@ class RayWorkerGroup:
         self._actors = [self._new_actor(index) for index in range(self._num_bundles * self._per_node)]
         self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
         self._host = {rank: self._home(rank) for rank in range(self.world_size)}
+        self._keepalive = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
+        self._keepalive.start()
 
     def _home(self, rank: int) -> int:
         """The actor that normally hosts ``rank``: its local slot on its node slot's bundle."""
@@ -395,6 +459,8 @@ class RayWorkerGroup:
         from orchestrator.worker.actor import RankActor
 
         gpu = self._config.cluster.device == "gpu"
+        self._acked[index] = 0  # a new actor numbers its answers from 1
+        self._pending.pop(index, None)
         return (
             self._ray.remote(RankActor)
             .options(
@@ -407,12 +473,13 @@ class RayWorkerGroup:
             .remote(index, str(self._run_dir / "logs"), self._lease_s)
         )
 
-    def _revive_dead_actors(self) -> None:
+    def replace_lost(self, allow_missing: bool) -> list[int]:
         """Give every dead actor a successor: a lost node's slot moves to a spare node; otherwise the
         actors are re-created in their bundles (Ray moves a lost node's bundle to a node that joins)."""
         if not self._dead:
-            return
+            return []
         alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        missing = []
         for slot, bundle in enumerate(self._slot_bundle):
             indexes = range(bundle * self._per_node, (bundle + 1) * self._per_node)
             if not any(i in self._dead for i in indexes):
@@ -420,12 +487,20 @@ class RayWorkerGroup:
             node_lost = self._nodes[indexes[0]]["node_id"] not in alive_nodes or all(i in self._dead for i in indexes)
             if node_lost and self._spare_bundles:
                 self._slot_bundle[slot] = self._spare_bundles.pop(0)
-                self._lost_bundles.add(bundle)
-                for i in indexes:
-                    self._ray.kill(self._actors[i], no_restart=True)
+                self._lose_bundle(bundle)
                 continue
             wait_s = max(self._config.fault_tolerance.node_wait_s, _PLACEMENT_TIMEOUT_S if not node_lost else 0.0)
-            self._recreate(indexes, wait_s, node_lost)
+            if not self._recreate(indexes, wait_s):
+                if not allow_missing:
+                    ft = self._config.fault_tolerance
+                    raise ClusterError(
+                        f"node {self._nodes[indexes[0]]['ip']} was lost and no node took its place within "
+                        f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={ft.node_wait_s:g}); hold a spare "
+                        "with cluster.spare_nodes, raise fault_tolerance.node_wait_s, or set "
+                        "fault_tolerance.allow_shrink=true to go on with the nodes left"
+                    )
+                self._lose_bundle(bundle)
+                missing.append(slot)
         self._dead -= {i for i in self._dead if i // self._per_node not in self._lost_bundles}
         for rank in self._host:
             if self._host[rank] in self._dead or self._host[rank] // self._per_node in self._lost_bundles:
@@ -434,24 +509,52 @@ class RayWorkerGroup:
         delay = self._fenced_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        return missing
 
-    def _recreate(self, indexes: range, wait_s: float, node_lost: bool) -> None:
-        for i in indexes:
-            if i in self._dead:
-                self._ray.kill(self._actors[i], no_restart=True)
-                self._actors[i] = self._new_actor(i)
-        try:
-            infos = self._ray.get([self._actors[i].node_info.remote() for i in indexes], timeout=max(wait_s, 1.0))
-        except self._ray.exceptions.GetTimeoutError:
-            raise ClusterError(
-                f"node {self._nodes[indexes[0]]['ip']} was lost and no node took its place within "
-                f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={self._config.fault_tolerance.node_wait_s:g}); "
-                "hold a spare with cluster.spare_nodes, let a node join sooner, or raise fault_tolerance.node_wait_s"
-            ) from None
+    def shrink(self, config: Config, slots: Collection[int]) -> None:
+        for rank, index in self._host.items():
+            if index not in self._dead:
+                self._call(self._actors[index].forget.remote(rank), dead_ok=True)
+        for slot in sorted(slots, reverse=True):
+            self._lose_bundle(self._slot_bundle.pop(slot))
+        self._config, self._config_dict = config, config.model_dump(mode="json")
+        self.world_size = config.cluster.world_size
+        self._host = {rank: self._home(rank) for rank in range(self.world_size)}
+
+    def _lose_bundle(self, bundle: int) -> None:
+        """Never use ``bundle`` again (its node is gone); its actors are released."""
+        if bundle in self._lost_bundles:
+            return
+        self._lost_bundles.add(bundle)
+        for i in range(bundle * self._per_node, (bundle + 1) * self._per_node):
+            self._ray.kill(self._actors[i], no_restart=True)
+            self._dead.add(i)
+
+    def _recreate(self, indexes: range, wait_s: float) -> bool:
+        """New actors for the dead ones in ``indexes``' bundle; False if none was placed within ``wait_s``.
+
+        Until Ray has moved the bundle off a dead node, actors made for it die at once: made again."""
+        deadline = time.monotonic() + max(wait_s, 1.0)
+        while True:
+            for i in indexes:
+                if i in self._dead:
+                    self._ray.kill(self._actors[i], no_restart=True)
+                    self._actors[i] = self._new_actor(i)
+            left = deadline - time.monotonic()
+            try:
+                infos = self._ray.get([self._actors[i].node_info.remote() for i in indexes], timeout=max(left, 0.1))
+                break
+            except self._ray.exceptions.GetTimeoutError:
+                return False
+            except self._ray.exceptions.RayActorError:
+                if time.monotonic() + _RECREATE_PAUSE_S >= deadline:
+                    return False
+                time.sleep(_RECREATE_PAUSE_S)
         for i, info in zip(indexes, infos):
             self._nodes[i] = info
             self._answered[i] = time.monotonic()
             self._dead.discard(i)
+        return True
 
     def _placements(self) -> list[RankPlacement]:
         """Every rank's local rank, devices, network and rendezvous address for a new attempt."""

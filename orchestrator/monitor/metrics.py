@@ -79,6 +79,7 @@ class JobMetrics:
         r.register(self.gpus)
         self._goodput = GoodputTracker()
         self._flops_per_step: float | None = None
+        self._info: dict[str, str] = {}
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Update from one event of the run's event log (the controller calls this for each)."""
@@ -87,9 +88,17 @@ class JobMetrics:
             self._goodput.on_event(event)
         if kind == "run_started":
             cfg = event["config"]
-            self.info.labels(run_id=event["run_id"], world_size=str(event["world_size"]),
-                             zero_stage=str(cfg["parallel"]["zero_stage"]),
-                             tensor_parallel=str(cfg["parallel"]["tensor_parallel"])).set(1)
+            self._info = {"run_id": event["run_id"], "world_size": str(event["world_size"]),
+                          "zero_stage": str(cfg["parallel"]["zero_stage"]),
+                          "tensor_parallel": str(cfg["parallel"]["tensor_parallel"])}
+            self.info.labels(**self._info).set(1)
+        elif kind == "world_shrunk":
+            self.info.clear()
+            self._info["world_size"] = str(event["world_size"])
+            self.info.labels(**self._info).set(1)
+            for rank in range(event["world_size"], event["world_size_before"]):
+                for family in (self.rank_up, self.rank_heartbeat_age, self.rank_step, self.rank_step_time):
+                    family.remove(str(rank))  # a no-op for a series never set
         elif kind == "step":
             self.step.set(event["step"])
             self.loss.set(event["loss"])

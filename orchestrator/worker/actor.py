@@ -243,11 +243,16 @@ class RankActor:
     def __init__(self, index: int, log_dir: str, lease_s: float = 5.0) -> None:
         self.index = index
         self._log_dir = Path(log_dir)
-        # Fencing: with no call from the controller for lease_s (a partition, a dead controller), this
-        # node's ranks are stopped. The controller replaces them only after the lease has run out, so
-        # two copies of a rank never train at once.
+        # Fencing: every answer (to poll or renew) is numbered, and each call says the last number the
+        # controller received. The lease runs from when that answer was made: a call that arrives
+        # while our answers do not (a one-way partition, a call delivered late) extends nothing. When
+        # it runs out, everything here is stopped and the actor exits. The controller, which knows when
+        # it received that answer, replaces this node's ranks only after the lease has run out, so two
+        # copies of a rank never train at once.
         self._lease_s = lease_s
-        self._called_at: float | None = None
+        self._lease_from: float | None = None  # None until the first call: not armed
+        self._answers = 0
+        self._answered_at: dict[int, float] = {}
         threading.Thread(target=self._fence, name="fence", daemon=True).start()
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
@@ -295,7 +300,6 @@ class RankActor:
 
     def start(self, rank: int, spec: dict[str, Any], env: dict[str, str]) -> int:
         """Start a fresh process for ``rank``; returns its pid."""
-        self._renew()
         self._forget(rank)
         proc = HostedProcess(env, self._rank_log(rank), f"rank {rank} attempt {spec['attempt']}: fresh process")
         self._procs[rank] = proc
@@ -306,22 +310,36 @@ class RankActor:
         """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
         self._spare_requests.put((config, env))
 
-    def _renew(self) -> None:
-        if self._called_at is not None:
-            self._called_at = time.monotonic()
+    def renew(self, ack: int) -> int:
+        """Keep the lease: ``ack`` is the number of the last answer the controller received. Returns this answer's."""
+        return self._answer(ack)
+
+    def _answer(self, ack: int) -> int:
+        now = time.monotonic()
+        if self._lease_from is None:
+            self._lease_from = now
+        elif ack in self._answered_at:
+            self._lease_from = max(self._lease_from, self._answered_at[ack])
+        self._answered_at = {n: t for n, t in self._answered_at.items() if n > ack}
+        self._answers += 1
+        self._answered_at[self._answers] = now
+        return self._answers
 
     def _fence(self) -> None:
         while True:
             time.sleep(min(0.5, self._lease_s / 4))
-            called_at = self._called_at
-            if called_at is None or time.monotonic() - called_at <= self._lease_s:
+            since = self._lease_from
+            if since is None or time.monotonic() - since <= self._lease_s:
                 continue
-            running = [(k, p) for k, p in list(self._procs.items()) if k != SPARE and p.poll_exit() is None]
-            if running:
-                print(f"no call from the controller for {time.monotonic() - called_at:.1f}s (lease "
-                      f"{self._lease_s:g}s): stopping ranks {[k for k, _ in running]}", file=sys.stderr, flush=True)
-            for _, proc in running:
+            running = [k for k, p in list(self._procs.items()) if k != SPARE and p.poll_exit() is None]
+            print(f"the controller has received no answer of ours for {time.monotonic() - since:.1f}s (lease "
+                  f"{self._lease_s:g}s): stopping ranks {running} and this node's spare, and exiting",
+                  file=sys.stderr, flush=True)
+            for proc in list(self._procs.values()):
                 proc.signal(signal.SIGKILL)
+            if self._zygote is not None:
+                self._zygote.proc.signal(signal.SIGKILL)
+            os._exit(1)  # nothing may be left on a node the controller has given up on
 
     def _make_spares(self) -> None:
         while True:
@@ -344,7 +362,6 @@ class RankActor:
 
     def promote_spare(self, rank: int, spec: dict[str, Any]) -> int | None:
         """Make the spare ``rank``; returns its pid, or None when there is no live spare."""
-        self._renew()
         spare = self._procs.pop(SPARE, None)
         if spare is None or spare.poll_exit() is not None:
             return None
@@ -360,7 +377,6 @@ class RankActor:
 
     def send(self, rank: int, message: dict[str, Any]) -> bool:
         """Send a control message to ``rank``'s process; False if it is gone."""
-        self._renew()
         proc = self._procs.get(rank)
         return proc is not None and proc.send(message)
 
@@ -370,9 +386,10 @@ class RankActor:
         if proc is not None:
             proc.signal(signal.SIGKILL)
 
-    def poll(self) -> dict[str, Any]:
-        """Status of every hosted rank process, and the pid of the spare once it is warm."""
-        self._called_at = time.monotonic()
+    def poll(self, ack: int) -> dict[str, Any]:
+        """Status of every hosted rank process, the pid of the spare once it is warm, and this answer's
+        number (``ack``: as for :meth:`renew`)."""
+        answer = self._answer(ack)
         ranks = {rank: p.status() for rank, p in self._procs.items() if rank != SPARE}
         spare = self._procs.get(SPARE)
         if spare is not None and spare.poll_exit() is not None:
@@ -381,7 +398,8 @@ class RankActor:
             spare = None
         if spare is not None and not spare.warm:
             spare.warm = any(m["type"] == "warm" for m in spare.status()["messages"])
-        return {"ranks": ranks, "warm_spare": spare.pid if spare is not None and spare.warm else None}
+        return {"ranks": ranks, "warm_spare": spare.pid if spare is not None and spare.warm else None,
+                "answer": answer}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop and reap every hosted process: ranks, the spare, the zygote."""
