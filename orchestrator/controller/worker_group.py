@@ -255,9 +255,12 @@ class RayWorkerGroup:
         period = max(0.1, self._lease_s / 4)
         while not self._closing.wait(period):
             for index, actor in enumerate(list(self._actors)):
-                if index not in self._dead and index not in in_flight:
+                current = in_flight.get(index)
+                if index not in self._dead and (current is None or current[1] is not actor):
                     in_flight[index] = (actor.renew.remote(self._acked.get(index, 0)), actor)
             refs = [ref for ref, _ in in_flight.values()]
+            if not refs:
+                continue
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
             ready_set = set(ready)
             for index, (ref, actor) in list(in_flight.items()):
