@@ -134,13 +134,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _import_from_launch_dir() -> None:
-    """User entry points resolve from the launch directory, here and (via PYTHONPATH) in every rank."""
+    """User entry points resolve from the launch directory, here and (via PYTHONPATH) in every rank.
+
+    Appended, not put first: a stray ``torch.py`` in the launch directory must not shadow torch."""
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if cwd not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, cwd])
 
 
 def _check_entrypoint(config: Config) -> None:
@@ -157,6 +159,49 @@ def _check_entrypoint(config: Config) -> None:
             f"train.entrypoint: module {module!r} is not importable; install it or add its "
             "directory to PYTHONPATH"
         )
+    function = config.train.entrypoint.partition(":")[2]
+    defined = _defines(module, function)
+    if defined is not None and not defined[0]:
+        raise ConfigError(
+            f"train.entrypoint: module {module!r} defines no {function!r} "
+            f"(its functions: {', '.join(defined[1]) or 'none'}); fix the name after the colon"
+        )
+
+
+def _defines(module: str, name: str) -> tuple[bool, list[str]] | None:
+    """Whether ``module`` defines ``name``, and its top-level functions; None when that cannot be
+    known. The standard library is imported (cheap, no side effects); the user's code is read, not
+    imported: the controller must not run it."""
+    import ast
+    import inspect
+
+    if module.partition(".")[0] in sys.stdlib_module_names:
+        imported = importlib.import_module(module)
+        routines = [n for n in dir(imported) if not n.startswith("_") and inspect.isroutine(getattr(imported, n))]
+        return hasattr(imported, name), routines[:12] + (["..."] if len(routines) > 12 else [])
+    origin = importlib.util.find_spec(module).origin
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(origin).read_text(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return None  # the rank reports it with its traceback
+    # Every name bound anywhere in the file (function bodies too): generous, so that a name bound
+    # under `if`/`try` is never reported missing; what it catches is a name that appears nowhere.
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            if node.name == "*":
+                return None
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    if "__getattr__" in names:
+        return None
+    functions = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return name in names, functions
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -252,7 +297,13 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.run_dir import RunDir
 
     metrics, server = _serve_metrics(config)
-    run = RunDir.open(args.run_dir)
+    try:
+        run = RunDir.open(args.run_dir)
+        run.lock()
+    except ConfigError:
+        if server is not None:
+            server.close()
+        raise
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
     events = EventLog(run.events)
     display = make_progress()
@@ -331,7 +382,7 @@ def _metrics(args: argparse.Namespace) -> int:
     last = started[-1]
     running = not any(e["event"] == "run_finished" and e["ts"] >= last["ts"] for e in evs)
     print(f"endpoint: {last['url']} ({'running' if running else 'run finished; endpoint closed'})")
-    print(scrape_config(last["target"], RunDir.open(path).run_id), end="")
+    print(scrape_config(last["target"], RunDir.read_id(path)), end="")
     return EXIT_OK
 
 

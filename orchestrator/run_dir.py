@@ -7,13 +7,18 @@ resume.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
+
+_LOCK_NAME = ".lock"
+_held: dict[Path, int] = {}  # run directory -> descriptor of its lock, held for this process's life
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,36 @@ class RunDir:
             run_id = uuid.uuid4().hex[:12]
             meta.write_text(json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
         return cls(path=path, run_id=run_id)
+
+    @staticmethod
+    def read_id(path: Path) -> str:
+        """The run id of the run directory ``path``, read without changing anything there."""
+        try:
+            return json.loads((Path(path) / "run.json").read_text())["run_id"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"RUN_DIR {path}: cannot read its run id from run.json ({exc})") from None
+
+    def lock(self) -> None:
+        """Take the run directory for this controller; refuse if another one runs on it.
+
+        Two controllers on one directory would interleave events and delete each other's staged
+        checkpoints. The lock is an ``flock`` on ``.lock`` (released by the kernel when the process
+        ends, however it ends); the file names the holder's pid for the message."""
+        if self.path in _held:
+            return
+        fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"--run-dir {self.path}: another orchestrator (pid {holder}) is running on it; wait for it to "
+                "end (or stop it), or give another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[self.path] = fd
 
     @property
     def events(self) -> Path:

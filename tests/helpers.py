@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "cluster_configs" / "local.yaml"
 
 
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run ``orchestrator ARGS`` to completion from the repository root."""
+def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``orchestrator ARGS`` to completion from the repository root (``env``: added to ours)."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
 
 

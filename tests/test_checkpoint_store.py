@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from orchestrator.checkpoint import store
+from orchestrator.checkpoint import resume, store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, file_sha256, verify
 from orchestrator.checkpoint.snapshot import SnapshotEngine
 from orchestrator.checkpoint.writer import (
@@ -78,6 +80,40 @@ def test_verify_names_the_damaged_file(tmp_path: Path) -> None:
     assert "malformed" in verify(directory)[0]
 
 
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("tag", "global_step99", "is not its directory's name"),
+    ("tag", "../../elsewhere", "is not its directory's name"),
+    ("files", {"../../../etc/passwd": {"size": 1, "sha256": "0"}}, "points outside the checkpoint"),
+    ("files", {"/etc/passwd": {"size": 1, "sha256": "0"}}, "points outside the checkpoint"),
+])
+def test_a_crafted_manifest_is_refused(tmp_path: Path, field: str, value: object, problem: str) -> None:
+    """A manifest's tag and file names become paths on resume: they must stay inside the checkpoint."""
+    directory = _commit(tmp_path, 10)
+    raw = json.loads((directory / "manifest.json").read_text())
+    raw[field] = value
+    (directory / "manifest.json").write_text(json.dumps(raw))
+    [found] = verify(directory)
+    assert problem in found
+    manifest, rejected = resume.select(tmp_path)
+    assert manifest is None and rejected[0][0] == directory.name
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("a crafted checkpoint ran code",))
+
+
+def test_rank_state_loads_only_plain_data(tmp_path: Path) -> None:
+    """The orchestrator's per-rank file holds a step and RNG states; anything that would run code is refused."""
+    good = tmp_path / "rank_state_0.pt"
+    torch.save({"step": 7, "rng": store._capture_rng()}, good)
+    assert store.load_rank_state(good)["step"] == 7
+    crafted = tmp_path / "rank_state_1.pt"
+    torch.save({"step": 7, "rng": _RunsCode()}, crafted)
+    with pytest.raises(ValueError, match="refused"):
+        store.load_rank_state(crafted)
+
+
 def test_writer_checksums_what_it_wrote_and_survives_a_reload(tmp_path: Path) -> None:
     state = {"w": torch.arange(1000, dtype=torch.float32), "nested": [torch.ones(3), {"k": 7}]}
     result = write_files(SaveJob(directory=tmp_path, files=[(tmp_path / "a.pt", state)], done=lambda r: None))
@@ -95,6 +131,20 @@ def test_writer_reports_an_os_error_with_the_file(tmp_path: Path) -> None:
     assert writer.wait(30)
     [result] = results
     assert isinstance(result.error, FileNotFoundError) and result.failed_path == missing
+
+
+def test_writer_reports_any_failure_and_keeps_working(tmp_path: Path) -> None:
+    """An object pickle cannot write (a lambda in user_state) is a failed save, not a dead writer."""
+    results: list[SaveResult] = []
+    writer = BackgroundWriter()
+    writer.submit(SaveJob(directory=tmp_path, files=[(tmp_path / "a.pt", {"user": lambda: 1})], done=results.append))
+    assert writer.wait(30)
+    [result] = results
+    assert result.error is not None and result.failed_path == tmp_path / "a.pt"
+    assert "pickle" in str(result.error).lower() or "lambda" in str(result.error)
+    writer.submit(SaveJob(directory=tmp_path, files=[(tmp_path / "b.pt", {"x": 1})], done=results.append))
+    assert writer.wait(30), "the writer thread still runs"
+    assert results[-1].error is None
 
 
 def test_snapshot_is_a_copy_and_reuses_its_buffers() -> None:

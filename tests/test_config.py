@@ -20,6 +20,7 @@ BAD_OVERRIDES = [
     (["cluster.nodez=1"], "did you mean cluster.nodes"),
     (["cluster.env.RANK=3"], "RANK is set by the orchestrator"),
     (["cluster.env.1BAD=x"], "not a valid environment variable name"),
+    (["cluster.env.ORCH_RUN_TOKEN=x"], "ORCH_RUN_TOKEN: variables named ORCH_* are the orchestrator's own"),
     (["parallel.zero_stage=4"], "parallel.zero_stage"),
     (["parallel.zero_stage=-1"], "parallel.zero_stage"),
     (["parallel.zero_stage=1.5"], "parallel.zero_stage"),
@@ -157,12 +158,18 @@ def test_launch_bad_config_starts_nothing(tmp_path: Path) -> None:
     assert not run_dir.exists(), "a rejected config must not create the run directory"
 
 
-def test_launch_unimportable_entrypoint_starts_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("entrypoint", "named"), [
+    ("no_such_module:train", "no_such_module"),
+    ("os:no_such_function", "defines no 'no_such_function'"),
+    ("tests.user_train:no_such_function", "its functions: allreduce_counter, raises_at_step_3"),
+])
+def test_launch_unresolvable_entrypoint_starts_nothing(tmp_path: Path, entrypoint: str, named: str) -> None:
     run_dir = tmp_path / "run"
-    result = cli("launch", str(LOCAL_CONFIG), "--run-dir", str(run_dir),
-                 "--set", "train.entrypoint=no_such_module:train", timeout=60)
+    result = cli("launch", str(LOCAL_CONFIG), "--run-dir", str(run_dir), "--set", f"train.entrypoint={entrypoint}",
+                 timeout=60)
     assert result.returncode == 2
-    assert "train.entrypoint" in result.stderr and "no_such_module" in result.stderr
+    assert "train.entrypoint" in result.stderr and named in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, "one line, no traceback"
     assert not run_dir.exists()
 
 

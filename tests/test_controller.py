@@ -210,6 +210,23 @@ def test_checkpoint_commits_only_when_every_rank_saved(tmp_path: Path) -> None:
     assert committed[0]["step"] == 1 and committed[0]["path"].endswith("global_step1")
 
 
+def test_a_commit_stands_when_pruning_old_checkpoints_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctl, group, run, _ = make(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(run.checkpoints / "global_step0"))
+
+    monkeypatch.setattr(store, "prune", refuse)
+    stage(run, 1)
+    group.script = [[RankUpdate(rank=0, messages=[saved(1)]), RankUpdate(rank=1, messages=[saved(1)])]]
+    ctl.step()
+    ctl.step()
+    assert store.latest_tag(run.checkpoints) == "global_step1"
+    evs = read_events(run.events)
+    assert of_kind(evs, "checkpoint_committed")[0]["step"] == 1
+    assert "Permission denied" in of_kind(evs, "warning")[0]["message"]
+
+
 def test_save_of_an_abandoned_attempt_is_never_committed(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     ctl._commits.forget_partial(1)

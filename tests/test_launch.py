@@ -5,6 +5,7 @@ Kept small (tens of steps) so the whole file runs in a few minutes on 2 cores.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -26,12 +27,13 @@ from tests.helpers import (
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(300)]
 
 SHORT = ("train.steps=40", "checkpoint.interval_steps=10")
+SECRET = "s3cr3t-4f9a"  # a cluster.env value: must not be written anywhere in the run directory
 
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     run_dir = tmp_path_factory.mktemp("clean") / "run"
-    result = cli(*launch_args(run_dir, *SHORT))
+    result = cli(*launch_args(run_dir, *SHORT, f"cluster.env.WANDB_API_KEY={SECRET}"))
     return run_dir, result.stdout + result.stderr, str(result.returncode)
 
 
@@ -64,6 +66,9 @@ def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, s
     assert all(name.startswith(("spare-", "zygote-")) for name in logs - {"rank0.log", "rank1.log"})
     assert "succeeded: step 40" in output
     assert wait_gone([w["pid"] for w in workers]) == []
+    assert started[0]["config"]["cluster"]["env"] == {"WANDB_API_KEY": "<redacted>"}
+    records = [run_dir / "events.jsonl", *(run_dir / "checkpoints").glob("*/manifest.json")]
+    assert len(records) == 4 and not any(SECRET in p.read_text() for p in records), "a cluster.env value leaked"
 
 
 def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, str], tmp_path: Path) -> None:
@@ -140,11 +145,18 @@ def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
 
 
 def test_user_entrypoint_gets_the_context(tmp_path: Path) -> None:
+    """Also under a long TMPDIR (a cluster's per-job directory): Ray's socket paths must still fit."""
     run_dir = tmp_path / "run"
-    result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:allreduce_counter", "train.steps=5"))
+    long_tmp = tmp_path / ("per-job-temporary-directory-" * 3) / "nested" / "deeper"
+    long_tmp.mkdir(parents=True)
+    result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:allreduce_counter", "train.steps=5"),
+                 env={"TMPDIR": str(long_tmp)})
     assert result.returncode == 0, result.stdout + result.stderr
     # Each step all-reduces (rank + step) over ranks 0 and 1: 2 * step + 1.
     assert losses_by_step(events(run_dir)) == {s: 2.0 * s + 1 for s in range(1, 6)}
+    # What the training code starts inherits neither the orchestrator's variables nor its control socket.
+    child = json.loads((run_dir / "child.json").read_text())
+    assert child == {"orch_env": [], "sockets": []}, child
 
 
 def test_user_exception_fails_with_its_traceback(tmp_path: Path) -> None:

@@ -206,7 +206,9 @@ def test_job_metrics_follow_the_event_log() -> None:
                  'orchestrator_rank_up{rank="1"} 0.0', 'orchestrator_rank_heartbeat_age_seconds{rank="1"} 4.0',
                  'orchestrator_rank_step_time_seconds{rank="1"} 0.3', 'orchestrator_wall_seconds 30.0']:
         assert line in text, line
-    assert 'reason="exception"' not in text, "a rank failing because its peer died is no failure of its own"
+    assert 'orchestrator_failures_total{reason="exception"} 0.0' in text, "a rank failing because its peer died is no failure of its own"
+    for reason in ("exit", "hang", "node_lost", "checkpoint"):  # zero from the start: increase() sees the first
+        assert f'orchestrator_restarts_total{{reason="{reason}"}} 0.0' in text, reason
     assert "orchestrator_model_flops_utilization" not in text, "no MFU without a known GPU peak"
 
 

@@ -45,3 +45,54 @@ def test_controller_sigkill_triggers_sweep() -> None:
     os.kill(controller.pid, signal.SIGKILL)
     controller.wait(timeout=10)
     assert wait_gone([child_pid], timeout=10) == [], "the reaper did not kill the orphaned child"
+
+
+def test_sweep_takes_what_a_marked_session_leader_started_without_the_mark() -> None:
+    """A training process drops the token from the environment it hands on; its session gives it away."""
+    script = textwrap.dedent("""
+        import os, subprocess, sys, time
+        del os.environ["ORCH_RUN_TOKEN"]
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(child.pid, flush=True)
+        time.sleep(60)
+    """)
+    leader = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, RUN_TOKEN_ENV: "tok-s"},
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child_pid = int(leader.stdout.readline())
+    unmarked = _sleeper(dict(os.environ))  # a session of its own, not the run's
+    try:
+        assert marked_pids("tok-s", exclude=set()) == [leader.pid], "the child carries no mark"
+        killed, alive = sweep(["tok-s"], exclude=set())
+        assert killed == {leader.pid, child_pid} and alive == []
+        assert wait_gone([child_pid], timeout=10) == []
+        assert unmarked.poll() is None
+    finally:
+        for proc in (leader, unmarked):
+            proc.kill()
+            proc.wait()
+
+
+def test_ray_agents_named_after_the_runs_ray_directory_are_swept(tmp_path) -> None:
+    """Ray's agents can lose the token; the reaper also kills whatever runs from the run's Ray directory."""
+    from orchestrator.controller.reaper import ray_temp_dir
+
+    script = textwrap.dedent("""
+        import subprocess, sys, time
+        from orchestrator.controller.reaper import Reaper, RUN_TOKEN_ENV, ray_temp_dir
+        import os
+        Reaper()
+        tmp = ray_temp_dir(os.environ[RUN_TOKEN_ENV])
+        tmp.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN_ENV}
+        agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={tmp}/session_x"],
+                                 env=env, start_new_session=True)
+        print(agent.pid, tmp, flush=True)
+        time.sleep(60)
+    """)
+    controller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    agent_pid, tmp = controller.stdout.readline().split()
+    assert str(ray_temp_dir("x")).startswith("/tmp/orch-ray-") and len(tmp) < 40
+    os.kill(controller.pid, signal.SIGKILL)
+    controller.wait(timeout=10)
+    assert wait_gone([int(agent_pid)], timeout=15) == [], "an agent without the token outlived the run"
+    assert not os.path.exists(tmp), "the run's Ray directory is removed"

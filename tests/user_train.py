@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 import torch.distributed as dist
 
 from orchestrator.worker.context import TrainContext
 
 
+CHILD = """
+import json, os
+fds = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2}
+print(json.dumps({"orch_env": sorted(k for k in os.environ if k.startswith("ORCH_")),
+                  "sockets": sorted(t for t in fds.values() if t.startswith("socket:"))}))
+"""
+
+
 def allreduce_counter(ctx: TrainContext) -> None:
-    """A minimal user loop: join the group, all-reduce, report steps."""
+    """A minimal user loop: join the group, all-reduce, report steps. Rank 0 first records what a
+    program it starts inherits (``child.json`` in the run directory)."""
+    if ctx.rank == 0:
+        out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True)
+        (ctx.run_dir / "child.json").write_text(out.stdout)
     ctx.init_distributed()
     for step in range(1, ctx.config.train.steps + 1):
         value = torch.tensor([float(ctx.rank + step)])

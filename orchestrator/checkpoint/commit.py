@@ -73,7 +73,11 @@ class CommitTracker:
             blocked_s=max(r["blocked_s"] for r in reports.values()),
             bytes=manifest.total_bytes,
         )
-        store.prune(self._checkpoints, self._config.checkpoint.keep_last, protect={tag, self.in_use or tag})
+        try:
+            store.prune(self._checkpoints, self._config.checkpoint.keep_last, protect={tag, self.in_use or tag})
+        except OSError as exc:  # the commit stands; an old checkpoint is kept a while longer
+            self._events.emit("warning", message=f"could not remove an old checkpoint in {self._checkpoints}: "
+                              f"{exc.strerror or exc} ({exc.filename or ''}); it is kept, remove it by hand")
         return CommitOutcome(tag=tag, committed=True)
 
     def failed(self, rank: int, report: dict[str, Any]) -> CommitOutcome | None:
@@ -107,7 +111,7 @@ class CommitTracker:
             zero_stage=config.parallel.zero_stage,
             global_batch=config.global_batch,
             files=files,
-            config=config.model_dump(mode="json"),
+            config=config.redacted_dump(),
             created=time.time(),
         )
         manifest.write(staged)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 MANIFEST = "manifest.json"
@@ -65,11 +65,19 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             files = {name: FileEntry(**entry) for name, entry in raw.pop("files").items()}
-            return cls(files=files, **raw)
+            manifest = cls(files=files, **raw)
         except FileNotFoundError:
             raise ValueError(f"{path}: missing (the save never completed)") from None
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: malformed ({exc})") from None
+        # The tag and file names become paths on resume: they must name this directory and files in it.
+        if manifest.tag != directory.name:
+            raise ValueError(f"{path}: its tag {manifest.tag!r} is not its directory's name {directory.name!r}")
+        for name in manifest.files:
+            parts = PurePosixPath(name).parts
+            if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+                raise ValueError(f"{path}: file name {name!r} points outside the checkpoint")
+        return manifest
 
 
 def verify(directory: Path, checksums: bool = True) -> list[str]:

@@ -11,12 +11,14 @@ Layout under ``RUN_DIR/checkpoints/`` (details in ``docs/checkpoints.md``)::
 
 A rank saves into the staging directory of its attempt. The controller turns
 a staged save into a committed checkpoint (``commit.py``) once every rank's
-files are durable. Loading unpickles DeepSpeed's files: only load
-checkpoints you trust.
+files are durable. Loading unpickles DeepSpeed's files (their model and
+optimizer states need it): only load checkpoints you trust. The
+orchestrator's own per-rank files are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -86,8 +88,6 @@ def load(engine: Any, checkpoints: Path, tag: str, rank: int, layout: tuple[int,
     universal conversion the controller prepared is loaded instead, and the
     per-rank RNG states (which belong to the old layout) are not restored.
     """
-    import torch
-
     manifest = Manifest.read(checkpoints / tag)
     same_layout = manifest.layout == layout
     if same_layout:
@@ -97,8 +97,7 @@ def load(engine: Any, checkpoints: Path, tag: str, rank: int, layout: tuple[int,
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {checkpoints}")
     if same_layout:
-        # Trusted-only: these files are written by this orchestrator (see module docstring).
-        own = torch.load(checkpoints / tag / rank_state_name(rank), weights_only=False)
+        own = load_rank_state(checkpoints / tag / rank_state_name(rank))
         _restore_rng(own["rng"])
     return manifest.step, (client or {}).get("user")
 
@@ -165,6 +164,21 @@ def clean_leftovers(checkpoints: Path) -> None:
     """Remove what an interrupted save or delete left behind (staging and trash)."""
     for name in (STAGING, TRASH):
         shutil.rmtree(checkpoints / name, ignore_errors=True)
+
+
+def load_rank_state(path: Path) -> dict[str, Any]:
+    """The orchestrator's own per-rank file (step, RNG states), read with ``weights_only=True``: only
+    tensors, plain Python values and the numpy types of an RNG state are accepted, so a crafted file
+    cannot run code. (DeepSpeed's own files still need full unpickling: see the module docstring.)"""
+    import numpy as np
+    import torch
+
+    numpy_rng = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_rng):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused, it holds more than a rank's step and RNG state ({exc})") from None
 
 
 def _capture_rng() -> dict[str, Any]:

@@ -5,7 +5,8 @@ a time. The training thread hands it a :class:`SaveJob` (files already
 copied to host memory) and goes on; the writer thread writes each file
 through a hashing wrapper, fsyncs it and its directory, then calls the
 job's ``done`` callback with the per-file sizes and checksums, or with the
-``OSError`` (disk full, permission denied) that stopped it.
+error that stopped it (an ``OSError`` such as disk full, or anything else, as an ``OSError``
+naming its type).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +76,14 @@ class BackgroundWriter:
             job = self._jobs.get()
             try:
                 job.done(write_files(job))
+            except Exception:  # noqa: BLE001 - the writer must outlive a failing report
+                traceback.print_exc()
             finally:
                 self._idle.set()
 
 
 def write_files(job: SaveJob) -> SaveResult:
-    """Write, checksum and fsync every file of ``job``; stops at the first ``OSError``."""
+    """Write, checksum and fsync every file of ``job``; stops at the first error (reported, never raised)."""
     import torch
 
     started = time.perf_counter()
@@ -93,10 +97,11 @@ def write_files(job: SaveJob) -> SaveResult:
                 os.fsync(fh.fileno())
         except OSError as exc:
             return SaveResult(files=files, write_s=time.perf_counter() - started, error=exc, failed_path=path)
-        except RuntimeError as exc:
-            # torch's zip writer wraps a failing write() in a RuntimeError; keep the OS's reason.
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the controller as checkpoint_failed
+            # torch's zip writer wraps a failing write() in a RuntimeError; keep the OS's reason. Anything
+            # else (an object pickle cannot write, say) is reported with its type.
             cause = exc.__cause__ or exc.__context__
-            error = cause if isinstance(cause, OSError) else OSError(str(exc))
+            error = cause if isinstance(cause, OSError) else OSError(f"{type(exc).__name__}: {exc}")
             return SaveResult(files=files, write_s=time.perf_counter() - started, error=error, failed_path=path)
         files[str(path.relative_to(job.directory))] = sink.entry()
     try:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Set by the orchestrator for every rank; a user value would silently break rendezvous.
+REDACTED = "<redacted>"
 RESERVED_ENV = frozenset(
     {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 )
@@ -103,6 +104,9 @@ class ClusterConfig(_Section):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
             if name in RESERVED_ENV:
                 raise ValueError(f"{name} is set by the orchestrator for each rank; remove it")
+            if name.startswith("ORCH_"):
+                raise ValueError(f"{name}: variables named ORCH_* are the orchestrator's own (they mark and "
+                                 "connect its processes); remove it")
         return value
 
     @property
@@ -271,6 +275,13 @@ class Config(_Section):
         if self.train.global_batch_size is not None:
             self.accumulation_steps(self.data_parallel_size)  # raises when it does not divide
         return self
+
+    def redacted_dump(self) -> dict:
+        """The config as JSON data for records others may read (events, manifests): ``cluster.env``
+        values can be secrets (tokens, keys), so only their names are kept."""
+        data = self.model_dump(mode="json")
+        data["cluster"]["env"] = {name: REDACTED for name in data["cluster"]["env"]}
+        return data
 
     @property
     def data_parallel_size(self) -> int:

@@ -139,7 +139,7 @@ class Controller:
             run_id=self.run_dir.run_id,
             world_size=self.group.world_size,
             resumed_from_step=self.last_step,
-            config=self.config.model_dump(mode="json"),
+            config=self.config.redacted_dump(),
         )
         for tag, problems in rejected:
             message = f"checkpoint {tag} is damaged, not used: {problems[0]}"

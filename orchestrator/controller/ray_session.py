@@ -1,7 +1,8 @@
 """Connecting the controller to Ray: an embedded single-node Ray, or an existing cluster.
 
-The embedded Ray listens on 127.0.0.1 only, runs no dashboard and sends no
-usage statistics. Its services die with the controller (Ray ties them to
+The embedded Ray listens on 127.0.0.1 only, runs no dashboard, sends no
+usage statistics and keeps its temporary files in a short directory of its
+own under /tmp (removed when it stops), whatever ``TMPDIR`` says. Its services die with the controller (Ray ties them to
 the driver that started them), so even a SIGKILLed controller leaves
 nothing running.
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 
 from orchestrator.config.schema import Config
+from orchestrator.controller.reaper import RUN_TOKEN_ENV, ray_temp_dir
 from orchestrator.errors import ClusterError
 from orchestrator.worker.env import local_cpu_count
 
@@ -30,6 +34,8 @@ _EMBEDDED_ENV = {
 }
 
 
+_temp_dir: str | None = None  # the embedded Ray's, while it runs
+
 _HOST_PORT = re.compile(r"^([\w.\-]+):(\d+)$")
 _PROBE_TIMEOUT_S = 10.0
 
@@ -38,8 +44,8 @@ def connect(config: Config) -> bool:
     """Connect to Ray per ``cluster.ray_address``; returns True when this call started Ray."""
     embedded = config.cluster.ray_address is None
     if embedded:
-        for name, value in _EMBEDDED_ENV.items():
-            os.environ.setdefault(name, value)
+        # Assigned, not defaulted: an inherited environment must not turn these off unnoticed.
+        os.environ.update(_EMBEDDED_ENV)
     else:
         _use_dev_cluster_token(config.cluster.ray_address)  # Ray reads it when imported
     import ray
@@ -50,7 +56,22 @@ def connect(config: Config) -> bool:
     if embedded:
         # Oversubscribe when the job has more ranks than cores (the CPU test mode on a laptop).
         # address="local": always a new Ray of our own, never one that happens to run here.
-        ray.init(address="local", num_cpus=max(local_cpu_count(), config.cluster.world_size), **common)
+        # Its own short temporary directory, whatever TMPDIR is: Ray's socket paths live under it and
+        # must stay below the 107-byte AF_UNIX limit (a per-job TMPDIR on clusters is long); removed
+        # by disconnect().
+        global _temp_dir
+        token = os.environ.get(RUN_TOKEN_ENV)
+        if token:  # the run's reaper removes it (and whatever runs from it) however the run ends
+            _temp_dir = str(ray_temp_dir(token))
+            os.makedirs(_temp_dir, mode=0o700, exist_ok=True)
+        else:
+            _temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+        try:
+            ray.init(address="local", num_cpus=max(local_cpu_count(), config.cluster.world_size),
+                     _temp_dir=_temp_dir, **common)
+        except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
+            _remove_temp_dir()
+            raise ClusterError(f"could not start the embedded Ray: {type(exc).__name__}: {exc}") from None
         return True
     _probe(config.cluster.ray_address)
     try:
@@ -90,8 +111,16 @@ def _probe(address: str) -> None:
 
 
 def disconnect() -> None:
-    """Leave Ray; for an embedded Ray this also stops its services."""
+    """Leave Ray; for an embedded Ray this also stops its services and removes its temporary files."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _remove_temp_dir()
+
+
+def _remove_temp_dir() -> None:
+    global _temp_dir
+    if _temp_dir is not None:
+        shutil.rmtree(_temp_dir, ignore_errors=True)
+        _temp_dir = None

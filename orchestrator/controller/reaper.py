@@ -6,7 +6,11 @@ starting Ray the controller marks its environment with a run token and
 starts this reaper in its own session, holding the read end of a pipe. When
 the controller ends in any way the pipe closes; the reaper then SIGKILLs
 every process whose environment carries the token: Ray's services and
-workers and the training processes all inherited it.
+workers and the training processes all inherited it; then any process whose
+command line names the embedded Ray's temporary directory (Ray's agents),
+and removes that directory. A training process leads its own session and
+hides the token from what it starts; the sweep takes whole sessions led by
+marked processes.
 
 Run as ``python -m orchestrator.controller.reaper TOKEN CONTROLLER_PID``.
 """
@@ -14,6 +18,7 @@ Run as ``python -m orchestrator.controller.reaper TOKEN CONTROLLER_PID``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,13 +74,52 @@ def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list
     return found
 
 
+def ray_temp_dir(token: str) -> Path:
+    """The embedded Ray's temporary directory for the run marked ``token``: short (Ray's socket paths
+    under it must fit AF_UNIX's 107 bytes, whatever TMPDIR is) and known to the reaper."""
+    return Path("/tmp") / f"orch-ray-{token[:16]}"
+
+
+def pids_running_from(directory: Path, exclude: set[int]) -> list[int]:
+    """Pids whose command line names ``directory`` (Ray's services get their session directory as an argument)."""
+    needle = str(directory).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def session_members(leaders: set[int], exclude: set[int]) -> list[int]:
+    """Pids in the sessions led by ``leaders`` (the leaders included when alive)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) in leaders:  # state, ppid, pgrp, session
+            found.append(int(entry.name))
+    return found
+
+
 def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV) -> tuple[set[int], list[int]]:
     """SIGKILL processes marked ``env=TOKEN`` (any of ``tokens``) until none is left or the deadline
     passes; returns the pids killed and those still alive."""
     killed: set[int] = set()
     deadline = time.monotonic() + _SWEEP_DEADLINE_S
     while True:
-        pids = [pid for token in tokens for pid in marked_pids(token, exclude, env)]
+        marked = {pid for token in tokens for pid in marked_pids(token, exclude, env)}
+        # A training process leads its own session and drops the mark from the environment it hands
+        # on: what the training code started is found through that session.
+        pids = sorted(marked | set(session_members(marked, exclude)))
         if not pids or time.monotonic() >= deadline:
             return killed, pids
         for pid in pids:
@@ -90,7 +134,17 @@ def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV) -> tup
 def main(argv: list[str]) -> int:
     token, controller_pid = argv[0], int(argv[1])
     sys.stdin.buffer.read()  # returns at EOF: the controller is gone or done
-    sweep([token], exclude={os.getpid(), controller_pid})
+    exclude = {os.getpid(), controller_pid}
+    sweep([token], exclude)
+    # Ray's agents can outlive their raylet with an environment of their own (no token): they name
+    # the run's Ray directory on their command line.
+    temp_dir = ray_temp_dir(token)
+    for pid in pids_running_from(temp_dir, exclude):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
 
 

@@ -13,12 +13,13 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchestrator.controller.failures import Reason
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
 from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
 
@@ -73,6 +74,10 @@ class JobMetrics:
                             ["cause"], registry=r)
         for cause in CAUSES:
             self.badput.labels(cause=cause)
+        # Every known reason has a series from the start, so increase() sees the first restart.
+        for reason in get_args(Reason):
+            self.restarts.labels(reason=reason)
+            self.failures.labels(reason=reason)
         for rank in range(world_size):
             self.rank_up.labels(rank=str(rank)).set(0)
         self.gpus = _GpuFamilies()

@@ -390,11 +390,14 @@ class RankActor:
         """Status of every hosted rank process, the pid of the spare once it is warm, and this answer's
         number (``ack``: as for :meth:`renew`)."""
         answer = self._answer(ack)
-        ranks = {rank: p.status() for rank, p in self._procs.items() if rank != SPARE}
-        spare = self._procs.get(SPARE)
+        # The spare thread adds the spare concurrently: work on a snapshot, remove only what we saw.
+        procs = dict(self._procs)
+        ranks = {rank: p.status() for rank, p in procs.items() if rank != SPARE}
+        spare = procs.get(SPARE)
         if spare is not None and spare.poll_exit() is not None:
             spare.stop(0)
-            del self._procs[SPARE]
+            if self._procs.get(SPARE) is spare:
+                del self._procs[SPARE]
             spare = None
         if spare is not None and not spare.warm:
             spare.warm = any(m["type"] == "warm" for m in spare.status()["messages"])
@@ -404,7 +407,9 @@ class RankActor:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop and reap every hosted process: ranks, the spare, the zygote."""
         for key in list(self._procs):
-            self._procs.pop(key).stop(timeout_s)
+            proc = self._procs.pop(key, None)
+            if proc is not None:
+                proc.stop(timeout_s)
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None

@@ -9,6 +9,7 @@ the other side learns its peer is gone.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ class Channel:
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
+        """The channel on inherited descriptor ``fd``, which programs this process starts do not inherit."""
+        os.set_inheritable(fd, False)
         return cls(socket.socket(fileno=fd))
 
     def send(self, message: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from orchestrator.worker.context import TrainContext
 from orchestrator.worker.teardown import tear_down
 
 PARENT_PID_ENV = "ORCH_PARENT_PID"
+ORCH_ENV_PREFIX = "ORCH_"
 BUILTIN_ENTRYPOINT = "orchestrator.training.workload:train"
 LIVENESS_INTERVAL_S = 1.0
 _DECISION_TIMEOUT_S = 600.0
@@ -63,6 +64,10 @@ def main() -> int:
     # `kill -USR1 PID` prints every thread's stack to the rank's log: the first thing to look at in a hang.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     channel = Channel.from_fd(int(os.environ[CONTROL_FD_ENV]))
+    # The orchestrator's own variables are read; the training code and what it starts never see them
+    # (the reaper still finds this process, and its session, by its initial environment).
+    for name in [n for n in os.environ if n.startswith(ORCH_ENV_PREFIX)]:
+        del os.environ[name]
     runtime = Runtime(channel)
     return runtime.run()
 
