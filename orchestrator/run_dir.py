@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class RunDir:
         ends, however it ends); the file names the holder's pid for the message."""
         if self.path in _held:
             return
+        self._check_private()
         fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,6 +80,24 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _held[self.path] = fd
+
+    def _check_private(self) -> None:
+        """Checkpoints are unpickled on resume: a run directory someone else can write is someone
+        else's code. Refuse one owned by another user, or writable by group or others."""
+        for directory in (self.path, self.checkpoints):
+            st = directory.stat()
+            if st.st_uid != os.getuid():
+                raise ConfigError(
+                    f"--run-dir {directory}: owned by uid {st.st_uid}, not by you (uid {os.getuid()}); its "
+                    "checkpoints are loaded with pickle and could run that user's code. Use a directory of your own"
+                )
+            if st.st_mode & 0o022:
+                raise ConfigError(
+                    f"--run-dir {directory}: writable by "
+                    f"{' and '.join(w for w, bit in (('group', 0o020), ('others', 0o002)) if st.st_mode & bit)} "
+                    f"(mode {stat.filemode(st.st_mode)}); anyone who can write it can plant a checkpoint that runs "
+                    f"code on resume. Fix: chmod go-w {directory}"
+                )
 
     @property
     def events(self) -> Path:

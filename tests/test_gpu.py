@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,18 +22,20 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False here)", allow_module_level=True)
 
-STEPS = 300  # long enough to scrape the endpoint while it trains
+STEPS = 3000  # long enough to scrape the endpoint while it trains
 
 
 def test_built_in_gpt_trains_with_nccl_on_one_gpu(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start_cli(*launch_args(run_dir, "cluster.device=gpu", "cluster.workers_per_node=1",
-                                  f"train.steps={STEPS}", "checkpoint.interval_steps=100"))
+                                  f"train.steps={STEPS}", "checkpoint.interval_steps=1000"))
     started = wait_for_event(run_dir, lambda e: e["event"] == "metrics_started", 300, proc)
-    wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 5, 300, proc)
-    # NVML through the collector, read from the job's own endpoint while it trains (the first
-    # reading is taken before the ranks start).
-    scrape = urllib.request.urlopen(started["url"], timeout=10).read().decode()
+    # NVML through the collector, read from the job's own endpoint while it trains (readings reach
+    # the endpoint within two GPU intervals, about 10 s).
+    scrape, deadline = "", time.monotonic() + 120
+    while "DCGM_FI_DEV_GPU_UTIL{" not in scrape and time.monotonic() < deadline and proc.poll() is None:
+        scrape = urllib.request.urlopen(started["url"], timeout=10).read().decode()
+        time.sleep(0.5)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
 

@@ -34,3 +34,13 @@ def test_a_second_controller_on_the_same_run_dir_is_refused(tmp_path: Path) -> N
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_a_run_dir_others_can_write_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "shared"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints").chmod(0o777)
+    result = cli(*launch_args(run_dir), timeout=60)
+    assert result.returncode == 2
+    assert f"chmod go-w {run_dir / 'checkpoints'}" in result.stderr and "writable by group and others" in result.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "logs", "run.json"], "nothing else written"

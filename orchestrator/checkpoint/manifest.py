@@ -132,7 +132,8 @@ class HashingWriter:
 def write_durably(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically: a crash leaves the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    tmp.unlink(missing_ok=True)  # a crash's leftover; then created exclusively (never through a symlink)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -164,6 +164,9 @@ class RayWorkerGroup:
         self._acked: dict[int, int] = {}  # actor -> number of its last answer we received (its lease runs from it)
         self._keepalive: threading.Thread | None = None
         self._closing = threading.Event()
+        self._broken: dict[int, str] = {}  # actor -> why a call to it failed (lost at the next poll)
+        self._gpu_calls: dict[int, Any] = {}  # actor -> its gpu_metrics call in flight
+        self._gpu_readings: dict[int, GpuReading] = {}  # actor -> its latest reading
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
@@ -172,8 +175,10 @@ class RayWorkerGroup:
         self.replace_lost(allow_missing=False)
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
+        # A call that fails or times out costs its rank, not the run: the next poll reports that rank lost.
         for rank in rejoin:
-            self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "rejoin", **specs[rank]}))
+            host = self._host[rank]
+            self._call(self._actors[host].send.remote(rank, {"type": "rejoin", **specs[rank]}), index=host)
         started = []
         spare_hosts = self._spare_hosts()
         for p in placements:
@@ -181,15 +186,17 @@ class RayWorkerGroup:
                 continue
             home = self._nodes[self._home(p.rank)]
             spare_host = spare_hosts[home["node_id"]]
-            pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]))
+            pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]), index=spare_host)
             promoted = pid is not None
             if promoted:
                 if self._host[p.rank] != spare_host:
                     self._call(self._actors[self._host[p.rank]].forget.remote(p.rank), dead_ok=True)
                 self._host[p.rank] = spare_host
             else:
-                self._host[p.rank] = self._home(p.rank)
-                pid = self._call(self._actors[self._host[p.rank]].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]))
+                host = self._host[p.rank] = self._home(p.rank)
+                pid = self._call(self._actors[host].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]), index=host)
+                if pid is None:
+                    continue
             started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt,
                                       node_ip=home["ip"], node_id=home["node_id"], spare=promoted))
         return started
@@ -227,8 +234,7 @@ class RayWorkerGroup:
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {first_line}"
+                lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {_first_line(exc)}"
                 continue
             self._answered[index] = now
             self._heard[index] = number
@@ -243,6 +249,8 @@ class RayWorkerGroup:
                 self._warm.pop(node["node_id"], None)
             else:
                 self._warm[node["node_id"]] = result["warm_spare"]
+        lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
+        self._broken.clear()
         for index, why in self._lose(lost, silent).items():
             for rank in [r for r, h in self._host.items() if h == index]:
                 by_rank[rank] = RankUpdate(rank=rank, lost=why)
@@ -316,17 +324,28 @@ class RayWorkerGroup:
         return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
 
     def gpu_metrics(self) -> list[GpuReading]:
-        refs = [actor.gpu_metrics.remote(index) for index, actor in enumerate(self._actors)
-                if index not in self._dead and index // self._per_node not in self._lost_bundles]
-        # A silent node must not stall the controller: its GPUs are missing from this reading.
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
-        collections = []
-        for ref in ready:
-            try:
-                collections.append(self._ray.get(ref, timeout=_CALL_TIMEOUT_S))
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
-                continue  # a lost actor is reported by poll(); its GPUs are missing from this reading
-        return collections
+        """The latest reading of every live actor's GPUs. Never waits: the answers to the previous
+        call are collected, and a new call goes to every actor without one in flight."""
+        readings = []
+        if self._gpu_calls:
+            ready, _ = self._ray.wait(list(self._gpu_calls.values()), num_returns=len(self._gpu_calls), timeout=0)
+            for index, ref in list(self._gpu_calls.items()):
+                if ref not in ready:
+                    continue
+                del self._gpu_calls[index]
+                try:
+                    reading = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
+                except self._ray.exceptions.RayError:
+                    continue  # a lost actor is reported by poll(); its GPUs are missing from this reading
+                if reading is not None:
+                    self._gpu_readings[index] = reading
+        live = [i for i in range(len(self._actors)) if i not in self._dead and i // self._per_node not in self._lost_bundles]
+        for index in live:
+            if index not in self._gpu_calls:
+                self._gpu_calls[index] = self._actors[index].gpu_metrics.remote(index)
+            if index in self._gpu_readings:
+                readings.append(self._gpu_readings[index])
+        return readings
 
     def interrupt(self, ranks: Collection[int]) -> None:
         for rank in ranks:
@@ -398,11 +417,18 @@ class RayWorkerGroup:
                 hosts.setdefault(info["node_id"], index)
         return hosts
 
-    def _call(self, ref: Any, dead_ok: bool = False) -> Any:
+    def _call(self, ref: Any, dead_ok: bool = False, index: int | None = None) -> Any:
+        """The result of an actor call, waited for at most ``_CALL_TIMEOUT_S``. When it fails: None if
+        ``dead_ok``; with ``index`` (the actor called), None and that actor is reported lost by the next
+        poll, so its ranks fail and are replaced; otherwise the error is raised."""
+        exceptions = self._ray.exceptions
         try:
             return self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-        except self._ray.exceptions.RayActorError:
-            if dead_ok:
+        except (exceptions.RayActorError, exceptions.RayTaskError, exceptions.GetTimeoutError) as exc:
+            if index is not None:
+                self._broken[index] = f"a call to worker actor {index} on {self._nodes[index]['ip']} failed: {_first_line(exc)}"
+                return None
+            if dead_ok and isinstance(exc, exceptions.RayActorError):
                 return None
             raise
 
@@ -582,3 +608,8 @@ class RayWorkerGroup:
             cuda_visible_devices=",".join(node_gpus) if node_gpus else None,
             network_env=self._networks.get((info["node_id"], self._head_ip()), {}).get("env", {}),
         )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -32,6 +32,7 @@ from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 from orchestrator.worker.process import PARENT_PID_ENV
 
 SPARE = "spare"
+GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 _LOG_TAIL_BYTES = 8192
 # How long after a process exits we wait for its last reports to be read.
 _DRAIN_TIMEOUT_S = 2.0
@@ -62,7 +63,7 @@ class HostedProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self.reported_returncode: int | None = None
         self.warm = False  # a spare that finished its warm-up
-        with open(log_path, "ab") as log:
+        with _append(log_path) as log:
             log.write(f"=== {header} ===\n".encode())
             log.flush()
             self.log_offset = log.tell()
@@ -257,7 +258,8 @@ class RankActor:
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
         self._zygote: Zygote | None = None
-        self._gpus: GpuCollector | None = None
+        self._gpu_thread: threading.Thread | None = None
+        self._gpu_reading: GpuReading | None = None
         # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
         # imports, which must not block polls; and the kernel's parent-death signal fires when
         # the *thread* that forked a child exits, so that thread must live as long as the actor.
@@ -284,13 +286,25 @@ class RankActor:
         found = configure(Config.model_validate(config), head_addr)
         return {**found.as_event(), "summary": found.summary()}
 
-    def gpu_metrics(self, rank: int) -> GpuReading:
-        """Read the GPUs Ray gave this actor's bundle (the ones rank ``rank`` uses)."""
-        if self._gpus is None:
+    def gpu_metrics(self, rank: int) -> GpuReading | None:
+        """The latest reading of the GPUs Ray gave this actor's bundle (the ones rank ``rank`` uses);
+        None before the first. Read by a thread of its own every ``GPU_READ_INTERVAL_S``: a hung NVML
+        call must not stall this actor's polls."""
+        if self._gpu_thread is None:
             import ray
 
-            self._gpus = GpuCollector(rank, [int(g) for g in ray.get_gpu_ids()])
-        return self._gpus.collect()
+            collector = GpuCollector(rank, [int(g) for g in ray.get_gpu_ids()])
+            self._gpu_thread = threading.Thread(target=self._read_gpus, args=(collector,), name="gpus", daemon=True)
+            self._gpu_thread.start()
+        return self._gpu_reading
+
+    def _read_gpus(self, collector: GpuCollector) -> None:
+        while True:
+            try:
+                self._gpu_reading = collector.collect()
+            except Exception as exc:  # noqa: BLE001 - a failing read is a missing reading, not a dead actor
+                print(f"reading the GPUs failed: {exc!r}", file=sys.stderr, flush=True)
+            time.sleep(GPU_READ_INTERVAL_S)
 
     def free_port(self, host: str) -> int:
         """A port free on this node right now, for the rank-0 rendezvous of a new attempt."""
@@ -367,7 +381,7 @@ class RankActor:
             return None
         self._forget(rank)
         log = self._rank_log(rank)
-        with open(log, "ab") as fh:
+        with _append(log) as fh:
             fh.write(f"=== rank {rank} attempt {spec['attempt']}: warm spare pid {spare.pid} ===\n".encode())
             spare.log_path, spare.log_offset = log, fh.tell()
         if not spare.send({"type": "start", "log_path": str(log), **spec}):
@@ -425,6 +439,11 @@ class RankActor:
 
     def _rank_log(self, rank: int) -> Path:
         return self._log_dir / f"rank{rank}.log"
+
+
+def _append(path: Path) -> Any:
+    """``path`` opened for appending bytes, never through a symlink planted in the run directory."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "ab")
 
 
 def _signal_group(pid: int, sig: int) -> None:

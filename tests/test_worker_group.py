@@ -1,0 +1,60 @@
+"""RayWorkerGroup's own decisions, against a stand-in for Ray (the real thing runs in test_launch,
+test_recovery and test_multinode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from orchestrator.config import load_config
+from orchestrator.controller.worker_group import RayWorkerGroup
+from tests.helpers import LOCAL_CONFIG
+
+
+class GetTimeoutError(Exception):
+    pass
+
+
+class RayActorError(Exception):
+    pass
+
+
+class RayTaskError(Exception):
+    pass
+
+
+class FakeRay:
+    """Every call answers at once, except those made ``hung``."""
+
+    exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
+                                 RayTaskError=RayTaskError, RayError=Exception)
+
+    def wait(self, refs, num_returns, timeout):
+        return [r for r in refs if r != "hung"], [r for r in refs if r == "hung"]
+
+    def get(self, ref, timeout):
+        if ref == "hung":
+            raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
+        return {"ranks": {}, "warm_spare": None, "answer": int(ref.split(":")[1]) + 1}
+
+    def nodes(self):
+        return [{"NodeID": "node-a", "Alive": True}]
+
+
+class FakeActor:
+    def __init__(self) -> None:
+        self.poll = SimpleNamespace(remote=lambda ack: f"poll:{ack}")
+
+
+def test_a_hung_actor_call_fails_its_rank_not_the_run(tmp_path: Path) -> None:
+    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+    group._ray = FakeRay()
+    group._actors = [FakeActor(), FakeActor()]
+    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
+    group._host = {0: 0, 1: 1}
+    assert group._call("hung", index=1) is None, "no exception reaches the controller"
+    updates = group.poll()
+    assert updates[0].lost is None
+    assert updates[1].lost is not None and "a call to worker actor 1" in updates[1].lost
+    assert "timed out" in updates[1].lost
+    assert group._dead == {1}, "the hung actor is replaced at the next start"
