@@ -3,6 +3,7 @@ test_recovery and test_multinode)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,11 @@ class RayTaskError(Exception):
 
 
 class FakeRay:
-    """Every call answers at once, except those made ``hung``."""
+    """Every call answers at once, except those made ``hung``; polls report ``ranks`` at ``node_now()``."""
+
+    def __init__(self, node_now=time.time) -> None:
+        self.ranks: dict[int, dict] = {}
+        self.node_now = node_now
 
     exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
                                  RayTaskError=RayTaskError, RayError=Exception)
@@ -35,7 +40,7 @@ class FakeRay:
     def get(self, ref, timeout):
         if ref == "hung":
             raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
-        return {"ranks": {}, "warm_spare": None, "answer": int(ref.split(":")[1]) + 1}
+        return {"ranks": dict(self.ranks), "warm_spare": None, "answer": int(ref.split(":")[1]) + 1, "now": self.node_now()}
 
     def nodes(self):
         return [{"NodeID": "node-a", "Alive": True}]
@@ -58,3 +63,20 @@ def test_a_hung_actor_call_fails_its_rank_not_the_run(tmp_path: Path) -> None:
     assert updates[1].lost is not None and "a call to worker actor 1" in updates[1].lost
     assert "timed out" in updates[1].lost
     assert group._dead == {1}, "the hung actor is replaced at the next start"
+
+
+def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Path) -> None:
+    """Node times are moved onto the controller's clock: a rank alive a moment ago on a node whose clock
+    runs an hour behind is alive a moment ago, and its error is ordered by when it happened."""
+    behind = 3600.0
+    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+    group._ray = FakeRay(node_now=lambda: time.time() - behind)
+    group._actors = [FakeActor(), FakeActor()]
+    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
+    group._host = {0: 0, 1: 1}
+    node_time = time.time() - behind - 0.5
+    group._ray.ranks = {1: {"pid": 7, "messages": [{"type": "error", "at": node_time}], "returncode": None,
+                            "alive_at": node_time, "where": "", "in_collective": False}}
+    update = group.poll()[1]
+    assert abs(update.alive_at - (time.time() - 0.5)) < 0.2
+    assert abs(update.messages[0]["at"] - (time.time() - 0.5)) < 0.2

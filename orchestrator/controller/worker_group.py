@@ -239,9 +239,13 @@ class RayWorkerGroup:
             self._answered[index] = now
             self._heard[index] = number
             self._acked[index] = max(self._acked.get(index, 0), result["answer"])
+            # The node's clock may be off ours: its times are moved onto ours by the difference seen
+            # at this answer (off by the call's latency at most), so skew never makes a rank look
+            # frozen or reorders root causes.
+            skew = time.time() - result["now"]
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
-                    by_rank[rank] = RankUpdate(rank=rank, **status)
+                    by_rank[rank] = RankUpdate(rank=rank, **_on_our_clock(status, skew))
             node = self._nodes[index]
             if index != spare_hosts[node["node_id"]]:
                 continue  # only a node's spare-host actor speaks for its spare
@@ -613,3 +617,13 @@ class RayWorkerGroup:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _on_our_clock(status: dict[str, Any], skew: float) -> dict[str, Any]:
+    """A rank's status with the node's wall-clock times (``alive_at``, ``exited_at``, messages' ``at``) + ``skew``."""
+    moved = dict(status)
+    for key in ("alive_at", "exited_at"):
+        if moved.get(key) is not None:
+            moved[key] += skew
+    moved["messages"] = [{**m, "at": m["at"] + skew} if "at" in m else m for m in status.get("messages", [])]
+    return moved

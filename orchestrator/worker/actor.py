@@ -206,6 +206,9 @@ class Zygote:
         self._forked: dict[int, HostedProcess] = {}
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
         self._lock = threading.Lock()
+        self._forks = 0
+        self._exits_lock = threading.Lock()
+        self._exited_early: dict[int, int] = {}
         self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
                                   on_message=self._on_message)
         self.proc.send({"type": "prepare", "config": config})
@@ -214,13 +217,29 @@ class Zygote:
         return self.proc.poll_exit() is None
 
     def fork(self, env: dict[str, str], log_path: Path, control_fd: int) -> int:
-        """Fork a spare with ``env`` whose control socket is ``control_fd``; returns its pid."""
+        """Fork a spare with ``env`` whose control socket is ``control_fd``; returns its pid.
+
+        Replies carry the request's id: a late reply to an earlier fork that timed out is skipped,
+        never taken for this one's."""
         with self._lock:
-            self.proc.channel.send_fd({"type": "fork", "env": env, "log_path": str(log_path)}, control_fd)
-            return self._replies.get(timeout=_FORK_TIMEOUT_S)["pid"]
+            self._forks += 1
+            request = self._forks
+            self.proc.channel.send_fd({"type": "fork", "id": request, "env": env, "log_path": str(log_path)},
+                                      control_fd)
+            deadline = time.monotonic() + _FORK_TIMEOUT_S
+            while True:
+                reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                if reply["id"] == request:
+                    return reply["pid"]
 
     def adopt(self, proc: HostedProcess) -> None:
-        self._forked[proc.pid] = proc
+        """Report ``proc``'s exit to it from now on (or at once, if it has already exited)."""
+        with self._exits_lock:
+            code = self._exited_early.pop(proc.pid, None)
+            if code is None:
+                self._forked[proc.pid] = proc
+        if code is not None:
+            proc.exited(code)
 
     def stop(self) -> None:
         self.proc.stop(1.0)
@@ -233,7 +252,10 @@ class Zygote:
         if message["type"] == "forked":
             self._replies.put(message)
         elif message["type"] == "exited":
-            proc = self._forked.pop(message["pid"], None)
+            with self._exits_lock:
+                proc = self._forked.pop(message["pid"], None)
+                if proc is None:  # it died before it was adopted: adopt() reports it
+                    self._exited_early[message["pid"]] = message["returncode"]
             if proc is not None:
                 proc.exited(message["returncode"])
 
@@ -416,7 +438,7 @@ class RankActor:
         if spare is not None and not spare.warm:
             spare.warm = any(m["type"] == "warm" for m in spare.status()["messages"])
         return {"ranks": ranks, "warm_spare": spare.pid if spare is not None and spare.warm else None,
-                "answer": answer}
+                "answer": answer, "now": time.time()}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop and reap every hosted process: ranks, the spare, the zygote."""

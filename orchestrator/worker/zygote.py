@@ -10,8 +10,8 @@ the child only rehearses an engine set-up (~0.7 CPU-seconds).
 Protocol on the control socket (JSON lines) with its actor:
 
     -> {"type": "prepare", "config": {...}}
-    -> {"type": "fork", "env": {...}, "log_path": "..."}  + the child's control fd (SCM_RIGHTS)
-    <- {"type": "forked", "pid": N}
+    -> {"type": "fork", "id": I, "env": {...}, "log_path": "..."}  + the child's control fd (SCM_RIGHTS)
+    <- {"type": "forked", "id": I, "pid": N}
     <- {"type": "exited", "pid": N, "returncode": R}       (Popen convention: -signal)
 
 Run as ``python -m orchestrator.worker.zygote``; fd in ``ORCH_CONTROL_FD``.
@@ -60,7 +60,7 @@ def main() -> int:
                     sock.close()
                     os._exit(process.run_forked_spare(child_fd, message["env"], message["log_path"]))
                 os.close(child_fd)
-                _send(sock, {"type": "forked", "pid": pid})
+                _send(sock, {"type": "forked", "id": message["id"], "pid": pid})
 
 
 def _import_everything(config_dict: dict[str, Any]) -> None:
