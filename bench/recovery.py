@@ -124,6 +124,19 @@ def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None)
 
 
 def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None) -> Run:
+    cmd, env = torchrun_command(workdir, overrides)
+
+    def steps_of():
+        return [(r["ts"], r["step"], r["loss"]) for r in _jsonl(workdir / "steps.jsonl")]
+
+    def pid_of_rank1():
+        return [r["pid"] for r in _jsonl(workdir / "pids.jsonl") if r["rank"] == 1][-1]
+
+    return _run(cmd, env, steps_of, pid_of_rank1, kill_step)
+
+
+def torchrun_command(workdir: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The torchrun baseline's command line and environment (also run by tests/test_bench.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -138,14 +151,7 @@ def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None) -> 
         os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS=str(max(1, local_cpu_count() // 2)), PYTHONPATH=str(REPO),
     ))
-
-    def steps_of():
-        return [(r["ts"], r["step"], r["loss"]) for r in _jsonl(workdir / "steps.jsonl")]
-
-    def pid_of_rank1():
-        return [r["pid"] for r in _jsonl(workdir / "pids.jsonl") if r["rank"] == 1][-1]
-
-    return _run(cmd, env, steps_of, pid_of_rank1, kill_step)
+    return cmd, env
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """The built-in workload as a plain ``torchrun`` script: the baseline of ``bench/recovery.py``.
 
-Same model, data, DeepSpeed config and checkpoint format as the orchestrator's
-built-in workload; resumes from the latest committed checkpoint on every
-(re)start, as a torchrun user would write it. Rank 0 appends each step to
+Same model, data and DeepSpeed config as the orchestrator's built-in workload;
+checkpoints with DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (its
+``latest`` file) and resumes from the latest on every (re)start, as a torchrun
+user would write it. Rank 0 appends each step to
 ``OUT/steps.jsonl``; every rank appends its pid to ``OUT/pids.jsonl``.
 
     torchrun --nproc-per-node 2 --max-restarts 3 bench/torchrun_train.py \\
@@ -21,7 +22,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from orchestrator.checkpoint import store
 from orchestrator.config import load_config
 from orchestrator.training.corpus import batch, load_corpus
 from orchestrator.training.engine import build_engine
@@ -45,8 +45,10 @@ def main() -> None:
     engine = build_engine(config, GPT(config.model))
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
-    tag = store.committed_tag(ckpt)
-    done = store.load(engine, ckpt, tag, rank)[0] if tag else 0
+    done = 0
+    if (ckpt / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt))
+        done = client["step"]
 
     corpus = load_corpus()
     dp_rank, dp_size = dist.get_rank(group=engine.data_parallel_group), engine.dp_world_size
@@ -65,10 +67,7 @@ def main() -> None:
             steps_log.flush()
         interval = config.checkpoint.interval_steps
         if interval and (step % interval == 0 or step == config.train.steps):
-            store.save(engine, ckpt, step, rank, None)
-            dist.barrier()
-            if rank == 0:
-                store.commit(ckpt, store.tag_for(step))
+            engine.save_checkpoint(str(ckpt), tag=f"global_step{step}", client_state={"step": step})
     if steps_log is not None:
         steps_log.close()
     dist.barrier()

@@ -40,28 +40,49 @@ def main() -> int:
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     common = ["--block", "--include-dashboard=false", "--disable-usage-stats"]
 
-    address = None
-    ray_proc = None
-    if rank == 0:
-        ip = "127.0.0.1" if args.loopback else socket.gethostbyname(socket.gethostname())
-        address = f"{ip}:{args.port}"
-        ray_proc = subprocess.Popen(
-            [ray_cli, "start", "--head", f"--port={args.port}", f"--node-ip-address={ip}", *common], env=env
-        )
-        _wait_for_port(ip, args.port, ray_proc)
-    address = comm.bcast(address, root=0)
-    if rank != 0:
-        ray_proc = subprocess.Popen([ray_cli, "start", f"--address={address}", *common], env=env)
-    comm.Barrier()
+    children: list[subprocess.Popen] = []
+    # SIGTERM (Slurm's scancel, mpiexec's own shutdown) reaches our children, then ends us through
+    # the `finally` below; without it `ray start --block` kept running on every node.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _forward(children, signum))
+    try:
+        address = None
+        if rank == 0:
+            ip = "127.0.0.1" if args.loopback else socket.gethostbyname(socket.gethostname())
+            address = f"{ip}:{args.port}"
+            children.append(subprocess.Popen(
+                [ray_cli, "start", "--head", f"--port={args.port}", f"--node-ip-address={ip}", *common], env=env
+            ))
+            _wait_for_port(ip, args.port, children[0])
+        address = comm.bcast(address, root=0)
+        if rank != 0:
+            children.append(subprocess.Popen([ray_cli, "start", f"--address={address}", *common], env=env))
+        comm.Barrier()
 
-    code = 0
-    if rank == 0:
-        orchestrator = [sys.executable, "-m", "orchestrator", *args.orchestrator_args]
-        orchestrator += ["--set", f"cluster.ray_address={address}", "--set", f"cluster.nodes={size}"]
-        code = subprocess.call(orchestrator, env=env)
-    code = comm.bcast(code, root=0)
-    _stop(ray_proc)
+        code = 0
+        if rank == 0:
+            orchestrator = [sys.executable, "-m", "orchestrator", *args.orchestrator_args]
+            orchestrator += ["--set", f"cluster.ray_address={address}", "--set", f"cluster.nodes={size}"]
+            children.append(subprocess.Popen(orchestrator, env=env))
+            code = children[-1].wait()
+        code = comm.bcast(code, root=0)
+    except BaseException as exc:
+        # The other MPI ranks wait in bcast for us: take the whole job down rather than hang it.
+        print(f"mpi_ray: rank {rank}: {exc!r}; aborting the MPI job", file=sys.stderr, flush=True)
+        for child in reversed(children):
+            _stop(child)
+        comm.Abort(1)
+        raise
+    finally:
+        for child in reversed(children):
+            _stop(child)
     return code
+
+
+def _forward(children: list[subprocess.Popen], signum: int) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signum)
+    raise SystemExit(128 + signum)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -54,3 +54,29 @@ def test_readme_starts_with_the_two_commands() -> None:
     block = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
     assert block[0].startswith("bash .ci/setup && .venv/bin/orchestrator launch cluster_configs/local.yaml")
     assert block[1].startswith("bash .ci/run")
+
+
+def test_every_module_is_in_the_architecture_map() -> None:
+    text = (REPO / "docs" / "architecture.md").read_text()
+    modules = [p for p in (REPO / "orchestrator").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    missing = [str(p.relative_to(REPO)) for p in modules if p.stem not in text]
+    assert not missing, f"docs/architecture.md's module map lacks {missing}"
+
+
+def test_every_emitted_event_is_documented() -> None:
+    text = (REPO / "docs" / "events.md").read_text()
+    emitted = set()
+    for path in (REPO / "orchestrator").rglob("*.py"):
+        emitted |= set(re.findall(r'\.emit\(\s*"(\w+)"', path.read_text()))
+    assert emitted, "no emit() calls found: the pattern is stale"
+    missing = sorted(e for e in emitted if f"## `{e}`" not in text)
+    assert not missing, f"docs/events.md has no section for {missing}"
+
+
+def test_docs_link_nothing_outside_the_repository() -> None:
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#]+)", path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).resolve().is_relative_to(REPO), f"{path.name} links {target}"
+        assert "../shared" not in path.read_text(), f"{path.name} cites a file outside the repository"

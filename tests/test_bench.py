@@ -1,0 +1,43 @@
+"""Benchmarks cannot rot: every bench/ script answers --help, and the torchrun baseline of
+bench/recovery.py trains and resumes for real (the benchmarks themselves take minutes; run by hand)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+BENCH = sorted((REPO / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", BENCH, ids=[p.name for p in BENCH])
+def test_bench_script_starts(script: Path) -> None:
+    result = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(300)
+def test_torchrun_baseline_trains_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import recovery
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def run(steps: int) -> None:
+        cmd, env = recovery.torchrun_command(tmp_path, [f"train.steps={steps}", "checkpoint.interval_steps=2"])
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    run(4)
+    run(6)  # a restart: picks up at step 5 from DeepSpeed's latest checkpoint
+    steps = [json.loads(line)["step"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
