@@ -287,6 +287,12 @@ def parse_fault(text: str, world_size: int) -> dict[str, Any]:
 
 def _launch(args: argparse.Namespace) -> int:
     config = _load(args)
+    if config.cluster.device == "cpu":
+        from orchestrator.worker.env import cpu_op_problem
+
+        problem = cpu_op_problem()
+        if problem is not None:
+            raise ConfigError(problem)
     faults = [parse_fault(item, config.cluster.world_size) for item in args.inject_fault]
     from orchestrator.controller.controller import Controller
     from orchestrator.controller.reaper import Reaper

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.config import load_config
 from orchestrator.worker.env import RankPlacement, rank_env, with_interpreter_tools
-from tests.helpers import LOCAL_CONFIG
+from tests.helpers import LOCAL_CONFIG, cli, launch_args
 
 
 def _placement(**kw) -> RankPlacement:
@@ -35,3 +37,20 @@ def test_training_processes_use_this_interpreters_tools() -> None:
 
     env = with_interpreter_tools({"PATH": "/usr/bin:/bin"})
     assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
+
+
+def test_a_launch_never_compiles_deepspeeds_cpu_op_and_names_a_stale_lock(tmp_path: Path) -> None:
+    from orchestrator.worker.env import cpu_op_problem
+
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    op = tmp_path / "deepspeed_shm_comm"
+    assert "is not built in" in cpu_op_problem(env)
+    result = cli(*launch_args(tmp_path / "run"), env=env, timeout=60)
+    assert result.returncode == 2 and f"is not built in {op}" in result.stderr and "bash .ci/setup" in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing started"
+    op.mkdir()
+    (op / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert cpu_op_problem(env) is None
+    (op / "lock").touch()  # what a build killed mid-way leaves; torch would wait on it forever
+    result = cli(*launch_args(tmp_path / "run"), env=env, timeout=60)
+    assert result.returncode == 2 and f"left its lock behind: {op / 'lock'}" in result.stderr

@@ -80,3 +80,31 @@ def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Pa
     update = group.poll()[1]
     assert abs(update.alive_at - (time.time() - 0.5)) < 0.2
     assert abs(update.messages[0]["at"] - (time.time() - 0.5)) < 0.2
+
+
+def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_path: Path) -> None:
+    """An actor no poll reaches (a spare node's) lives on the keeper's renewals alone: its lease
+    must never come near running out while the controller can reach it."""
+    import threading
+
+    from orchestrator.worker.actor import RankActor
+
+    actor = RankActor(0, str(tmp_path), lease_s=3600.0)  # its own fence stays out of this test
+
+    class Wrapped:
+        renew = SimpleNamespace(remote=lambda ack: f"renew:{actor.renew(ack)}")
+
+    ray = FakeRay()
+    ray.get = lambda ref, timeout: int(ref.split(":")[1])
+    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+    group._ray, group._actors, group._lease_s = ray, [Wrapped()], 0.4
+    keeper = threading.Thread(target=group._keep_leases, daemon=True)
+    keeper.start()
+    worst, deadline = 0.0, time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        if actor._lease_from is not None:
+            worst = max(worst, time.monotonic() - actor._lease_from)
+        time.sleep(0.005)
+    group._closing.set()
+    keeper.join(timeout=5)
+    assert actor._lease_from is not None and worst < group._lease_s / 2, worst

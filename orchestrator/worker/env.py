@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from orchestrator.config.schema import Config
@@ -59,16 +60,42 @@ def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
 
 
 def with_interpreter_tools(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with this interpreter's ``bin/`` first on PATH.
+    """``env`` with this interpreter's ``bin/`` first on PATH and this installation's
+    ``TORCH_EXTENSIONS_DIR`` (unless ``env`` names one).
 
     Torch builds DeepSpeed's ops with whichever ``ninja`` PATH finds first; two
     different ninjas (the system's, the virtualenv's) disagree on the build log
     and rebuild the op (~30 s) on every switch. Set-up builds with the
-    virtualenv's, so the training processes must use it too.
+    virtualenv's, into the virtualenv's own directory (not the per-user cache
+    other installations share), so the training processes must use both too.
     """
     bin_dir = os.path.dirname(sys.executable)
     parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
-    return {**env, "PATH": os.pathsep.join([bin_dir, *parts])}
+    return {**env, "PATH": os.pathsep.join([bin_dir, *parts]), EXTENSIONS_ENV: str(extensions_dir(env))}
+
+
+def extensions_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where DeepSpeed's compiled ops live: ``TORCH_EXTENSIONS_DIR``, else this installation's
+    ``torch_extensions/`` (what ``.ci/setup`` builds into)."""
+    return Path(env.get(EXTENSIONS_ENV) or Path(sys.prefix) / "torch_extensions")
+
+
+def cpu_op_problem(env: Mapping[str, str] = os.environ) -> str | None:
+    """Why a CPU job cannot start here without compiling DeepSpeed's shared-memory op (about 30 s,
+    and a hang forever behind a build lock a killed build left), or None when it is ready."""
+    directory = extensions_dir(env) / CPU_OP
+    fix = "build it once with `bash .ci/setup` (or the same TORCH_EXTENSIONS_DIR and `python -c \"from " \
+          "deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()\"`)"
+    if (directory / "lock").exists():
+        return (f"a build of DeepSpeed's CPU op left its lock behind: {directory / 'lock'} (a build that was "
+                f"killed; torch would wait on it forever). If no build is running, remove it and {fix}")
+    if not (directory / f"{CPU_OP}.so").exists():
+        return f"DeepSpeed's CPU communication op is not built in {directory} (a launch never compiles it); {fix}"
+    return None
+
+
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+CPU_OP = "deepspeed_shm_comm"
 
 
 def local_cpu_count() -> int:
