@@ -4,12 +4,15 @@ bench/recovery.py trains and resumes for real (the benchmarks themselves take mi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from orchestrator.controller.reaper import session_members
 from tests.helpers import REPO
 
 BENCH = sorted((REPO / "bench").glob("*.py"))
@@ -34,10 +37,23 @@ def test_torchrun_baseline_trains_and_resumes_from_its_checkpoint(tmp_path: Path
 
     def run(steps: int) -> None:
         cmd, env = recovery.torchrun_command(tmp_path, [f"train.steps={steps}", "checkpoint.interval_steps=2"])
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        finally:
+            _kill_session(proc.pid)  # torchrun's workers too, whatever happened
+        assert proc.returncode == 0, out[-3000:]
 
     run(4)
     run(6)  # a restart: picks up at step 5 from DeepSpeed's latest checkpoint
     steps = [json.loads(line)["step"] for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _kill_session(sid: int) -> None:
+    for pid in session_members({sid}, exclude=set()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
