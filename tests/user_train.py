@@ -13,9 +13,14 @@ from orchestrator.worker.context import TrainContext
 
 CHILD = """
 import json, os
-fds = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2}
+targets = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        pass  # the descriptor listdir itself used
 print(json.dumps({"orch_env": sorted(k for k in os.environ if k.startswith("ORCH_")),
-                  "sockets": sorted(t for t in fds.values() if t.startswith("socket:"))}))
+                  "sockets": sorted(t for t in targets if t.startswith("socket:"))}))
 """
 
 

@@ -18,9 +18,8 @@ from typing import Any
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
-from orchestrator.errors import ConfigError
 from orchestrator.worker.channel import Channel
-from orchestrator.worker.env import cpu_op_problem
+from orchestrator.worker.env import use_prebuilt_cpu_op
 
 # While a save is being written, the rank tells the controller it is busy, not hung, this often.
 _SAVE_BEAT_S = 1.0
@@ -83,9 +82,7 @@ class TrainContext:
 
             torch.cuda.set_device(self.local_rank)
         else:
-            problem = cpu_op_problem()  # on every node: the controller checked only its own
-            if problem is not None:
-                raise ConfigError(problem)
+            use_prebuilt_cpu_op()  # on every node: the controller checked only its own
         deepspeed.init_distributed(dist_backend=self.backend)
 
     def report(self, step: int, loss: float, step_time_s: float | None = None, **metrics: float) -> None:

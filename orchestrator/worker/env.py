@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from orchestrator.config.schema import Config
+from orchestrator.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,6 +97,27 @@ def cpu_op_problem(env: Mapping[str, str] = os.environ) -> str | None:
 
 EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 CPU_OP = "deepspeed_shm_comm"
+
+
+def use_prebuilt_cpu_op() -> None:
+    """Hand DeepSpeed its CPU communication op, built by set-up, so that it never enters torch's JIT
+    build: that takes a lock file on every load, even with nothing to build, and a process killed
+    holding it (any SIGKILLed rank could be) left every later launch waiting on it forever.
+    Raises ``ConfigError`` (naming the fix) when the op is not built here."""
+    problem = cpu_op_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    import importlib.util
+
+    import torch  # noqa: F401  - the op links against libtorch, which must be loaded first
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    if CPU_OP in OpBuilder._loaded_ops:
+        return
+    spec = importlib.util.spec_from_file_location(CPU_OP, extensions_dir() / CPU_OP / f"{CPU_OP}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    OpBuilder._loaded_ops[CPU_OP] = module  # what OpBuilder.load() returns from now on
 
 
 def local_cpu_count() -> int:

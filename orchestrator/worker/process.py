@@ -41,6 +41,7 @@ from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
+from orchestrator.worker.env import use_prebuilt_cpu_op
 from orchestrator.worker.context import TrainContext
 from orchestrator.worker.teardown import tear_down
 
@@ -209,6 +210,9 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
     config = Config.model_validate(config_dict)
     import deepspeed  # noqa: F401
     import torch._dynamo  # noqa: F401  - deepspeed.initialize imports it lazily (~1.3 s)
+
+    if config.cluster.device == "cpu":
+        use_prebuilt_cpu_op()
 
     spec = config.train.entrypoint or BUILTIN_ENTRYPOINT
     module = importlib.import_module(spec.partition(":")[0])
