@@ -160,8 +160,8 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
                 "kill_actor": "ray::RankActor"}[kind]
     candidates = job.processes(fragment)
     if kind == "kill_spare":  # forked by the zygote: same command line, the zygote is its parent
-        zygotes = set(candidates)
-        candidates = [p for p in candidates if _ppid(p) in zygotes]
+        zygotes, ranks = set(candidates), set(job.rank_pids().values())  # a promoted spare is a rank now
+        candidates = [p for p in candidates if _ppid(p) in zygotes and p not in ranks]
     elif kind == "kill_zygote":
         candidates = [p for p in candidates if _ppid(p) not in set(candidates)]
     elif kind == "kill_actor":  # the parent of a rank's process (a promoted spare's: its grandparent)
@@ -241,7 +241,7 @@ def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> i
     finished = [e for e in evs if e["event"] == "run_finished"][-1]
     verify = subprocess.run([sys.executable, "-m", "orchestrator", "checkpoints", "verify", str(job.run_dir)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    damaged = sum(1 for line in verify.stdout.splitlines() if "damaged" in line)
+    damaged = sum(1 for line in verify.stdout.splitlines() if ": " not in line and " damaged " in f" {line} ")
     left = job.left_behind()
     wall = finished["ts"] - min(e["ts"] for e in evs if e["event"] == "run_started")
     high, productive = 0, 0.0
