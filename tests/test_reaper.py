@@ -96,3 +96,25 @@ def test_ray_agents_named_after_the_runs_ray_directory_are_swept(tmp_path) -> No
     controller.wait(timeout=10)
     assert wait_gone([int(agent_pid)], timeout=15) == [], "an agent without the token outlived the run"
     assert not os.path.exists(tmp), "the run's Ray directory is removed"
+
+
+def test_a_run_killed_with_its_reaper_leaves_a_ray_directory_the_next_run_removes() -> None:
+    from orchestrator.controller import ray_session
+    from orchestrator.controller.reaper import ray_temp_dir
+
+    stale, busy, fresh = (ray_temp_dir(f"test{name}{os.getpid()}") for name in ("stale", "busy", "fresh"))
+    for path in (stale, busy, fresh):
+        path.mkdir()
+    for path in (stale, busy):
+        os.utime(path, (0, 0))  # long ago
+    still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={busy}/s"])
+    try:
+        ray_session._remove_stale_temp_dirs()
+        assert not stale.exists(), "nothing runs from it: removed"
+        assert busy.exists(), "a process still runs from it: kept"
+        assert fresh.exists(), "a run that is just starting: kept"
+    finally:
+        still_running.kill()
+        still_running.wait()
+        for path in (busy, fresh):
+            path.rmdir()

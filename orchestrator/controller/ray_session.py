@@ -15,9 +15,10 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 
 from orchestrator.config.schema import Config
-from orchestrator.controller.reaper import RUN_TOKEN_ENV, ray_temp_dir
+from orchestrator.controller.reaper import RUN_TOKEN_ENV, pids_running_from, ray_temp_dir
 from orchestrator.errors import ClusterError
 from orchestrator.worker.env import local_cpu_count
 
@@ -35,6 +36,7 @@ _EMBEDDED_ENV = {
 
 
 _temp_dir: str | None = None  # the embedded Ray's, while it runs
+_STALE_AFTER_S = 60.0
 
 _HOST_PORT = re.compile(r"^([\w.\-]+):(\d+)$")
 _PROBE_TIMEOUT_S = 10.0
@@ -60,6 +62,7 @@ def connect(config: Config) -> bool:
         # must stay below the 107-byte AF_UNIX limit (a per-job TMPDIR on clusters is long); removed
         # by disconnect().
         global _temp_dir
+        _remove_stale_temp_dirs()
         token = os.environ.get(RUN_TOKEN_ENV)
         if token:  # the run's reaper removes it (and whatever runs from it) however the run ends
             _temp_dir = str(ray_temp_dir(token))
@@ -117,6 +120,20 @@ def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _remove_temp_dir()
+
+
+def _remove_stale_temp_dirs() -> None:
+    """Remove other runs' embedded-Ray directories that nothing runs from any more: a run whose
+    reaper was killed with it (everything SIGKILLed at once) could not remove its own."""
+    for path in ray_temp_dir("").parent.glob(ray_temp_dir("").name + "*"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or time.time() - st.st_mtime < _STALE_AFTER_S:
+            continue  # another user's, or a run that is just starting
+        if not pids_running_from(path, exclude=set()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_temp_dir() -> None:
