@@ -32,7 +32,7 @@ class FakeRay:
         self.node_now = node_now
 
     exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
-                                 RayTaskError=RayTaskError, RayError=Exception)
+                                 ActorDiedError=RayActorError, RayTaskError=RayTaskError, RayError=Exception)
 
     def wait(self, refs, num_returns, timeout):
         return [r for r in refs if r != "hung"], [r for r in refs if r == "hung"]
@@ -108,3 +108,13 @@ def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_p
     group._closing.set()
     keeper.join(timeout=5)
     assert actor._lease_from is not None and worst < group._lease_s / 2, worst
+
+
+def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
+    """Ranks of one machine are ordered on one clock: a slow answer must not shift one actor's times."""
+    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
+    assert group._skew(0, 0.002) == 0.0
+    assert group._skew(1, 0.4) == 0.0, "a 400 ms answer on the same node: latency, not skew"
+    group._nodes = [{"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"}]
+    assert group._skew(0, 3600.5) == 3600.5 and group._skew(0, 3600.1) == 3600.1 and group._skew(0, 3601.0) == 3600.1

@@ -35,6 +35,7 @@ _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
 _RENEWALS_PER_LEASE = 8
+_SKEW_TOLERANCE_S = 0.25
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -167,6 +168,7 @@ class RayWorkerGroup:
         self._closing = threading.Event()
         self._broken: dict[int, str] = {}  # actor -> why a call to it failed (lost at the next poll)
         self._gpu_calls: dict[int, Any] = {}  # actor -> its gpu_metrics call in flight
+        self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._gpu_readings: dict[int, GpuReading] = {}  # actor -> its latest reading
 
     def start(
@@ -222,6 +224,7 @@ class RayWorkerGroup:
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # actor -> why
         silent: set[int] = set()  # lost by timeout: its node is unreachable
+        died: set[int] = set()  # Ray says the actor's process died
         for index in hosts:
             ref, number = self._pending[index]
             if ref not in ready_set:
@@ -236,14 +239,13 @@ class RayWorkerGroup:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
                 lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {_first_line(exc)}"
+                if isinstance(exc, self._ray.exceptions.ActorDiedError):
+                    died.add(index)  # not merely unavailable (a network problem): its process is gone
                 continue
             self._answered[index] = now
             self._heard[index] = number
             self._acked[index] = max(self._acked.get(index, 0), result["answer"])
-            # The node's clock may be off ours: its times are moved onto ours by the difference seen
-            # at this answer (off by the call's latency at most), so skew never makes a rank look
-            # frozen or reorders root causes.
-            skew = time.time() - result["now"]
+            skew = self._skew(index, time.time() - result["now"])
             for rank, status in result["ranks"].items():
                 if self._host.get(rank) == index:
                     by_rank[rank] = RankUpdate(rank=rank, **_on_our_clock(status, skew))
@@ -256,7 +258,7 @@ class RayWorkerGroup:
                 self._warm[node["node_id"]] = result["warm_spare"]
         lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
         self._broken.clear()
-        for index, why in self._lose(lost, silent).items():
+        for index, why in self._lose(lost, silent, died).items():
             for rank in [r for r, h in self._host.items() if h == index]:
                 by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
@@ -290,6 +292,16 @@ class RayWorkerGroup:
                 if index not in self._dead and (current is None or current[1] is not actor):
                     in_flight[index] = (actor.renew.remote(self._acked.get(index, 0)), actor)
 
+    def _skew(self, index: int, sample: float) -> float:
+        """How far the clock of actor ``index``'s node is behind ours. Each answer gives our receipt
+        time minus the node's send time: the skew plus the answer's latency, which varies by hundreds
+        of milliseconds under load. The smallest sample is the best estimate; below a quarter second
+        it is taken as no skew at all, so that ranks on one machine are compared on one clock (their
+        order decides the root cause, milliseconds apart)."""
+        node = self._nodes[index]["node_id"]
+        best = self._skews[node] = min(self._skews.get(node, sample), sample)
+        return best if abs(best) > _SKEW_TOLERANCE_S else 0.0
+
     def poll_mark(self) -> int:
         return self._polls
 
@@ -297,9 +309,10 @@ class RayWorkerGroup:
         return sorted(rank for rank, index in self._host.items()
                       if index not in self._dead and self._heard.get(index, 0) <= mark)
 
-    def _lose(self, lost: dict[int, str], silent: set[int]) -> dict[int, str]:
-        """Record lost actors; when their node is gone (silent, or dead to Ray), every actor on it.
-        Returns every actor now lost, with why."""
+    def _lose(self, lost: dict[int, str], silent: set[int], died: set[int]) -> dict[int, str]:
+        """Record lost actors (``silent``: no answer for the node timeout; ``died``: Ray says its process
+        died); when their node is gone (silent, or dead to Ray), every actor on it. Returns every
+        actor now lost, with why."""
         if not lost:
             return {}
         alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
@@ -314,7 +327,9 @@ class RayWorkerGroup:
         for index in result:
             self._dead.add(index)
             self._pending.pop(index, None)
-            # Its ranks may still run (a partition): not replaced before their lease ran out.
+            if index in died and self._nodes[index]["node_id"] in alive_nodes:
+                continue  # its process is gone on a live node: its ranks died with it (PDEATHSIG)
+            # Its ranks may still run (a partition, a hung actor): not replaced before their lease ran out.
             self._fenced_at = max(self._fenced_at, self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
             bundle = index // self._per_node
             if bundle in self._spare_bundles and all(

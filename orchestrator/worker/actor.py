@@ -61,6 +61,7 @@ class HostedProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
+        self._zygote = zygote
         self.reported_returncode: int | None = None
         self.warm = False  # a spare that finished its warm-up
         with _append(log_path) as log:
@@ -104,6 +105,9 @@ class HostedProcess:
     def poll_exit(self) -> int | None:
         if self.popen is not None:
             return self.popen.poll()
+        if self.reported_returncode is None and self.eof_at is not None and not self._zygote.alive():
+            # Its zygote (which would report the exit) is gone, and it died with it (PDEATHSIG).
+            self.reported_returncode = -signal.SIGKILL
         return self.reported_returncode
 
     def send(self, message: dict[str, Any]) -> bool:
