@@ -15,8 +15,8 @@ seconds from a seeded schedule over every kind this script can produce from outs
 
 It prints the faults injected, recoveries, whether the final loss equals the clean run's bit for
 bit, checkpoints that fail ``orchestrator checkpoints verify``, processes left behind, goodput and
-the badput per fault by kind (the time from the fault until training passed the step it had
-reached, less one step). Exit status 0 only when the loss matches, no checkpoint is damaged and
+the badput per fault by kind (from the fault until training resumed, plus the steps trained
+again; 0 where training never stopped). Exit status 0 only when the loss matches, no checkpoint is damaged and
 nothing is left.
 
     .venv/bin/python bench/chaos.py [--seed 1] [--minutes 10] [--min-gap 20] [--max-gap 60]
@@ -59,7 +59,7 @@ class Fault:
     at: float  # wall time it was injected
     step: int  # the last step logged before it
     target: str
-    back_at: float | None = None  # first step past ``step`` after it
+    cost_s: float = 0.0  # what it cost training (see cost())
 
 
 class Job:
@@ -231,13 +231,29 @@ def soak(workdir: Path, steps: int, schedule: list[tuple[float, str]], seed: int
     return job, faults
 
 
+def cost(fault: Fault, after: list[dict], steps: list[dict], step_s: float) -> float:
+    """What ``fault`` cost training: from the fault until training resumed (``recovery_finished``, or
+    the first step of the relaunch after a controller kill), plus the steps trained again (from the
+    checkpoint resumed to the highest step reached before the fault). 0 when training never stopped."""
+    high = max((e["step"] for e in steps if e["ts"] <= fault.at), default=0)
+    for e in after:
+        if e["event"] == "recovery_finished":
+            return e["ts"] - fault.at + max(0, high - e["resumed_from_step"]) * step_s
+        if e["event"] == "run_started":
+            first = next((s for s in steps if s["ts"] > e["ts"]), None)
+            if first is not None:
+                return first["ts"] - fault.at + max(0, high - e["resumed_from_step"]) * step_s
+    return 0.0
+
+
 def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> int:
     evs = job.events()
     steps = [e for e in evs if e["event"] == "step"]
     faults = sorted(faults + [Fault(kind="raise", at=e["ts"], step=e["step"] - 1, target=f"rank {e['rank']}")
                               for e in evs if e["event"] == "fault_injected"], key=lambda f: f.at)
-    for fault in faults:
-        fault.back_at = next((e["ts"] for e in steps if e["ts"] > fault.at and e["step"] > fault.step), None)
+    for i, fault in enumerate(faults):
+        until = faults[i + 1].at if i + 1 < len(faults) else float("inf")
+        fault.cost_s = cost(fault, [e for e in evs if fault.at < e["ts"] < until], steps, step_s)
     finished = [e for e in evs if e["event"] == "run_finished"][-1]
     verify = subprocess.run([sys.executable, "-m", "orchestrator", "checkpoints", "verify", str(job.run_dir)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -251,8 +267,7 @@ def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> i
     recoveries = sum(1 for e in evs if e["event"] == "recovery_finished")
     by_kind: dict[str, list[float]] = {}
     for fault in faults:
-        if fault.back_at is not None:
-            by_kind.setdefault(fault.kind, []).append(max(0.0, fault.back_at - fault.at - step_s))
+        by_kind.setdefault(fault.kind, []).append(fault.cost_s)
     match = finished.get("final_loss") == clean_loss
     print(f"\nfaults injected: {len(faults)} ({', '.join(sorted({f.kind for f in faults}))})")
     print(f"recoveries: {recoveries}; controller launches: {len(job.tokens)}")
