@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 RUN_TOKEN_ENV = "ORCH_RUN_TOKEN"
@@ -58,20 +59,25 @@ class Reaper:
             self._proc.wait()
 
 
-def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list[int]:
-    """Pids whose initial environment holds ``env=token``."""
-    marker = f"{env}={token}".encode()
+def _pids_where(exclude: set[int], name: str, test: Callable[[bytes], bool]) -> list[int]:
+    """Pids not in ``exclude`` whose ``/proc/PID/NAME`` passes ``test`` (unreadable ones are skipped:
+    gone, or not ours to read)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue  # gone, or not ours to read
-        if marker in environ.split(b"\0"):
-            found.append(int(entry.name))
+            if test((entry / name).read_bytes()):
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
     return found
+
+
+def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list[int]:
+    """Pids whose initial environment holds ``env=token``."""
+    marker = f"{env}={token}".encode()
+    return _pids_where(exclude, "environ", lambda environ: marker in environ.split(b"\0"))
 
 
 def ray_temp_dir(token: str) -> Path:
@@ -83,31 +89,13 @@ def ray_temp_dir(token: str) -> Path:
 def pids_running_from(directory: Path, exclude: set[int]) -> list[int]:
     """Pids whose command line names ``directory`` (Ray's services get their session directory as an argument)."""
     needle = str(directory).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return _pids_where(exclude, "cmdline", lambda cmdline: needle in cmdline)
 
 
 def session_members(leaders: set[int], exclude: set[int]) -> list[int]:
     """Pids in the sessions led by ``leaders`` (the leaders included when alive)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) in leaders:  # state, ppid, pgrp, session
-            found.append(int(entry.name))
-    return found
+    # /proc/PID/stat after the command's closing parenthesis: state, ppid, pgrp, session, ...
+    return _pids_where(exclude, "stat", lambda stat: int(stat.rsplit(b")", 1)[1].split()[3]) in leaders)
 
 
 def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV) -> tuple[set[int], list[int]]:
