@@ -22,6 +22,12 @@ _LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # run directory -> descriptor of its lock, held for this process's life
 
 
+def append_fd(path: str | Path) -> int:
+    """``path`` opened for appending (created if missing), never through a symlink: one planted in
+    the run directory must not redirect the orchestrator's writes elsewhere."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 @dataclass(frozen=True, slots=True)
 class RunDir:
     """Paths of one run, and its id."""

@@ -118,3 +118,18 @@ def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
     assert group._skew(1, 0.4) == 0.0, "a 400 ms answer on the same node: latency, not skew"
     group._nodes = [{"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"}]
     assert group._skew(0, 3600.5) == 3600.5 and group._skew(0, 3600.1) == 3600.1 and group._skew(0, 3601.0) == 3600.1
+
+
+def test_a_spare_node_whose_actors_died_is_not_offered_again_and_costs_no_lease_wait(tmp_path: Path) -> None:
+    config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.spare_nodes=1"])
+    group = RayWorkerGroup(config, tmp_path)
+    group._ray = FakeRay()
+    group._ray.kill = lambda actor, no_restart: None
+    group._actors = [FakeActor() for _ in range(4)]
+    group._nodes = [{"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}] * 2 + \
+                   [{"node_id": "node-s", "ip": "10.0.0.9", "hostname": "s"}] * 2
+    group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-s", "Alive": True}]
+    lost = group._lose({2: "died", 3: "died"}, silent=set(), died={2, 3})
+    assert sorted(lost) == [2, 3]
+    assert group._spare_bundles == [] and group._lost_bundles == {1}
+    assert group._fenced_at == 0.0, "their processes are gone: no lease to wait for"

@@ -168,8 +168,8 @@ class RayWorkerGroup:
         self._closing = threading.Event()
         self._broken: dict[int, str] = {}  # actor -> why a call to it failed (lost at the next poll)
         self._gpu_calls: dict[int, Any] = {}  # actor -> its gpu_metrics call in flight
-        self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._gpu_readings: dict[int, GpuReading] = {}  # actor -> its latest reading
+        self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
@@ -327,15 +327,16 @@ class RayWorkerGroup:
         for index in result:
             self._dead.add(index)
             self._pending.pop(index, None)
-            if index in died and self._nodes[index]["node_id"] in alive_nodes:
-                continue  # its process is gone on a live node: its ranks died with it (PDEATHSIG)
-            # Its ranks may still run (a partition, a hung actor): not replaced before their lease ran out.
-            self._fenced_at = max(self._fenced_at, self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
+            # Its ranks may still run (a partition, a hung actor): not replaced before their lease ran
+            # out. Unless its process is gone on a live node: its ranks died with it (PDEATHSIG).
+            if index not in died or self._nodes[index]["node_id"] not in alive_nodes:
+                self._fenced_at = max(self._fenced_at,
+                                      self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
             bundle = index // self._per_node
             if bundle in self._spare_bundles and all(
                     i in self._dead for i in range(bundle * self._per_node, (bundle + 1) * self._per_node)):
                 self._spare_bundles.remove(bundle)
-                self._lost_bundles.add(bundle)
+                self._lose_bundle(bundle)
         return result
 
     def warm_spares(self) -> dict[str, int]:
@@ -639,6 +640,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _on_our_clock(status: dict[str, Any], skew: float) -> dict[str, Any]:
     """A rank's status with the node's wall-clock times (``alive_at``, ``exited_at``, messages' ``at``) + ``skew``."""
+    if not skew:
+        return status  # the common case (one machine, or synchronised clocks): nothing to copy
     moved = dict(status)
     for key in ("alive_at", "exited_at"):
         if moved.get(key) is not None:

@@ -8,12 +8,13 @@ test, ``tail -f``, a log shipper) sees events in order and in real time.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from orchestrator.run_dir import append_fd
 
 
 class EventLog:
@@ -22,9 +23,7 @@ class EventLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        # O_NOFOLLOW: a symlink planted in the run directory must not redirect our writes elsewhere.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        self._file = open(fd, "a", encoding="utf-8")
+        self._file = open(append_fd(path), "a", encoding="utf-8")
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:

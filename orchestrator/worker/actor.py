@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
+from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 from orchestrator.worker.process import PARENT_PID_ENV
@@ -64,7 +65,7 @@ class HostedProcess:
         self._zygote = zygote
         self.reported_returncode: int | None = None
         self.warm = False  # a spare that finished its warm-up
-        with _append(log_path) as log:
+        with open(append_fd(log_path), "ab") as log:
             log.write(f"=== {header} ===\n".encode())
             log.flush()
             self.log_offset = log.tell()
@@ -407,7 +408,7 @@ class RankActor:
             return None
         self._forget(rank)
         log = self._rank_log(rank)
-        with _append(log) as fh:
+        with open(append_fd(log), "ab") as fh:
             fh.write(f"=== rank {rank} attempt {spec['attempt']}: warm spare pid {spare.pid} ===\n".encode())
             spare.log_path, spare.log_offset = log, fh.tell()
         if not spare.send({"type": "start", "log_path": str(log), **spec}):
@@ -465,11 +466,6 @@ class RankActor:
 
     def _rank_log(self, rank: int) -> Path:
         return self._log_dir / f"rank{rank}.log"
-
-
-def _append(path: Path) -> Any:
-    """``path`` opened for appending bytes, never through a symlink planted in the run directory."""
-    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "ab")
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
+from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
 from orchestrator.worker.context import TrainContext
@@ -261,7 +262,7 @@ def _tear_down(ctx: TrainContext | None) -> None:
 def _redirect_output(path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = append_fd(path)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
