@@ -183,9 +183,15 @@ def _defines(module: str, name: str) -> tuple[bool, list[str]] | None:
     if not origin or not origin.endswith(".py"):
         return None
     try:
-        tree = ast.parse(Path(origin).read_text(), origin)
-    except (OSError, SyntaxError, ValueError):
-        return None  # the rank reports it with its traceback
+        tree = ast.parse(Path(origin).read_bytes(), origin)
+    except OSError as exc:
+        raise ConfigError(f"train.entrypoint: cannot read {origin}: {exc.strerror}; check its permissions") from None
+    except SyntaxError as exc:
+        raise ConfigError(
+            f"train.entrypoint: {origin}, line {exc.lineno}: {exc.msg}; fix the syntax error"
+        ) from None
+    except ValueError:
+        return None  # e.g. a NUL byte: the rank reports it with its traceback
     # Every name bound anywhere in the file (function bodies too): generous, so that a name bound
     # under `if`/`try` is never reported missing; what it catches is a name that appears nowhere.
     names: set[str] = set()
@@ -298,7 +304,6 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.controller.reaper import Reaper
     from orchestrator.controller.states import Failed
     from orchestrator.controller.worker_group import RayWorkerGroup
-    from orchestrator.monitor.events import EventLog
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
@@ -306,12 +311,12 @@ def _launch(args: argparse.Namespace) -> int:
     try:
         run = RunDir.open(args.run_dir)
         run.lock()
+        events = _open_events(run.events)
     except ConfigError:
         if server is not None:
             server.close()
         raise
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
-    events = EventLog(run.events)
     display = make_progress()
     if server is not None:
         events.emit("metrics_started", url=server.url, target=server.target)
@@ -359,6 +364,19 @@ def _launch(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(f"succeeded: step {controller.last_step}, final loss {loss}, {elapsed:.1f}s, run dir {run.path}")
     return EXIT_OK
+
+
+def _open_events(path: Path) -> Any:
+    """The run's event log, opened for appending; a path that is not a plain file is a user error."""
+    from orchestrator.monitor.events import EventLog
+
+    try:
+        return EventLog(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"--run-dir {path.parent}: cannot append to {path} ({exc.strerror or exc}; it must be a regular "
+            "file, not a directory or a symlink); move it aside or give another --run-dir"
+        ) from None
 
 
 def _serve_metrics(config: Config) -> tuple[Any, Any]:

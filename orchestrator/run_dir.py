@@ -43,26 +43,43 @@ class RunDir:
         path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--run-dir {path}: exists and is not a directory")
+        for sub in ("checkpoints", "logs"):
+            if (path / sub).is_symlink() or (path / sub).exists() and not (path / sub).is_dir():
+                raise ConfigError(f"--run-dir {path}: {sub} is not a directory there; move it aside or give "
+                                  "another --run-dir")
         try:
             for sub in ("checkpoints", "logs"):
                 (path / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--run-dir {path}: cannot create it: {exc.strerror}") from None
         meta = path / "run.json"
-        if meta.exists():
-            run_id = json.loads(meta.read_text())["run_id"]
+        if meta.exists() or meta.is_symlink():
+            run_id = cls.read_id(path, option="--run-dir")
         else:
             run_id = uuid.uuid4().hex[:12]
             meta.write_text(json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
         return cls(path=path, run_id=run_id)
 
     @staticmethod
-    def read_id(path: Path) -> str:
+    def read_id(path: Path, option: str = "RUN_DIR") -> str:
         """The run id of the run directory ``path``, read without changing anything there."""
+        meta = Path(path) / "run.json"
         try:
-            return json.loads((Path(path) / "run.json").read_text())["run_id"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"RUN_DIR {path}: cannot read its run id from run.json ({exc})") from None
+            run_id = json.loads(meta.read_text())["run_id"]
+        except OSError as exc:
+            problem = exc.strerror
+        except ValueError as exc:
+            problem = f"not JSON ({exc})"
+        except (KeyError, TypeError):
+            problem = "no run_id in it"
+        else:
+            if isinstance(run_id, str) and run_id.isalnum():
+                return run_id
+            problem = f"run_id {run_id!r} is not a run id"
+        raise ConfigError(
+            f"{option} {path}: cannot read the run id from {meta}: {problem}; restore run.json from a copy, "
+            f"or give another {option}"
+        )
 
     def lock(self) -> None:
         """Take the run directory for this controller; refuse if another one runs on it.

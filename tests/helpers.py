@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoint import store
+from orchestrator.checkpoint.manifest import FileEntry, Manifest
 from orchestrator.monitor.events import read_events
+from orchestrator.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "cluster_configs" / "local.yaml"
@@ -96,3 +100,14 @@ def kill_group(proc: subprocess.Popen, sig: int) -> None:
 def interrupt(proc: subprocess.Popen) -> None:
     """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group."""
     kill_group(proc, signal.SIGINT)
+
+
+def commit_for_test(run: RunDir, step: int, payload: bytes = b"x") -> Path:
+    """A committed checkpoint of ``step`` holding one file, with a valid manifest (no training needed)."""
+    directory = run.checkpoints / store.tag_for(step)
+    directory.mkdir()
+    (directory / "shard.pt").write_bytes(payload)
+    Manifest(tag=directory.name, step=step, world_size=2, data_parallel_size=2, tensor_parallel=1, zero_stage=2,
+             global_batch=16, files={"shard.pt": FileEntry(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())}
+             ).write(directory)
+    return directory

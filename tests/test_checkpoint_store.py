@@ -18,6 +18,7 @@ from orchestrator.checkpoint.writer import (
     SaveResult,
     write_files,
 )
+from orchestrator.errors import ConfigError
 
 
 def _commit(checkpoints: Path, step: int) -> Path:
@@ -94,8 +95,14 @@ def test_a_crafted_manifest_is_refused(tmp_path: Path, field: str, value: object
     (directory / "manifest.json").write_text(json.dumps(raw))
     [found] = verify(directory)
     assert problem in found
-    manifest, rejected = resume.select(tmp_path)
-    assert manifest is None and rejected[0][0] == directory.name
+    with pytest.raises(ConfigError, match="every checkpoint is damaged"):
+        resume.select(tmp_path)
+    assert directory.is_dir(), "a refused resume changes nothing"
+    _commit(tmp_path, 5)
+    manifest, [rejected] = resume.select(tmp_path)
+    assert manifest.step == 5 and rejected.tag == directory.name
+    assert rejected.moved_to == tmp_path / store.DAMAGED / directory.name and rejected.moved_to.is_dir()
+    assert not directory.exists(), "set aside, not deleted"
 
 
 class _RunsCode:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoint import store
-from orchestrator.checkpoint.manifest import FileEntry, Manifest, verify
+from orchestrator.checkpoint.manifest import Manifest, verify
 from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.failures import root_cause
@@ -23,7 +23,7 @@ from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
-from tests.helpers import LOCAL_CONFIG, of_kind
+from tests.helpers import LOCAL_CONFIG, commit_for_test, of_kind
 
 
 class Clock:
@@ -251,16 +251,6 @@ def test_failed_save_is_reported_and_stops_the_run_only_when_asked(tmp_path: Pat
         assert event["rank"] == 0 and "No space left on device" in event["message"] and "/x/shard.pt" in event["message"]
 
 
-def commit_for_test(run: RunDir, step: int, payload: bytes = b"x") -> Path:
-    directory = run.checkpoints / store.tag_for(step)
-    directory.mkdir()
-    (directory / "shard.pt").write_bytes(payload)
-    Manifest(tag=directory.name, step=step, world_size=2, data_parallel_size=2, tensor_parallel=1, zero_stage=2,
-             global_batch=16, files={"shard.pt": FileEntry(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())}
-             ).write(directory)
-    return directory
-
-
 def test_resumes_from_the_newest_valid_checkpoint(tmp_path: Path) -> None:
     run = RunDir.open(tmp_path / "run")
     commit_for_test(run, 5)
@@ -277,6 +267,8 @@ def test_resumes_from_the_newest_valid_checkpoint(tmp_path: Path) -> None:
     evs = read_events(run.events)
     invalid = [e for e in evs if e["event"] == "checkpoint_invalid"]
     assert len(invalid) == 1 and invalid[0]["step"] == 7 and "shard.pt" in invalid[0]["message"]
+    assert invalid[0]["moved_to"] == str(run.checkpoints / ".damaged" / "global_step7") and not damaged.exists()
+    assert (run.checkpoints / ".damaged" / "global_step7" / "shard.pt").read_bytes() == b"y", "kept, not deleted"
     assert [e for e in evs if e["event"] == "run_started"][0]["resumed_from_step"] == 5
 
 

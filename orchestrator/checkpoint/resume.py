@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.checkpoint import store
@@ -27,20 +28,41 @@ from orchestrator.worker.env import with_interpreter_tools
 CONVERSION_TIMEOUT_S = 3600.0
 
 
-def select(checkpoints: Path) -> tuple[Manifest | None, list[tuple[str, list[str]]]]:
-    """The newest valid committed checkpoint (``latest`` repaired to name it), or None; and the
-    damaged ones newer than it, each with its problems (one line per file)."""
+def select(checkpoints: Path) -> tuple[Manifest | None, list[Rejected]]:
+    """The newest valid committed checkpoint (``latest`` repaired to name it), or None when there is
+    none at all; and the damaged ones newer than it, each moved aside to ``.damaged/`` (never
+    deleted: a damaged checkpoint may still be repairable by hand).
+
+    Raises :class:`ConfigError`, changing nothing, when checkpoints exist but every one is damaged:
+    starting from step 0 would overwrite them."""
     store.clean_leftovers(checkpoints)
-    rejected = []
+    damaged = []
     for tag in reversed(store.committed_tags(checkpoints)):
         problems = verify(checkpoints / tag)
         if problems:
-            rejected.append((tag, problems))
+            damaged.append((tag, problems))
             continue
         if store.latest_tag(checkpoints) != tag:
             store.set_latest(checkpoints, tag)
+        rejected = [Rejected(tag=t, problems=p, moved_to=store.set_aside(checkpoints / t, checkpoints))
+                    for t, p in damaged]
         return Manifest.read(checkpoints / tag), rejected
-    return None, rejected
+    if damaged:
+        listing = "; ".join(f"{tag}: {problems[0]}" for tag, problems in damaged)
+        raise ConfigError(
+            f"--run-dir {checkpoints.parent}: every checkpoint is damaged ({listing}); nothing was changed. "
+            f"Repair them, or move {checkpoints} aside to train from step 0, or give another --run-dir"
+        )
+    return None, []
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A damaged checkpoint skipped at start, and where it was moved."""
+
+    tag: str
+    problems: list[str]
+    moved_to: Path
 
 
 def prepare(checkpoints: Path, manifest: Manifest, config: Config, events: EventLog) -> None:

@@ -8,6 +8,7 @@ Layout under ``RUN_DIR/checkpoints/`` (details in ``docs/checkpoints.md``)::
     zero_to_fp32.py             DeepSpeed's consolidation script
     .staging/attempt-N/TAG/     saves in progress; never read, removed at start
     .universal/TAG/             TAG converted for a different parallel layout
+    .damaged/TAG[.N]/           a damaged checkpoint skipped at start, kept for inspection
 
 A rank saves into the staging directory of its attempt. The controller turns
 a staged save into a committed checkpoint (``commit.py``) once every rank's
@@ -24,12 +25,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orchestrator.checkpoint.manifest import MANIFEST, Manifest, write_durably
+from orchestrator.checkpoint.manifest import MANIFEST, Manifest, fsync_dir, write_durably
 
 LATEST = "latest"
 STAGING = ".staging"
 UNIVERSAL = ".universal"
 TRASH = ".trash"
+DAMAGED = ".damaged"
 _TAG_PREFIX = "global_step"
 
 
@@ -158,6 +160,19 @@ def discard(path: Path, checkpoints: Path) -> None:
         trash.rmdir()
     except OSError:
         pass  # another removal still in progress, or a leftover: cleaned at the next start
+
+
+def set_aside(path: Path, checkpoints: Path) -> Path:
+    """Move the damaged checkpoint ``path`` to ``.damaged/`` (a numbered name if taken); returns where."""
+    aside = checkpoints / DAMAGED
+    aside.mkdir(exist_ok=True)
+    target, n = aside / path.name, 0
+    while target.exists():
+        n += 1
+        target = aside / f"{path.name}.{n}"
+    path.rename(target)
+    fsync_dir(checkpoints)
+    return target
 
 
 def clean_leftovers(checkpoints: Path) -> None:

@@ -55,6 +55,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist; see cluster_configs/ for examples") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); is it the YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

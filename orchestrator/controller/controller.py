@@ -141,10 +141,11 @@ class Controller:
             resumed_from_step=self.last_step,
             config=self.config.redacted_dump(),
         )
-        for tag, problems in rejected:
-            message = f"checkpoint {tag} is damaged, not used: {problems[0]}"
-            self.events.emit("checkpoint_invalid", step=store.step_of(tag), path=str(checkpoints / tag),
-                             problems=problems, message=message)
+        for damaged in rejected:
+            message = f"checkpoint {damaged.tag} is damaged, not used (moved to {damaged.moved_to}): {damaged.problems[0]}"
+            self.events.emit("checkpoint_invalid", step=store.step_of(damaged.tag),
+                             path=str(checkpoints / damaged.tag), moved_to=str(damaged.moved_to),
+                             problems=damaged.problems, message=message)
             self.display.note(message)
         if manifest is not None:
             resume.prepare(checkpoints, manifest, self.config, self.events)
