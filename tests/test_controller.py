@@ -23,6 +23,7 @@ from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
+from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved, Error, FaultInjected, Finished, Ready, Step
 from tests.helpers import LOCAL_CONFIG, commit_for_test, of_kind
 
 
@@ -83,10 +84,10 @@ class FakeGroup:
         self.interrupted += list(ranks)
         # An interrupted survivor reports its (interrupted) error and readiness on the next poll.
         self.script.insert(0, [
-            RankUpdate(rank=r, alive_at=self.clock.now, messages=[
-                {"type": "error", "exc_type": "Interrupted", "message": "stopped", "traceback": "", "interrupted": True,
-                 "step": 0, "at": self.clock.now},
-                {"type": "ready", "at": self.clock.now}]) if r in ranks else RankUpdate(rank=r)
+            RankUpdate(rank=r, alive_at=self.clock.now, reports=[
+                Error(exc_type="Interrupted", message="stopped", traceback="", interrupted=True, step=0,
+                      at=self.clock.now),
+                Ready(at=self.clock.now)]) if r in ranks else RankUpdate(rank=r)
             for r in range(self.world_size)
         ])
 
@@ -126,13 +127,13 @@ class NullDisplay:
         pass
 
 
-def step_msg(step: int, loss: float, at: float = 1000.0) -> dict:
-    return {"type": "step", "step": step, "loss": loss, "step_time_s": 0.1, "tokens": 100, "at": at}
+def step_msg(step: int, loss: float, at: float = 1000.0) -> Step:
+    return Step(step=step, loss=loss, step_time_s=0.1, tokens=100, at=at)
 
 
-def saved(step: int, attempt: int = 0) -> dict:
-    return {"type": "checkpoint_saved", "step": step, "tag": store.tag_for(step), "attempt": attempt,
-            "blocked_s": 0.01, "write_s": 0.2, "files": {"shard.pt": {"size": 1, "sha256": SHA_OF_X}}, "at": 1000.0}
+def saved(step: int, attempt: int = 0) -> CheckpointSaved:
+    return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=attempt, blocked_s=0.01, write_s=0.2,
+                           files={"shard.pt": {"size": 1, "sha256": SHA_OF_X}}, at=1000.0)
 
 
 SHA_OF_X = hashlib.sha256(b"x").hexdigest()
@@ -145,9 +146,9 @@ def stage(run: RunDir, step: int, attempt: int = 0) -> None:
     (directory / "shard.pt").write_bytes(b"x")
 
 
-def error_msg(text: str, step: int, at: float, exc_type: str = "RuntimeError") -> dict:
-    return {"type": "error", "exc_type": exc_type, "message": text, "traceback": f"Traceback\n{exc_type}: {text}\n",
-            "interrupted": False, "step": step, "at": at}
+def error_msg(text: str, step: int, at: float, exc_type: str = "RuntimeError") -> Error:
+    return Error(exc_type=exc_type, message=text, traceback=f"Traceback\n{exc_type}: {text}\n", interrupted=False,
+                 step=step, at=at)
 
 
 def make(tmp_path: Path, *overrides: str):
@@ -166,9 +167,9 @@ def kinds(run: RunDir) -> list[str]:
 def test_success_path_one_step_at_a_time(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     group.script = [
-        [RankUpdate(rank=0, messages=[step_msg(1, 5.0)]), RankUpdate(rank=1, messages=[step_msg(1, 9.0)])],
-        [RankUpdate(rank=0, messages=[step_msg(2, 4.0), step_msg(3, 3.0), {"type": "finished", "at": 1.0}], returncode=0),
-         RankUpdate(rank=1, messages=[{"type": "finished", "at": 1.0}], returncode=0)],
+        [RankUpdate(rank=0, reports=[step_msg(1, 5.0)]), RankUpdate(rank=1, reports=[step_msg(1, 9.0)])],
+        [RankUpdate(rank=0, reports=[step_msg(2, 4.0), step_msg(3, 3.0), Finished(at=1.0)], returncode=0),
+         RankUpdate(rank=1, reports=[Finished(at=1.0)], returncode=0)],
     ]
     assert isinstance(ctl.state, Starting)
     previous, current = ctl.step()
@@ -194,8 +195,8 @@ def test_checkpoint_commits_only_when_every_rank_saved(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     stage(run, 1)
     group.script = [
-        [RankUpdate(rank=0, messages=[saved(1)]), RankUpdate(rank=1)],
-        [RankUpdate(rank=0), RankUpdate(rank=1, messages=[saved(1)])],
+        [RankUpdate(rank=0, reports=[saved(1)]), RankUpdate(rank=1)],
+        [RankUpdate(rank=0), RankUpdate(rank=1, reports=[saved(1)])],
     ]
     ctl.step()
     ctl.step()
@@ -218,7 +219,7 @@ def test_a_commit_stands_when_pruning_old_checkpoints_fails(tmp_path: Path, monk
 
     monkeypatch.setattr(store, "prune", refuse)
     stage(run, 1)
-    group.script = [[RankUpdate(rank=0, messages=[saved(1)]), RankUpdate(rank=1, messages=[saved(1)])]]
+    group.script = [[RankUpdate(rank=0, reports=[saved(1)]), RankUpdate(rank=1, reports=[saved(1)])]]
     ctl.step()
     ctl.step()
     assert store.latest_tag(run.checkpoints) == "global_step1"
@@ -230,19 +231,19 @@ def test_a_commit_stands_when_pruning_old_checkpoints_fails(tmp_path: Path, monk
 def test_save_of_an_abandoned_attempt_is_never_committed(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     ctl._commits.forget_partial(1)
-    group.script = [[RankUpdate(rank=0, messages=[saved(1, attempt=0)]), RankUpdate(rank=1, messages=[saved(1, attempt=0)])]]
+    group.script = [[RankUpdate(rank=0, reports=[saved(1, attempt=0)]), RankUpdate(rank=1, reports=[saved(1, attempt=0)])]]
     ctl.step()
     ctl.step()
     assert store.latest_tag(run.checkpoints) is None
 
 
 def test_failed_save_is_reported_and_stops_the_run_only_when_asked(tmp_path: Path) -> None:
-    failed = {"type": "checkpoint_failed", "step": 1, "tag": "global_step1", "attempt": 0,
-              "path": "/x/shard.pt", "error": "No space left on device", "errno": 28, "at": 1000.0}
+    failed = CheckpointFailed(step=1, tag="global_step1", attempt=0, path="/x/shard.pt",
+                              error="No space left on device", errno=28, at=1000.0)
     for policy, expected in (("continue", Running), ("stop", Failed)):
         ctl, group, run, _ = make(tmp_path / policy, f"checkpoint.on_failure={policy}")
         stage(run, 1)
-        group.script = [[RankUpdate(rank=0, messages=[failed]), RankUpdate(rank=1, messages=[saved(1)])]]
+        group.script = [[RankUpdate(rank=0, reports=[failed]), RankUpdate(rank=1, reports=[saved(1)])]]
         ctl.step()
         ctl.step()
         assert isinstance(ctl.state, expected), policy
@@ -276,7 +277,7 @@ def _kill_rank1_then_collective_error_on_rank0(clock: Clock) -> list[list[RankUp
     t = clock.now
     return [
         # Rank 0's collective error is polled first, but rank 1 died earlier.
-        [RankUpdate(rank=0, messages=[error_msg("Connection reset by peer", 50, t + 0.1), {"type": "ready", "at": t + 0.2}]),
+        [RankUpdate(rank=0, reports=[error_msg("Connection reset by peer", 50, t + 0.1), Ready(at=t + 0.2)]),
          RankUpdate(rank=1, returncode=-9, exited_at=t, log_tail="...")],
     ]
 
@@ -295,7 +296,7 @@ def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> Non
     assert isinstance(current, Running)
     assert group.starts[-1] == {"attempt": 1, "resume_tag": "global_step40", "faults": [], "rejoin": [0]}
     assert group.interrupted == [], "a survivor that already left its training loop is not interrupted"
-    group.script = [[RankUpdate(rank=0, messages=[step_msg(41, 2.0, at=clock.now + 0.5)]), RankUpdate(rank=1)]]
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(41, 2.0, at=clock.now + 0.5)]), RankUpdate(rank=1)]]
     clock.now += 0.5
     ctl.step()
     evs = read_events(run.events)
@@ -346,10 +347,10 @@ def test_exception_repeating_at_the_same_step_is_not_retried(tmp_path: Path) -> 
     ctl, group, run, clock = make(tmp_path, "fault_tolerance.max_restarts=5")
     ctl.step()
     for attempt in range(2):
-        group.script = [[RankUpdate(rank=0, messages=[error_msg("bad value", 3, clock.now, "ValueError"),
-                                                      {"type": "ready", "at": clock.now}]),
-                         RankUpdate(rank=1, messages=[error_msg("bad value", 3, clock.now + 0.01, "ValueError"),
-                                                      {"type": "ready", "at": clock.now}])]]
+        group.script = [[RankUpdate(rank=0, reports=[error_msg("bad value", 3, clock.now, "ValueError"),
+                                                      Ready(at=clock.now)]),
+                         RankUpdate(rank=1, reports=[error_msg("bad value", 3, clock.now + 0.01, "ValueError"),
+                                                      Ready(at=clock.now)])]]
         _, current = ctl.step()
         if attempt == 0:
             assert isinstance(current, Recovering)
@@ -362,7 +363,7 @@ def test_exception_repeating_at_the_same_step_is_not_retried(tmp_path: Path) -> 
 def _started(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
     """Start, and let both ranks report a first step (arming the step-heartbeat clock)."""
     ctl.step()
-    group.script = [[RankUpdate(rank=r, messages=[step_msg(1, 5.0, at=clock.now)], alive_at=clock.now) for r in (0, 1)]]
+    group.script = [[RankUpdate(rank=r, reports=[step_msg(1, 5.0, at=clock.now)], alive_at=clock.now) for r in (0, 1)]]
     ctl.step()
 
 
@@ -432,7 +433,7 @@ def test_injected_fault_fires_once(tmp_path: Path) -> None:
     ctl.step()
     assert group.starts[0]["faults"] == [{"kind": "kill", "rank": 1, "step": 2}]
     group.script = _kill_rank1_then_collective_error_on_rank0(clock)
-    group.script[0][1].messages = [{"type": "fault_injected", "kind": "kill", "rank": 1, "step": 2, "at": clock.now}]
+    group.script[0][1].reports = [FaultInjected(kind="kill", rank=1, step=2, at=clock.now)]
     ctl.step()
     ctl.step()
     assert group.starts[-1]["faults"] == [], "a fired fault is not armed again after the recovery"
@@ -445,7 +446,7 @@ def test_lost_actor_is_the_root_cause_and_only_its_rank_is_replaced(tmp_path: Pa
     _started(ctl, group, clock)
     clock.now += 0.5
     # Rank 0's collective error is seen at the same poll that finds rank 1's actor gone.
-    group.script = [[RankUpdate(rank=0, messages=[error_msg("Connection reset", 1, clock.now), {"type": "ready", "at": clock.now}]),
+    group.script = [[RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, clock.now), Ready(at=clock.now)]),
                      RankUpdate(rank=1, lost="worker actor 1 died")]]
     _, current = ctl.step()
     cause = root_cause(current.failures)
@@ -465,7 +466,7 @@ def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -
     group.script = [
         [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
         *[quiet] * 100,
-        [RankUpdate(rank=0, messages=[error_msg("Connection reset", 1, t + 1), {"type": "ready", "at": t + 1}]),
+        [RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, t + 1), Ready(at=t + 1)]),
          RankUpdate(rank=1, lost="node 10.0.0.2 lost: worker actor 1 died")],
     ]
     group.unheard_script = [[1]] * 101  # rank 1's actor stays silent until it is found lost
@@ -480,7 +481,7 @@ def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -
 def _lose_node_1(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
     """Ranks 2 and 3 (node slot 1 of two nodes x two ranks) are lost; no node takes their place."""
     _started(ctl, group, clock)
-    group.script = [[RankUpdate(rank=r, messages=[error_msg("Connection reset", 1, clock.now), {"type": "ready", "at": clock.now}])
+    group.script = [[RankUpdate(rank=r, reports=[error_msg("Connection reset", 1, clock.now), Ready(at=clock.now)])
                      for r in (0, 1)] + [RankUpdate(rank=r, lost="node 10.0.0.2 lost") for r in (2, 3)]]
     group.missing = [1]
     ctl.step()  # -> RECOVERING

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from orchestrator.config import load_config
 from orchestrator.controller.worker_group import RayWorkerGroup
+from orchestrator.worker.messages import Error, PollAnswer, RankStatus
 from tests.helpers import LOCAL_CONFIG
 
 
@@ -28,7 +29,7 @@ class FakeRay:
     """Every call answers at once, except those made ``hung``; polls report ``ranks`` at ``node_now()``."""
 
     def __init__(self, node_now=time.time) -> None:
-        self.ranks: dict[int, dict] = {}
+        self.ranks: dict[int, RankStatus] = {}
         self.node_now = node_now
 
     exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
@@ -40,7 +41,7 @@ class FakeRay:
     def get(self, ref, timeout):
         if ref == "hung":
             raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
-        return {"ranks": dict(self.ranks), "warm_spare": None, "answer": int(ref.split(":")[1]) + 1, "now": self.node_now()}
+        return PollAnswer(ranks=dict(self.ranks), warm_spare=None, answer=int(ref.split(":")[1]) + 1, now=self.node_now())
 
     def nodes(self):
         return [{"NodeID": "node-a", "Alive": True}]
@@ -75,11 +76,12 @@ def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Pa
     group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
     group._host = {0: 0, 1: 1}
     node_time = time.time() - behind - 0.5
-    group._ray.ranks = {1: {"pid": 7, "messages": [{"type": "error", "at": node_time}], "returncode": None,
-                            "alive_at": node_time, "where": "", "in_collective": False}}
+    error = Error(exc_type="RuntimeError", message="x", traceback="", interrupted=False, step=3, at=node_time)
+    group._ray.ranks = {1: RankStatus(pid=7, reports=[error], returncode=None, alive_at=node_time, where="",
+                                      in_collective=False)}
     update = group.poll()[1]
     assert abs(update.alive_at - (time.time() - 0.5)) < 0.2
-    assert abs(update.messages[0]["at"] - (time.time() - 0.5)) < 0.2
+    assert abs(update.reports[0].at - (time.time() - 0.5)) < 0.2
 
 
 def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_path: Path) -> None:

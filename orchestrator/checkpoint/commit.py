@@ -20,12 +20,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, fsync_dir
 from orchestrator.config.schema import Config
 from orchestrator.monitor.events import EventLog
+from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,16 +45,16 @@ class CommitTracker:
         self._config = config
         self._world_size = world_size
         self._events = events
-        self._saved: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self._saved: dict[str, dict[int, CheckpointSaved]] = defaultdict(dict)
         self._failed: set[str] = set()
         self.attempt = 0
         self.last_committed: str | None = None
         self.in_use: str | None = None
 
-    def saved(self, rank: int, report: dict[str, Any]) -> CommitOutcome | None:
+    def saved(self, rank: int, report: CheckpointSaved) -> CommitOutcome | None:
         """Record ``rank``'s ``checkpoint_saved`` report; commits when it was the last one missing."""
-        tag = report["tag"]
-        if report["attempt"] != self.attempt or tag in self._failed:
+        tag = report.tag
+        if report.attempt != self.attempt or tag in self._failed:
             return None  # a save of an attempt that was abandoned, or one another rank failed
         reports = self._saved[tag]
         reports[rank] = report
@@ -64,13 +64,13 @@ class CommitTracker:
         try:
             manifest = self._commit(tag, reports)
         except OSError as exc:
-            return self._fail(tag, report["step"], None, exc.filename or str(self._checkpoints), _reason(exc))
+            return self._fail(tag, report.step, None, exc.filename or str(self._checkpoints), _reason(exc))
         self._events.emit(
             "checkpoint_committed",
             step=manifest.step,
             path=str(self._checkpoints / tag),
-            seconds=max(r["blocked_s"] + r["write_s"] for r in reports.values()),
-            blocked_s=max(r["blocked_s"] for r in reports.values()),
+            seconds=max(r.blocked_s + r.write_s for r in reports.values()),
+            blocked_s=max(r.blocked_s for r in reports.values()),
             bytes=manifest.total_bytes,
         )
         try:
@@ -80,12 +80,12 @@ class CommitTracker:
                               f"{exc.strerror or exc} ({exc.filename or ''}); it is kept, remove it by hand")
         return CommitOutcome(tag=tag, committed=True)
 
-    def failed(self, rank: int, report: dict[str, Any]) -> CommitOutcome | None:
+    def failed(self, rank: int, report: CheckpointFailed) -> CommitOutcome | None:
         """Record that ``rank`` could not write its part of a checkpoint: it will never be committed."""
-        if report["attempt"] != self.attempt or report["tag"] in self._failed:
+        if report.attempt != self.attempt or report.tag in self._failed:
             return None
-        self._saved.pop(report["tag"], None)
-        return self._fail(report["tag"], report["step"], rank, report["path"], report["error"])
+        self._saved.pop(report.tag, None)
+        return self._fail(report.tag, report.step, rank, report.path, report.error)
 
     def resize(self, config: Config, world_size: int) -> None:
         """The job goes on as ``config`` on ``world_size`` ranks (a shrink): later commits wait for that many."""
@@ -98,9 +98,9 @@ class CommitTracker:
         self._failed.clear()
         self.attempt = next_attempt
 
-    def _commit(self, tag: str, reports: dict[int, dict[str, Any]]) -> Manifest:
+    def _commit(self, tag: str, reports: dict[int, CheckpointSaved]) -> Manifest:
         staged = store.staging_dir(self._checkpoints, self.attempt) / tag
-        files = {name: FileEntry(**entry) for r in reports.values() for name, entry in r["files"].items()}
+        files = {name: FileEntry(**entry) for r in reports.values() for name, entry in r.files.items()}
         config = self._config
         manifest = Manifest(
             tag=tag,

@@ -27,6 +27,19 @@ from orchestrator.monitor.events import EventLog
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
+from orchestrator.worker.messages import (
+    CheckpointFailed,
+    CheckpointSaved,
+    CheckpointSkipped,
+    Error,
+    FaultInjected,
+    Finished,
+    Ready,
+    Report,
+    Resumed,
+    Saving,
+    Step,
+)
 
 # Steady state: every poll costs the actors and Ray CPU that training could use. While a
 # failure is being handled, poll fast.
@@ -43,6 +56,8 @@ FROZEN_AFTER_S = 3.0
 STARTUP_TIMEOUT_S = 300.0
 # How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
 GPU_INTERVAL_S = 5.0
+# A step event's own fields: a user's extra metric of the same name cannot overwrite them.
+_STEP_FIELDS = frozenset({"ts", "event", "step", "loss", "step_time_s", "tokens_per_s", "lr", "grad_norm", "flops"})
 
 
 @dataclass(kw_only=True)
@@ -56,7 +71,7 @@ class RankView:
     alive_at: float | None = None
     where: str = ""
     in_collective: bool = False
-    error: dict[str, Any] | None = None
+    error: Error | None = None
     ready: bool = False
     finished: bool = False
     failed: bool = False
@@ -336,8 +351,8 @@ class Controller:
         view = self._views[update.rank]
         if update.alive_at is not None:
             view.alive_at, view.where, view.in_collective = update.alive_at, update.where, update.in_collective
-        for message in update.messages:
-            self._on_message(update.rank, view, message)
+        for report in update.reports:
+            self._on_report(update.rank, view, report)
         if update.returncode is not None:
             view.running = False
             if update.returncode == 0:
@@ -351,7 +366,7 @@ class Controller:
             view.lost = True
         if view.failed or view.finished:
             return None
-        error = view.error if view.error and not view.error.get("interrupted") else None
+        error = view.error if view.error and not view.error.interrupted else None
         if update.returncode is None and update.lost is None and error is None:
             return None
         failure = failure_from(update, error, view.step, last_seen=view.alive_at)
@@ -359,34 +374,35 @@ class Controller:
             view.failed = True
         return failure
 
-    def _on_message(self, rank: int, view: RankView, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind in ("step", "resumed"):
-            view.step, view.progress_at, view.started_up = message["step"], message["at"], True
-            view.step_time_s = message.get("step_time_s", view.step_time_s)
-            if rank == 0 and kind == "step":
-                self._record_step(message)
-        elif kind == "checkpoint_saved":
-            view.progress_at = message["at"]
-            self._on_checkpoint(rank, self._commits.saved(rank, message))
-        elif kind == "checkpoint_failed":
-            view.progress_at = message["at"]
-            self._on_checkpoint(rank, self._commits.failed(rank, message))
-        elif kind == "checkpoint_skipped":
-            if rank == 0:
-                self.events.emit("checkpoint_skipped", step=message["step"], reason="previous save still writing")
-        elif kind == "saving":
-            view.progress_at = message["at"]  # busy writing a checkpoint, not hung
-        elif kind == "error":
-            view.error = message
-        elif kind == "ready":
-            view.ready = True
-        elif kind == "finished":
-            view.finished = True
-        elif kind == "fault_injected":
-            fired = {k: message[k] for k in ("kind", "rank", "step")}
-            self.faults = [f for f in self.faults if f != fired]
-            self.events.emit("fault_injected", **fired)
+    def _on_report(self, rank: int, view: RankView, report: Report) -> None:
+        match report:
+            case Step() | Resumed():
+                view.step, view.progress_at, view.started_up = report.step, report.at, True
+                if isinstance(report, Step):
+                    view.step_time_s = report.step_time_s
+                    if rank == 0:
+                        self._record_step(report)
+            case CheckpointSaved():
+                view.progress_at = report.at
+                self._on_checkpoint(rank, self._commits.saved(rank, report))
+            case CheckpointFailed():
+                view.progress_at = report.at
+                self._on_checkpoint(rank, self._commits.failed(rank, report))
+            case CheckpointSkipped():
+                if rank == 0:
+                    self.events.emit("checkpoint_skipped", step=report.step, reason="previous save still writing")
+            case Saving():
+                view.progress_at = report.at  # busy writing a checkpoint, not hung
+            case Error():
+                view.error = report
+            case Ready():
+                view.ready = True
+            case Finished():
+                view.finished = True
+            case FaultInjected():
+                fired = {"kind": report.kind, "rank": report.rank, "step": report.step}
+                self.faults = [f for f in self.faults if f != fired]
+                self.events.emit("fault_injected", **fired)
 
     def _on_checkpoint(self, rank: int, outcome: CommitOutcome | None) -> None:
         if outcome is None:
@@ -462,12 +478,12 @@ class Controller:
             for update in self.group.poll():
                 self._absorb(update)
 
-    def _record_step(self, message: dict[str, Any]) -> None:
-        step, loss, seconds = message["step"], message["loss"], message["step_time_s"]
-        tokens = message.get("tokens")
-        rate = tokens / seconds if tokens and seconds > 0 else None
-        extra = {k: message[k] for k in ("lr", "grad_norm", "flops") if k in message}
-        self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra)
+    def _record_step(self, report: Step) -> None:
+        step, loss, seconds = report.step, report.loss, report.step_time_s
+        rate = report.tokens / seconds if report.tokens and seconds > 0 else None
+        extra = {k: v for k in ("lr", "grad_norm", "flops") if (v := getattr(report, k)) is not None}
+        self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra,
+                         **{k: v for k, v in report.extra.items() if k not in _STEP_FIELDS})
         self.last_step, self.last_loss = step, loss
         self.display.step(step, self.config.train.steps, loss, rate)
         if self._pending is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestrator.controller.worker_group import RankUpdate
+from orchestrator.worker.messages import Error
 
 Reason = Literal["exit", "signal", "hang", "node_lost", "exception", "checkpoint"]
 
@@ -50,7 +51,7 @@ class Failure:
 
 
 def failure_from(
-    update: RankUpdate, error: dict[str, Any] | None, last_step: int, last_seen: float | None = None
+    update: RankUpdate, error: Error | None, last_step: int, last_seen: float | None = None
 ) -> Failure | None:
     """The failure ``update`` shows, given the rank's error report (if it sent one), its last step
     and when it was last seen alive.
@@ -59,7 +60,7 @@ def failure_from(
     rank died after it was last seen, so that time (not when we noticed) orders it against the
     collective errors its death caused in its peers.
     """
-    step = (error.get("step", last_step) if error else last_step) + 1
+    step = (error.step if error else last_step) + 1
     if update.lost is not None:
         at = last_seen if last_seen is not None else time.time()
         return Failure(rank=update.rank, reason="node_lost", at=at, message=update.lost, step=step)
@@ -68,12 +69,12 @@ def failure_from(
         return Failure(
             rank=update.rank,
             reason="exception",
-            at=error["at"],
-            message=f"{error['exc_type']}: {error['message']}",
+            at=error.at,
+            message=f"{error.exc_type}: {error.message}",
             step=step,
             exit_code=code,
-            exc_type=error["exc_type"],
-            traceback=error["traceback"],
+            exc_type=error.exc_type,
+            traceback=error.traceback,
             log_tail=update.log_tail,
         )
     if code is None or code == 0:

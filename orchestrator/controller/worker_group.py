@@ -26,6 +26,7 @@ from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RankPlacement, rank_env
+from orchestrator.worker.messages import Interrupt, RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
 # A poll waits at most this long for slow actors; their answers are picked up by a later poll.
@@ -58,14 +59,14 @@ class RankUpdate:
     ``returncode`` is None while the process runs (negative: killed by that
     signal); ``exited_at`` is when its actor saw it end; ``lost`` means its
     actor (and so, likely, its node) is gone. ``alive_at`` is the last sign
-    of life (any message, or the liveness beat every second), ``where`` the
+    of life (any report, or the liveness beat every second), ``where`` the
     main thread's innermost frame then, ``in_collective`` whether it was
     waiting in a collective.
     """
 
     rank: int
     pid: int | None = None
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    reports: list[Report] = field(default_factory=list)
     returncode: int | None = None
     exited_at: float | None = None
     log_tail: str = ""
@@ -73,6 +74,13 @@ class RankUpdate:
     alive_at: float | None = None
     where: str = ""
     in_collective: bool = False
+
+    @classmethod
+    def of(cls, rank: int, status: RankStatus) -> RankUpdate:
+        """The update an actor's status of ``rank`` makes."""
+        return cls(rank=rank, pid=status.pid, reports=status.reports, returncode=status.returncode,
+                   exited_at=status.exited_at, log_tail=status.log_tail, alive_at=status.alive_at,
+                   where=status.where, in_collective=status.in_collective)
 
 
 class WorkerGroup(Protocol):
@@ -181,7 +189,7 @@ class RayWorkerGroup:
         # A call that fails or times out costs its rank, not the run: the next poll reports that rank lost.
         for rank in rejoin:
             host = self._host[rank]
-            self._call(self._actors[host].send.remote(rank, {"type": "rejoin", **specs[rank]}), index=host)
+            self._call(self._actors[host].send.remote(rank, Rejoin(**vars(specs[rank]))), index=host)
         started = []
         spare_hosts = self._spare_hosts()
         for p in placements:
@@ -189,7 +197,7 @@ class RayWorkerGroup:
                 continue
             home = self._nodes[self._home(p.rank)]
             spare_host = spare_hosts[home["node_id"]]
-            pid = self._call(self._actors[spare_host].promote_spare.remote(p.rank, specs[p.rank]), index=spare_host)
+            pid = self._call(self._actors[spare_host].promote_spare.remote(specs[p.rank]), index=spare_host)
             promoted = pid is not None
             if promoted:
                 if self._host[p.rank] != spare_host:
@@ -197,7 +205,7 @@ class RayWorkerGroup:
                 self._host[p.rank] = spare_host
             else:
                 host = self._host[p.rank] = self._home(p.rank)
-                pid = self._call(self._actors[host].start.remote(p.rank, specs[p.rank], specs[p.rank]["env"]), index=host)
+                pid = self._call(self._actors[host].start.remote(specs[p.rank]), index=host)
                 if pid is None:
                     continue
             started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt,
@@ -244,18 +252,18 @@ class RayWorkerGroup:
                 continue
             self._answered[index] = now
             self._heard[index] = number
-            self._acked[index] = max(self._acked.get(index, 0), result["answer"])
-            skew = self._skew(index, time.time() - result["now"])
-            for rank, status in result["ranks"].items():
+            self._acked[index] = max(self._acked.get(index, 0), result.answer)
+            skew = self._skew(index, time.time() - result.now)
+            for rank, status in result.ranks.items():
                 if self._host.get(rank) == index:
-                    by_rank[rank] = RankUpdate(rank=rank, **_on_our_clock(status, skew))
+                    by_rank[rank] = RankUpdate.of(rank, status.moved(skew) if skew else status)
             node = self._nodes[index]
             if index != spare_hosts[node["node_id"]]:
                 continue  # only a node's spare-host actor speaks for its spare
-            if result["warm_spare"] is None:
+            if result.warm_spare is None:
                 self._warm.pop(node["node_id"], None)
             else:
-                self._warm[node["node_id"]] = result["warm_spare"]
+                self._warm[node["node_id"]] = result.warm_spare
         lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
         self._broken.clear()
         for index, why in self._lose(lost, silent, died).items():
@@ -374,7 +382,7 @@ class RayWorkerGroup:
         for rank in ranks:
             if self._host[rank] in self._dead:
                 continue
-            self._call(self._actors[self._host[rank]].send.remote(rank, {"type": "interrupt"}), dead_ok=True)
+            self._call(self._actors[self._host[rank]].send.remote(rank, Interrupt()), dead_ok=True)
 
     def kill(self, ranks: Collection[int]) -> None:
         for rank in ranks:
@@ -418,19 +426,19 @@ class RayWorkerGroup:
                 ray_session.disconnect()
                 self._started_ray = False
 
-    def _spec(self, p: RankPlacement, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "rank": p.rank,
-            "local_rank": p.local_rank,
-            "world_size": self.world_size,
-            "node": self._nodes[self._home(p.rank)]["hostname"],
-            "attempt": attempt,
-            "config": self._config_dict,
-            "run_dir": str(self._run_dir),
-            "resume_tag": resume_tag,
-            "faults": faults,
-            "env": rank_env(self._config, p),
-        }
+    def _spec(self, p: RankPlacement, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]]) -> Start:
+        return Start(
+            rank=p.rank,
+            local_rank=p.local_rank,
+            world_size=self.world_size,
+            node=self._nodes[self._home(p.rank)]["hostname"],
+            attempt=attempt,
+            config=self._config_dict,
+            run_dir=str(self._run_dir),
+            resume_tag=resume_tag,
+            faults=faults,
+            env=rank_env(self._config, p),
+        )
 
     def _spare_hosts(self) -> dict[str, int]:
         """Node id -> the actor that keeps the node's spare: the lowest bundle index on that node."""
@@ -636,15 +644,3 @@ class RayWorkerGroup:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _on_our_clock(status: dict[str, Any], skew: float) -> dict[str, Any]:
-    """A rank's status with the node's wall-clock times (``alive_at``, ``exited_at``, messages' ``at``) + ``skew``."""
-    if not skew:
-        return status  # the common case (one machine, or synchronised clocks): nothing to copy
-    moved = dict(status)
-    for key in ("alive_at", "exited_at"):
-        if moved.get(key) is not None:
-            moved[key] += skew
-    moved["messages"] = [{**m, "at": m["at"] + skew} if "at" in m else m for m in status.get("messages", [])]
-    return moved

@@ -14,6 +14,7 @@ calls back, so a slow controller cannot stall training.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
 import signal
@@ -30,6 +31,20 @@ from orchestrator.monitor.gpu import GpuCollector, GpuReading
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
+from orchestrator.worker.messages import (
+    Alive,
+    Exited,
+    Fork,
+    Forked,
+    MalformedMessage,
+    Message,
+    PollAnswer,
+    Prepare,
+    RankStatus,
+    Report,
+    Start,
+    Warm,
+)
 from orchestrator.worker.process import PARENT_PID_ENV
 
 SPARE = "spare"
@@ -56,7 +71,7 @@ class HostedProcess:
         *,
         module: str = "orchestrator.worker.process",
         zygote: Zygote | None = None,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
+        on_message: Callable[[Message], None] | None = None,
     ) -> None:
         parent_end, child_end = socket.socketpair()
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +105,7 @@ class HostedProcess:
         child_end.close()
         self._on_message = on_message
         self.channel = Channel(parent_end)
-        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self.inbox: collections.deque[Report] = collections.deque()
         self.alive_at = time.time()
         self.where = ""
         self.in_collective = False
@@ -111,31 +126,24 @@ class HostedProcess:
             self.reported_returncode = -signal.SIGKILL
         return self.reported_returncode
 
-    def send(self, message: dict[str, Any]) -> bool:
+    def send(self, message: Message) -> bool:
         try:
             self.channel.send(message)
             return True
         except OSError:
             return False  # it died; its exit will be polled
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RankStatus:
         """New reports, liveness, and the exit status once the process has ended."""
-        messages = [self.inbox.popleft() for _ in range(len(self.inbox))]
+        reports = [self.inbox.popleft() for _ in range(len(self.inbox))]
         code = self._returncode()
-        result: dict[str, Any] = {
-            "pid": self.pid,
-            "messages": messages,
-            "returncode": code,
-            "alive_at": self.alive_at,
-            "where": self.where,
-            "in_collective": self.in_collective,
-        }
-        if code is not None:
+        return RankStatus(
+            pid=self.pid, reports=reports, returncode=code, alive_at=self.alive_at, where=self.where,
+            in_collective=self.in_collective,
             # The socket closes the moment the process dies: the best clock for "when".
-            result["exited_at"] = self.eof_at or time.time()
-            if code != 0:
-                result["log_tail"] = self._log_tail()
-        return result
+            exited_at=(self.eof_at or time.time()) if code is not None else None,
+            log_tail=self._log_tail() if code else "",
+        )
 
     def signal(self, sig: int) -> None:
         if self.poll_exit() is None:
@@ -184,11 +192,17 @@ class HostedProcess:
                     continue
                 now = time.time()
                 self.alive_at = now
-                if message["type"] == "alive":
-                    self.where, self.in_collective = message["where"], message["in_collective"]
-                    continue
-                message["at"] = now
-                self.inbox.append(message)
+                if isinstance(message, Alive):
+                    self.where, self.in_collective = message.where, message.in_collective
+                elif isinstance(message, Report):
+                    self.inbox.append(dataclasses.replace(message, at=now))
+                else:
+                    raise MalformedMessage(f"{message.type!r} is not a report")
+        except MalformedMessage as exc:
+            # A bug in the orchestrator itself: the rank fails, and its log (shown with the failure) says why.
+            with open(append_fd(self.log_path), "a") as log:
+                log.write(f"orchestrator: protocol error from pid {self.pid}: {exc}; stopping it\n")
+            self.signal(signal.SIGKILL)
         except (OSError, ValueError):
             pass  # channel closed under us by stop()
         self.eof_at = time.time()
@@ -209,14 +223,14 @@ class Zygote:
 
     def __init__(self, config: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         self._forked: dict[int, HostedProcess] = {}
-        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._replies: queue.Queue[Forked] = queue.Queue()
         self._lock = threading.Lock()
         self._forks = 0
         self._exits_lock = threading.Lock()
         self._exited_early: dict[int, int] = {}
         self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
                                   on_message=self._on_message)
-        self.proc.send({"type": "prepare", "config": config})
+        self.proc.send(Prepare(config=config))
 
     def alive(self) -> bool:
         return self.proc.poll_exit() is None
@@ -229,13 +243,12 @@ class Zygote:
         with self._lock:
             self._forks += 1
             request = self._forks
-            self.proc.channel.send_fd({"type": "fork", "id": request, "env": env, "log_path": str(log_path)},
-                                      control_fd)
+            self.proc.channel.send_fd(Fork(id=request, env=env, log_path=str(log_path)), control_fd)
             deadline = time.monotonic() + _FORK_TIMEOUT_S
             while True:
                 reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
-                if reply["id"] == request:
-                    return reply["pid"]
+                if reply.id == request:
+                    return reply.pid
 
     def adopt(self, proc: HostedProcess) -> None:
         """Report ``proc``'s exit to it from now on (or at once, if it has already exited)."""
@@ -253,16 +266,16 @@ class Zygote:
             if proc.reported_returncode is None:
                 proc.exited(-signal.SIGKILL)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        if message["type"] == "forked":
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, Forked):
             self._replies.put(message)
-        elif message["type"] == "exited":
+        elif isinstance(message, Exited):
             with self._exits_lock:
-                proc = self._forked.pop(message["pid"], None)
+                proc = self._forked.pop(message.pid, None)
                 if proc is None:  # it died before it was adopted: adopt() reports it
-                    self._exited_early[message["pid"]] = message["returncode"]
+                    self._exited_early[message.pid] = message.returncode
             if proc is not None:
-                proc.exited(message["returncode"])
+                proc.exited(message.returncode)
 
 
 class RankActor:
@@ -339,12 +352,12 @@ class RankActor:
             sock.bind((host, 0))
             return sock.getsockname()[1]
 
-    def start(self, rank: int, spec: dict[str, Any], env: dict[str, str]) -> int:
-        """Start a fresh process for ``rank``; returns its pid."""
-        self._forget(rank)
-        proc = HostedProcess(env, self._rank_log(rank), f"rank {rank} attempt {spec['attempt']}: fresh process")
-        self._procs[rank] = proc
-        proc.send({"type": "start", **spec})
+    def start(self, spec: Start) -> int:
+        """Start a fresh process for ``spec.rank``; returns its pid."""
+        self._forget(spec.rank)
+        proc = HostedProcess(spec.env, self._rank_log(spec.rank), f"rank {spec.rank} attempt {spec.attempt}: fresh process")
+        self._procs[spec.rank] = proc
+        proc.send(spec)
         return proc.pid
 
     def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
@@ -398,25 +411,26 @@ class RankActor:
                 print(f"could not make a warm spare: {exc!r}", file=sys.stderr, flush=True)
                 continue
             self._zygote.adopt(spare)
-            spare.send({"type": "prepare", "config": config})
+            spare.send(Prepare(config=config))
             self._procs[SPARE] = spare
 
-    def promote_spare(self, rank: int, spec: dict[str, Any]) -> int | None:
-        """Make the spare ``rank``; returns its pid, or None when there is no live spare."""
+    def promote_spare(self, spec: Start) -> int | None:
+        """Make the spare rank ``spec.rank``; returns its pid, or None when there is no live spare."""
         spare = self._procs.pop(SPARE, None)
         if spare is None or spare.poll_exit() is not None:
             return None
+        rank = spec.rank
         self._forget(rank)
         log = self._rank_log(rank)
         with open(append_fd(log), "ab") as fh:
-            fh.write(f"=== rank {rank} attempt {spec['attempt']}: warm spare pid {spare.pid} ===\n".encode())
+            fh.write(f"=== rank {rank} attempt {spec.attempt}: warm spare pid {spare.pid} ===\n".encode())
             spare.log_path, spare.log_offset = log, fh.tell()
-        if not spare.send({"type": "start", "log_path": str(log), **spec}):
+        if not spare.send(dataclasses.replace(spec, log_path=str(log))):
             return None
         self._procs[rank] = spare
         return spare.pid
 
-    def send(self, rank: int, message: dict[str, Any]) -> bool:
+    def send(self, rank: int, message: Message) -> bool:
         """Send a control message to ``rank``'s process; False if it is gone."""
         proc = self._procs.get(rank)
         return proc is not None and proc.send(message)
@@ -427,7 +441,7 @@ class RankActor:
         if proc is not None:
             proc.signal(signal.SIGKILL)
 
-    def poll(self, ack: int) -> dict[str, Any]:
+    def poll(self, ack: int) -> PollAnswer:
         """Status of every hosted rank process, the pid of the spare once it is warm, and this answer's
         number (``ack``: as for :meth:`renew`)."""
         answer = self._answer(ack)
@@ -441,9 +455,9 @@ class RankActor:
                 del self._procs[SPARE]
             spare = None
         if spare is not None and not spare.warm:
-            spare.warm = any(m["type"] == "warm" for m in spare.status()["messages"])
-        return {"ranks": ranks, "warm_spare": spare.pid if spare is not None and spare.warm else None,
-                "answer": answer, "now": time.time()}
+            spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
+        return PollAnswer(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
+                          answer=answer, now=time.time())
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop and reap every hosted process: ranks, the spare, the zygote."""

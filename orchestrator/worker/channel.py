@@ -1,9 +1,9 @@
-"""JSON-lines messages over a Unix socket between a rank's actor and its training process.
+"""JSON-lines messages over a Unix socket between a rank's actor and its training process (or zygote).
 
 The actor creates a ``socketpair`` and hands one end to the child as an
 inherited file descriptor. Reports (steps, checkpoints, errors) flow up;
-control messages (the start spec) flow down. Closing either end is how
-the other side learns its peer is gone.
+control messages (the start spec) flow down; both are the dataclasses of
+``messages.py``. Closing either end is how the other side learns its peer is gone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any
+
+from orchestrator.worker.messages import Message, decode, encode
 
 CONTROL_FD_ENV = "ORCH_CONTROL_FD"
 
@@ -32,21 +33,21 @@ class Channel:
         os.set_inheritable(fd, False)
         return cls(socket.socket(fileno=fd))
 
-    def send(self, message: dict[str, Any]) -> None:
-        data = (json.dumps(message, default=str) + "\n").encode()
+    def send(self, message: Message) -> None:
+        data = _line(message)
         with self._send_lock:
             self._sock.sendall(data)
 
-    def send_fd(self, message: dict[str, Any], fd: int) -> None:
+    def send_fd(self, message: Message, fd: int) -> None:
         """Send ``message`` with a file descriptor attached (SCM_RIGHTS)."""
-        data = (json.dumps(message, default=str) + "\n").encode()
+        data = _line(message)
         with self._send_lock:
             socket.send_fds(self._sock, [data], [fd])
 
-    def messages(self) -> Iterator[dict[str, Any]]:
-        """Yield messages until the peer closes its end."""
+    def messages(self) -> Iterator[Message]:
+        """Yield messages until the peer closes its end (:class:`MalformedMessage` on one that is not ours)."""
         for line in self._reader:
-            yield json.loads(line)
+            yield decode(json.loads(line))
 
     def close(self) -> None:
         try:
@@ -55,3 +56,7 @@ class Channel:
             pass
         self._reader.close()
         self._sock.close()
+
+
+def _line(message: Message) -> bytes:
+    return (json.dumps(encode(message), default=str) + "\n").encode()

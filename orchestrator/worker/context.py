@@ -20,11 +20,21 @@ from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
+from orchestrator.worker.messages import (
+    CheckpointFailed,
+    CheckpointSaved,
+    CheckpointSkipped,
+    FaultInjected,
+    Resumed,
+    Saving,
+    Step,
+)
 
 # While a save is being written, the rank tells the controller it is busy, not hung, this often.
 _SAVE_BEAT_S = 1.0
 # A write that takes longer than this is stuck (a dead network filesystem, say).
 SAVE_WRITE_TIMEOUT_S = 3600.0
+_STEP_METRICS = ("tokens", "lr", "grad_norm", "flops")
 
 
 @dataclass(kw_only=True)
@@ -89,19 +99,21 @@ class TrainContext:
         """Report a finished step; it is also this rank's heartbeat.
 
         ``step_time_s`` defaults to the time since the previous report.
-        Extra keyword metrics (tokens, lr, grad_norm, ...) travel with it.
+        Keyword metrics travel with it: ``tokens`` (global tokens in the step, for tokens/s),
+        ``lr``, ``grad_norm``, ``flops``, and any other number, which rank 0's ``step`` event
+        carries under its name.
         """
         now = time.perf_counter()
         if step_time_s is None:
             step_time_s = now - self._last_report
         self._last_report = now
-        self._channel.send(
-            {"type": "step", "step": step, "loss": float(loss), "step_time_s": step_time_s, **metrics}
-        )
+        known = {k: float(metrics.pop(k)) for k in _STEP_METRICS if metrics.get(k) is not None}
+        self._channel.send(Step(step=step, loss=float(loss), step_time_s=step_time_s, **known,
+                                extra={k: float(v) for k, v in metrics.items()}))
         self.last_step = step
         for fault in self.faults:
             if fault["rank"] == self.rank and fault["step"] == step:
-                self._channel.send({"type": "fault_injected", **fault})
+                self._channel.send(FaultInjected(**fault))
                 inject(fault["kind"], step)
 
     def should_checkpoint(self, step: int) -> bool:
@@ -125,25 +137,25 @@ class TrainContext:
         settings = self.config.checkpoint
         started = time.perf_counter()
         if settings.when_busy == "skip" and self._any_rank_busy():
-            self._channel.send({"type": "checkpoint_skipped", "step": step, "attempt": self.attempt})
+            self._channel.send(CheckpointSkipped(step=step, attempt=self.attempt))
             return
         self.wait_for_saves()
         directory, files = store.snapshot_save(engine, self.checkpoint_dir, self.attempt, step, self.rank, user_state)
         snapshot_s = time.perf_counter() - started
-        report = {"step": step, "tag": store.tag_for(step), "attempt": self.attempt}
+        which = {"step": step, "tag": store.tag_for(step), "attempt": self.attempt}
 
         def done(result: SaveResult) -> None:
             if result.error is not None:
-                self._channel.send({
-                    "type": "checkpoint_failed", **report, "path": str(result.failed_path),
-                    "error": result.error.strerror or str(result.error), "errno": result.error.errno,
-                })
+                self._channel.send(CheckpointFailed(
+                    **which, path=str(result.failed_path), error=result.error.strerror or str(result.error),
+                    errno=result.error.errno,
+                ))
                 return
             blocked_s = snapshot_s if settings.async_save else snapshot_s + result.write_s
-            self._channel.send({
-                "type": "checkpoint_saved", **report, "blocked_s": blocked_s, "write_s": result.write_s,
-                "files": {name: vars(entry) for name, entry in result.files.items()},
-            })
+            self._channel.send(CheckpointSaved(
+                **which, blocked_s=blocked_s, write_s=result.write_s,
+                files={name: vars(entry) for name, entry in result.files.items()},
+            ))
 
         self._writer.submit(SaveJob(directory=directory, files=files, done=done))
         if not settings.async_save:
@@ -156,7 +168,7 @@ class TrainContext:
         while not self._writer.wait(_SAVE_BEAT_S):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a checkpoint write did not finish in {SAVE_WRITE_TIMEOUT_S:.0f}s")
-            self._channel.send({"type": "saving"})
+            self._channel.send(Saving())
 
     def _any_rank_busy(self) -> bool:
         """Whether some rank still writes the previous save (all ranks must skip together)."""
@@ -179,7 +191,7 @@ class TrainContext:
             return 0, None
         step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
         self.last_step = step
-        self._channel.send({"type": "resumed", "step": step, "tag": self.resume_tag})
+        self._channel.send(Resumed(step=step, tag=self.resume_tag))
         self._last_report = time.perf_counter()
         return step, user_state
 

@@ -43,6 +43,18 @@ from orchestrator.errors import ConfigError
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
+from orchestrator.worker.messages import (
+    Alive,
+    Error,
+    Finished,
+    Interrupt,
+    MalformedMessage,
+    Message,
+    Prepare,
+    Ready,
+    Start,
+    Warm,
+)
 from orchestrator.worker.context import TrainContext
 from orchestrator.worker.teardown import tear_down
 
@@ -79,7 +91,7 @@ class Runtime:
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.inbox: queue.Queue[Message] = queue.Queue()
         self.in_training = threading.Event()
         self.ctx: TrainContext | None = None
         self.writer = BackgroundWriter()  # one per process: a save outlives the attempt that made it
@@ -89,27 +101,27 @@ class Runtime:
 
     def run(self) -> int:
         message = self._next_message(timeout=None)
-        if message["type"] == "prepare":
+        if isinstance(message, Prepare):
             # A start that arrives meanwhile waits in the inbox: never two DeepSpeed set-ups at once.
             try:
-                _warm_up(message["config"])
+                _warm_up(message.config)
             except Exception:  # noqa: BLE001 - a cold spare is still a spare
                 traceback.print_exc()
                 print("warm-up failed; this spare will start cold", file=sys.stderr, flush=True)
-            self.channel.send({"type": "warm"})
+            self.channel.send(Warm())
             message = self._next_message(timeout=None)
-        while message["type"] in ("start", "rejoin"):
+        while isinstance(message, Start):  # or Rejoin
             outcome = self._train(message)
             if outcome == 0:
                 return 0
             message = self._next_message(timeout=_DECISION_TIMEOUT_S)
         return 1
 
-    def _train(self, spec: dict[str, Any]) -> int:
+    def _train(self, spec: Start) -> int:
         """One attempt: 0 when training finished, 1 when it raised (already reported)."""
-        if "log_path" in spec:
-            _redirect_output(spec["log_path"])  # a promoted spare writes to its new rank's log
-        os.environ.update(spec.get("env", {}))
+        if spec.log_path is not None:
+            _redirect_output(spec.log_path)  # a promoted spare writes to its new rank's log
+        os.environ.update(spec.env)
         if "torch" in sys.modules and "OMP_NUM_THREADS" in os.environ:
             # A spare imported torch before it knew its share of the node's cores.
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -127,37 +139,35 @@ class Runtime:
             text = traceback.format_exc()
             sys.stderr.write(text)
             sys.stderr.flush()
-            self.channel.send(
-                {
-                    "type": "error",
-                    "exc_type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": text,
-                    "interrupted": isinstance(exc, Interrupted),
-                    "step": self.ctx.last_step if self.ctx else 0,
-                }
-            )
+            self.channel.send(Error(
+                exc_type=type(exc).__name__, message=str(exc), traceback=text,
+                interrupted=isinstance(exc, Interrupted), step=self.ctx.last_step if self.ctx else 0,
+            ))
             _tear_down(self.ctx)
-            self.channel.send({"type": "ready"})
+            self.channel.send(Ready())
             return 1
-        self.channel.send({"type": "finished"})
+        self.channel.send(Finished())
         return 0
 
-    def _next_message(self, timeout: float | None) -> dict[str, Any]:
+    def _next_message(self, timeout: float | None) -> Message | None:
+        """The next instruction; None (exit) when none comes within ``timeout``."""
         try:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
             print(f"no instruction from the controller within {timeout:.0f}s; exiting", file=sys.stderr)
-            return {"type": "exit"}
+            return None
 
     def _read_control(self) -> None:
-        for message in self.channel.messages():
-            if message["type"] == "interrupt":
-                if self.in_training.is_set():
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
-            else:
-                self.inbox.put(message)
-        # The actor closed its end or died: nobody is left to report to.
+        try:
+            for message in self.channel.messages():
+                if isinstance(message, Interrupt):
+                    if self.in_training.is_set():
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+                else:
+                    self.inbox.put(message)
+        except MalformedMessage as exc:
+            print(f"orchestrator: protocol error from the actor: {exc}", file=sys.stderr, flush=True)
+        # The actor closed its end or died (or is not one we understand): nobody is left to report to.
         os._exit(1)
 
     def _on_interrupt(self, _signum: int, _frame: object) -> None:
@@ -171,7 +181,7 @@ class Runtime:
             frame = sys._current_frames().get(main_id)
             where, in_collective = _describe_stack(frame)
             try:
-                self.channel.send({"type": "alive", "where": where, "in_collective": in_collective})
+                self.channel.send(Alive(where=where, in_collective=in_collective))
             except OSError:
                 return
 
@@ -222,17 +232,17 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
         warmup(config)
 
 
-def _context(spec: dict[str, Any], channel: Channel, writer: BackgroundWriter) -> TrainContext:
+def _context(spec: Start, channel: Channel, writer: BackgroundWriter) -> TrainContext:
     return TrainContext(
-        rank=spec["rank"],
-        local_rank=spec["local_rank"],
-        world_size=spec["world_size"],
-        node=spec["node"],
-        attempt=spec["attempt"],
-        config=Config.model_validate(spec["config"]),
-        run_dir=Path(spec["run_dir"]),
-        resume_tag=spec["resume_tag"],
-        faults=spec.get("faults", []),
+        rank=spec.rank,
+        local_rank=spec.local_rank,
+        world_size=spec.world_size,
+        node=spec.node,
+        attempt=spec.attempt,
+        config=Config.model_validate(spec.config),
+        run_dir=Path(spec.run_dir),
+        resume_tag=spec.resume_tag,
+        faults=list(spec.faults),
         _channel=channel,
         _writer=writer,
     )

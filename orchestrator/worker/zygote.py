@@ -7,12 +7,12 @@ recovery, that slows them down. The zygote imports everything once, stays
 single-threaded (so forking it is safe), and forks a spare in milliseconds;
 the child only rehearses an engine set-up (~0.7 CPU-seconds).
 
-Protocol on the control socket (JSON lines) with its actor:
+Protocol on the control socket (JSON lines of ``messages.py``) with its actor:
 
-    -> {"type": "prepare", "config": {...}}
-    -> {"type": "fork", "id": I, "env": {...}, "log_path": "..."}  + the child's control fd (SCM_RIGHTS)
-    <- {"type": "forked", "id": I, "pid": N}
-    <- {"type": "exited", "pid": N, "returncode": R}       (Popen convention: -signal)
+    -> Prepare(config)
+    -> Fork(id, env, log_path)     + the child's control fd (SCM_RIGHTS)
+    <- Forked(id, pid)
+    <- Exited(pid, returncode)     (Popen convention: -signal)
 
 Run as ``python -m orchestrator.worker.zygote``; fd in ``ORCH_CONTROL_FD``.
 """
@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from orchestrator.worker.channel import CONTROL_FD_ENV
+from orchestrator.worker.messages import Exited, Fork, Forked, Message, Prepare, decode, encode
 
 _REAP_INTERVAL_S = 0.2
 
@@ -50,17 +51,17 @@ def main() -> int:
         buffer += data
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
-            message = json.loads(line)
-            if message["type"] == "prepare":
-                _import_everything(message["config"])
-            elif message["type"] == "fork":
+            message = decode(json.loads(line))
+            if isinstance(message, Prepare):
+                _import_everything(message.config)
+            elif isinstance(message, Fork):
                 child_fd = fds.pop(0)
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
-                    os._exit(process.run_forked_spare(child_fd, message["env"], message["log_path"]))
+                    os._exit(process.run_forked_spare(child_fd, message.env, message.log_path))
                 os.close(child_fd)
-                _send(sock, {"type": "forked", "id": message["id"], "pid": pid})
+                _send(sock, Forked(id=message.id, pid=pid))
 
 
 def _import_everything(config_dict: dict[str, Any]) -> None:
@@ -90,12 +91,12 @@ def _reap(sock: socket.socket) -> None:
         if pid == 0:
             return
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        _send(sock, {"type": "exited", "pid": pid, "returncode": code})
+        _send(sock, Exited(pid=pid, returncode=code))
 
 
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+def _send(sock: socket.socket, message: Message) -> None:
     try:
-        sock.sendall((json.dumps(message) + "\n").encode())
+        sock.sendall((json.dumps(encode(message)) + "\n").encode())
     except OSError:
         os._exit(0)
 

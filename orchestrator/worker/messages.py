@@ -1,0 +1,305 @@
+"""Every message between a rank's training process, its actor, the node's zygote and the controller.
+
+Each kind is a frozen dataclass; on the control socket (JSON lines, ``channel.py``) it travels as
+its fields plus ``type``. :func:`decode` refuses an unknown type and a missing or unexpected field,
+so a typo on either side is an error at once, not a message silently lost.
+
+    actor -> process    Prepare, Start, Rejoin, Interrupt
+    process -> actor    Alive (the liveness beat, kept by the actor), Warm, and the reports the
+                        controller polls: Step, Resumed, Saving, CheckpointSaved, CheckpointSkipped,
+                        CheckpointFailed, FaultInjected, Error, Ready, Finished
+    actor -> zygote     Prepare, Fork (with the child's control socket attached)
+    zygote -> actor     Forked, Exited
+
+Reports carry ``at``: when the actor received them, on the node's clock (the worker group moves it
+onto the controller's). The actor answers a poll with a :class:`PollAnswer`: a
+:class:`RankStatus` per rank it hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    """Base of every message; ``type`` names the kind on the wire."""
+
+    type: ClassVar[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report(Message):
+    """A message the controller reads: stamped ``at`` by the actor on receipt."""
+
+    at: float = 0.0
+
+
+# --- actor -> process (and zygote) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepare(Message):
+    """Warm up for this job (a spare, or the zygote): imports, the entry point's warm-up."""
+
+    type: ClassVar[str] = "prepare"
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Start(Message):
+    """Train as ``rank`` in ``attempt``: a fresh process, or a promoted spare (``log_path`` set: its new log)."""
+
+    type: ClassVar[str] = "start"
+    rank: int
+    local_rank: int
+    world_size: int
+    node: str
+    attempt: int
+    config: dict[str, Any]
+    run_dir: str
+    resume_tag: str | None
+    faults: list[dict[str, Any]]
+    env: dict[str, str]
+    log_path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejoin(Start):
+    """A survivor of a failure trains again, in this live process, in the new attempt."""
+
+    type: ClassVar[str] = "rejoin"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interrupt(Message):
+    """Stop training now (a peer failed): raise in the main thread, tear down, report ``Ready``."""
+
+    type: ClassVar[str] = "interrupt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fork(Message):
+    """To the zygote: fork a spare with ``env`` logging to ``log_path``; its control socket is attached."""
+
+    type: ClassVar[str] = "fork"
+    id: int
+    env: dict[str, str]
+    log_path: str
+
+
+# --- zygote -> actor -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Forked(Message):
+    """The spare of fork request ``id`` is process ``pid``."""
+
+    type: ClassVar[str] = "forked"
+    id: int
+    pid: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exited(Message):
+    """A forked spare ended (Popen's convention: ``-N`` when killed by signal N)."""
+
+    type: ClassVar[str] = "exited"
+    pid: int
+    returncode: int
+
+
+# --- process -> actor ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alive(Message):
+    """Every second: where the main thread is, and whether it waits in a collective."""
+
+    type: ClassVar[str] = "alive"
+    where: str
+    in_collective: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Warm(Report):
+    """A spare finished its warm-up."""
+
+    type: ClassVar[str] = "warm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step(Report):
+    """A finished step (``TrainContext.report``); rank 0's become ``step`` events."""
+
+    type: ClassVar[str] = "step"
+    step: int
+    loss: float
+    step_time_s: float
+    tokens: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    flops: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # other keyword metrics, by name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resumed(Report):
+    """Loaded checkpoint ``tag`` and continues after ``step``."""
+
+    type: ClassVar[str] = "resumed"
+    step: int
+    tag: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Saving(Report):
+    """Still waiting for a checkpoint write: busy, not hung."""
+
+    type: ClassVar[str] = "saving"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSaved(Report):
+    """This rank's part of checkpoint ``tag`` is durable in the staging directory of ``attempt``."""
+
+    type: ClassVar[str] = "checkpoint_saved"
+    step: int
+    tag: str
+    attempt: int
+    blocked_s: float
+    write_s: float
+    files: dict[str, dict[str, Any]]  # name -> FileEntry fields (size, sha256)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSkipped(Report):
+    """The save of ``step`` was skipped: the previous one was still being written (``when_busy: skip``)."""
+
+    type: ClassVar[str] = "checkpoint_skipped"
+    step: int
+    attempt: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointFailed(Report):
+    """This rank could not write its part of checkpoint ``tag``."""
+
+    type: ClassVar[str] = "checkpoint_failed"
+    step: int
+    tag: str
+    attempt: int
+    path: str
+    error: str
+    errno: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultInjected(Report):
+    """An ``--inject-fault`` fires now."""
+
+    type: ClassVar[str] = "fault_injected"
+    kind: str
+    rank: int
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Report):
+    """The training function raised (``interrupted``: because the controller stopped it)."""
+
+    type: ClassVar[str] = "error"
+    exc_type: str
+    message: str
+    traceback: str
+    interrupted: bool
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ready(Report):
+    """Torn down after an error; waiting for ``Rejoin`` (or the end)."""
+
+    type: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finished(Report):
+    """The training function returned and the last checkpoint is durable."""
+
+    type: ClassVar[str] = "finished"
+
+
+# --- actor -> controller -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankStatus:
+    """What a poll of the actor says about one hosted rank process.
+
+    ``returncode`` is None while it runs (negative: killed by that signal); ``exited_at`` when the
+    actor saw it end; ``alive_at`` its last sign of life (any message, or the beat), ``where`` and
+    ``in_collective`` from the last beat; ``log_tail`` the end of its log after a failed exit.
+    """
+
+    pid: int
+    reports: list[Report]
+    returncode: int | None
+    alive_at: float
+    where: str
+    in_collective: bool
+    exited_at: float | None = None
+    log_tail: str = ""
+
+    def moved(self, skew: float) -> RankStatus:
+        """The same status with its node-clock times moved by ``skew`` onto the controller's clock."""
+        return dataclasses.replace(
+            self,
+            alive_at=self.alive_at + skew,
+            exited_at=self.exited_at + skew if self.exited_at is not None else None,
+            reports=[dataclasses.replace(r, at=r.at + skew) for r in self.reports],
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PollAnswer:
+    """The actor's answer to a poll: its ranks' statuses, its node's warm spare (pid, once warm),
+    the answer's number (the lease protocol, ``actor.py``) and the node's clock when it was made."""
+
+    ranks: dict[int, RankStatus]
+    warm_spare: int | None
+    answer: int
+    now: float
+
+
+_KINDS: dict[str, type[Message]] = {
+    kind.type: kind
+    for kind in (Prepare, Start, Rejoin, Interrupt, Fork, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
+                 CheckpointSaved, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
+}
+
+
+def encode(message: Message) -> dict[str, Any]:
+    """The JSON-ready form: ``type`` and the fields (``at`` only once stamped)."""
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    if isinstance(message, Report) and not message.at:
+        del fields["at"]
+    return {"type": message.type, **fields}
+
+
+class MalformedMessage(Exception):
+    """A message that is not one of ours: a bug on the sending side (or mismatched versions)."""
+
+
+def decode(data: Any) -> Message:
+    """The message ``data`` encodes; :class:`MalformedMessage` names what is wrong with it."""
+    fields = dict(data) if isinstance(data, dict) else {}
+    kind = _KINDS.get(fields.pop("type", None))
+    if kind is None:
+        raise MalformedMessage(f"unknown message type in {str(data)[:200]}")
+    try:
+        return kind(**fields)
+    except TypeError as exc:
+        raise MalformedMessage(f"malformed {kind.type!r} message: {exc}") from None

@@ -1,0 +1,86 @@
+"""The messages between process, actor, zygote and controller: one definition each, and a message
+that is not one of them is an error, never silently dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.worker import messages
+from orchestrator.worker.actor import HostedProcess
+from orchestrator.worker.messages import MalformedMessage, Step, decode, encode
+
+EXAMPLES = [
+    messages.Prepare(config={"train": {"steps": 3}}),
+    messages.Start(rank=1, local_rank=1, world_size=2, node="h", attempt=0, config={}, run_dir="/r", resume_tag=None,
+                   faults=[{"kind": "kill", "rank": 1, "step": 3}], env={"RANK": "1"}),
+    messages.Rejoin(rank=1, local_rank=1, world_size=2, node="h", attempt=1, config={}, run_dir="/r",
+                    resume_tag="global_step5", faults=[], env={}, log_path="/r/logs/rank1.log"),
+    messages.Interrupt(),
+    messages.Fork(id=3, env={"A": "b"}, log_path="/l"),
+    messages.Forked(id=3, pid=42),
+    messages.Exited(pid=42, returncode=-9),
+    messages.Alive(where="train.py:3 in step", in_collective=True),
+    messages.Warm(),
+    messages.Step(step=5, loss=2.5, step_time_s=0.1, tokens=512.0, extra={"accuracy": 0.5}),
+    messages.Resumed(step=5, tag="global_step5"),
+    messages.Saving(),
+    messages.CheckpointSaved(step=5, tag="global_step5", attempt=0, blocked_s=0.1, write_s=0.2,
+                             files={"a.pt": {"size": 1, "sha256": "00"}}),
+    messages.CheckpointSkipped(step=5, attempt=0),
+    messages.CheckpointFailed(step=5, tag="global_step5", attempt=0, path="/x", error="No space left", errno=28),
+    messages.FaultInjected(kind="kill", rank=1, step=3),
+    messages.Error(exc_type="ValueError", message="bad", traceback="Traceback...", interrupted=False, step=4, at=9.5),
+    messages.Ready(),
+    messages.Finished(),
+]
+
+
+def test_every_kind_round_trips_through_json() -> None:
+    kinds = {type(m) for m in EXAMPLES}
+    defined = {k for k in vars(messages).values()
+               if isinstance(k, type) and issubclass(k, messages.Message) and k not in (messages.Message, messages.Report)}
+    assert kinds == defined, "an example of every kind"
+    for message in EXAMPLES:
+        assert decode(json.loads(json.dumps(encode(message)))) == message
+
+
+def test_at_travels_only_once_stamped() -> None:
+    assert "at" not in encode(Step(step=1, loss=1.0, step_time_s=0.1))
+    assert encode(Step(step=1, loss=1.0, step_time_s=0.1, at=3.0))["at"] == 3.0
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ({"type": "stepp", "step": 1}, "unknown message type"),
+    ({"step": 1}, "unknown message type"),
+    ([1, 2], "unknown message type"),
+    ({"type": "step", "step": 1, "loss": 2.0}, "missing 1 required keyword-only argument: 'step_time_s'"),
+    ({"type": "step", "step": 1, "loss": 2.0, "step_time_s": 0.1, "los": 3}, "unexpected keyword argument 'los'"),
+])
+def test_a_message_that_is_not_ours_is_an_error(data: object, problem: str) -> None:
+    with pytest.raises(MalformedMessage, match=problem):
+        decode(data)
+
+
+def test_messages_are_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EXAMPLES[0].config = {}
+
+
+def test_a_process_that_breaks_the_protocol_is_stopped_and_its_log_says_why(tmp_path: Path) -> None:
+    log = tmp_path / "rank0.log"
+    proc = HostedProcess({}, log, "rank 0", module="tests.sends_nonsense")
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll_exit() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll_exit() == -signal.SIGKILL, "stopped, not left running with its reports unread"
+        assert proc.where == "here", "the valid beat before it was read"
+        assert "protocol error" in log.read_text() and "stepp" in log.read_text()
+    finally:
+        proc.stop(1.0)
