@@ -21,6 +21,9 @@ nothing is left.
 
     .venv/bin/python bench/chaos.py [--seed 1] [--minutes 10] [--min-gap 20] [--max-gap 60]
     .venv/bin/python bench/chaos.py --only sigkill --min-gap 60 --max-gap 60   # the headline row
+
+The test suite runs a short variant (``tests/test_chaos.py``: ``--steps``, ``--faults``). The last
+line of the output is a JSON summary.
 """
 
 from __future__ import annotations
@@ -47,10 +50,9 @@ from orchestrator.monitor.events import read_events  # noqa: E402
 CONFIG = REPO / "cluster_configs" / "local.yaml"
 KINDS = ("sigkill", "sigstop", "raise", "kill_during_save", "kill_spare", "kill_zygote", "kill_actor",
          "kill_controller")
-# Faults on ranks and processes: detection of a SIGSTOP takes hang_timeout_s, so keep it short.
-OVERRIDES = ("checkpoint.interval_steps=50", "fault_tolerance.hang_timeout_s=10", "fault_tolerance.max_restarts=1000",
-             "metrics.port=0")
+OVERRIDES = ("checkpoint.interval_steps=50", "fault_tolerance.max_restarts=1000", "metrics.port=0")
 _WAIT_S = 600.0
+_INTERRUPTIONS = ("run_started", "failure_detected", "recovery_started")  # training stopped here
 
 
 @dataclass
@@ -65,12 +67,14 @@ class Fault:
 class Job:
     """``orchestrator launch`` on one run directory, as a user runs it (again after a controller kill)."""
 
-    def __init__(self, run_dir: Path, steps: int) -> None:
+    def __init__(self, run_dir: Path, steps: int, hang_timeout_s: float) -> None:
         self.run_dir = run_dir
         self.args = ["launch", str(CONFIG), "--run-dir", str(run_dir), "--set", f"train.steps={steps}"]
-        for item in OVERRIDES:
+        # Detecting a SIGSTOP takes hang_timeout_s: keep it short.
+        for item in (*OVERRIDES, f"fault_tolerance.hang_timeout_s={hang_timeout_s:g}"):
             self.args += ["--set", item]
         self.proc: subprocess.Popen | None = None
+        self.fault_at = 0.0  # when the last fault was delivered
         self.tokens: list[str] = []
 
     def start(self, faults: list[str] = ()) -> None:
@@ -102,7 +106,22 @@ class Job:
         return steps[-1] if steps else 0
 
     def rank_pids(self) -> dict[int, int]:
-        return {e["rank"]: e["pid"] for e in self.events() if e["event"] == "worker_started"}
+        """The current launch's training processes, by rank."""
+        evs = self.events()
+        start = max((i for i, e in enumerate(evs) if e["event"] == "run_started"), default=0)
+        return {e["rank"]: e["pid"] for e in evs[start:] if e["event"] == "worker_started"}
+
+    def wait_training(self, timeout: float = 120.0) -> bool:
+        """Wait until the job trains: a step after its (re)start and after any failure seen since;
+        False if it ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            evs = self.events()
+            since = max((i for i, e in enumerate(evs) if e["event"] in _INTERRUPTIONS), default=None)
+            if since is not None and any(e["event"] == "step" for e in evs[since:]):
+                return True
+            time.sleep(0.05)
+        return False
 
     def processes(self, fragment: str) -> list[int]:
         """The current launch's processes whose command line holds ``fragment``."""
@@ -122,13 +141,15 @@ class Job:
         return sorted(pids)
 
 
-def plan(seed: int, seconds: float, min_gap: float, max_gap: float, kinds: tuple[str, ...]) -> list[tuple[float, str]]:
-    """(offset in seconds, kind): gaps drawn uniformly, kinds in shuffled rounds so each appears."""
+def plan(seed: int, seconds: float, min_gap: float, max_gap: float, kinds: tuple[str, ...],
+         most: int | None = None) -> list[tuple[float, str]]:
+    """(offset in seconds, kind): gaps drawn uniformly, kinds in shuffled rounds so each appears;
+    at most ``most`` faults."""
     rng = random.Random(seed)
     schedule, at, bag = [], 0.0, []
     while True:
         at += rng.uniform(min_gap, max_gap)
-        if at > seconds:
+        if at > seconds or (most is not None and len(schedule) == most):
             return schedule
         if not bag:
             bag = list(kinds)
@@ -137,7 +158,8 @@ def plan(seed: int, seconds: float, min_gap: float, max_gap: float, kinds: tuple
 
 
 def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
-    """Inject one fault of ``kind``; returns what it hit."""
+    """Inject one fault of ``kind``; returns what it hit (``job.fault_at``: when)."""
+    job.fault_at = time.time()
     if kind == "kill_controller":
         job.proc.kill()
         job.proc.wait()
@@ -154,7 +176,11 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
             time.sleep(0.005)
     if kind in ("sigkill", "sigstop", "kill_during_save"):
         rank, pid = rng.choice(sorted(job.rank_pids().items()))
-        os.kill(pid, signal.SIGSTOP if kind == "sigstop" else signal.SIGKILL)
+        job.fault_at = time.time()
+        try:
+            os.kill(pid, signal.SIGSTOP if kind == "sigstop" else signal.SIGKILL)
+        except ProcessLookupError:
+            return f"rank {rank} pid {pid}: already gone (skipped)"
         return f"rank {rank} pid {pid}"
     fragment = {"kill_spare": "orchestrator.worker.zygote", "kill_zygote": "orchestrator.worker.zygote",
                 "kill_actor": "ray::RankActor"}[kind]
@@ -170,7 +196,11 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
     if not candidates:
         return "nothing to hit (skipped)"
     pid = rng.choice(sorted(candidates))
-    os.kill(pid, signal.SIGKILL)
+    job.fault_at = time.time()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return f"pid {pid}: already gone (skipped)"
     return f"pid {pid}"
 
 
@@ -189,9 +219,9 @@ def _parse(fault: str) -> tuple[str, int, int]:
     return kind, int(rank), int(step)
 
 
-def clean_run(workdir: Path, steps: int) -> tuple[float, float]:
-    """Final loss and mean step time of the same job without faults."""
-    job = Job(workdir / "clean", steps)
+def clean_run(workdir: Path, steps: int, hang_timeout_s: float) -> tuple[float, float]:
+    """Final loss and median step time of the same job without faults."""
+    job = Job(workdir / "clean", steps, hang_timeout_s)
     job.start()
     job.proc.wait(timeout=_WAIT_S * 6)
     evs = job.events()
@@ -201,8 +231,9 @@ def clean_run(workdir: Path, steps: int) -> tuple[float, float]:
     return finished["final_loss"], statistics.median(step_times)
 
 
-def soak(workdir: Path, steps: int, schedule: list[tuple[float, str]], seed: int, step_s: float) -> tuple[Job, list[Fault]]:
-    job = Job(workdir / "chaos", steps)
+def soak(workdir: Path, steps: int, schedule: list[tuple[float, str]], seed: int, step_s: float,
+         hang_timeout_s: float) -> tuple[Job, list[Fault]]:
+    job = Job(workdir / "chaos", steps, hang_timeout_s)
     rng = random.Random(seed + 1)
     # An exception in the training code enters with the launch (--inject-fault), at about the step
     # its planned time reaches; the report takes its time from the fault_injected event.
@@ -218,9 +249,12 @@ def soak(workdir: Path, steps: int, schedule: list[tuple[float, str]], seed: int
             if job.proc.poll() is not None:
                 return job, faults  # finished before the rest of the schedule
             time.sleep(0.05)
+        if not job.wait_training():  # a fault lands on a running job, not on one still starting
+            break
         step = job.last_step()
         target = inject(job, kind, rng, step_s)
-        faults.append(Fault(kind=kind, at=time.time(), step=step, target=target))
+        if not target.endswith("(skipped)"):
+            faults.append(Fault(kind=kind, at=job.fault_at, step=step, target=target))
         print(f"  {time.time() - started:6.1f}s  step {step:5d}  {kind:17s} {target}", flush=True)
     while True:
         try:
@@ -246,7 +280,8 @@ def cost(fault: Fault, after: list[dict], steps: list[dict], step_s: float) -> f
     return 0.0
 
 
-def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> int:
+def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> dict:
+    """Print the soak's results; returns them as a summary (``passed``: loss equal, nothing damaged or left)."""
     evs = job.events()
     steps = [e for e in evs if e["event"] == "step"]
     faults = sorted(faults + [Fault(kind="raise", at=e["ts"], step=e["step"] - 1, target=f"rank {e['rank']}")
@@ -281,7 +316,11 @@ def report(job: Job, faults: list[Fault], clean_loss: float, step_s: float) -> i
         costs = by_kind.get(kind)
         if costs:
             print(f"| {kind} | {len(costs)} | {statistics.median(costs):.1f} | {max(costs):.1f} |")
-    return 0 if match and damaged == 0 and verify.returncode == 0 and not left else 1
+    return {"passed": match and damaged == 0 and verify.returncode == 0 and not left,
+            "faults": [f.kind for f in faults], "recoveries": recoveries, "launches": len(job.tokens),
+            "loss_equal": match, "damaged": damaged, "left_behind": left, "goodput": productive / wall,
+            "run_dir": str(job.run_dir),
+            "injected": [{"kind": f.kind, "at": f.at, "target": f.target, "cost_s": f.cost_s} for f in faults]}
 
 
 def main() -> int:
@@ -291,22 +330,29 @@ def main() -> int:
     parser.add_argument("--min-gap", type=float, default=20.0)
     parser.add_argument("--max-gap", type=float, default=60.0)
     parser.add_argument("--only", choices=KINDS, action="append", help="only these kinds (repeatable)")
+    parser.add_argument("--faults", type=int, help="at most this many faults")
+    parser.add_argument("--steps", type=int, help="train this many steps (default: enough for --minutes, "
+                        "measured by a 200-step probe run)")
+    parser.add_argument("--hang-timeout", type=float, default=10.0, help="fault_tolerance.hang_timeout_s")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     kinds = tuple(args.only or KINDS)
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         workdir = args.out or Path(tmp)
-        probe_loss, step_s = clean_run(workdir / "probe", 200)
-        # Enough steps that the faulted run lasts the whole schedule, with room for recoveries.
-        steps = int(args.minutes * 60 / step_s * 1.1)
-        print(f"step time {step_s * 1000:.0f} ms: {steps} steps; clean run first", flush=True)
-        clean_loss, _ = clean_run(workdir, steps)
-        schedule = plan(args.seed, args.minutes * 60, args.min_gap, args.max_gap, kinds)
-        print(f"chaos run: {len(schedule)} faults over {args.minutes:g} min (seed {args.seed})", flush=True)
-        job, faults = soak(workdir, steps, schedule, args.seed, step_s)
-        code = report(job, faults, clean_loss, step_s)
-        print(json.dumps({"seed": args.seed, "faults": len(faults)}))
-        return code
+        steps = args.steps
+        if steps is None:
+            _, probe_s = clean_run(workdir / "probe", 200, args.hang_timeout)
+            # Enough steps that the faulted run lasts the whole schedule, with room for recoveries.
+            steps = int(args.minutes * 60 / probe_s * 1.1)
+        print(f"{steps} steps; clean run first", flush=True)
+        clean_loss, step_s = clean_run(workdir, steps, args.hang_timeout)
+        schedule = plan(args.seed, args.minutes * 60, args.min_gap, args.max_gap, kinds, args.faults)
+        print(f"step time {step_s * 1000:.0f} ms; chaos run: {len(schedule)} faults over {args.minutes:g} min "
+              f"(seed {args.seed})", flush=True)
+        job, faults = soak(workdir, steps, schedule, args.seed, step_s, args.hang_timeout)
+        summary = report(job, faults, clean_loss, step_s)
+        print(json.dumps({"seed": args.seed, "steps": steps, **summary}))
+        return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":

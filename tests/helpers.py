@@ -111,3 +111,54 @@ def commit_for_test(run: RunDir, step: int, payload: bytes = b"x") -> Path:
              global_batch=16, files={"shard.pt": FileEntry(size=len(payload), sha256=hashlib.sha256(payload).hexdigest())}
              ).write(directory)
     return directory
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str]]:
+    """(pid, address) of every TCP socket the processes ``pids`` listen on (addresses as in /proc/net:
+    hex, IPv4 little-endian), from /proc/net/tcp{,6} and the processes' descriptors."""
+    listeners: dict[str, str] = {}  # socket inode -> local address
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listeners[fields[9]] = fields[1]
+    found = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listeners:
+                found.append((pid, listeners[target[8:-1]]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a /proc/net address (``HEXIP:HEXPORT``) is 127.0.0.0/8, ::1 or ::ffff:127.x."""
+    ip = address.split(":")[0]
+    if len(ip) == 8:
+        return ip.endswith("7F")  # little-endian: the first octet is the last byte
+    return ip == "00000000000000000000000001000000" or (ip.startswith("0000000000000000FFFF0000") and ip.endswith("7F"))

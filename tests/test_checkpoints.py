@@ -20,6 +20,7 @@ from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import MANIFEST, verify
 from tests.helpers import (
     cli,
+    descendants,
     events,
     launch_args,
     losses_by_step,
@@ -59,26 +60,9 @@ def clean_small(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     return losses_by_step(events(run_dir))
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
 def _kill_everything(proc) -> list[int]:
     """SIGKILL the whole job at one instant: freeze every process first so none reacts to another's death."""
-    pids = _descendants(proc.pid)
+    pids = descendants(proc.pid)
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for pid in pids:
             try:

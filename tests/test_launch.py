@@ -14,9 +14,12 @@ import pytest
 
 from tests.helpers import (
     cli,
+    descendants,
     events,
     interrupt,
+    is_loopback,
     launch_args,
+    listening_sockets,
     losses_by_step,
     of_kind,
     start_cli,
@@ -127,11 +130,16 @@ def test_tensor_parallel_trains(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
+    """Also: while it trains, everything the local run started listens on loopback only (Ray, the
+    metrics endpoint, the rendezvous store, gloo)."""
     run_dir = tmp_path / "run"
     proc = start_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0"))
     try:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
         pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
+        sockets = listening_sockets(descendants(proc.pid))
+        assert {pid for pid, _ in sockets} >= {proc.pid, *pids}, "the metrics endpoint, the store and gloo listen"
+        assert [s for s in sockets if not is_loopback(s[1])] == [], "a local run listens on loopback only"
         interrupt(proc)
         proc.wait(timeout=60)
     finally:

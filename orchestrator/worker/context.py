@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
+from orchestrator.worker import rendezvous
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
 from orchestrator.worker.messages import (
@@ -84,15 +85,24 @@ class TrainContext:
         return f"cuda:{self.local_rank}" if self.config.cluster.device == "gpu" else "cpu"
 
     def init_distributed(self) -> None:
-        """Join the job's process group (DeepSpeed's comm layer, from RANK/MASTER_* in the environment)."""
+        """Join the job's process group (rendezvous at MASTER_ADDR:MASTER_PORT, whose store listens on
+        that address only), then DeepSpeed's comm layer on it."""
         import deepspeed
+        import torch
+        import torch.distributed as dist
+        from deepspeed.constants import default_pg_timeout
 
+        extra: dict[str, Any] = {}
         if self.config.cluster.device == "gpu":
-            import torch
-
             torch.cuda.set_device(self.local_rank)
+            if self.world_size > 1:
+                extra["device_id"] = torch.device("cuda", self.local_rank)  # as DeepSpeed does: NCCL set up eagerly
         else:
             use_prebuilt_cpu_op()  # on every node: the controller checked only its own
+        if not dist.is_initialized():
+            store = rendezvous.store(self.rank, self.world_size, default_pg_timeout)
+            dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.world_size,
+                                    timeout=default_pg_timeout, **extra)
         deepspeed.init_distributed(dist_backend=self.backend)
 
     def report(self, step: int, loss: float, step_time_s: float | None = None, **metrics: float) -> None:
