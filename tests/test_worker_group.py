@@ -135,3 +135,41 @@ def test_a_spare_node_whose_actors_died_is_not_offered_again_and_costs_no_lease_
     assert sorted(lost) == [2, 3]
     assert group._spare_bundles == [] and group._lost_bundles == {1}
     assert group._fenced_at == 0.0, "their processes are gone: no lease to wait for"
+
+
+def test_an_answer_of_a_replaced_actor_is_never_credited_to_its_successor(tmp_path: Path) -> None:
+    """Found by the chaos soak: the lease keeper credited a dead actor's last renewal to the actor
+    made in its place, which then never saw its own answers acknowledged and fenced itself."""
+    import threading
+
+    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+    old, new = SimpleNamespace(renew=SimpleNamespace(remote=lambda ack: "renew:41")), SimpleNamespace()
+    info = {"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h", "gpu_ids": [], "cpus": 2}
+    ray = FakeRay()
+    ray.get = lambda ref, timeout: [info] if isinstance(ref, list) else int(ref.split(":")[1])
+    ray.kill = lambda actor, no_restart: None
+    group._ray, group._actors, group._lease_s, group._nodes = ray, [old], 0.2, [info]
+    keeper = threading.Thread(target=group._keep_leases, daemon=True)
+
+    def new_actor(index: int) -> SimpleNamespace:
+        group._acked[index] = 0
+        deadline = time.monotonic() + 1.0  # the keeper gets every chance to credit the old answer now
+        while group._acked[index] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        new.renew = SimpleNamespace(remote=lambda ack: "renew:1")
+        new.node_info = SimpleNamespace(remote=lambda: "info")
+        return new
+
+    group._new_actor = new_actor
+    keeper.start()
+    deadline = time.monotonic() + 5  # the old actor is renewed (and the next renewal is in flight) when it dies
+    while group._acked.get(0) != 41 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    group._dead = {0}
+    try:
+        assert group._recreate(range(0, 1), wait_s=5)
+    finally:
+        group._closing.set()
+        keeper.join(timeout=5)
+    assert group._actors[0] is new
+    assert group._acked[0] <= 1, "the old actor's answer 41 was credited to the new actor"

@@ -172,6 +172,10 @@ class RayWorkerGroup:
         self._polls = 0
         self._heard: dict[int, int] = {}  # actor -> number of the last poll it answered
         self._acked: dict[int, int] = {}  # actor -> number of its last answer we received (its lease runs from it)
+        # Held to replace an actor, and by the lease keeper to credit an answer: an answer of the
+        # actor being replaced must never be credited to its successor (a stale, higher number
+        # renews nothing, and the new actor would fence itself).
+        self._replacing = threading.Lock()
         self._keepalive: threading.Thread | None = None
         self._closing = threading.Event()
         self._broken: dict[int, str] = {}  # actor -> why a call to it failed (lost at the next poll)
@@ -252,7 +256,8 @@ class RayWorkerGroup:
                 continue
             self._answered[index] = now
             self._heard[index] = number
-            self._acked[index] = max(self._acked.get(index, 0), result.answer)
+            with self._replacing:
+                self._acked[index] = max(self._acked.get(index, 0), result.answer)
             skew = self._skew(index, time.time() - result.now)
             for rank, status in result.ranks.items():
                 if self._host.get(rank) == index:
@@ -292,9 +297,10 @@ class RayWorkerGroup:
                         answer = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
                     except self._ray.exceptions.RayError:
                         continue  # poll() finds out what happened to it
-                    if index < len(self._actors) and self._actors[index] is actor:
-                        self._acked[index] = max(self._acked.get(index, 0), answer)
-                        self._answered[index] = time.monotonic()
+                    with self._replacing:
+                        if index < len(self._actors) and self._actors[index] is actor:
+                            self._acked[index] = max(self._acked.get(index, 0), answer)
+                            self._answered[index] = time.monotonic()
             for index, actor in enumerate(list(self._actors)):
                 current = in_flight.get(index)
                 if index not in self._dead and (current is None or current[1] is not actor):
@@ -419,7 +425,8 @@ class RayWorkerGroup:
             if self._pg is not None:
                 self._ray.util.remove_placement_group(self._pg)
         finally:
-            self._actors, self._pg = [], None
+            with self._replacing:
+                self._actors, self._pg = [], None
             if self._started_ray:
                 from orchestrator.controller import ray_session
 
@@ -599,7 +606,8 @@ class RayWorkerGroup:
             for i in indexes:
                 if i in self._dead:
                     self._ray.kill(self._actors[i], no_restart=True)
-                    self._actors[i] = self._new_actor(i)
+                    with self._replacing:
+                        self._actors[i] = self._new_actor(i)
             left = deadline - time.monotonic()
             try:
                 infos = self._ray.get([self._actors[i].node_info.remote() for i in indexes], timeout=max(left, 0.1))
