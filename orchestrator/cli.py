@@ -1,6 +1,6 @@
 """The ``orchestrator`` command.
 
-    orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR]
+    orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR] [-- SCRIPT [ARGS...] | -- -m MODULE [ARGS...]]
     orchestrator validate CONFIG [--set KEY=VALUE]...
     orchestrator network [CONFIG] [--set KEY=VALUE]... [--sysfs-root DIR] [--head ADDR]
     orchestrator dev-cluster up --nodes N [--cpus-per-node C] [--json] | down NAME
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ClusterError, ConfigError
+from orchestrator.worker import script
 
 if TYPE_CHECKING:
     from orchestrator.controller.states import Failed
@@ -42,8 +43,14 @@ class Interrupted(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is the user's command line, untouched by our parser.
+    command = argv[argv.index("--") + 1:] if "--" in argv else None
+    args = parser.parse_args(argv[:argv.index("--")] if command is not None else argv)
+    args.program = command
     try:
+        if command is not None and args.command != "launch" and args.command != "validate":
+            raise ConfigError(f"{args.command}: `-- SCRIPT ARGS` is for launch and validate only")
         return args.func(args)
     except ConfigError as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
@@ -127,10 +134,33 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [*args.set, *_program_overrides(args.program)])
     _import_from_launch_dir()
     _check_entrypoint(config)
+    script.check(config.train, Path.cwd())
+    if config.train.script is not None:
+        # Every rank (and the zygote that imports for them) finds it whatever its working directory.
+        config = config.model_copy(update={"train": config.train.model_copy(
+            update={"script": str(Path(config.train.script).absolute())})})
     return config
+
+
+def _program_overrides(command: list[str] | None) -> list[str]:
+    """``-- script.py ARGS`` or ``-- -m module ARGS`` as config overrides (train.script or train.module, train.args)."""
+    if command is None:
+        return []
+    if not command or command == ["-m"]:
+        raise ConfigError("launch: nothing after `--`; give a script and its arguments (`-- train.py --lr 3e-4`) "
+                          "or a module (`-- -m package.train`)")
+    import json
+
+    if command[0] == "-m":
+        program, args = [f"train.module={json.dumps(command[1])}", "train.script=null"], command[2:]
+    elif command[0].startswith("-"):
+        raise ConfigError(f"launch: after `--` comes a script or `-m MODULE`, not the option {command[0]!r}")
+    else:
+        program, args = [f"train.script={json.dumps(command[0])}", "train.module=null"], command[1:]
+    return [*program, f"train.args={json.dumps(args)}", "train.entrypoint=null"]
 
 
 def _import_from_launch_dir() -> None:
@@ -212,12 +242,19 @@ def _defines(module: str, name: str) -> tuple[bool, list[str]] | None:
 
 def _validate(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(
-        f"config OK: {config.cluster.world_size} ranks ({config.cluster.nodes} node(s) x "
-        f"{config.cluster.workers_per_node}), {config.cluster.device}, ZeRO-{config.parallel.zero_stage}, "
-        f"tensor parallel {config.parallel.tensor_parallel}, {config.train.steps} steps"
-    )
+    print(f"config OK: {_describe(config)}")
     return EXIT_OK
+
+
+def _describe(config: Config) -> str:
+    """The job in one line: the world and what it runs (the built-in workload's own settings only for it)."""
+    cluster = config.cluster
+    world = f"{cluster.world_size} ranks ({cluster.nodes} node(s) x {cluster.workers_per_node}), {cluster.device}"
+    if config.train.is_builtin:
+        return (f"{world}, built-in GPT, ZeRO-{config.parallel.zero_stage}, tensor parallel "
+                f"{config.parallel.tensor_parallel}, {config.train.steps} steps")
+    kind = "entry point" if config.train.entrypoint else "script" if config.train.script else "module"
+    return f"{world}, {kind} {config.train.describe()}"
 
 
 def _network(args: argparse.Namespace) -> int:
@@ -277,7 +314,7 @@ def _head_host(ray_address: str | None) -> str:
 
 def parse_fault(text: str, world_size: int) -> dict[str, Any]:
     """``KIND@RANK:STEP`` -> ``{"kind", "rank", "step"}``; a malformed one is a user error."""
-    from orchestrator.worker.context import FAULT_KINDS
+    from orchestrator.worker.faults import FAULT_KINDS
 
     kind, _, where = text.partition("@")
     rank, _, step = where.partition(":")
@@ -323,10 +360,7 @@ def _launch(args: argparse.Namespace) -> int:
         display.note(f"metrics: {server.url}")
     group = RayWorkerGroup(config, run.path)
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics)
-    display.note(
-        f"run {run.run_id}: {config.cluster.world_size} ranks, ZeRO-{config.parallel.zero_stage}, "
-        f"TP {config.parallel.tensor_parallel}, {config.train.steps} steps -> {run.path}"
-    )
+    display.note(f"run {run.run_id}: {_describe(config)} -> {run.path}")
     started = time.monotonic()
     try:
         with _signals_interrupt():
@@ -360,10 +394,16 @@ def _launch(args: argparse.Namespace) -> int:
     if isinstance(state, Failed):
         _print_failure(state)
         return EXIT_FAILED
-    loss = f"{controller.last_loss:.4f}" if controller.last_loss is not None else "n/a"
     elapsed = time.monotonic() - started
-    print(f"succeeded: step {controller.last_step}, final loss {loss}, {elapsed:.1f}s, run dir {run.path}")
+    print(f"succeeded: {_summary(controller.last_step, controller.last_loss)}, {elapsed:.1f}s, run dir {run.path}")
     return EXIT_OK
+
+
+def _summary(step: int | None, loss: float | None) -> str:
+    """The last step and loss reported, or that none were."""
+    if step is None:
+        return "no steps were reported (add orchestrator.report or the Hugging Face callback: docs/scripts.md)"
+    return f"step {step}, " + (f"final loss {loss:.4f}" if loss is not None else "no loss reported")
 
 
 def _open_events(path: Path) -> Any:

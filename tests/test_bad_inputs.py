@@ -106,6 +106,17 @@ CASES = [
     Case("entry-syntax", launch("train.entrypoint=broken_mod:train"), "broken_mod.py, line 2: '(' was never closed",
          files={"broken_mod.py": "def train(ctx):\n    return (\n"}),
     Case("entry-stdlib", launch("train.entrypoint=os:no_such_function"), "defines no 'no_such_function'"),
+    # scripts (`launch CONFIG -- script.py ARGS`)
+    Case("script-missing", launch() + ("--", "no_such_script.py"), "no_such_script.py is not a file"),
+    Case("script-syntax", launch() + ("--", "{run}/../broken_script.py"), "line 1: '(' was never closed",
+         files={"broken_script.py": "print(\n"}),
+    Case("script-module", launch() + ("--", "-m", "no_such_module_x"), "train.module: 'no_such_module_x' is not importable"),
+    Case("script-nothing", launch() + ("--",), "nothing after `--`"),
+    Case("script-option", launch() + ("--", "--lr", "3"), "not the option '--lr'"),
+    Case("script-and-entry", launch("train.entrypoint=os:getcwd", "train.script=x.py"),
+         "give one of train.entrypoint, train.script and train.module"),
+    Case("script-args-alone", launch("train.args=[--lr, '3']"), "train.args: arguments are for train.script"),
+    Case("script-not-launch", ("checkpoints", "list", RUN, "--", "x.py"), "is for launch and validate only"),
 ]
 
 

@@ -23,7 +23,16 @@ from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
-from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved, Error, FaultInjected, Finished, Ready, Step
+from orchestrator.worker.messages import (
+    CheckpointFailed,
+    CheckpointSaved,
+    Error,
+    FaultInjected,
+    Finished,
+    Ready,
+    Resumed,
+    Step,
+)
 from tests.helpers import LOCAL_CONFIG, commit_for_test, of_kind
 
 
@@ -356,7 +365,7 @@ def test_exception_repeating_at_the_same_step_is_not_retried(tmp_path: Path) -> 
             assert isinstance(current, Recovering)
             ctl.step()
     assert isinstance(current, Failed)
-    assert "same ValueError at step 4 on two attempts" in current.reason
+    assert "same ValueError after step 3 on two attempts" in current.reason
     assert len(group.starts) == 2, "exactly one retry, no restart loop"
 
 
@@ -410,6 +419,82 @@ def test_start_up_is_not_a_hang_until_the_start_up_limit(tmp_path: Path) -> None
     clock.now += 300
     _, current = ctl.step()
     assert isinstance(current, (Recovering, Failed)) and root_cause(current.failures).reason == "hang"
+
+
+def test_before_any_step_a_moving_call_stack_is_progress_and_a_still_one_is_stuck(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5", "fault_tolerance.stuck_timeout_s=60")
+    ctl.step()
+    for _ in range(10):  # 100 s without a step, the stack changing all along: a quiet script at work
+        clock.now += 10
+        group.script = [[RankUpdate(rank=r, alive_at=clock.now, moved_at=clock.now - 1, in_collective=r == 0)
+                         for r in (0, 1)]]
+        _, current = ctl.step()
+        assert isinstance(current, Running) and not group.killed
+    still_since = clock.now
+    clock.now += 61  # rank 1 in the same place since; rank 0 waits for it in a collective
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, moved_at=still_since, in_collective=True),
+                     RankUpdate(rank=1, alive_at=clock.now, moved_at=still_since, where="train.py:9 in load")]]
+    _, current = ctl.step()
+    hang = root_cause(current.failures)
+    assert (hang.rank, hang.reason) == (1, "hang") and [f.rank for f in current.failures] == [1]
+    assert "call stack has not changed for 61.0s (limit 60s" in hang.message and "train.py:9 in load" in hang.message
+    assert hang.step is None, "no step reported: none to blame"
+
+
+def test_silence_is_a_hang_even_before_the_first_step(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    ctl.step()
+    last_beat = clock.now
+    clock.now += 6
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, moved_at=clock.now, in_collective=True),
+                     RankUpdate(rank=1, alive_at=last_beat, moved_at=last_beat)]]
+    _, current = ctl.step()
+    hang = root_cause(current.failures)
+    assert (hang.rank, hang.reason) == (1, "hang") and "no sign of life for 6.0s" in hang.message
+
+
+def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up(tmp_path: Path) -> None:
+    from orchestrator.controller.controller import SCRIPT_UP_S, SPARES_AFTER_S
+
+    ctl, group, run, clock = make(tmp_path, "train.script=train.py")
+    ctl.step()
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now),
+                     RankUpdate(rank=1, returncode=-9, exited_at=clock.now, log_tail="loading\nstep 22\n")]]
+    _, current = ctl.step()
+    assert isinstance(current, Recovering) and current.decision.mode == "full_restart"
+    ctl.step()
+    assert group.starts[-1]["rejoin"] == [] and sorted(group.killed) == [0], "every rank gets a new process"
+    (failure,) = of_kind(read_events(run.events), "failure_detected")
+    assert "step" not in failure and failure["log_tail"] == "loading\nstep 22", failure
+    assert any("  | step 22" in note for note in ctl.display.notes), "the rank's last lines reach the terminal"
+    clock.now += SCRIPT_UP_S - 1
+    ctl.step()
+    assert of_kind(read_events(run.events), "recovery_finished") == []
+    clock.now += 1
+    ctl.step()
+    (finished,) = of_kind(read_events(run.events), "recovery_finished")
+    assert (finished["signal"], finished["resumed_from_step"], finished["mode"]) == ("alive", None, "full_restart")
+    requests = group.spare_requests
+    clock.now += SPARES_AFTER_S
+    ctl.step()
+    assert group.spare_requests == requests, "the recovery already asked for spares; no second start"
+
+
+def test_a_scripts_resume_report_finishes_its_recovery_with_the_step(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "train.script=train.py")
+    ctl.step()
+    group.script = [[RankUpdate(rank=r, reports=[step_msg(s, 2.0, at=clock.now) for s in (1, 2)], alive_at=clock.now)
+                     for r in (0, 1)],
+                    [RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
+    ctl.step()
+    ctl.step()
+    ctl.step()  # recover
+    group.script = [[RankUpdate(rank=0, reports=[Resumed(step=2, tag="checkpoint-2", at=clock.now)])]]
+    ctl.step()
+    (finished,) = of_kind(read_events(run.events), "recovery_finished")
+    assert (finished["signal"], finished["resumed_from_step"]) == ("resumed", 2)
+    (failure,) = of_kind(read_events(run.events), "failure_detected")
+    assert failure["step"] == 2, "the last step the rank reported"
 
 
 def test_second_failure_before_progress_falls_back_to_full_restart(tmp_path: Path) -> None:

@@ -39,18 +39,23 @@ def test_training_processes_use_this_interpreters_tools() -> None:
     assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
 
 
-def test_a_launch_never_compiles_deepspeeds_cpu_op_and_names_a_stale_lock(tmp_path: Path) -> None:
-    from orchestrator.worker.env import cpu_op_problem
+def test_a_launch_never_compiles_deepspeeds_cpu_ops_and_names_a_stale_lock(tmp_path: Path) -> None:
+    from orchestrator.worker.env import CPU_OPS, cpu_op_problem
 
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    op = tmp_path / "deepspeed_shm_comm"
-    assert "is not built in" in cpu_op_problem(env)
+    assert "deepspeed_shm_comm, fused_adam, cpu_adam are not built in" in cpu_op_problem(env)
     result = cli(*launch_args(tmp_path / "run"), env=env, timeout=60)
-    assert result.returncode == 2 and f"is not built in {op}" in result.stderr and "bash .ci/setup" in result.stderr
+    assert result.returncode == 2 and f"are not built in {tmp_path}" in result.stderr
+    assert "bash .ci/setup" in result.stderr
     assert not (tmp_path / "run").exists(), "nothing started"
-    op.mkdir()
-    (op / "deepspeed_shm_comm.so").write_bytes(b"")
+    for name in CPU_OPS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.so").write_bytes(b"")
     assert cpu_op_problem(env) is None
-    (op / "lock").touch()  # what a build killed mid-way leaves; torch would wait on it forever
+    (tmp_path / "cpu_adam" / "cpu_adam.so").unlink()
+    assert "CPU ops cpu_adam are not built" in cpu_op_problem(env), "names exactly what is missing"
+    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    lock = tmp_path / "fused_adam" / "lock"
+    lock.touch()  # what a build killed mid-way leaves; torch would wait on it forever
     result = cli(*launch_args(tmp_path / "run"), env=env, timeout=60)
-    assert result.returncode == 2 and f"left its lock behind: {op / 'lock'}" in result.stderr
+    assert result.returncode == 2 and f"left its lock behind: {lock}" in result.stderr

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from orchestrator.worker.context import TrainContext
+from orchestrator.api import TrainContext
 
 
 CHILD = """

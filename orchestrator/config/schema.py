@@ -9,17 +9,22 @@ to change before anything starts.
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Set by the orchestrator for every rank; a user value would silently break rendezvous.
 REDACTED = "<redacted>"
-RESERVED_ENV = frozenset(
-    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-)
+# Set by the orchestrator for every rank (torchrun's contract, orchestrator/worker/env.py): a user
+# value would silently break rendezvous, or tell a script the wrong rank or restart count.
+RESERVED_ENV = frozenset({
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+    "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+})
 
 
 class _Section(BaseModel):
@@ -147,7 +152,22 @@ class TrainConfig(_Section):
     lr: Annotated[float, Field(gt=0)] = Field(3e-3, description="AdamW learning rate.")
     entrypoint: str | None = Field(
         None,
-        description="User training function 'module:function'; null runs the built-in GPT workload.",
+        description="User training function 'module:function'; null (and no script or module) runs the "
+        "built-in GPT workload.",
+    )
+    script: str | None = Field(
+        None,
+        min_length=1,
+        description="A training script run unmodified as __main__ in every rank, as torchrun would "
+        "(docs/scripts.md); a relative path is relative to the launch directory. "
+        "`orchestrator launch CONFIG -- script.py ARGS` sets it.",
+    )
+    module: str | None = Field(
+        None,
+        description="A module run as __main__ in every rank, like `python -m` (`launch CONFIG -- -m MODULE ARGS`).",
+    )
+    args: list[str] = Field(
+        default_factory=list, description="Command-line arguments of train.script or train.module (its sys.argv[1:])."
     )
 
     @field_validator("entrypoint")
@@ -156,6 +176,41 @@ class TrainConfig(_Section):
         if value is not None and not _ENTRYPOINT.match(value):
             raise ValueError(f"{value!r} is not of the form 'package.module:function'")
         return value
+
+    @field_validator("module")
+    @classmethod
+    def _check_module(cls, value: str | None) -> str | None:
+        if value is not None and not _MODULE.match(value):
+            raise ValueError(f"{value!r} is not a module name such as 'package.train'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_program(self) -> TrainConfig:
+        given = [k for k in ("entrypoint", "script", "module") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"train.{given[1]}: give one of train.entrypoint, train.script and train.module, "
+                             f"not {' and '.join('train.' + k for k in given)}")
+        if self.args and self.script is None and self.module is None:
+            raise ValueError("train.args: arguments are for train.script or train.module; set one of them "
+                             "(or remove train.args)")
+        return self
+
+    @property
+    def is_script(self) -> bool:
+        """A script or module run as ``__main__``: it owns its loop, process group and checkpoints."""
+        return self.script is not None or self.module is not None
+
+    @property
+    def is_builtin(self) -> bool:
+        """The built-in GPT workload (no entry point, script or module)."""
+        return self.entrypoint is None and not self.is_script
+
+    def describe(self) -> str:
+        """What runs, for headers: the script or module and its arguments, or the entry point."""
+        if self.is_script:
+            words = [self.script] if self.script is not None else ["-m", self.module]
+            return shlex.join([*words, *self.args])
+        return self.entrypoint or "built-in GPT"
 
 
 class ModelConfig(_Section):
@@ -190,7 +245,12 @@ class FaultToleranceConfig(_Section):
 
     max_restarts: Annotated[int, Field(ge=0)] = Field(3, description="Recoveries allowed before the run fails.")
     hang_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        30.0, description="A rank with no step heartbeat for this long is declared hung."
+        30.0, description="A rank with no step heartbeat for this long is declared hung (once it has reported "
+        "a step); so is a process with no sign of life at all (stopped, frozen) for this long."
+    )
+    stuck_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        300.0, description="A rank that has reported no step in this attempt (starting up, or a script that never "
+        "reports) is hung when its main thread's call stack stays the same for this long (at least hang_timeout_s)."
     )
     node_timeout_s: Annotated[float, Field(gt=0)] = Field(
         10.0,
@@ -262,7 +322,7 @@ class Config(_Section):
                 f"parallel.tensor_parallel: {self.parallel.tensor_parallel} does not divide the "
                 f"world size {world} (cluster.nodes x cluster.workers_per_node); pick a divisor of {world}"
             )
-        if self.train.entrypoint is None:
+        if self.train.is_builtin:
             if self.model.dim % self.model.heads:
                 raise ValueError(
                     f"model.dim: {self.model.dim} is not a multiple of model.heads={self.model.heads}"

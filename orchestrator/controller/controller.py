@@ -38,6 +38,7 @@ from orchestrator.worker.messages import (
     Report,
     Resumed,
     Saving,
+    ScriptCheckpoint,
     Step,
 )
 
@@ -51,12 +52,15 @@ SETTLE_S = 0.5
 UNWIND_TIMEOUT_S = 10.0
 # No sign of life (not even the once-a-second liveness beat) for this long: the process is frozen.
 FROZEN_AFTER_S = 3.0
-# Until a rank's first step (or resume) in an attempt, it is starting up (imports, rendezvous,
-# engine set-up), which can take minutes on a big model; a start-up stuck this long is a hang.
-STARTUP_TIMEOUT_S = 300.0
+# A script that reports nothing is back after a restart once every rank has run this long.
+SCRIPT_UP_S = 10.0
+# Spares start after the first reported step; for a script that reports nothing, this long after its start.
+SPARES_AFTER_S = 30.0
 # How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
 GPU_INTERVAL_S = 5.0
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
+# Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
+_NOTE_LINES = 6
 _STEP_FIELDS = frozenset({"ts", "event", "step", "loss", "step_time_s", "tokens_per_s", "lr", "grad_norm", "flops"})
 
 
@@ -66,9 +70,10 @@ class RankView:
 
     progress_at: float
     started_up: bool = False
-    step: int = 0
+    step: int | None = None
     step_time_s: float | None = None
     alive_at: float | None = None
+    moved_at: float | None = None
     where: str = ""
     in_collective: bool = False
     error: Error | None = None
@@ -81,12 +86,13 @@ class RankView:
 
 @dataclass(frozen=True, kw_only=True)
 class PendingRecovery:
-    """A recovery waiting for its first step."""
+    """A recovery waiting for its first step (or, for a script that reports none, for its ranks to stay up)."""
 
     attempt: int
     mode: str
-    resumed_from_step: int
+    resumed_from_step: int | None
     detected_at: float
+    started_at: float
     replaced: list[int]
 
 
@@ -113,11 +119,15 @@ class Controller:
         self.display = display
         self.state: State = Starting()
         self.attempt = 0
-        self.last_step = 0
+        self.last_step: int | None = None
         self.last_loss: float | None = None
+        self.total_steps: int | None = config.train.steps if config.train.is_builtin else None
+        self._steps_reported = False
         self.faults = list(faults or [])
+        # A script owns its process group: its survivors cannot leave it and rejoin a new one.
         self.policy = FailurePolicy(
-            max_restarts=config.fault_tolerance.max_restarts, prefer=config.fault_tolerance.recovery
+            max_restarts=config.fault_tolerance.max_restarts,
+            prefer="full_restart" if config.train.is_script else config.fault_tolerance.recovery,
         )
         self.history: list[Attempt] = []
         self.failures_by_reason: Counter[str] = Counter()
@@ -127,6 +137,7 @@ class Controller:
         self._views: dict[int, RankView] = {}
         self._pending: PendingRecovery | None = None
         self._spares_started = False
+        self._attempt_started_at = 0.0
         self._warm_spares: dict[str, int] = {}
         self._networks_reported: dict[str, dict[str, Any]] = {}
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
@@ -148,12 +159,12 @@ class Controller:
         """Choose the checkpoint to resume from (converted if the layout changed); emits ``run_started``."""
         checkpoints = self.run_dir.checkpoints
         manifest, rejected = resume.select(checkpoints)
-        self.last_step = manifest.step if manifest else 0
+        self.last_step = manifest.step if manifest else None
         self.events.emit(
             "run_started",
             run_id=self.run_dir.run_id,
             world_size=self.group.world_size,
-            resumed_from_step=self.last_step,
+            resumed_from_step=self.last_step or 0,
             config=self.config.redacted_dump(),
         )
         for damaged in rejected:
@@ -190,6 +201,8 @@ class Controller:
         failures += self._hangs()
         failures += self._checkpoint_failures
         self._checkpoint_failures = []
+        if not failures:
+            self._check_quiet_script()
         self._note_spares()
         if self.metrics is not None:
             self._update_metrics()
@@ -198,7 +211,7 @@ class Controller:
     def _update_metrics(self) -> None:
         now = self._clock()
         self.metrics.update_ranks(
-            (rank, v.running and not v.finished, now - v.progress_at, v.step, v.step_time_s)
+            (rank, v.running and not v.finished, now - v.progress_at, v.step or 0, v.step_time_s)
             for rank, v in self._views.items()
         )
         if now - self._gpus_read_at >= GPU_INTERVAL_S:
@@ -240,6 +253,10 @@ class Controller:
                              detection_s=max(0.0, now - failure.at), **failure.event_fields())
         decision = self.policy.decide(cause, self.history)
         self.display.note(f"rank {cause.rank} failed ({cause.message}); {decision.reason}")
+        if decision.retry and cause.details():
+            # The run goes on, so the end-of-run report will not show this: its last lines, now.
+            tail = cause.details().rstrip().splitlines()[-_NOTE_LINES:]
+            self.display.note("\n".join(f"  | {line}" for line in tail))
         return decision
 
     def recover(self, failures: list[Failure], decision: Decision) -> None:
@@ -279,11 +296,14 @@ class Controller:
         )
         infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors)
         self._begin_attempt(infos)
+        # A script resumes from checkpoints of its own: where, it says when it reports (if it does).
+        resumed = None if self.config.train.is_script else store.step_of(self.resume_tag) if self.resume_tag else 0
         self._pending = PendingRecovery(
             attempt=self.attempt,
             mode=mode,
-            resumed_from_step=store.step_of(self.resume_tag) if self.resume_tag else 0,
+            resumed_from_step=resumed,
             detected_at=detected_at,
+            started_at=self._clock(),
             replaced=sorted(replace),
         )
 
@@ -327,14 +347,14 @@ class Controller:
     # --- bookkeeping --------------------------------------------------------
 
     def _begin_attempt(self, infos: list[WorkerInfo]) -> None:
-        now = self._clock()
+        now = self._attempt_started_at = self._clock()
         old = self._views
-        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else 0) for r in range(self.group.world_size)}
+        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None) for r in range(self.group.world_size)}
         self._report_networks()
         for info in infos:
             self.events.emit(
                 "worker_started", rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
-                node_id=info.node_id, attempt=info.attempt, spare=info.spare,
+                node_id=info.node_id, attempt=info.attempt, spare=info.spare, forked=info.forked,
             )
 
     def _report_networks(self) -> None:
@@ -351,6 +371,7 @@ class Controller:
         view = self._views[update.rank]
         if update.alive_at is not None:
             view.alive_at, view.where, view.in_collective = update.alive_at, update.where, update.in_collective
+            view.moved_at = update.moved_at
         for report in update.reports:
             self._on_report(update.rank, view, report)
         if update.returncode is not None:
@@ -382,6 +403,17 @@ class Controller:
                     view.step_time_s = report.step_time_s
                     if rank == 0:
                         self._record_step(report)
+                elif rank == 0:
+                    self.last_step = report.step
+                    if self._pending is not None and self.config.train.is_script:
+                        # A script's resume is its first word after a restart; the built-in workload's
+                        # recovery ends with its first step.
+                        self._finish_recovery(self._pending, "resumed", report.step)
+            case ScriptCheckpoint():
+                view.progress_at = report.at
+                if rank == 0:
+                    self.events.emit("checkpoint_saved", step=report.step, path=report.path, by="script")
+                    self.display.note(f"the script saved a checkpoint at step {report.step}: {report.path}")
             case CheckpointSaved():
                 view.progress_at = report.at
                 self._on_checkpoint(rank, self._commits.saved(rank, report))
@@ -418,20 +450,29 @@ class Controller:
             )
 
     def _hangs(self) -> list[Failure]:
-        """Ranks without a step for ``hang_timeout_s`` (start-up: ``STARTUP_TIMEOUT_S``); the stuck ones are killed."""
+        """Hung ranks (killed here): no step for ``hang_timeout_s`` once one was reported; before that
+        (starting up, or a script that reports none), a call stack that has not changed for
+        ``stuck_timeout_s``; and, either way, no sign of life at all for ``hang_timeout_s``."""
         now = self._clock()
-        hang_timeout = self.config.fault_tolerance.hang_timeout_s
+        ft = self.config.fault_tolerance
 
         def limit(v: RankView) -> float:
-            return hang_timeout if v.started_up else max(hang_timeout, STARTUP_TIMEOUT_S)
+            return ft.hang_timeout_s if v.started_up else max(ft.hang_timeout_s, ft.stuck_timeout_s)
+
+        def idle(v: RankView) -> float:
+            moved = v.progress_at if v.started_up else max(v.progress_at, v.moved_at or 0.0)
+            return now - moved
+
+        def silent(v: RankView) -> float:
+            return now - (v.alive_at if v.alive_at is not None else v.progress_at)
 
         stale = [r for r, v in self._views.items() if v.running and not (v.failed or v.finished or v.ready)
-                 and now - v.progress_at > limit(v)]
+                 and (idle(v) > limit(v) or silent(v) > ft.hang_timeout_s)]
         if not stale:
             return []
 
         def frozen(v: RankView) -> bool:
-            return v.alive_at is None or now - v.alive_at > FROZEN_AFTER_S
+            return silent(v) > FROZEN_AFTER_S
 
         # A rank waiting in a collective is waiting for the stuck one. If all wait and nothing else
         # failed that they could be waiting for, all are suspect.
@@ -443,15 +484,29 @@ class Controller:
             view = self._views[rank]
             view.failed = True
             if frozen(view):
-                detail = "no sign of life either (stopped or frozen)"
+                message = f"no sign of life for {silent(view):.1f}s (stopped or frozen)"
+            elif view.started_up:
+                message = f"no step for {idle(view):.1f}s (limit {limit(view):g}s); main thread at {view.where}"
             else:
-                detail = f"main thread at {view.where}"
-            failures.append(
-                Failure(rank=rank, reason="hang", at=now, step=view.step + 1,
-                        message=f"no step for {now - view.progress_at:.1f}s (limit {limit(view):g}s); {detail}")
-            )
+                message = (f"its call stack has not changed for {idle(view):.1f}s (limit {limit(view):g}s, before any "
+                           f"reported step); main thread at {view.where}")
+            failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=message))
         self.group.kill(culprits)
         return failures
+
+    def _check_quiet_script(self) -> None:
+        """For a script that has reported no step in this run: start the spares once it has run a while,
+        and call a restart recovered once every rank has stayed up ``SCRIPT_UP_S``."""
+        if not self.config.train.is_script or self._steps_reported:
+            return
+        up_s = self._clock() - self._attempt_started_at
+        if not all(v.running and not v.failed for v in self._views.values()):
+            return
+        if self._pending is not None and up_s >= SCRIPT_UP_S:
+            self._finish_recovery(self._pending, "alive", None)
+        if not self._spares_started and up_s >= SPARES_AFTER_S:
+            self._spares_started = True
+            self.group.ensure_spares()
 
     def _to_replace(self, failures: list[Failure], decision: Decision) -> set[int]:
         """Ranks that get a new process: the failed ones (but not survivors that only saw a peer's failure)."""
@@ -484,30 +539,39 @@ class Controller:
         extra = {k: v for k in ("lr", "grad_norm", "flops") if (v := getattr(report, k)) is not None}
         self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra,
                          **{k: v for k, v in report.extra.items() if k not in _STEP_FIELDS})
-        self.last_step, self.last_loss = step, loss
-        self.display.step(step, self.config.train.steps, loss, rate)
+        self._steps_reported = True
+        self.last_step = step
+        if loss is not None:
+            self.last_loss = loss
+        if report.total is not None:
+            self.total_steps = report.total
+        self.display.step(step, self.total_steps, loss, rate)
         if self._pending is not None:
-            self._finish_recovery(self._pending)
+            self._finish_recovery(self._pending, "step", step - 1)
         elif not self._spares_started:
             # Not before: the nodes' zygotes would compete with the ranks' start-up for the CPU.
             self._spares_started = True
             self.group.ensure_spares()
 
-    def _finish_recovery(self, pending: PendingRecovery) -> None:
+    def _finish_recovery(self, pending: PendingRecovery, signal: str, resumed_at: int | None) -> None:
+        """``signal``: what showed the ranks back (``step``, ``resumed``, or ``alive`` for a script
+        that reports nothing); ``resumed_at``: the step training went on from, as that showed it."""
         seconds = self._clock() - pending.detected_at
+        resumed = pending.resumed_from_step if pending.resumed_from_step is not None else resumed_at
         self.events.emit(
             "recovery_finished",
             attempt=pending.attempt,
-            resumed_from_step=pending.resumed_from_step,
+            resumed_from_step=resumed,
             mode=pending.mode,
             seconds=seconds,
             replaced=pending.replaced,
+            signal=signal,
         )
-        self.display.note(
-            f"recovered ({pending.mode}, attempt {pending.attempt}) from step {pending.resumed_from_step} in {seconds:.2f}s"
-        )
+        where = f"from step {resumed}" if resumed is not None else "(the script did not say from which step)"
+        self.display.note(f"recovered ({pending.mode}, attempt {pending.attempt}) {where} in {seconds:.2f}s")
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
         self._pending = None
+        self._spares_started = True
         self.group.ensure_spares()
 
     def _totals(self) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from typing import Any, Literal
 from orchestrator.controller.worker_group import RankUpdate
 from orchestrator.worker.messages import Error
 
+# Lines of the rank's traceback or log that travel with its failure_detected event.
+_TAIL_LINES = 20
+
 Reason = Literal["exit", "signal", "hang", "node_lost", "exception", "checkpoint"]
 
 
@@ -26,7 +29,7 @@ class Failure:
     reason: Reason
     at: float
     message: str
-    step: int = 0
+    step: int | None = None
     exit_code: int | None = None
     signal: int | None = None
     exc_type: str | None = None
@@ -35,7 +38,11 @@ class Failure:
 
     def event_fields(self) -> dict[str, Any]:
         """The ``failure_detected`` event's fields."""
-        fields: dict[str, Any] = {"rank": self.rank, "reason": self.reason, "message": self.message, "step": self.step}
+        fields: dict[str, Any] = {"rank": self.rank, "reason": self.reason, "message": self.message}
+        if self.step is not None:
+            fields["step"] = self.step
+        if self.details():
+            fields["log_tail"] = "\n".join(self.details().rstrip().splitlines()[-_TAIL_LINES:])
         if self.exit_code is not None:
             fields["exit_code"] = self.exit_code
         if self.signal is not None:
@@ -51,16 +58,16 @@ class Failure:
 
 
 def failure_from(
-    update: RankUpdate, error: Error | None, last_step: int, last_seen: float | None = None
+    update: RankUpdate, error: Error | None, last_step: int | None, last_seen: float | None = None
 ) -> Failure | None:
     """The failure ``update`` shows, given the rank's error report (if it sent one), its last step
     and when it was last seen alive.
 
-    A failure's ``step`` is the step the rank was working on: one past the last it reported. A lost
+    A failure's ``step`` is the last step the rank reported (None when it reported none). A lost
     rank died after it was last seen, so that time (not when we noticed) orders it against the
     collective errors its death caused in its peers.
     """
-    step = (error.step if error else last_step) + 1
+    step = error.step if error else last_step
     if update.lost is not None:
         at = last_seen if last_seen is not None else time.time()
         return Failure(rank=update.rank, reason="node_lost", at=at, message=update.lost, step=step)

@@ -74,10 +74,8 @@ class FailurePolicy:
             and previous.reason == "exception"
             and (cause.exc_type, cause.message, cause.step) == (previous.exc_type, previous.message, previous.step)
         ):
-            return Decision(
-                retry=False,
-                reason=f"not retryable: the same {cause.exc_type} at step {cause.step} on two attempts",
-            )
+            where = f"after step {cause.step}" if cause.step is not None else "before any step"
+            return Decision(retry=False, reason=f"not retryable: the same {cause.exc_type} {where} on two attempts")
         if len(history) >= self.max_restarts:
             return Decision(
                 retry=False, reason=f"restart budget spent ({len(history)} of fault_tolerance.max_restarts={self.max_restarts})"

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.gpu import GpuReading
-from orchestrator.worker.env import RankPlacement, rank_env
+from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 from orchestrator.worker.messages import Interrupt, RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
@@ -41,7 +41,8 @@ _SKEW_TOLERANCE_S = 0.25
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerInfo:
-    """A started rank: who and where, and whether it is a promoted warm spare."""
+    """A started rank: who and where, and whether it is a promoted warm spare (``spare``) or was forked
+    from its node's zygote (``forked``), rather than a fresh process."""
 
     rank: int
     pid: int
@@ -50,6 +51,7 @@ class WorkerInfo:
     node_ip: str = ""
     node_id: str = ""
     spare: bool = False
+    forked: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -61,7 +63,7 @@ class RankUpdate:
     actor (and so, likely, its node) is gone. ``alive_at`` is the last sign
     of life (any report, or the liveness beat every second), ``where`` the
     main thread's innermost frame then, ``in_collective`` whether it was
-    waiting in a collective.
+    waiting in a collective, ``moved_at`` when its call stack last changed.
     """
 
     rank: int
@@ -74,13 +76,14 @@ class RankUpdate:
     alive_at: float | None = None
     where: str = ""
     in_collective: bool = False
+    moved_at: float | None = None
 
     @classmethod
     def of(cls, rank: int, status: RankStatus) -> RankUpdate:
         """The update an actor's status of ``rank`` makes."""
         return cls(rank=rank, pid=status.pid, reports=status.reports, returncode=status.returncode,
                    exited_at=status.exited_at, log_tail=status.log_tail, alive_at=status.alive_at,
-                   where=status.where, in_collective=status.in_collective)
+                   where=status.where, in_collective=status.in_collective, moved_at=status.moved_at)
 
 
 class WorkerGroup(Protocol):
@@ -141,7 +144,11 @@ class WorkerGroup(Protocol):
 class RayWorkerGroup:
     """Ranks as Ray actors in one placement group. Connects to Ray on the first ``start``."""
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    def __init__(self, config: Config, run_dir: Path, *, run_id: str | None = None, workdir: Path | None = None) -> None:
+        """``run_id`` names the run to scripts (``TORCHELASTIC_RUN_ID``; default: the run directory's
+        name); ``workdir`` is where training processes run (default: the current directory)."""
+        self._run_id = run_id or run_dir.name
+        self._workdir = str(workdir or Path.cwd())
         self.world_size = config.cluster.world_size
         self._per_node = config.cluster.workers_per_node
         # Node slot -> its placement-group bundle. Bundles past config.cluster.nodes are spare nodes.
@@ -201,9 +208,13 @@ class RayWorkerGroup:
                 continue
             home = self._nodes[self._home(p.rank)]
             spare_host = spare_hosts[home["node_id"]]
+            # The node's warm spare, else a process forked from its zygote (imports done), else a fresh one.
             pid = self._call(self._actors[spare_host].promote_spare.remote(specs[p.rank]), index=spare_host)
             promoted = pid is not None
-            if promoted:
+            if not promoted:
+                pid = self._call(self._actors[spare_host].fork.remote(specs[p.rank]), index=spare_host)
+            forked = not promoted and pid is not None
+            if pid is not None:
                 if self._host[p.rank] != spare_host:
                     self._call(self._actors[self._host[p.rank]].forget.remote(p.rank), dead_ok=True)
                 self._host[p.rank] = spare_host
@@ -213,7 +224,8 @@ class RayWorkerGroup:
                 if pid is None:
                     continue
             started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt,
-                                      node_ip=home["ip"], node_id=home["node_id"], spare=promoted))
+                                      node_ip=home["ip"], node_id=home["node_id"], spare=promoted,
+                                      forked=forked))
         return started
 
     def poll(self) -> list[RankUpdate]:
@@ -444,7 +456,9 @@ class RayWorkerGroup:
             run_dir=str(self._run_dir),
             resume_tag=resume_tag,
             faults=faults,
-            env=rank_env(self._config, p),
+            env={**rank_env(self._config, p), **torchrun_env(self._config, p.rank, attempt, self._run_id),
+                 RUN_DIR_ENV: str(self._run_dir)},
+            workdir=self._workdir,
         )
 
     def _spare_hosts(self) -> dict[str, int]:

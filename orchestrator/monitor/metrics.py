@@ -106,7 +106,8 @@ class JobMetrics:
                     family.remove(str(rank))  # a no-op for a series never set
         elif kind == "step":
             self.step.set(event["step"])
-            self.loss.set(event["loss"])
+            if event["loss"] is not None:
+                self.loss.set(event["loss"])
             self.step_time.set(event["step_time_s"])
             if event.get("tokens_per_s") is not None:
                 self.tokens.set(event["tokens_per_s"])

@@ -22,7 +22,8 @@ _PLAIN_INTERVAL_S = 1.0
 class ProgressDisplay(Protocol):
     """What the controller tells the user while a job runs."""
 
-    def step(self, step: int, total: int, loss: float, tokens_per_s: float | None) -> None: ...
+    def step(self, step: int, total: int | None, loss: float | None, tokens_per_s: float | None) -> None:
+        """Step ``step`` of ``total`` (None: not known) is done."""
 
     def note(self, text: str) -> None: ...
 
@@ -42,15 +43,17 @@ class PlainProgress:
         self._last_print = 0.0
         self._recent: deque[tuple[float, int]] = deque(maxlen=20)
 
-    def step(self, step: int, total: int, loss: float, tokens_per_s: float | None) -> None:
+    def step(self, step: int, total: int | None, loss: float | None, tokens_per_s: float | None) -> None:
         now = time.monotonic()
         self._recent.append((now, step))
         if now - self._last_print < _PLAIN_INTERVAL_S and step != total:
             return
         self._last_print = now
         rate = f"  tok/s {tokens_per_s:,.0f}" if tokens_per_s else ""
-        eta = _eta(self._recent, total)
-        self._stream.write(f"step {step}/{total}  loss {loss:.4f}{rate}{eta}\n")
+        eta = _eta(self._recent, total) if total is not None else ""
+        of = f"/{total}" if total is not None else ""
+        shown = f"  loss {loss:.4f}" if loss is not None else ""
+        self._stream.write(f"step {step}{of}{shown}{rate}{eta}\n")
         self._stream.flush()
 
     def note(self, text: str) -> None:
@@ -77,12 +80,14 @@ class RichProgress:
         )
         self._task = None
 
-    def step(self, step: int, total: int, loss: float, tokens_per_s: float | None) -> None:
-        fields = {"loss": f"{loss:.4f}", "rate": f"{tokens_per_s:,.0f}" if tokens_per_s else "-"}
+    def step(self, step: int, total: int | None, loss: float | None, tokens_per_s: float | None) -> None:
+        fields = {"rate": f"{tokens_per_s:,.0f}" if tokens_per_s else "-"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
         if self._task is None:
             self._bar.start()
-            self._task = self._bar.add_task("train", total=total, completed=step, **fields)
-        self._bar.update(self._task, completed=step, **fields)
+            self._task = self._bar.add_task("train", total=total, completed=step, **{"loss": "-", **fields})
+        self._bar.update(self._task, completed=step, total=total, **fields)
 
     def note(self, text: str) -> None:
         self._console.print(text, markup=False, highlight=False)

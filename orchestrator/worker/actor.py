@@ -109,6 +109,7 @@ class HostedProcess:
         self.alive_at = time.time()
         self.where = ""
         self.in_collective = False
+        self.moved_at = self.alive_at
         self.eof_at: float | None = None
         self.exited_at: float | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -139,7 +140,7 @@ class HostedProcess:
         code = self._returncode()
         return RankStatus(
             pid=self.pid, reports=reports, returncode=code, alive_at=self.alive_at, where=self.where,
-            in_collective=self.in_collective,
+            in_collective=self.in_collective, moved_at=self.moved_at,
             # The socket closes the moment the process dies: the best clock for "when".
             exited_at=(self.eof_at or time.time()) if code is not None else None,
             log_tail=self._log_tail() if code else "",
@@ -194,6 +195,7 @@ class HostedProcess:
                 self.alive_at = now
                 if isinstance(message, Alive):
                     self.where, self.in_collective = message.where, message.in_collective
+                    self.moved_at = now - message.still_s
                 elif isinstance(message, Report):
                     self.inbox.append(dataclasses.replace(message, at=now))
                 else:
@@ -356,6 +358,24 @@ class RankActor:
         """Start a fresh process for ``spec.rank``; returns its pid."""
         self._forget(spec.rank)
         proc = HostedProcess(spec.env, self._rank_log(spec.rank), f"rank {spec.rank} attempt {spec.attempt}: fresh process")
+        self._procs[spec.rank] = proc
+        proc.send(spec)
+        return proc.pid
+
+    def fork(self, spec: Start) -> int | None:
+        """Start ``spec.rank`` forked from this node's zygote (warm: its imports are done); returns its
+        pid, or None when this actor has no live zygote."""
+        zygote = self._zygote
+        if zygote is None or not zygote.alive():
+            return None
+        self._forget(spec.rank)
+        header = f"rank {spec.rank} attempt {spec.attempt}: forked from the zygote"
+        try:
+            proc = HostedProcess(spec.env, self._rank_log(spec.rank), header, zygote=zygote)
+        except (OSError, queue.Empty) as exc:
+            print(f"could not fork rank {spec.rank}: {exc!r}; starting it fresh", file=sys.stderr, flush=True)
+            return None
+        zygote.adopt(proc)
         self._procs[spec.rank] = proc
         proc.send(spec)
         return proc.pid

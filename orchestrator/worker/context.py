@@ -7,9 +7,6 @@ GPT workload (``orchestrator.training.workload``) uses exactly this API; see
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +18,13 @@ from orchestrator.config.schema import Config
 from orchestrator.worker import rendezvous
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
-from orchestrator.worker.messages import (
-    CheckpointFailed,
-    CheckpointSaved,
-    CheckpointSkipped,
-    FaultInjected,
-    Resumed,
-    Saving,
-    Step,
-)
+from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
+from orchestrator.worker.reporter import Reporter
 
 # While a save is being written, the rank tells the controller it is busy, not hung, this often.
 _SAVE_BEAT_S = 1.0
 # A write that takes longer than this is stuck (a dead network filesystem, say).
 SAVE_WRITE_TIMEOUT_S = 3600.0
-_STEP_METRICS = ("tokens", "lr", "grad_norm", "flops")
 
 
 @dataclass(kw_only=True)
@@ -50,7 +39,7 @@ class TrainContext:
         run_dir: the run directory; ``checkpoint_dir`` is its ``checkpoints/``.
         resume_tag: the committed checkpoint to resume from, or None for a fresh start.
         faults: injected faults (``--inject-fault``) this rank still has to fire.
-        last_step: the last step reported.
+        last_step: the last step reported (or resumed from); 0 before any.
         engines: DeepSpeed engines given to :meth:`load_checkpoint`; torn down by the
             orchestrator when this rank has to rejoin a new process group.
     """
@@ -66,9 +55,15 @@ class TrainContext:
     _channel: Channel
     _writer: BackgroundWriter = field(default_factory=BackgroundWriter)
     faults: list[dict[str, Any]] = field(default_factory=list)
-    last_step: int = 0
     engines: list[Any] = field(default_factory=list)
-    _last_report: float = field(default_factory=time.perf_counter)
+    _reporter: Reporter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._reporter = Reporter(self._channel, self.rank, self.faults)
+
+    @property
+    def last_step(self) -> int:
+        return self._reporter.last_step or 0
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -105,7 +100,7 @@ class TrainContext:
                                     timeout=default_pg_timeout, **extra)
         deepspeed.init_distributed(dist_backend=self.backend)
 
-    def report(self, step: int, loss: float, step_time_s: float | None = None, **metrics: float) -> None:
+    def report(self, step: int, loss: float | None = None, step_time_s: float | None = None, **metrics: float) -> None:
         """Report a finished step; it is also this rank's heartbeat.
 
         ``step_time_s`` defaults to the time since the previous report.
@@ -113,18 +108,7 @@ class TrainContext:
         ``lr``, ``grad_norm``, ``flops``, and any other number, which rank 0's ``step`` event
         carries under its name.
         """
-        now = time.perf_counter()
-        if step_time_s is None:
-            step_time_s = now - self._last_report
-        self._last_report = now
-        known = {k: float(metrics.pop(k)) for k in _STEP_METRICS if metrics.get(k) is not None}
-        self._channel.send(Step(step=step, loss=float(loss), step_time_s=step_time_s, **known,
-                                extra={k: float(v) for k, v in metrics.items()}))
-        self.last_step = step
-        for fault in self.faults:
-            if fault["rank"] == self.rank and fault["step"] == step:
-                self._channel.send(FaultInjected(**fault))
-                inject(fault["kind"], step)
+        self._reporter.step(step, loss, step_time_s=step_time_s, **metrics)
 
     def should_checkpoint(self, step: int) -> bool:
         """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last)."""
@@ -170,7 +154,7 @@ class TrainContext:
         self._writer.submit(SaveJob(directory=directory, files=files, done=done))
         if not settings.async_save:
             self.wait_for_saves()
-        self._last_report = time.perf_counter()
+        self._reporter.restart_clock()
 
     def wait_for_saves(self) -> None:
         """Block until this rank's save in flight (if any) is written and reported."""
@@ -200,25 +184,7 @@ class TrainContext:
         if self.resume_tag is None:
             return 0, None
         step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
-        self.last_step = step
-        self._channel.send(Resumed(step=step, tag=self.resume_tag))
-        self._last_report = time.perf_counter()
+        self._reporter.resumed(step, self.resume_tag)
         return step, user_state
 
 
-
-FAULT_KINDS = ("kill", "hang", "raise", "exit")
-
-
-def inject(kind: str, step: int) -> None:
-    """Make this process fail the way ``kind`` says (``--inject-fault``)."""
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "exit":
-        os._exit(3)
-    elif kind == "raise":
-        raise RuntimeError(f"injected fault at step {step}")
-    elif kind == "hang":
-        threading.Event().wait()  # alive, but never reports another step
-    else:
-        raise AssertionError(f"unknown fault kind {kind!r}")

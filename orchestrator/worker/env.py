@@ -60,6 +60,34 @@ def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
     return env
 
 
+# Every rank's process (and what it starts) gets the run directory here: a script may keep its
+# own checkpoints and outputs under it (docs/scripts.md).
+RUN_DIR_ENV = "ORCHESTRATOR_RUN_DIR"
+
+
+def torchrun_env(config: Config, rank: int, attempt: int, run_id: str) -> dict[str, str]:
+    """The rest of torchrun's environment contract (``torch.distributed.run``), beside
+    ``rank_env``'s ranks, world sizes and rendezvous address: code written for torchrun reads the
+    same names with the same meaning. One role ("default") spans the job; a "group" is a node.
+
+    A script's process group connects to a store that rank 0's process serves before the script
+    starts (on ``MASTER_ADDR`` only), as torchrun's agent does: ``TORCHELASTIC_USE_AGENT_STORE``.
+    """
+    cluster = config.cluster
+    return {
+        "GROUP_RANK": str(rank // cluster.workers_per_node),
+        "GROUP_WORLD_SIZE": str(cluster.nodes),
+        "ROLE_RANK": str(rank),
+        "ROLE_NAME": "default",
+        "ROLE_WORLD_SIZE": str(cluster.world_size),
+        "TORCHELASTIC_RESTART_COUNT": str(attempt),
+        "TORCHELASTIC_MAX_RESTARTS": str(config.fault_tolerance.max_restarts),
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_USE_AGENT_STORE": str(config.train.is_script),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": config.cluster.env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    }
+
+
 def with_interpreter_tools(env: dict[str, str]) -> dict[str, str]:
     """``env`` with this interpreter's ``bin/`` first on PATH and this installation's
     ``TORCH_EXTENSIONS_DIR`` (unless ``env`` names one).
@@ -82,42 +110,50 @@ def extensions_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def cpu_op_problem(env: Mapping[str, str] = os.environ) -> str | None:
-    """Why a CPU job cannot start here without compiling DeepSpeed's shared-memory op (about 30 s,
-    and a hang forever behind a build lock a killed build left), or None when it is ready."""
-    directory = extensions_dir(env) / CPU_OP
-    fix = "build it once with `bash .ci/setup` (or the same TORCH_EXTENSIONS_DIR and `python -c \"from " \
-          "deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()\"`)"
-    if (directory / "lock").exists():
-        return (f"a build of DeepSpeed's CPU op left its lock behind: {directory / 'lock'} (a build that was "
-                f"killed; torch would wait on it forever). If no build is running, remove it and {fix}")
-    if not (directory / f"{CPU_OP}.so").exists():
-        return f"DeepSpeed's CPU communication op is not built in {directory} (a launch never compiles it); {fix}"
+    """Why a CPU job cannot start here without compiling one of DeepSpeed's CPU ops (30 to 50 s each,
+    and a hang forever behind a build lock a killed build left), or None when they are all ready."""
+    root = extensions_dir(env)
+    fix = "build them once with `bash .ci/setup` (or, with the same TORCH_EXTENSIONS_DIR, `python -c \"from " \
+          "deepspeed.accelerator import get_accelerator as a; a().create_op_builder('BUILDER').load()\"` for " \
+          f"each of {', '.join(CPU_OPS.values())})"
+    for name in CPU_OPS:
+        if (root / name / "lock").exists():
+            return (f"a build of DeepSpeed's CPU op {name} left its lock behind: {root / name / 'lock'} (a build that "
+                    f"was killed; torch would wait on it forever). If no build is running, remove it and {fix}")
+    missing = [name for name in CPU_OPS if not (root / name / f"{name}.so").exists()]
+    if missing:
+        return (f"DeepSpeed's CPU ops {', '.join(missing)} are not built in {root} (a launch never compiles "
+                f"them); {fix}")
     return None
 
 
 EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
-CPU_OP = "deepspeed_shm_comm"
+# The ops a CPU job loads (op name -> DeepSpeed's builder): the shared-memory communication op
+# every CPU job uses, and the CPU Adam/AdamW kernels a DeepSpeed config's "AdamW" optimizer
+# (FusedAdam on CPU) or ZeRO-Offload (DeepSpeedCPUAdam) load. Set-up builds them all.
+CPU_OPS = {"deepspeed_shm_comm": "ShareMemCommBuilder", "fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
 
 
 def use_prebuilt_cpu_op() -> None:
-    """Hand DeepSpeed its CPU communication op, built by set-up, so that it never enters torch's JIT
-    build: that takes a lock file on every load, even with nothing to build, and a process killed
-    holding it (any SIGKILLed rank could be) left every later launch waiting on it forever.
-    Raises ``ConfigError`` (naming the fix) when the op is not built here."""
+    """Hand DeepSpeed its CPU ops, built by set-up, so that it never enters torch's JIT build: that
+    takes a lock file on every load, even with nothing to build, and a process killed holding it
+    (any SIGKILLed rank could be) left every later launch waiting on it forever.
+    Raises ``ConfigError`` (naming the fix) when an op is not built here."""
     problem = cpu_op_problem()
     if problem is not None:
         raise ConfigError(problem)
     import importlib.util
 
-    import torch  # noqa: F401  - the op links against libtorch, which must be loaded first
+    import torch  # noqa: F401  - the ops link against libtorch, which must be loaded first
     from deepspeed.ops.op_builder.builder import OpBuilder
 
-    if CPU_OP in OpBuilder._loaded_ops:
-        return
-    spec = importlib.util.spec_from_file_location(CPU_OP, extensions_dir() / CPU_OP / f"{CPU_OP}.so")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    OpBuilder._loaded_ops[CPU_OP] = module  # what OpBuilder.load() returns from now on
+    for name in CPU_OPS:
+        if name in OpBuilder._loaded_ops:
+            continue
+        spec = importlib.util.spec_from_file_location(name, extensions_dir() / name / f"{name}.so")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        OpBuilder._loaded_ops[name] = module  # what OpBuilder.load() returns from now on
 
 
 def local_cpu_count() -> int:

@@ -6,7 +6,7 @@ so a typo on either side is an error at once, not a message silently lost.
 
     actor -> process    Prepare, Start, Rejoin, Interrupt
     process -> actor    Alive (the liveness beat, kept by the actor), Warm, and the reports the
-                        controller polls: Step, Resumed, Saving, CheckpointSaved, CheckpointSkipped,
+                        controller polls: Step, Resumed, Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped,
                         CheckpointFailed, FaultInjected, Error, Ready, Finished
     actor -> zygote     Prepare, Fork (with the child's control socket attached)
     zygote -> actor     Forked, Exited
@@ -63,6 +63,7 @@ class Start(Message):
     resume_tag: str | None
     faults: list[dict[str, Any]]
     env: dict[str, str]
+    workdir: str = ""
     log_path: str | None = None
 
 
@@ -116,11 +117,13 @@ class Exited(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Alive(Message):
-    """Every second: where the main thread is, and whether it waits in a collective."""
+    """Every second: where the main thread is, whether it waits in a collective, and for how long its
+    call stack has not changed (``still_s``: how a rank that reports no steps shows progress)."""
 
     type: ClassVar[str] = "alive"
     where: str
     in_collective: bool
+    still_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,12 +135,14 @@ class Warm(Report):
 
 @dataclass(frozen=True, kw_only=True)
 class Step(Report):
-    """A finished step (``TrainContext.report``); rank 0's become ``step`` events."""
+    """A finished step (``TrainContext.report``, ``orchestrator.report``); rank 0's become ``step``
+    events. ``total``: the planned number of steps, when the training code knows it."""
 
     type: ClassVar[str] = "step"
     step: int
-    loss: float
+    loss: float | None
     step_time_s: float
+    total: int | None = None
     tokens: float | None = None
     lr: float | None = None
     grad_norm: float | None = None
@@ -175,6 +180,15 @@ class CheckpointSaved(Report):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScriptCheckpoint(Report):
+    """The training code saved a checkpoint of its own (a script's, e.g. a Hugging Face Trainer's) at ``path``."""
+
+    type: ClassVar[str] = "script_checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckpointSkipped(Report):
     """The save of ``step`` was skipped: the previous one was still being written (``when_busy: skip``)."""
 
@@ -208,14 +222,15 @@ class FaultInjected(Report):
 
 @dataclass(frozen=True, kw_only=True)
 class Error(Report):
-    """The training function raised (``interrupted``: because the controller stopped it)."""
+    """The training code raised (``interrupted``: because the controller stopped it); ``step``: the
+    last step it reported (None: none yet)."""
 
     type: ClassVar[str] = "error"
     exc_type: str
     message: str
     traceback: str
     interrupted: bool
-    step: int
+    step: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +256,8 @@ class RankStatus:
 
     ``returncode`` is None while it runs (negative: killed by that signal); ``exited_at`` when the
     actor saw it end; ``alive_at`` its last sign of life (any message, or the beat), ``where`` and
-    ``in_collective`` from the last beat; ``log_tail`` the end of its log after a failed exit.
+    ``in_collective`` from the last beat, ``moved_at`` when its call stack last changed; ``log_tail``
+    the end of its log after a failed exit.
     """
 
     pid: int
@@ -250,6 +266,7 @@ class RankStatus:
     alive_at: float
     where: str
     in_collective: bool
+    moved_at: float = 0.0
     exited_at: float | None = None
     log_tail: str = ""
 
@@ -258,6 +275,7 @@ class RankStatus:
         return dataclasses.replace(
             self,
             alive_at=self.alive_at + skew,
+            moved_at=self.moved_at + skew,
             exited_at=self.exited_at + skew if self.exited_at is not None else None,
             reports=[dataclasses.replace(r, at=r.at + skew) for r in self.reports],
         )
@@ -277,7 +295,7 @@ class PollAnswer:
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
     for kind in (Prepare, Start, Rejoin, Interrupt, Fork, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
-                 CheckpointSaved, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
+                 CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
 }
 
 

@@ -3,7 +3,8 @@
 Started by an actor with one end of a control socket (fd in
 ``ORCH_CONTROL_FD``). The process runs the training function for each
 start or rejoin spec it is sent, so that a healthy rank survives a peer's
-failure without exiting:
+failure without exiting (a script, run as ``__main__``, cannot rejoin: its
+process ends with it, ``script.py``):
 
     [spare: import and warm up, wait] -> start -> train(ctx) -> finished
                                             ^          | raises (own bug, peer died, interrupted)
@@ -41,6 +42,7 @@ from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.run_dir import append_fd
+from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
 from orchestrator.worker.messages import (
@@ -95,11 +97,13 @@ class Runtime:
         self.in_training = threading.Event()
         self.ctx: TrainContext | None = None
         self.writer = BackgroundWriter()  # one per process: a save outlives the attempt that made it
+        self._store: Any = None  # rank 0 of a script: the job's store, served by this process
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
         threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
 
     def run(self) -> int:
+        """Warm up if asked, then train for each start or rejoin; the process's exit code."""
         message = self._next_message(timeout=None)
         if isinstance(message, Prepare):
             # A start that arrives meanwhile waits in the inbox: never two DeepSpeed set-ups at once.
@@ -111,22 +115,68 @@ class Runtime:
             self.channel.send(Warm())
             message = self._next_message(timeout=None)
         while isinstance(message, Start):  # or Rejoin
+            config = self._enter(message)
+            if config.train.is_script:
+                return self._run_script(message, config)
             outcome = self._train(message)
             if outcome == 0:
                 return 0
             message = self._next_message(timeout=_DECISION_TIMEOUT_S)
         return 1
 
-    def _train(self, spec: Start) -> int:
-        """One attempt: 0 when training finished, 1 when it raised (already reported)."""
+    def _enter(self, spec: Start) -> Config:
+        """Take on ``spec``'s rank: its log, environment and working directory."""
         if spec.log_path is not None:
             _redirect_output(spec.log_path)  # a promoted spare writes to its new rank's log
         os.environ.update(spec.env)
+        if spec.workdir:
+            try:
+                os.chdir(spec.workdir)
+            except OSError as exc:
+                print(f"orchestrator: staying in {os.getcwd()}: cannot enter the launch directory {spec.workdir} on "
+                      f"this node ({exc.strerror})", file=sys.stderr, flush=True)
         if "torch" in sys.modules and "OMP_NUM_THREADS" in os.environ:
             # A spare imported torch before it knew its share of the node's cores.
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return Config.model_validate(spec.config)
+
+    def _run_script(self, spec: Start, config: Config) -> int:
+        """Run the job's script as ``__main__``; the process's exit code (as ``python script.py``'s)."""
+        reporter.activate(reporter.Reporter(self.channel, spec.rank, list(spec.faults)))
+        try:
+            if config.cluster.device == "cpu":
+                use_prebuilt_cpu_op()  # DeepSpeed must not compile (or take its build lock) in the script
+            if spec.rank == 0:
+                # Kept by this process until it exits: the script's env:// rendezvous connects to it.
+                self._store = _serve_store(spec.world_size)
+            self.in_training.set()
+            code = script.run(config.train)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
+            self._report_error(exc, reporter.active().last_step)
+            return 1
+        finally:
+            self.in_training.clear()
+        if code != 0:
+            return code  # the script's own exit status; its log says why
+        self.channel.send(Finished())
+        if spec.rank == 0:
+            # The others may still be leaving the process group, through this process's store: serve
+            # it until the controller, seeing every rank finished, stops this process.
+            self._next_message(timeout=_DECISION_TIMEOUT_S)
+        return 0
+
+    def _report_error(self, exc: BaseException, step: int | None) -> None:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        self.channel.send(Error(exc_type=type(exc).__name__, message=str(exc), traceback=text,
+                                interrupted=isinstance(exc, Interrupted), step=step))
+
+    def _train(self, spec: Start) -> int:
+        """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
         try:
             self.ctx = _context(spec, self.channel, self.writer)
+            reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = resolve_entrypoint(self.ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
             self.in_training.set()
             try:
@@ -136,13 +186,7 @@ class Runtime:
             self.ctx.wait_for_saves()  # the last checkpoint is durable before "finished"
             _leave_process_group()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
-            text = traceback.format_exc()
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            self.channel.send(Error(
-                exc_type=type(exc).__name__, message=str(exc), traceback=text,
-                interrupted=isinstance(exc, Interrupted), step=self.ctx.last_step if self.ctx else 0,
-            ))
+            self._report_error(exc, self.ctx._reporter.last_step if self.ctx else None)
             _tear_down(self.ctx)
             self.channel.send(Ready())
             return 1
@@ -176,12 +220,18 @@ class Runtime:
 
     def _liveness(self) -> None:
         main_id = threading.main_thread().ident
+        last_stack: tuple[tuple[str, int], ...] = ()
+        moved = time.monotonic()
         while True:
             time.sleep(LIVENESS_INTERVAL_S)
             frame = sys._current_frames().get(main_id)
             where, in_collective = _describe_stack(frame)
+            stack = _stack_of(frame)
+            now = time.monotonic()
+            if stack != last_stack:
+                last_stack, moved = stack, now
             try:
-                self.channel.send(Alive(where=where, in_collective=in_collective))
+                self.channel.send(Alive(where=where, in_collective=in_collective, still_s=now - moved))
             except OSError:
                 return
 
@@ -217,14 +267,16 @@ def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
 
 def _warm_up(config_dict: dict[str, Any]) -> None:
     """A spare pays the start-up costs before it is needed: imports (already done when forked from
-    the zygote) and the entry point's ``warmup()``."""
+    the zygote), and the entry point's ``warmup()`` or a script's installed imports."""
     config = Config.model_validate(config_dict)
     import deepspeed  # noqa: F401
     import torch._dynamo  # noqa: F401  - deepspeed.initialize imports it lazily (~1.3 s)
 
     if config.cluster.device == "cpu":
         use_prebuilt_cpu_op()
-
+    if config.train.is_script:
+        script.preimport(config.train)
+        return
     spec = config.train.entrypoint or BUILTIN_ENTRYPOINT
     module = importlib.import_module(spec.partition(":")[0])
     warmup = getattr(module, "warmup", None)
@@ -260,6 +312,21 @@ def _describe_stack(frame: Any) -> tuple[str, bool]:
             break
         frame = frame.f_back
     return where, in_collective
+
+
+def _stack_of(frame: Any) -> tuple[tuple[str, int], ...]:
+    """Every frame's code and line: it stays the same only while the main thread makes no progress."""
+    stack = []
+    while frame is not None:
+        stack.append((frame.f_code.co_filename, frame.f_lineno))
+        frame = frame.f_back
+    return tuple(stack)
+
+
+def _serve_store(world_size: int) -> Any:
+    from deepspeed.constants import default_pg_timeout
+
+    return rendezvous.serve(world_size, default_pg_timeout)
 
 
 def _tear_down(ctx: TrainContext | None) -> None:

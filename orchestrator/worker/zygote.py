@@ -65,8 +65,10 @@ def main() -> int:
 
 
 def _import_everything(config_dict: dict[str, Any]) -> None:
-    """What every training process of this job would import, and the entry point's ``preload``."""
+    """What every training process of this job would import: torch, DeepSpeed, and the entry
+    point's module and ``preload``, or the installed packages a script imports."""
     from orchestrator.config.schema import Config
+    from orchestrator.worker import script
     from orchestrator.worker.process import BUILTIN_ENTRYPOINT
 
     config = Config.model_validate(config_dict)
@@ -74,12 +76,20 @@ def _import_everything(config_dict: dict[str, Any]) -> None:
     import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  - imports torch._inductor
     import torch._dynamo  # noqa: F401
 
+    if config.train.is_script:
+        script.preimport(config.train)
+        _check_single_threaded("the script's imports")
+        return
     module = importlib.import_module((config.train.entrypoint or BUILTIN_ENTRYPOINT).partition(":")[0])
     preload = getattr(module, "preload", None)
     if callable(preload):
         preload(config)
+    _check_single_threaded("the imports")
+
+
+def _check_single_threaded(what: str) -> None:
     # Forking is only safe from a single-threaded process.
-    assert len(os.listdir("/proc/self/task")) == 1, "imports left a thread running; the zygote cannot fork safely"
+    assert len(os.listdir("/proc/self/task")) == 1, f"{what} left a thread running; the zygote cannot fork safely"
 
 
 def _reap(sock: socket.socket) -> None:

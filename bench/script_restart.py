@@ -1,0 +1,158 @@
+"""A user's own script and a killed rank: this orchestrator against ``torchrun --max-restarts``.
+
+The same unmodified Hugging Face Trainer + DeepSpeed ZeRO-2 script (tests/scripts/hf_clm.py: a
+tiny GPT-2, 2 CPU ranks, a checkpoint every 10 steps, resuming from its own last checkpoint) runs
+under each launcher; rank 1 is SIGKILLed as soon as the first checkpoint is on disk (its
+``trainer_state.json``, written last). Reported per launcher: the wall time from launch to exit,
+the time from the kill to the exit, and the losses the run logged after its resume, which must be
+the same under both (the script restores its own state; the launcher only restarts it).
+
+    .venv/bin/python bench/script_restart.py [--steps 30] [--repeats 1]
+
+torchrun runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it, its restarts hang or fail on
+this stack (../shared/STACK-NOTES.md). The ratio printed last is orchestrator / torchrun wall time
+(target <= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator.monitor.events import read_events  # noqa: E402
+from orchestrator.worker.env import local_cpu_count, with_interpreter_tools  # noqa: E402
+
+SCRIPT = REPO / "tests" / "scripts" / "hf_clm.py"
+DS_CONFIG = REPO / "tests" / "scripts" / "ds_zero2.json"
+_TIMEOUT_S = 900.0
+
+
+def script_args(out: Path, steps: int) -> list[str]:
+    return [str(SCRIPT), "--output_dir", str(out), "--deepspeed", str(DS_CONFIG), "--max_steps", str(steps),
+            "--save_steps", "10"]
+
+
+def orchestrator_command(work: Path, steps: int) -> tuple[list[str], dict[str, str]]:
+    cmd = [sys.executable, "-m", "orchestrator", "launch", str(REPO / "cluster_configs" / "local.yaml"),
+           "--run-dir", str(work / "run"), "--set", "metrics.port=0", "--", *script_args(work / "out", steps)]
+    return cmd, dict(os.environ)
+
+
+def torchrun_command(work: Path, steps: int) -> tuple[list[str], dict[str, str]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "3",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *script_args(work / "out", steps)]
+    # What the orchestrator gives its ranks: threads, accelerator, this installation's prebuilt ops.
+    env = with_interpreter_tools(dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", DS_ACCELERATOR="cpu",
+                                      CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(max(1, local_cpu_count() // 2))))
+    return cmd, env
+
+
+def rank1_pid(system: str, work: Path, root: int) -> int | None:
+    """The pid of the live rank-1 training process of the run."""
+    if system == "orchestrator":
+        events = work / "run" / "events.jsonl"
+        started = [e for e in read_events(events) if e["event"] == "worker_started" and e["rank"] == 1] \
+            if events.exists() else []
+        return started[-1]["pid"] if started else None
+    for pid in _descendants(root):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"RANK=1" in environ and b"LOCAL_RANK=1" in environ:
+            return pid
+    return None
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found[1:]
+
+
+def run(system: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"script-restart-{system}-") as tmp:
+        work = Path(tmp)
+        cmd, env = (orchestrator_command if system == "orchestrator" else torchrun_command)(work, steps)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            marker = work / "out" / "checkpoint-10" / "trainer_state.json"
+            while not marker.exists():
+                if proc.poll() is not None or time.monotonic() - started > _TIMEOUT_S:
+                    raise RuntimeError(f"{system} ended ({proc.returncode}) before its first checkpoint")
+                time.sleep(0.02)
+            pid = None
+            while pid is None:
+                pid = rank1_pid(system, work, proc.pid)
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            proc.wait(timeout=_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        ended = time.monotonic()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{system} exited with {proc.returncode}")
+        state = json.loads((work / "out" / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+        losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e and e["step"] > 10}
+        return {"wall_s": ended - started, "kill_to_end_s": ended - killed, "losses": losses}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="the script's --max_steps (a checkpoint every 10)")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {"orchestrator": [], "torchrun": []}
+    for _ in range(args.repeats):
+        for system in results:  # interleaved: a slow phase of the machine hits both
+            result = run(system, args.steps)
+            results[system].append(result)
+            print(f"  {system}: wall {result['wall_s']:.1f}s, kill -> end {result['kill_to_end_s']:.1f}s", flush=True)
+    same = all(r["losses"] == results["torchrun"][0]["losses"] for rs in results.values() for r in rs)
+    print(f"\nHugging Face Trainer + ZeRO-2 script, 2 CPU ranks, {args.steps} steps, rank 1 SIGKILLed after the "
+          f"first checkpoint (step 10), median of {args.repeats}:\n")
+    print("| launcher | wall time (s) | kill -> end (s) |")
+    print("|---|---|---|")
+    walls = {}
+    for system, rs in results.items():
+        walls[system] = statistics.median(r["wall_s"] for r in rs)
+        name = "orchestrator (script mode)" if system == "orchestrator" else "torchrun --max-restarts 3"
+        print(f"| {name} | {walls[system]:.1f} | {statistics.median(r['kill_to_end_s'] for r in rs):.1f} |")
+    ratio = walls["orchestrator"] / walls["torchrun"]
+    print(f"\nlosses after the resume the same under both launchers: {'yes, bit for bit' if same else 'NO'}")
+    print(f"wall time, orchestrator / torchrun: {ratio:.2f} (target <= 1)")
+    return 0 if ratio <= 1 and same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

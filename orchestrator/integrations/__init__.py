@@ -1,0 +1,1 @@
+"""One-line integrations of popular training loops with the orchestrator's progress reports."""
