@@ -47,6 +47,7 @@ def test_built_in_gpt_trains_with_nccl_on_one_gpu(tmp_path: Path) -> None:
     losses = losses_by_step(evs)
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())
     assert losses[STEPS] < losses[1]
-    assert re.search(r"backend\W+nccl", (run_dir / "logs" / "rank0.log").read_text()), "DeepSpeed did not use nccl"
+    # NCCL prints its version (NCCL_DEBUG=WARN and up) when a communicator is made: only the nccl backend makes one.
+    assert re.search(r"NCCL version \d", (run_dir / "logs" / "rank0.log").read_text()), "no NCCL communicator"
     for family in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWER_USAGE"):
         assert re.search(rf"^{family}{{[^}}]*gpu=\"0\"", scrape, re.M), f"{family} missing from the endpoint"

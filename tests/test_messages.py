@@ -23,6 +23,8 @@ EXAMPLES = [
                     resume_tag="global_step5", faults=[], env={}, log_path="/r/logs/rank1.log"),
     messages.Interrupt(),
     messages.Fork(id=3, env={"A": "b"}, log_path="/l"),
+    messages.Prepared(),
+    messages.Prepared(error="threads left running after the imports: ['triton-compile']"),
     messages.Forked(id=3, pid=42),
     messages.Exited(pid=42, returncode=-9),
     messages.Alive(where="train.py:3 in step", in_collective=True, still_s=2.0),

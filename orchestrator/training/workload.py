@@ -41,7 +41,7 @@ def warmup(config: Config) -> None:
     try:
         inputs, targets = batch(corpus, seed=0, step=0, seq_len=config.model.seq_len,
                                 micro_batch=config.train.micro_batch_size, dp_rank=0, dp_size=1)
-        loss = engine(inputs, targets)
+        loss = engine(inputs.to(engine.device), targets.to(engine.device))
         engine.backward(loss)
         engine.step()
     finally:

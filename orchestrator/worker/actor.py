@@ -40,6 +40,7 @@ from orchestrator.worker.messages import (
     Message,
     PollAnswer,
     Prepare,
+    Prepared,
     RankStatus,
     Report,
     Start,
@@ -52,7 +53,10 @@ GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 _LOG_TAIL_BYTES = 8192
 # How long after a process exits we wait for its last reports to be read.
 _DRAIN_TIMEOUT_S = 2.0
-_FORK_TIMEOUT_S = 120.0  # the first fork waits for the zygote's imports
+_PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
+# A prepared zygote forks in milliseconds. A rank forked inside an actor call waits at most this:
+# well inside the lease, since the call keeps the actor from answering renewals meanwhile.
+_FORK_TIMEOUT_S = 2.0
 
 
 class HostedProcess:
@@ -220,6 +224,10 @@ class HostedProcess:
             return ""
 
 
+class ZygoteUnavailable(Exception):
+    """The zygote cannot fork now: its imports are not done, they failed, or it exited."""
+
+
 class Zygote:
     """The node's zygote process (``orchestrator.worker.zygote``): forks warm spares."""
 
@@ -230,6 +238,12 @@ class Zygote:
         self._forks = 0
         self._exits_lock = threading.Lock()
         self._exited_early: dict[int, int] = {}
+        self._prepared = threading.Event()
+        self.error = ""  # why it cannot fork, once it has said so
+        # torch.cuda.is_available() (which DeepSpeed's import calls) asks NVML instead of initialising
+        # CUDA, which no child forked afterwards could use. NVML starts a thread of its own, though
+        # (driver 580 on an H100), so on such GPU nodes the zygote says it cannot fork.
+        env = {**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
         self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
                                   on_message=self._on_message)
         self.proc.send(Prepare(config=config))
@@ -237,11 +251,30 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll_exit() is None
 
+    def ready(self) -> bool:
+        """Prepared, fit to fork, and running."""
+        return self._prepared.is_set() and not self.error and self.alive()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the imports; False if it cannot fork (``error`` says why)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._prepared.wait(0.2):
+            if not self.alive():
+                self.error = self.error or f"it exited ({self.proc.poll_exit()}) before its imports were done"
+                return False
+            if time.monotonic() > deadline:
+                self.error = f"its imports took over {timeout_s:g}s"
+                return False
+        return self.ready()
+
     def fork(self, env: dict[str, str], log_path: Path, control_fd: int) -> int:
         """Fork a spare with ``env`` whose control socket is ``control_fd``; returns its pid.
+        Never waits for the imports (:class:`ZygoteUnavailable` instead).
 
         Replies carry the request's id: a late reply to an earlier fork that timed out is skipped,
         never taken for this one's."""
+        if not self.ready():
+            raise ZygoteUnavailable(self.error or "its imports are not done yet")
         with self._lock:
             self._forks += 1
             request = self._forks
@@ -269,7 +302,10 @@ class Zygote:
                 proc.exited(-signal.SIGKILL)
 
     def _on_message(self, message: Message) -> None:
-        if isinstance(message, Forked):
+        if isinstance(message, Prepared):
+            self.error = message.error
+            self._prepared.set()
+        elif isinstance(message, Forked):
             self._replies.put(message)
         elif isinstance(message, Exited):
             with self._exits_lock:
@@ -366,13 +402,13 @@ class RankActor:
         """Start ``spec.rank`` forked from this node's zygote (warm: its imports are done); returns its
         pid, or None when this actor has no live zygote."""
         zygote = self._zygote
-        if zygote is None or not zygote.alive():
+        if zygote is None or not zygote.ready():
             return None
         self._forget(spec.rank)
         header = f"rank {spec.rank} attempt {spec.attempt}: forked from the zygote"
         try:
             proc = HostedProcess(spec.env, self._rank_log(spec.rank), header, zygote=zygote)
-        except (OSError, queue.Empty) as exc:
+        except (OSError, queue.Empty, ZygoteUnavailable) as exc:
             print(f"could not fork rank {spec.rank}: {exc!r}; starting it fresh", file=sys.stderr, flush=True)
             return None
         zygote.adopt(proc)
@@ -422,17 +458,30 @@ class RankActor:
             if spare is not None and spare.poll_exit() is None:
                 continue
             try:
-                if self._zygote is None or not self._zygote.alive():
-                    self._zygote = Zygote(config, env, self._log_dir / f"zygote-{self.index}.log")
+                zygote = self._fit_zygote(config, env)
                 self._spares_started += 1
                 log = self._log_dir / f"spare-{self.index}-{self._spares_started}.log"
-                spare = HostedProcess(env, log, "warm spare", zygote=self._zygote)
-            except (OSError, queue.Empty) as exc:
+                spare = HostedProcess(env, log, "warm spare", zygote=zygote)
+            except (OSError, queue.Empty, ZygoteUnavailable) as exc:
                 print(f"could not make a warm spare: {exc!r}", file=sys.stderr, flush=True)
                 continue
-            self._zygote.adopt(spare)
+            if zygote is not None:
+                zygote.adopt(spare)
             spare.send(Prepare(config=config))
             self._procs[SPARE] = spare
+
+    def _fit_zygote(self, config: dict[str, Any], env: dict[str, str]) -> Zygote | None:
+        """This node's zygote, started on first use and ready to fork; None where it cannot fork
+        (said once), and spares then start as fresh processes: slower to warm, as warm once ready."""
+        if self._zygote is not None and self._zygote.error:
+            return None
+        if self._zygote is None or not self._zygote.alive():
+            self._zygote = Zygote(config, env, self._log_dir / f"zygote-{self.index}.log")
+        if self._zygote.wait_ready(_PREPARE_TIMEOUT_S):
+            return self._zygote
+        print(f"warm spares on this node start as fresh processes: the zygote cannot fork: {self._zygote.error}",
+              file=sys.stderr, flush=True)
+        return None
 
     def promote_spare(self, spec: Start) -> int | None:
         """Make the spare rank ``spec.rank``; returns its pid, or None when there is no live spare."""

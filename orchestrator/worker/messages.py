@@ -95,6 +95,14 @@ class Fork(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Prepared(Message):
+    """The zygote's imports are done: it can fork (``error`` empty), or it cannot and exits (why)."""
+
+    type: ClassVar[str] = "prepared"
+    error: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Forked(Message):
     """The spare of fork request ``id`` is process ``pid``."""
 
@@ -294,7 +302,7 @@ class PollAnswer:
 
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
-    for kind in (Prepare, Start, Rejoin, Interrupt, Fork, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
+    for kind in (Prepare, Start, Rejoin, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
                  CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
 }
 

@@ -10,6 +10,7 @@ the child only rehearses an engine set-up (~0.7 CPU-seconds).
 Protocol on the control socket (JSON lines of ``messages.py``) with its actor:
 
     -> Prepare(config)
+    <- Prepared(error)             (error: why it cannot fork; it then exits)
     -> Fork(id, env, log_path)     + the child's control fd (SCM_RIGHTS)
     <- Forked(id, pid)
     <- Exited(pid, returncode)     (Popen convention: -signal)
@@ -26,12 +27,17 @@ import select
 import signal
 import socket
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from orchestrator.worker.channel import CONTROL_FD_ENV
-from orchestrator.worker.messages import Exited, Fork, Forked, Message, Prepare, decode, encode
+from orchestrator.worker.messages import Exited, Fork, Forked, Message, Prepare, Prepared, decode, encode
 
 _REAP_INTERVAL_S = 0.2
+_THREADS_EXIT_S = 2.0
+_nvml_released = False  # set once before the first fork; children read it
 
 
 def main() -> int:
@@ -53,15 +59,38 @@ def main() -> int:
             line, buffer = buffer.split(b"\n", 1)
             message = decode(json.loads(line))
             if isinstance(message, Prepare):
-                _import_everything(message.config)
+                error = _prepare(message.config)
+                _send(sock, Prepared(error=error))
+                if error:
+                    return 1
             elif isinstance(message, Fork):
                 child_fd = fds.pop(0)
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
+                    if _nvml_released:
+                        _reinit_nvml()
                     os._exit(process.run_forked_spare(child_fd, message.env, message.log_path))
                 os.close(child_fd)
                 _send(sock, Forked(id=message.id, pid=pid))
+
+
+def _prepare(config_dict: dict[str, Any]) -> str:
+    """Import everything; returns why this process cannot fork safely ("" when it can)."""
+    try:
+        _import_everything(config_dict)
+    except Exception as exc:  # noqa: BLE001 - any failure means no warm spares, never a failed job
+        return f"the imports failed: {type(exc).__name__}: {exc}"
+    _release_nvml()
+    # Forking is only safe from a single-threaded process: a thread some import started (a
+    # compiler's worker pool, say) would be missing in the child with whatever locks it held.
+    deadline = time.monotonic() + _THREADS_EXIT_S
+    while (others := _other_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a thread that is being shut down (NVML's) takes a moment to end
+    if others:
+        names = sorted(_thread_name(tid) for tid in others)
+        return f"the imports left {len(names)} thread(s) running ({', '.join(names)}), so forking is unsafe"
+    return ""
 
 
 def _import_everything(config_dict: dict[str, Any]) -> None:
@@ -78,18 +107,45 @@ def _import_everything(config_dict: dict[str, Any]) -> None:
 
     if config.train.is_script:
         script.preimport(config.train)
-        _check_single_threaded("the script's imports")
         return
     module = importlib.import_module((config.train.entrypoint or BUILTIN_ENTRYPOINT).partition(":")[0])
     preload = getattr(module, "preload", None)
     if callable(preload):
         preload(config)
-    _check_single_threaded("the imports")
 
 
-def _check_single_threaded(what: str) -> None:
-    # Forking is only safe from a single-threaded process.
-    assert len(os.listdir("/proc/self/task")) == 1, f"{what} left a thread running; the zygote cannot fork safely"
+def _release_nvml() -> None:
+    """DeepSpeed's CUDA accelerator initialises NVML when imported, and NVML runs a thread of its
+    own: shut NVML down before forking. Each child initialises it again (:func:`_reinit_nvml`)."""
+    global _nvml_released
+    nvml = sys.modules.get("pynvml")
+    if nvml is None:
+        return
+    try:
+        nvml.nvmlShutdown()
+    except nvml.NVMLError:
+        return  # it was never initialised
+    _nvml_released = True
+
+
+def _reinit_nvml() -> None:
+    """In a forked child: NVML as DeepSpeed left it in the zygote (initialised)."""
+    nvml = sys.modules["pynvml"]
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        print(f"NVML unavailable in this process: {exc}", file=sys.stderr, flush=True)
+
+
+def _other_threads() -> list[str]:
+    return [tid for tid in os.listdir("/proc/self/task") if int(tid) != threading.get_native_id()]
+
+
+def _thread_name(tid: str) -> str:
+    try:
+        return Path(f"/proc/self/task/{tid}/comm").read_text().strip() or tid
+    except OSError:
+        return tid  # it has just ended
 
 
 def _reap(sock: socket.socket) -> None:
