@@ -358,7 +358,7 @@ def _launch(args: argparse.Namespace) -> int:
     if server is not None:
         events.emit("metrics_started", url=server.url, target=server.target)
         display.note(f"metrics: {server.url}")
-    group = RayWorkerGroup(config, run.path)
+    group = RayWorkerGroup(config, run.path, run_id=run.run_id)
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics)
     display.note(f"run {run.run_id}: {_describe(config)} -> {run.path}")
     started = time.monotonic()

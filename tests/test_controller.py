@@ -441,6 +441,24 @@ def test_before_any_step_a_moving_call_stack_is_progress_and_a_still_one_is_stuc
     assert hang.step is None, "no step reported: none to blame"
 
 
+def test_a_rank_waiting_for_a_stuck_peer_is_not_blamed_when_it_goes_stale_first(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5", "fault_tolerance.stuck_timeout_s=60")
+    ctl.step()
+    waits_since = clock.now
+    clock.now += 0.5  # the stuck rank's stack stopped changing just after its peer began to wait for it
+    stuck_since = clock.now
+    clock.now += 59.8  # the waiting rank is past stuck_timeout_s (60.3 s), the stuck one not yet
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, moved_at=waits_since, in_collective=True),
+                     RankUpdate(rank=1, alive_at=clock.now, moved_at=stuck_since, where="train.py:9 in load")]]
+    _, current = ctl.step()
+    assert isinstance(current, Running) and not group.killed, "only the waiting rank is stale yet: nobody is blamed"
+    clock.now += 1
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, moved_at=waits_since, in_collective=True),
+                     RankUpdate(rank=1, alive_at=clock.now, moved_at=stuck_since, where="train.py:9 in load")]]
+    _, current = ctl.step()
+    assert [f.rank for f in current.failures] == [1] and group.killed[:1] == [1]
+
+
 def test_silence_is_a_hang_even_before_the_first_step(tmp_path: Path) -> None:
     ctl, group, _, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
     ctl.step()

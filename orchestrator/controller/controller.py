@@ -466,18 +466,20 @@ class Controller:
         def silent(v: RankView) -> float:
             return now - (v.alive_at if v.alive_at is not None else v.progress_at)
 
-        stale = [r for r, v in self._views.items() if v.running and not (v.failed or v.finished or v.ready)
-                 and (idle(v) > limit(v) or silent(v) > ft.hang_timeout_s)]
+        training = [r for r, v in self._views.items() if v.running and not (v.failed or v.finished or v.ready)]
+        stale = [r for r in training if idle(self._views[r]) > limit(self._views[r])
+                 or silent(self._views[r]) > ft.hang_timeout_s]
         if not stale:
             return []
 
         def frozen(v: RankView) -> bool:
             return silent(v) > FROZEN_AFTER_S
 
-        # A rank waiting in a collective is waiting for the stuck one. If all wait and nothing else
-        # failed that they could be waiting for, all are suspect.
+        # A rank waiting in a collective is waiting for the stuck one, which becomes stale a moment
+        # later (it stopped moving after they started waiting). Only when every rank waits, and nothing
+        # else failed that they could be waiting for, are all suspect.
         culprits = [r for r in stale if frozen(self._views[r]) or not self._views[r].in_collective]
-        if not culprits and not any(v.failed for v in self._views.values()):
+        if not culprits and stale == training and not any(v.failed for v in self._views.values()):
             culprits = stale
         failures = []
         for rank in culprits:

@@ -64,6 +64,9 @@ PARENT_PID_ENV = "ORCH_PARENT_PID"
 ORCH_ENV_PREFIX = "ORCH_"
 BUILTIN_ENTRYPOINT = "orchestrator.training.workload:train"
 LIVENESS_INTERVAL_S = 1.0
+# The main thread's stack is sampled this often: a healthy loop sampled once a second can land on
+# the same line every time (its sleep, say); sampled 20 times as often, it shows lines changing.
+_STACK_SAMPLE_S = 0.05
 _DECISION_TIMEOUT_S = 600.0
 _PR_SET_PDEATHSIG = 1
 # Frames in these packages mean "waiting for peers", not "stuck in my own code".
@@ -219,17 +222,22 @@ class Runtime:
             raise Interrupted("stopped by the controller for a recovery")
 
     def _liveness(self) -> None:
+        """Once a second: where the main thread is, and how long its stack (sampled every 50 ms,
+        each frame's line) has not changed: a rank's progress when it reports no steps."""
         main_id = threading.main_thread().ident
         last_stack: tuple[tuple[str, int], ...] = ()
-        moved = time.monotonic()
+        moved = next_beat = time.monotonic()
         while True:
-            time.sleep(LIVENESS_INTERVAL_S)
+            time.sleep(_STACK_SAMPLE_S)
             frame = sys._current_frames().get(main_id)
-            where, in_collective = _describe_stack(frame)
             stack = _stack_of(frame)
             now = time.monotonic()
             if stack != last_stack:
                 last_stack, moved = stack, now
+            if now < next_beat:
+                continue
+            next_beat = now + LIVENESS_INTERVAL_S
+            where, in_collective = _describe_stack(frame)
             try:
                 self.channel.send(Alive(where=where, in_collective=in_collective, still_s=now - moved))
             except OSError:
