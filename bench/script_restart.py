@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.monitor.events import read_events  # noqa: E402
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools  # noqa: E402
+from tests.helpers import descendants  # noqa: E402
 
 SCRIPT = REPO / "tests" / "scripts" / "hf_clm.py"
 DS_CONFIG = REPO / "tests" / "scripts" / "ds_zero2.json"
@@ -69,7 +70,7 @@ def rank1_pid(system: str, work: Path, root: int) -> int | None:
         started = [e for e in read_events(events) if e["event"] == "worker_started" and e["rank"] == 1] \
             if events.exists() else []
         return started[-1]["pid"] if started else None
-    for pid in _descendants(root):
+    for pid in descendants(root)[1:]:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -77,23 +78,6 @@ def rank1_pid(system: str, work: Path, root: int) -> int | None:
         if b"RANK=1" in environ and b"LOCAL_RANK=1" in environ:
             return pid
     return None
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found[1:]
 
 
 def run(system: str, steps: int) -> dict:
