@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.worker.env import with_interpreter_tools
 from tests.helpers import (
     REPO,
     cli,
@@ -41,9 +42,11 @@ def torchrun(*args: str, timeout: float = 240, env: dict[str, str] | None = None
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), *args]
-    # DS_ACCELERATOR: what a CPU user sets for DeepSpeed under torchrun (the orchestrator sets it per rank).
+    # DS_ACCELERATOR: what a CPU user sets for DeepSpeed under torchrun (the orchestrator sets it per rank);
+    # TORCH_EXTENSIONS_DIR (with_interpreter_tools): this installation's prebuilt ops, not a JIT build.
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
+                          env=with_interpreter_tools({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                                      **(env or {})}))
 
 
 def test_a_script_sees_torchruns_environment_contract(tmp_path: Path) -> None:
