@@ -116,8 +116,6 @@ def _is_installed(top: str, local: Path) -> bool:
 
 def preimport(train: TrainConfig) -> None:
     """Import what :func:`third_party_imports` finds; what fails to import is left to the script."""
-    import importlib
-
     for module, names in third_party_imports(train):
         try:
             imported = importlib.import_module(module)
