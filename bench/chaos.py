@@ -13,6 +13,9 @@ seconds from a seeded schedule over every kind this script can produce from outs
     kill_actor        SIGKILL a rank's Ray actor (its training process dies with it)
     kill_controller   SIGKILL the controller, then run the same command again (it resumes)
 
+A fault lands only on a job that is training, and after one that stops training the next waits
+until the controller has reacted to it, so that each is seen (and checked) for what it was.
+
 It prints the faults injected, recoveries, whether the final loss equals the clean run's bit for
 bit, checkpoints that fail ``orchestrator checkpoints verify``, processes left behind, goodput and
 the badput per fault by kind (from the fault until training resumed, plus the steps trained
@@ -53,6 +56,10 @@ KINDS = ("sigkill", "sigstop", "raise", "kill_during_save", "kill_spare", "kill_
 OVERRIDES = ("checkpoint.interval_steps=50", "fault_tolerance.max_restarts=1000", "metrics.port=0")
 _WAIT_S = 600.0
 _INTERRUPTIONS = ("run_started", "failure_detected", "recovery_started")  # training stopped here
+# Faults that stop training: the next fault waits until the controller has seen this one, so that
+# each is seen for what it was (a SIGSTOP is seen only after the hang timeout; a fault landing
+# before then would be blamed for it).
+_STOPS_TRAINING = ("sigkill", "sigstop", "raise", "kill_during_save", "kill_actor", "kill_controller")
 
 
 @dataclass
@@ -110,6 +117,16 @@ class Job:
         evs = self.events()
         start = max((i for i, e in enumerate(evs) if e["event"] == "run_started"), default=0)
         return {e["rank"]: e["pid"] for e in evs[start:] if e["event"] == "worker_started"}
+
+    def wait_seen(self, since: float, timeout: float) -> bool:
+        """Wait until the controller reacts to a fault made at ``since`` (an interruption event after
+        it); False if it did not within ``timeout`` or the job ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if any(e["event"] in _INTERRUPTIONS and e["ts"] > since for e in self.events()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def wait_training(self, timeout: float = 120.0) -> bool:
         """Wait until the job trains: a step after its (re)start and after any failure seen since;
@@ -255,6 +272,8 @@ def soak(workdir: Path, steps: int, schedule: list[tuple[float, str]], seed: int
         target = inject(job, kind, rng, step_s)
         if not target.endswith("(skipped)"):
             faults.append(Fault(kind=kind, at=job.fault_at, step=step, target=target))
+            if kind in _STOPS_TRAINING:
+                job.wait_seen(job.fault_at, timeout=hang_timeout_s + 60)
         print(f"  {time.time() - started:6.1f}s  step {step:5d}  {kind:17s} {target}", flush=True)
     while True:
         try:
