@@ -471,8 +471,8 @@ def test_silence_is_a_hang_even_before_the_first_step(tmp_path: Path) -> None:
     assert (hang.rank, hang.reason) == (1, "hang") and "no sign of life for 6.0s" in hang.message
 
 
-def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up(tmp_path: Path) -> None:
-    from orchestrator.controller.controller import SCRIPT_UP_S, SPARES_AFTER_S
+def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up_and_moving(tmp_path: Path) -> None:
+    from orchestrator.controller.controller import SCRIPT_MOVING_S, SCRIPT_UP_S, SPARES_AFTER_S
 
     ctl, group, run, clock = make(tmp_path, "train.script=train.py")
     ctl.step()
@@ -485,10 +485,18 @@ def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up(tmp_
     (failure,) = of_kind(read_events(run.events), "failure_detected")
     assert "step" not in failure and failure["log_tail"] == "loading\nstep 22", failure
     assert any("  | step 22" in note for note in ctl.display.notes), "the rank's last lines reach the terminal"
+    def moved(ago: float) -> list[RankUpdate]:
+        return [RankUpdate(rank=r, alive_at=clock.now, moved_at=clock.now - ago) for r in (0, 1)]
+
     clock.now += SCRIPT_UP_S - 1
+    group.script = [moved(0.1)]
     ctl.step()
     assert of_kind(read_events(run.events), "recovery_finished") == []
     clock.now += 1
+    group.script = [moved(SCRIPT_MOVING_S + 1)]
+    ctl.step()
+    assert of_kind(read_events(run.events), "recovery_finished") == [], "up, but stalled: not back yet"
+    group.script = [moved(0.1)]
     ctl.step()
     (finished,) = of_kind(read_events(run.events), "recovery_finished")
     assert (finished["signal"], finished["resumed_from_step"], finished["mode"]) == ("alive", None, "full_restart")

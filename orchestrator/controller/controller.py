@@ -52,8 +52,10 @@ SETTLE_S = 0.5
 UNWIND_TIMEOUT_S = 10.0
 # No sign of life (not even the once-a-second liveness beat) for this long: the process is frozen.
 FROZEN_AFTER_S = 3.0
-# A script that reports nothing is back after a restart once every rank has run this long.
+# A script that reports nothing is back after a restart once every rank has run this long, its call
+# stack still moving (changed within SCRIPT_MOVING_S): a restart that stalls is not a recovery.
 SCRIPT_UP_S = 10.0
+SCRIPT_MOVING_S = 2.0
 # Spares start after the first reported step; for a script that reports nothing, this long after its start.
 SPARES_AFTER_S = 30.0
 # How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
@@ -498,13 +500,15 @@ class Controller:
 
     def _check_quiet_script(self) -> None:
         """For a script that has reported no step in this run: start the spares once it has run a while,
-        and call a restart recovered once every rank has stayed up ``SCRIPT_UP_S``."""
+        and call a restart recovered once every rank has stayed up ``SCRIPT_UP_S`` and is still moving."""
         if not self.config.train.is_script or self._steps_reported:
             return
-        up_s = self._clock() - self._attempt_started_at
+        now = self._clock()
+        up_s = now - self._attempt_started_at
         if not all(v.running and not v.failed for v in self._views.values()):
             return
-        if self._pending is not None and up_s >= SCRIPT_UP_S:
+        moving = all(v.moved_at is not None and now - v.moved_at <= SCRIPT_MOVING_S for v in self._views.values())
+        if self._pending is not None and up_s >= SCRIPT_UP_S and moving:
             self._finish_recovery(self._pending, "alive", None)
         if not self._spares_started and up_s >= SPARES_AFTER_S:
             self._spares_started = True
