@@ -67,6 +67,8 @@ def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, s
     logs = {p.name for p in (run_dir / "logs").iterdir()}
     assert {"rank0.log", "rank1.log"} <= logs
     assert all(name.startswith(("spare-", "zygote-")) for name in logs - {"rank0.log", "rank1.log"})
+    for name in ("rank0.log", "rank1.log"):  # a finished rank ends without an abort at interpreter teardown
+        assert "Fatal Python error" not in (run_dir / "logs" / name).read_text(), name
     assert "succeeded: step 40" in output
     assert wait_gone([w["pid"] for w in workers]) == []
     assert started[0]["config"]["cluster"]["env"] == {"WANDB_API_KEY": "<redacted>"}

@@ -24,6 +24,7 @@ dies (``PR_SET_PDEATHSIG``), and it exits when the control socket closes.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import faulthandler
 import importlib
@@ -36,7 +37,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
@@ -244,20 +245,35 @@ class Runtime:
                 return
 
 
-def run_forked_spare(control_fd: int, env: dict[str, str], log_path: str) -> int:
-    """Main of a spare forked by the node's zygote (``orchestrator.worker.zygote``)."""
+def run_forked_spare(control_fd: int, env: dict[str, str], log_path: str) -> NoReturn:
+    """Main of a spare forked by the node's zygote (``orchestrator.worker.zygote``); never returns
+    (the zygote's own loop must not go on in the child)."""
     os.setsid()  # its own session, like a spare the actor starts itself
     os.environ.update(env)
     os.environ[CONTROL_FD_ENV] = str(control_fd)
     os.environ[PARENT_PID_ENV] = str(os.getppid())
     _redirect_output(log_path)
     try:
-        return main()
+        code = main()
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - whatever happens, this child ends here
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` once Python's own clean-up is done (atexit handlers, the
+    training code's included; buffered output), without the C++ static destructors of interpreter
+    teardown: there a gloo or DeepSpeed thread still joinable aborts a process that finished its
+    work (``terminate called without an active exception``, STACK-NOTES), which its log then shows."""
+    try:
+        atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        os._exit(code)
 
 
 def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
@@ -376,4 +392,4 @@ def _leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

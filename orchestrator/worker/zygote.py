@@ -70,7 +70,7 @@ def main() -> int:
                     sock.close()
                     if _nvml_released:
                         _reinit_nvml()
-                    os._exit(process.run_forked_spare(child_fd, message.env, message.log_path))
+                    process.run_forked_spare(child_fd, message.env, message.log_path)
                 os.close(child_fd)
                 _send(sock, Forked(id=message.id, pid=pid))
 
