@@ -2,14 +2,18 @@
 
 Every process the suite starts inherits ``SUITE_MARK`` in its environment (the orchestrator's
 reapers look for their own token, a user's ``ps`` for anything at all); at the end the suite
-waits a bounded time for them to go, then fails, naming and killing the ones left."""
+waits a bounded time for them to go, then fails, naming and killing the ones left.
+
+Also the session's shared reference runs (``reference_run``)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter.write_sep("=", "processes left behind", red=True)
         reporter.write_line(message)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, subprocess.CompletedProcess[str]]]:
+    """``reference_run(*overrides)``: (run directory, CLI result) of an uninterrupted run of the local
+    config with ``overrides``, made once per session. Tests that compare losses with a clean run share
+    it (the learning rate is constant, so one long run serves any shorter one); the contract test
+    inspects the default one (``tests.helpers.REFERENCE``)."""
+    from tests.helpers import cli, launch_args
+
+    runs: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess[str]]] = {}
+
+    def run(*overrides: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        if overrides not in runs:
+            run_dir = tmp_path_factory.mktemp("reference") / "run"
+            runs[overrides] = run_dir, cli(*launch_args(run_dir, *overrides), timeout=400)
+        return runs[overrides]
+
+    return run

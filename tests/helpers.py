@@ -19,6 +19,17 @@ from orchestrator.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "cluster_configs" / "local.yaml"
+# A cluster.env value of the reference run: it must not be written anywhere in the run directory.
+SECRET = "s3cr3t-4f9a"
+# The session's reference run of the local config (conftest ``reference_run``): ZeRO-2, 100 steps,
+# a checkpoint every 10.
+REFERENCE_TRAINING = ("train.steps=100", "checkpoint.interval_steps=10")
+REFERENCE = (*REFERENCE_TRAINING, f"cluster.env.WANDB_API_KEY={SECRET}")
+
+
+def zero_reference(stage: int) -> tuple[str, ...]:
+    """The reference run of ZeRO stage ``stage`` (30 steps, a checkpoint every 10)."""
+    return (f"parallel.zero_stage={stage}", "train.steps=30", "checkpoint.interval_steps=10")
 
 
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ import pytest
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import MANIFEST, verify
 from tests.helpers import (
+    REFERENCE,
     cli,
     descendants,
     events,
@@ -52,10 +53,10 @@ def clean_big(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     return losses_by_step(events(run_dir))
 
 
-@pytest.fixture(scope="module")
-def clean_small(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    run_dir = tmp_path_factory.mktemp("clean-small") / "run"
-    result = cli(*launch_args(run_dir, *SMALL, "train.steps=50"))
+@pytest.fixture
+def clean_small(reference_run) -> dict[int, float]:
+    """Losses of the session's reference run (checkpoint.interval_steps=10 as in SMALL; 100 steps)."""
+    run_dir, result = reference_run(*REFERENCE)
     assert result.returncode == 0, result.stdout + result.stderr
     return losses_by_step(events(run_dir))
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    REFERENCE,
+    SECRET,
     cli,
     descendants,
     events,
@@ -25,18 +27,17 @@ from tests.helpers import (
     start_cli,
     wait_for_event,
     wait_gone,
+    zero_reference,
 )
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(300)]
 
 SHORT = ("train.steps=40", "checkpoint.interval_steps=10")
-SECRET = "s3cr3t-4f9a"  # a cluster.env value: must not be written anywhere in the run directory
 
 
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    run_dir = tmp_path_factory.mktemp("clean") / "run"
-    result = cli(*launch_args(run_dir, *SHORT, f"cluster.env.WANDB_API_KEY={SECRET}"))
+@pytest.fixture
+def clean_run(reference_run) -> tuple[Path, str, str]:
+    run_dir, result = reference_run(*REFERENCE)
     return run_dir, result.stdout + result.stderr, str(result.returncode)
 
 
@@ -50,26 +51,26 @@ def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, s
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert all(w["pid"] > 0 and w["node"] and w["attempt"] == 0 for w in workers)
     steps = of_kind(evs, "step")
-    assert [s["step"] for s in steps] == list(range(1, 41)), "a step event for every step"
+    assert [s["step"] for s in steps] == list(range(1, 101)), "a step event for every step"
     assert all(s["step_time_s"] > 0 and isinstance(s["loss"], float) for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, "the model must learn"
     committed = of_kind(evs, "checkpoint_committed")
-    assert [c["step"] for c in committed] == [10, 20, 30, 40]
+    assert [c["step"] for c in committed] == list(range(10, 101, 10))
     assert all(c["seconds"] > 0 and Path(c["path"]).is_dir() for c in committed[-3:])
     finished = evs[-1]
     assert finished["event"] == "run_finished" and finished["status"] == "succeeded"
-    assert finished["step"] == 40 and finished["final_loss"] == steps[-1]["loss"]
+    assert finished["step"] == 100 and finished["final_loss"] == steps[-1]["loss"]
     assert all("ts" in e for e in evs) and [e["ts"] for e in evs] == sorted(e["ts"] for e in evs)
-    # Retention: keep_last=3 of 4 committed, and latest names the newest.
+    # Retention: keep_last=3 of 10 committed, and latest names the newest.
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*"))
-    assert ckpts == ["global_step20", "global_step30", "global_step40"]
-    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step40"
+    assert ckpts == ["global_step100", "global_step80", "global_step90"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step100"
     logs = {p.name for p in (run_dir / "logs").iterdir()}
     assert {"rank0.log", "rank1.log"} <= logs
     assert all(name.startswith(("spare-", "zygote-")) for name in logs - {"rank0.log", "rank1.log"})
     for name in ("rank0.log", "rank1.log"):  # a finished rank ends without an abort at interpreter teardown
         assert "Fatal Python error" not in (run_dir / "logs" / name).read_text(), name
-    assert "succeeded: step 40" in output
+    assert "succeeded: step 100" in output
     assert wait_gone([w["pid"] for w in workers]) == []
     assert started[0]["config"]["cluster"]["env"] == {"WANDB_API_KEY": "<redacted>"}
     records = [run_dir / "events.jsonl", *(run_dir / "checkpoints").glob("*/manifest.json")]
@@ -113,13 +114,12 @@ def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, s
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stages_train(tmp_path: Path, stage: int) -> None:
-    run_dir = tmp_path / "run"
-    result = cli(*launch_args(run_dir, f"parallel.zero_stage={stage}", "train.steps=12", "checkpoint.interval_steps=6"))
+def test_zero_stages_train(reference_run, stage: int) -> None:
+    run_dir, result = reference_run(*zero_reference(stage))
     assert result.returncode == 0, result.stdout + result.stderr
     steps = of_kind(events(run_dir), "step")
-    assert len(steps) == 12 and steps[-1]["loss"] < steps[0]["loss"]
-    assert [c["step"] for c in of_kind(events(run_dir), "checkpoint_committed")] == [6, 12]
+    assert len(steps) == 30 and steps[-1]["loss"] < steps[0]["loss"]
+    assert [c["step"] for c in of_kind(events(run_dir), "checkpoint_committed")] == [10, 20, 30]
 
 
 def test_tensor_parallel_trains(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    REFERENCE,
+    REFERENCE_TRAINING,
     cli,
     events,
     launch_args,
@@ -23,25 +25,22 @@ from tests.helpers import (
     start_cli,
     wait_for_event,
     wait_gone,
+    zero_reference,
 )
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(420)]
 
 # Long enough for the node's warm spare to be ready (the zygote starts with the first step).
-BASE = ("train.steps=100", "checkpoint.interval_steps=10")
+BASE = REFERENCE_TRAINING
 LAST = 100
 
 
-def _clean(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> dict[int, float]:
-    run_dir = tmp_path_factory.mktemp("clean") / "run"
-    result = cli(*launch_args(run_dir, *BASE, *overrides))
+@pytest.fixture
+def clean_zero2(reference_run) -> dict[int, float]:
+    """Losses of the session's reference run (BASE's training)."""
+    run_dir, result = reference_run(*REFERENCE)
     assert result.returncode == 0, result.stdout + result.stderr
     return losses_by_step(events(run_dir))
-
-
-@pytest.fixture(scope="module")
-def clean_zero2(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    return _clean(tmp_path_factory)
 
 
 def _all_pids(run_dir: Path) -> list[int]:
@@ -112,14 +111,15 @@ def test_full_restart_path(tmp_path: Path, clean_zero2: dict[int, float]) -> Non
     assert evs[-1]["final_loss"] == clean_zero2[LAST]
 
 
-def test_zero3_recovers_in_place(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    clean = _clean(tmp_path_factory, "parallel.zero_stage=3", "train.steps=30")
+def test_zero3_recovers_in_place(tmp_path: Path, reference_run) -> None:
+    clean_dir, clean = reference_run(*zero_reference(3))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
     run_dir = tmp_path / "run"
-    result = cli(*launch_args(run_dir, *BASE, "parallel.zero_stage=3", "train.steps=30"), "--inject-fault=kill@0:15")
+    result = cli(*launch_args(run_dir, *zero_reference(3)), "--inject-fault=kill@0:15")
     assert result.returncode == 0, result.stdout + result.stderr
     evs = events(run_dir)
     assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["in_place"]
-    assert evs[-1]["final_loss"] == clean[30]
+    assert evs[-1]["final_loss"] == losses_by_step(events(clean_dir))[30]
 
 
 def test_repeated_exception_fails_after_one_retry_with_one_traceback(tmp_path: Path) -> None:
