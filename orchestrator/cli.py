@@ -5,6 +5,8 @@
     orchestrator network [CONFIG] [--set KEY=VALUE]... [--sysfs-root DIR] [--head ADDR]
     orchestrator dev-cluster up --nodes N [--cpus-per-node C] [--json] | down NAME
                              | kill-node NAME INDEX | partition NAME INDEX
+    orchestrator scaling plan CONFIG [--set KEY=VALUE]... --out PLAN.json [--sweep-compute-fraction F]
+                       | run PLAN.json [--target] | fit PLAN.json [--out PREDICTION.json]
 
 Exit codes: 0 trained to the end, 1 the run failed, 2 bad input (nothing
 was started), 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
@@ -117,10 +119,99 @@ def _parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("run_dir", metavar="RUN_DIR")
     checkpoints.set_defaults(func=_checkpoints)
 
+    scaling = sub.add_parser("scaling", help="predict a big run's loss from a sweep of small ones (docs/scaling.md)")
+    scaling_sub = scaling.add_subparsers(dest="action", required=True, metavar="ACTION")
+    plan = scaling_sub.add_parser("plan", help="plan the sweep for a target config; print it and write PLAN.json")
+    add_config_args(plan)
+    plan.add_argument("--sweep-compute-fraction", type=float, default=0.01, metavar="F",
+                      help="the whole sweep costs at most F of the target's compute (default: 0.01)")
+    plan.add_argument("--runs", type=int, default=6, help="sweep runs (default: 6)")
+    plan.add_argument("--span", type=float, default=100.0,
+                      help="compute of the largest sweep run over the smallest (default: 100, at least 100)")
+    plan.add_argument("--compute", default="6ND", choices=["6ND", "6ND+attention"],
+                      help="how compute is counted (default: 6ND, N non-embedding parameters, D tokens)")
+    plan.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
+    run = scaling_sub.add_parser("run", help="run a plan's sweep (skips finished runs, resumes interrupted ones)")
+    run.add_argument("plan", metavar="PLAN.json")
+    run.add_argument("--parallel", type=int, default=0,
+                     help="runs at once (default: as many as this machine's cores hold, at least 1)")
+    run.add_argument("--target", action="store_true", help="also run the target itself, after the sweep")
+    fit = scaling_sub.add_parser("fit", help="fit the sweep, predict the target; write PREDICTION.json and a PNG")
+    fit.add_argument("plan", metavar="PLAN.json")
+    fit.add_argument("--out", metavar="PREDICTION.json", help="default: PLAN-prediction.json next to the plan")
+    fit.add_argument("--plot", metavar="PNG", help="default: PLAN-prediction.png next to the plan")
+    fit.add_argument("--exclude", action="append", default=[], metavar="RUN", help="leave a run out of the fit")
+    fit.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap draws (default: 200)")
+    scaling.set_defaults(func=_scaling)
+
     metrics = sub.add_parser("metrics", help="print a run's Prometheus endpoint and a scrape config for it")
     metrics.add_argument("run_dir", metavar="RUN_DIR")
     metrics.set_defaults(func=_metrics)
     return parser
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    """plan: 0; run: 0 when every run finished, 1 otherwise; fit: 0."""
+    from orchestrator.scaling import plan as planning
+
+    if args.action == "plan":
+        plan = planning.make_plan(args.config, args.set, fraction=args.sweep_compute_fraction, runs=args.runs,
+                                  span=args.span, compute=args.compute)
+        Path(args.out).write_text(plan.to_json())
+        _print_plan(plan)
+        print(f"plan written to {args.out}; next: orchestrator scaling run {args.out}")
+        return EXIT_OK
+    plan_path = Path(args.plan)
+    plan = planning.Plan.load(plan_path)
+    if args.action == "run":
+        from orchestrator.scaling.sweep import run_sweep
+
+        world = plan.run_config(plan.target).cluster.world_size
+        parallel = args.parallel or max(1, (os.cpu_count() or 1) // world)
+        failed = run_sweep(plan, plan_path, parallel=parallel, include_target=args.target)
+        return EXIT_FAILED if failed else EXIT_OK
+    from orchestrator.scaling import predict
+    from orchestrator.scaling.plot import plot
+
+    doc = predict.predict(plan, plan_path, exclude=tuple(args.exclude), samples=args.bootstrap)
+    out = Path(args.out or plan_path.with_name(plan_path.stem + "-prediction.json"))
+    png = Path(args.plot or out.with_suffix(".png"))
+    predict.write(doc, out)
+    plot(doc, png)
+    law, (low, high) = doc["compute_law"], doc["prediction"]["interval"]
+    print(f"L(C) = {law['a']:.4g} * C^{law['b']:.4f} + {law['c']:.4f}")
+    if isinstance(doc["size_data_law"], dict) and "E" in doc["size_data_law"]:
+        sd = doc["size_data_law"]
+        print(f"L(N, D) = {sd['E']:.4f} + {sd['A']:.4g}/N^{sd['alpha']:.3f} + {sd['B']:.4g}/D^{sd['beta']:.3f}: "
+              f"target {sd['final_loss']:.4f} ({sd['interval'][0]:.4f}-{sd['interval'][1]:.4f})")
+    print(f"target (C = {doc['target']['compute_flops']:.3g} FLOPs): predicted held-out loss "
+          f"{doc['prediction']['final_loss']:.4f}, {doc['level']:.0%} interval {low:.4f}-{high:.4f}")
+    if "actual" in doc:
+        actual = doc["actual"]["final_loss"]
+        inside = "inside" if low <= actual <= high else "OUTSIDE"
+        print(f"target actual: {actual:.4f}; relative error {(doc['prediction']['final_loss'] - actual) / actual:+.2%}; "
+              f"{inside} the interval")
+    print(f"written: {out}, {png}")
+    return EXIT_OK
+
+
+def _print_plan(plan: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep for {plan.config} ({plan.compute})")
+    for column in ("run", "layers", "dim", "steps", "params N", "tokens D", "compute C", "C / target"):
+        table.add_column(column, justify="right")
+    for run in [*plan.runs, plan.target]:
+        o = run.overrides
+        config = plan.run_config(run)
+        table.add_row(run.name, str(config.model.layers), str(config.model.dim), str(config.train.steps),
+                      f"{run.params:,}", f"{run.tokens:,}", f"{run.compute_flops:.3g}",
+                      f"{run.compute_flops / plan.target.compute_flops:.2e}" if o else "1")
+    Console().print(table)
+    print(f"sweep total: {plan.sweep_compute:.3g} FLOPs = {plan.sweep_compute / plan.target.compute_flops:.4f} of the "
+          f"target (at most {plan.sweep_compute_fraction:g}); span "
+          f"{plan.runs[-1].compute_flops / plan.runs[0].compute_flops:.0f}x")
 
 
 def _checkpoints(args: argparse.Namespace) -> int:

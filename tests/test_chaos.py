@@ -3,7 +3,7 @@ which must end bit for bit like a clean run, with every checkpoint valid and not
 each fault seen for what it was.
 
 The same script as the long soak of ``docs/benchmarks.md`` (``bench/chaos.py``); here about a
-minute of faults over a 500-step run, with its clean run first.
+minute of faults over a 300-step run, with its clean run first.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SEEN_AS = {"sigkill": "signal", "kill_during_save": "signal", "sigstop": "hang",
 
 
 def test_five_faults_of_five_kinds_end_like_a_clean_run(tmp_path: Path) -> None:
-    args = [sys.executable, "bench/chaos.py", "--seed", "3", "--steps", "500", "--minutes", "1.5", "--min-gap", "5",
+    args = [sys.executable, "bench/chaos.py", "--seed", "3", "--steps", "300", "--minutes", "1.5", "--min-gap", "5",
             "--max-gap", "8", "--faults", "5", "--hang-timeout", str(HANG_TIMEOUT_S), "--out", str(tmp_path)]
     for kind in KINDS:
         args += ["--only", kind]

@@ -187,19 +187,29 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(clean_small: dict
     assert losses_by_step(evs)[50] == clean_small[50]
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(clean_small: dict[int, float], tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = cli(*launch_args(run_dir, *SMALL, "train.steps=30"))
-    assert first.returncode == 0, first.stdout + first.stderr
+def _copy_of_reference(reference_run, tmp_path: Path, step: int) -> Path:
+    """A new run directory holding the reference run's committed checkpoint of ``step`` (2 ranks,
+    ZeRO-2), as a user copying a checkpoint elsewhere would: a launch there resumes from it."""
+    reference_dir, result = reference_run(*REFERENCE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(reference_dir / "checkpoints" / f"global_step{step}", checkpoints / f"global_step{step}")
+    (checkpoints / "latest").write_text(f"global_step{step}")
+    return tmp_path / "run"
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(clean_small: dict[int, float], reference_run, tmp_path: Path) -> None:
+    run_dir = _copy_of_reference(reference_run, tmp_path, 80)
     # One rank with the same global batch (16 sequences) continues the same optimisation.
-    second = cli(*launch_args(run_dir, *SMALL, "train.steps=40", "cluster.workers_per_node=1", "train.micro_batch_size=16"))
+    second = cli(*launch_args(run_dir, *SMALL, "train.steps=90", "cluster.workers_per_node=1", "train.micro_batch_size=16"))
     assert second.returncode == 0, second.stdout + second.stderr
     evs = _last_attempt(run_dir)
-    assert evs[0]["world_size"] == 1 and evs[0]["resumed_from_step"] == 30
+    assert evs[0]["world_size"] == 1 and evs[0]["resumed_from_step"] == 80
     [converted] = of_kind(evs, "checkpoint_converted")
     assert converted["saved_layout"] == [2, 1] and converted["layout"] == [1, 1]
     resumed = losses_by_step(evs)
-    assert sorted(resumed) == list(range(31, 41))
+    assert sorted(resumed) == list(range(81, 91))
     worst = max(abs(resumed[s] - clean_small[s]) for s in resumed)
     assert worst <= 1e-5, f"1-rank continuation differs from the 2-rank one by {worst}"
 
@@ -229,15 +239,13 @@ def test_failing_disk_is_reported_and_the_previous_checkpoint_kept(tmp_path: Pat
     assert not any(p.name.startswith("global_step") and p.name != "global_step10" for p in checkpoints.iterdir())
 
 
-def test_checkpoints_list_shows_a_save_that_never_committed(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = cli(*launch_args(run_dir, *SMALL, "train.steps=10"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    leftover = store.staging_dir(run_dir / "checkpoints", 3) / "global_step20"
-    shutil.copytree(run_dir / "checkpoints" / "global_step10", leftover)
+def test_checkpoints_list_shows_a_save_that_never_committed(reference_run, tmp_path: Path) -> None:
+    run_dir = _copy_of_reference(reference_run, tmp_path, 90)
+    leftover = store.staging_dir(run_dir / "checkpoints", 3) / "global_step100"
+    shutil.copytree(run_dir / "checkpoints" / "global_step90", leftover)
     (leftover / MANIFEST).unlink()
     listing = cli("checkpoints", "list", str(run_dir))
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
-    assert any(line.startswith("global_step10 (latest)") and " valid " in line for line in lines)
-    assert any("global_step20" in line and "incomplete" in line for line in lines)
+    assert any(line.startswith("global_step90 (latest)") and " valid " in line for line in lines)
+    assert any("global_step100" in line and "incomplete" in line for line in lines)

@@ -18,6 +18,8 @@ _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REDACTED = "<redacted>"
+# Half of the built-in corpus (orchestrator/training/corpus.py DEFAULT_MAX_BYTES): the rest is trained on.
+HELDOUT_MAX_BYTES = 4 * 1024 * 1024
 # Set by the orchestrator for every rank (torchrun's contract, orchestrator/worker/env.py): a user
 # value would silently break rendezvous, or tell a script the wrong rank or restart count.
 RESERVED_ENV = frozenset({
@@ -222,6 +224,21 @@ class ModelConfig(_Section):
     seq_len: Annotated[int, Field(ge=8)] = Field(128, description="Tokens (bytes) per sequence.")
 
 
+class EvaluationConfig(_Section):
+    """Held-out evaluation of the built-in GPT: the last ``heldout_bytes`` of the corpus are never
+    trained on, and the loss on fixed windows of them is reported (``heldout_loss`` in step events)."""
+
+    heldout_bytes: Annotated[int, Field(ge=0)] = Field(
+        0, description="Bytes at the end of the corpus kept out of training and used for evaluation; 0: no evaluation."
+    )
+    batches: Annotated[int, Field(ge=1)] = Field(
+        32, description="Windows of model.seq_len bytes evaluated, evenly spaced over the held-out bytes."
+    )
+    interval_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="Evaluate every N steps as well as after the last; 0: after the last step only."
+    )
+
+
 class CheckpointConfig(_Section):
     """When checkpoints are written and how many are kept."""
 
@@ -288,6 +305,7 @@ class Config(_Section):
     parallel: ParallelConfig = ParallelConfig()
     train: TrainConfig = TrainConfig()
     model: ModelConfig = ModelConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -326,6 +344,12 @@ class Config(_Section):
             if self.model.dim % self.model.heads:
                 raise ValueError(
                     f"model.dim: {self.model.dim} is not a multiple of model.heads={self.model.heads}"
+                )
+            heldout = self.evaluation.heldout_bytes
+            if heldout and not self.model.seq_len < heldout <= HELDOUT_MAX_BYTES:
+                raise ValueError(
+                    f"evaluation.heldout_bytes: {heldout} must be more than model.seq_len={self.model.seq_len} "
+                    f"and at most {HELDOUT_MAX_BYTES} (half the corpus), or 0 for no evaluation"
                 )
             if self.model.heads % self.parallel.tensor_parallel:
                 raise ValueError(

@@ -123,6 +123,7 @@ class Controller:
         self.attempt = 0
         self.last_step: int | None = None
         self.last_loss: float | None = None
+        self.last_heldout_loss: float | None = None  # the last evaluation.heldout_bytes loss reported
         self.total_steps: int | None = config.train.steps if config.train.is_builtin else None
         self._steps_reported = False
         self.faults = list(faults or [])
@@ -549,6 +550,8 @@ class Controller:
         self.last_step = step
         if loss is not None:
             self.last_loss = loss
+        if isinstance(report.extra.get("heldout_loss"), float):
+            self.last_heldout_loss = report.extra["heldout_loss"]
         if report.total is not None:
             self.total_steps = report.total
         self.display.step(step, self.total_steps, loss, rate)
@@ -581,9 +584,11 @@ class Controller:
         self.group.ensure_spares()
 
     def _totals(self) -> dict[str, Any]:
+        evaluated = {} if self.last_heldout_loss is None else {"heldout_loss": self.last_heldout_loss}
         return {
             "step": self.last_step,
             "final_loss": self.last_loss,
+            **evaluated,
             "restarts": sum(self.restarts_by_reason.values()),
             "restarts_by_reason": dict(self.restarts_by_reason),
             "failures_by_reason": dict(self.failures_by_reason),

@@ -45,6 +45,9 @@ class JobMetrics:
         self.tokens = Gauge("orchestrator_tokens_per_second", "Global training throughput of the last step.", registry=r)
         self.lr = Gauge("orchestrator_learning_rate", "Learning rate of the last step.", registry=r)
         self.grad_norm = Gauge("orchestrator_grad_norm", "Global gradient norm of the last step.", registry=r)
+        self.heldout_loss = Gauge("orchestrator_heldout_loss",
+                                  "Loss on the held-out bytes at the last evaluation (evaluation.heldout_bytes).",
+                                  registry=r)
         self.mfu: Gauge | None = None  # registered once a GPU with a known peak reports
         self.rank_up = Gauge("orchestrator_rank_up", "1 while the rank's training process runs.", ["rank"], registry=r)
         self.rank_heartbeat_age = Gauge("orchestrator_rank_heartbeat_age_seconds",
@@ -111,7 +114,7 @@ class JobMetrics:
             self.step_time.set(event["step_time_s"])
             if event.get("tokens_per_s") is not None:
                 self.tokens.set(event["tokens_per_s"])
-            for key, gauge in (("lr", self.lr), ("grad_norm", self.grad_norm)):
+            for key, gauge in (("lr", self.lr), ("grad_norm", self.grad_norm), ("heldout_loss", self.heldout_loss)):
                 if key in event:
                     gauge.set(event[key])
             self._update_mfu(event)

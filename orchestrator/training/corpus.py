@@ -62,3 +62,18 @@ def batch(
     mine = starts[dp_rank * micro_batch : (dp_rank + 1) * micro_batch]
     windows = torch.stack([corpus[s : s + seq_len + 1] for s in mine.tolist()]).long()
     return windows[:, :-1], windows[:, 1:]
+
+
+def split_heldout(corpus: torch.Tensor, heldout_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(bytes to train on, the last ``heldout_bytes`` kept for evaluation, or None when 0)."""
+    if heldout_bytes == 0:
+        return corpus, None
+    return corpus[:-heldout_bytes], corpus[-heldout_bytes:]
+
+
+def heldout_windows(heldout: torch.Tensor, *, seq_len: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` windows evenly spaced over the held-out bytes: (inputs, targets), the same for every
+    run that holds out the same bytes, whatever its model or world size."""
+    starts = torch.linspace(0, heldout.numel() - seq_len - 1, count).long().tolist()
+    windows = torch.stack([heldout[s : s + seq_len + 1] for s in starts]).long()
+    return windows[:, :-1], windows[:, 1:]

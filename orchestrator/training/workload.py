@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.worker.context import TrainContext
@@ -61,7 +62,7 @@ def train(ctx: TrainContext) -> None:
     import torch
     import torch.distributed as dist
 
-    from orchestrator.training.corpus import batch, load_corpus
+    from orchestrator.training.corpus import batch, heldout_windows, load_corpus, split_heldout
     from orchestrator.training.engine import build_engine
     from orchestrator.training.model import GPT
 
@@ -74,7 +75,8 @@ def train(ctx: TrainContext) -> None:
     engine = build_engine(cfg, model)
     done, _ = ctx.load_checkpoint(engine)
 
-    corpus = load_corpus()
+    corpus, heldout = split_heldout(load_corpus(), cfg.evaluation.heldout_bytes)
+    windows = heldout_windows(heldout, seq_len=cfg.model.seq_len, count=cfg.evaluation.batches) if heldout is not None else None
     # Ranks of one tensor-parallel group must see the same batch: shard by data-parallel rank.
     dp_rank, dp_size = dist.get_rank(group=engine.data_parallel_group), engine.dp_world_size
     # With train.global_batch_size, each step accumulates micro-batches so the global batch (and so the
@@ -98,14 +100,43 @@ def train(ctx: TrainContext) -> None:
         # The mean over the world equals the data-parallel mean: TP peers hold the same loss.
         dist.all_reduce(step_loss)
         step_loss /= ctx.world_size * micro_steps
+        step_time_s = time.perf_counter() - started
+        evaluated = {}
+        if windows is not None and _evaluates(cfg, step):
+            evaluated["heldout_loss"] = heldout_loss(engine, windows, cfg.train.micro_batch_size, ctx.device)
         ctx.report(
             step,
             loss=step_loss.item(),
-            step_time_s=time.perf_counter() - started,
+            step_time_s=step_time_s,
             tokens=tokens_per_step,
             flops=flops_per_token * tokens_per_step,
             lr=engine.get_lr()[0],
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
+            **evaluated,
         )
         if ctx.should_checkpoint(step):
             ctx.save_checkpoint(engine, step)
+
+
+def _evaluates(cfg: Config, step: int) -> bool:
+    interval = cfg.evaluation.interval_steps
+    return step == cfg.train.steps or (interval > 0 and step % interval == 0)
+
+
+def heldout_loss(engine: Any, windows: tuple[Any, Any], micro_batch: int, device: Any) -> float:
+    """Mean cross-entropy on the held-out windows. Every rank evaluates all of them (the same
+    forwards on every rank, as ZeRO-3 and tensor parallelism need), so every rank gets the same value."""
+    import torch
+
+    inputs, targets = windows
+    total, count = 0.0, 0
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], micro_batch):
+                x, y = inputs[start:start + micro_batch], targets[start:start + micro_batch]
+                total += float(engine(x.to(device), y.to(device))) * x.shape[0]
+                count += x.shape[0]
+    finally:
+        engine.train()
+    return total / count
