@@ -203,11 +203,10 @@ def _print_plan(plan: Any) -> None:
     for column in ("run", "layers", "dim", "steps", "params N", "tokens D", "compute C", "C / target"):
         table.add_column(column, justify="right")
     for run in [*plan.runs, plan.target]:
-        o = run.overrides
         config = plan.run_config(run)
         table.add_row(run.name, str(config.model.layers), str(config.model.dim), str(config.train.steps),
                       f"{run.params:,}", f"{run.tokens:,}", f"{run.compute_flops:.3g}",
-                      f"{run.compute_flops / plan.target.compute_flops:.2e}" if o else "1")
+                      f"{run.compute_flops / plan.target.compute_flops:.2e}")
     Console().print(table)
     print(f"sweep total: {plan.sweep_compute:.3g} FLOPs = {plan.sweep_compute / plan.target.compute_flops:.4f} of the "
           f"target (at most {plan.sweep_compute_fraction:g}); span "

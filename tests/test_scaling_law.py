@@ -32,8 +32,8 @@ def test_compute_law_recovers_a_known_law_from_noisy_points() -> None:
     assert fitted.c == pytest.approx(TRUE_C.c, rel=0.05)
     target = 1e14  # 100x past the largest point
     assert fitted(target) == pytest.approx(TRUE_C(target), rel=0.01)
-    low, high = law.bootstrap(points, functools.partial(law.fit_compute_law, start=fitted), lambda f: float(f(target)),
-                              samples=100)
+    refits = law.bootstrap_fits(points, functools.partial(law.fit_compute_law, start=fitted), samples=100)
+    low, high = law.interval([float(f(target)) for f in refits], 0.9)
     assert low <= TRUE_C(target) <= high and high - low < 0.1
 
 

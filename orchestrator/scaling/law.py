@@ -8,7 +8,8 @@ Hoffmann et al. (2022, "Chinchilla", approach 3) do:
 * ``L(N, D) = E + A / N**alpha + B / D**beta`` (:class:`SizeDataLaw`): any points whose sizes and
   token counts vary independently (a sweep's intermediate evaluations give several ``D`` per ``N``).
 
-:func:`bootstrap` refits on runs drawn with replacement and gives an interval for a prediction.
+:func:`bootstrap_fits` refits on runs drawn with replacement; :func:`interval` of their predictions
+is the prediction's interval.
 Degenerate input (too few runs, losses that do not fall with compute, a diverged run) raises
 :class:`~orchestrator.errors.ConfigError` saying what to change.
 """
@@ -19,6 +20,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -176,27 +178,30 @@ def fit_size_data_law(points: Sequence[Point], start: SizeDataLaw | None = None)
     return SizeDataLaw(E=E, A=A * n_scale**alpha, alpha=alpha, B=B * d_scale**beta, beta=beta)
 
 
-def bootstrap(
-    points: Sequence[Point], fit: Callable[[Sequence[Point]], object], predict: Callable[[object], float],
-    *, samples: int = 200, level: float = 0.9, seed: int = 0,
-) -> tuple[float, float]:
-    """The ``level`` interval of ``predict(fit(runs drawn with replacement))``: runs, not points, are
-    drawn (a run's intermediate evaluations go together); a draw that cannot be fitted is skipped.
-    ``fit`` is called with the sample only: warm-start it (``functools.partial(..., start=full_fit)``)."""
+def bootstrap_fits(
+    points: Sequence[Point], fit: Callable[[Sequence[Point]], Any], *, samples: int = 200, seed: int = 0,
+) -> list[Any]:
+    """``fit`` applied to ``samples`` draws of runs with replacement: runs, not points, are drawn (a
+    run's intermediate evaluations go together); a draw that cannot be fitted is skipped. Warm-start
+    ``fit`` from the full fit (``functools.partial(fit_compute_law, start=full)``): one start each."""
     rng = np.random.default_rng(seed)
     runs = sorted({p.run for p in points})
     by_run = {r: [p for p in points if p.run == r] for r in runs}
-    values = []
+    fits = []
     for _ in range(samples):
         drawn = rng.choice(len(runs), size=len(runs), replace=True)
-        sample = [p for i in drawn for p in by_run[runs[i]]]
         try:
-            values.append(predict(fit(sample)))
+            fits.append(fit([p for i in drawn for p in by_run[runs[i]]]))
         except (ConfigError, ArithmeticError, ValueError):
             continue
-    if len(values) < samples // 2:
-        raise ConfigError(f"only {len(values)} of {samples} bootstrap draws could be fitted: the sweep has too few "
+    if len(fits) < samples // 2:
+        raise ConfigError(f"only {len(fits)} of {samples} bootstrap draws could be fitted: the sweep has too few "
                           f"distinct runs for an interval; plan more (--runs)")
+    return fits
+
+
+def interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """The central ``level`` interval of ``values``."""
     tail = (1 - level) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
     return float(low), float(high)

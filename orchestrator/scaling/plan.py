@@ -138,9 +138,10 @@ def make_plan(
         planned = []
         for i, weight in enumerate(weights):
             wanted_params = math.sqrt(largest * weight / (6.0 * ratio))
-            candidates = shapes
             if i == 0:  # the smallest rounds down, so that the sweep spans what was asked
                 candidates = [s for s in shapes if _params(s, target_config.model) <= wanted_params] or shapes[:1]
+            else:  # each bigger than the last: no two runs of one size
+                candidates = [s for s in shapes if _params(s, target_config.model) > planned[-1].params] or shapes[-1:]
             layers, dim, heads = min(candidates, key=lambda s: _distance(s, wanted_params, target_config.model))
             model = target_config.model.model_copy(update={"layers": layers, "dim": dim, "heads": heads})
             steps = max(MIN_STEPS, round(ratio * non_embedding_params(model) / step_tokens))

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from orchestrator.errors import ConfigError
 from orchestrator.monitor.events import read_events
 from orchestrator.scaling import law
@@ -54,8 +52,8 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
               if any(p.run == r.name for p in every)]
     target = plan.target
     compute_law = law.fit_compute_law(finals)
-    low, high = law.bootstrap(finals, functools.partial(law.fit_compute_law, start=compute_law),
-                              lambda f: float(f(target.compute_flops)), samples=samples, level=LEVEL)
+    refits = law.bootstrap_fits(finals, functools.partial(law.fit_compute_law, start=compute_law), samples=samples)
+    low, high = law.interval([float(f(target.compute_flops)) for f in refits], LEVEL)
     doc: dict[str, Any] = {
         "version": PREDICTION_VERSION,
         "plan": str(plan_path.resolve()),
@@ -88,23 +86,11 @@ def _size_data(plan: Plan, points: list[law.Point], samples: int) -> tuple[dict[
     steps = plan.run_config(target).train.steps
     step_tokens = target.tokens // steps
     marks = sorted({max(1, round(steps * (i + 1) / TRAJECTORY_POINTS)) for i in range(TRAJECTORY_POINTS)})
-    rng_fits = []
-    rng = np.random.default_rng(0)
-    runs = sorted({p.run for p in points})
-    for _ in range(samples):
-        drawn = {runs[i] for i in rng.choice(len(runs), size=len(runs), replace=True)}
-        try:
-            rng_fits.append(law.fit_size_data_law([p for p in points if p.run in drawn], start=fitted))
-        except (ConfigError, ArithmeticError, ValueError):
-            continue
-    if len(rng_fits) < samples // 2:
-        raise ConfigError("too few bootstrap draws of L(N, D) could be fitted for an interval")
-    tail = (1 - LEVEL) / 2
+    refits = law.bootstrap_fits(points, functools.partial(law.fit_size_data_law, start=fitted), samples=samples)
     trajectory = []
     for step in marks:
         tokens = step * step_tokens
-        values = [float(f(target.params, tokens)) for f in rng_fits]
-        lo, hi = np.quantile(values, [tail, 1 - tail])
+        lo, hi = law.interval([float(f(target.params, tokens)) for f in refits], LEVEL)
         trajectory.append({"step": step, "tokens": tokens, "loss": float(fitted(target.params, tokens)),
                            "low": float(lo), "high": float(hi)})
     final = trajectory[-1]

@@ -68,10 +68,11 @@ def run_sweep(plan: Plan, plan_path: Path, *, parallel: int, include_target: boo
 
     console = Console(stderr=True)
     runs = [*plan.runs, *([plan.target] if include_target else [])]
-    todo = [s for s in (status(plan, plan_path, r) for r in runs) if not s.done]
-    for s in (s for s in (status(plan, plan_path, r) for r in runs) if s.done):
-        console.print(f"{s.run.name}: finished (held-out loss {s.heldout_loss:.4f}); skipped")
-    waiting = list(todo)
+    statuses = [status(plan, plan_path, r) for r in runs]
+    for s in statuses:
+        if s.done:
+            console.print(f"{s.run.name}: finished (held-out loss {s.heldout_loss:.4f}); skipped")
+    waiting = [s for s in statuses if not s.done]
     active: dict[str, tuple[subprocess.Popen[bytes], RunStatus, float, int]] = {}
     failed = 0
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} steps"),
