@@ -1,6 +1,7 @@
 """The ``orchestrator`` command.
 
-    orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR] [-- SCRIPT [ARGS...] | -- -m MODULE [ARGS...]]
+    orchestrator launch CONFIG [--set KEY=VALUE]... [--run-dir DIR] [--prediction PREDICTION.json]
+                       [-- SCRIPT [ARGS...] | -- -m MODULE [ARGS...]]
     orchestrator validate CONFIG [--set KEY=VALUE]...
     orchestrator network [CONFIG] [--set KEY=VALUE]... [--sysfs-root DIR] [--head ADDR]
     orchestrator dev-cluster up --nodes N [--cpus-per-node C] [--json] | down NAME
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         help="rehearse a failure: KIND (kill, hang, raise, exit) in rank RANK right after it reports "
         "step STEP, once per run, e.g. kill@1:30 (repeatable)",
     )
+    launch.add_argument("--prediction", metavar="PREDICTION.json",
+                        help="a scaling prediction for this run (orchestrator scaling fit): exported beside its "
+                        "held-out loss for dashboards and alerts (docs/scaling.md)")
     launch.set_defaults(func=_launch)
 
     validate = sub.add_parser("validate", help="check a config without starting anything")
@@ -172,9 +176,10 @@ def _scaling(args: argparse.Namespace) -> int:
         return EXIT_FAILED if failed else EXIT_OK
     from orchestrator.scaling import predict
     from orchestrator.scaling.plot import plot
+    from orchestrator.scaling.sweep import prediction_path
 
     doc = predict.predict(plan, plan_path, exclude=tuple(args.exclude), samples=args.bootstrap)
-    out = Path(args.out or plan_path.with_name(plan_path.stem + "-prediction.json"))
+    out = Path(args.out) if args.out else prediction_path(plan_path)
     png = Path(args.plot or out.with_suffix(".png"))
     predict.write(doc, out)
     plot(doc, png)
@@ -427,6 +432,13 @@ def _launch(args: argparse.Namespace) -> int:
         if problem is not None:
             raise ConfigError(problem)
     faults = [parse_fault(item, config.cluster.world_size) for item in args.inject_fault]
+    prediction = None
+    if args.prediction is not None:
+        from orchestrator.scaling.predict import for_run
+
+        if not config.metrics.enabled:
+            raise ConfigError("--prediction: the prediction is watched on the metrics endpoint; set metrics.enabled=true")
+        prediction = for_run(Path(args.prediction), config)
     from orchestrator.controller.controller import Controller
     from orchestrator.controller.reaper import Reaper
     from orchestrator.controller.states import Failed
@@ -434,7 +446,7 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
-    metrics, server = _serve_metrics(config)
+    metrics, server = _serve_metrics(config, prediction)
     try:
         run = RunDir.open(args.run_dir)
         run.lock()
@@ -509,14 +521,14 @@ def _open_events(path: Path) -> Any:
         ) from None
 
 
-def _serve_metrics(config: Config) -> tuple[Any, Any]:
+def _serve_metrics(config: Config, prediction: dict[str, Any] | None) -> tuple[Any, Any]:
     """The run's metrics and its endpoint, bound before anything starts so a taken port fails fast."""
     if not config.metrics.enabled:
         return None, None
     from orchestrator.monitor.exporter import MetricsServer
     from orchestrator.monitor.metrics import JobMetrics
 
-    metrics = JobMetrics(config.cluster.world_size)
+    metrics = JobMetrics(config.cluster.world_size, prediction=prediction)
     return metrics, MetricsServer(metrics.registry, config.metrics.host, config.metrics.port)
 
 

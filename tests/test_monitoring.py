@@ -42,6 +42,25 @@ needs_prometheus = pytest.mark.skipif(
 GPU_ONLY = ("DCGM_FI_", "orchestrator_model_flops_utilization")
 
 
+def _prediction_for(overrides: list[str], path: Path) -> Path:
+    """A prediction document (as `orchestrator scaling fit` writes) made for the local config with
+    ``overrides``: a trajectory from 3.5 at step 1 down to 2.0 at the last, ±0.1; a final-loss
+    interval around 2.0."""
+    from orchestrator.config.loader import load_config
+    from orchestrator.scaling.plan import non_embedding_params, tokens_per_step
+
+    config = load_config(REPO / "cluster_configs" / "local.yaml", overrides)
+    steps = config.train.steps
+    trajectory = [{"step": s, "tokens": s * tokens_per_step(config), "loss": loss, "low": loss - 0.1, "high": loss + 0.1}
+                  for s, loss in ((1, 3.5), (steps, 2.0))]
+    doc = {"version": 1, "plan": "plan.json", "compute": "6ND", "level": 0.9,
+           "target": {"params": non_embedding_params(config.model), "tokens": steps * tokens_per_step(config),
+                      "compute_flops": 1e15},
+           "prediction": {"law": "compute", "final_loss": 2.0, "interval": [1.9, 2.1]}, "trajectory": trajectory}
+    path.write_text(json.dumps(doc))
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +101,10 @@ def test_promtool_accepts_the_shipped_rules_and_config() -> None:
 @pytest.mark.timeout(600)
 def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job = start_cli(*launch_args(run_dir, "train.steps=5000", "checkpoint.interval_steps=20"))
+    overrides = ["train.steps=5000", "checkpoint.interval_steps=20", "evaluation.heldout_bytes=262144",
+                 "evaluation.interval_steps=5"]
+    prediction = _prediction_for(overrides, tmp_path / "prediction.json")
+    job = start_cli(*launch_args(run_dir, *overrides), "--prediction", str(prediction))
     prometheus = None
     try:
         started = wait_for_event(run_dir, lambda e: e["event"] == "metrics_started", 60, job)
@@ -135,6 +157,15 @@ def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates
                 assert answer["data"]["result"], f"dashboard panel {title!r} has no data: {expr}"
         [loss] = _query(api, "orchestrator_training_loss")["data"]["result"]
         assert 0 < float(loss["value"][1]) < 10
+        # The prediction beside the run's held-out loss: the final one as given, the one at the last
+        # evaluated step from the trajectory (3.5 falling by 1.5 over 5000 steps).
+        final = {r["metric"]["bound"]: float(r["value"][1])
+                 for r in _query(api, "orchestrator_predicted_final_loss")["data"]["result"]}
+        assert final == {"point": 2.0, "low": 1.9, "high": 2.1}
+        [heldout] = _query(api, "orchestrator_heldout_loss")["data"]["result"]
+        at = {r["metric"]["bound"]: float(r["value"][1])
+              for r in _query(api, "orchestrator_predicted_heldout_loss")["data"]["result"]}
+        assert 3.3 < at["low"] < at["point"] < at["high"] <= 3.6 and 0 < float(heldout["value"][1]) < 6, at
         ranks = _query(api, "orchestrator_rank_up")["data"]["result"]
         assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
         assert all(r["metric"]["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"] for r in ranks)
@@ -226,3 +257,69 @@ def test_a_shrunk_job_has_no_series_for_the_ranks_it_dropped() -> None:
     assert 'world_size="4"' not in text
     assert 'orchestrator_rank_up{rank="1"} 1.0' in text
     assert not any(f'rank="{r}"' in text for r in (2, 3)), "series of dropped ranks removed"
+
+
+def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refused(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from orchestrator.config.loader import load_config
+    from orchestrator.errors import ConfigError
+    from orchestrator.scaling.predict import for_run, load
+
+    overrides = ["train.steps=1001", "evaluation.heldout_bytes=262144"]
+    path = _prediction_for(overrides, tmp_path / "prediction.json")
+    metrics = JobMetrics(world_size=2, prediction=load(path))
+    metrics.on_event(_event("step", 1.0, step=251, loss=3.0, step_time_s=0.1, heldout_loss=3.2))
+    text = generate_latest(metrics.registry).decode()
+    for line in ['orchestrator_predicted_final_loss{bound="point"} 2.0', 'orchestrator_predicted_final_loss{bound="high"} 2.1',
+                 'orchestrator_heldout_loss 3.2', 'orchestrator_predicted_heldout_loss{bound="point"} 3.125']:
+        assert line in text, line  # step 251: a quarter of the way from 3.5 (step 1) to 2.0 (step 1001)
+    metrics.on_event(_event("step", 2.0, step=252, loss=3.0, step_time_s=0.1))
+    assert 'orchestrator_predicted_heldout_loss{bound="point"} 3.125' in generate_latest(metrics.registry).decode(), \
+        "the prediction moves only with an evaluation, so that the two compare the same step"
+    assert for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", overrides))["target"]
+    with pytest.raises(ConfigError, match="made for N=.*launch the plan's target"):
+        for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=2000", *overrides[1:]]))
+    with pytest.raises(ConfigError, match="evaluation.heldout_bytes"):
+        for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=1001"]))
+
+
+@needs_prometheus
+def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path: Path) -> None:
+    """promtool test rules: the held-out loss above the predicted interval for 20 minutes fires after
+    the rule's 15 minutes; inside it, nothing fires."""
+    test = {
+        "rule_files": [str(ASSETS / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m",
+             "input_series": [
+                 {"series": 'orchestrator_heldout_loss{job="orchestrator",instance="a"}', "values": "2.5+0x30"},
+                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="a",bound="low"}',
+                  "values": "2.0+0x30"},
+                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="a",bound="high"}',
+                  "values": "2.2+0x30"},
+                 {"series": 'orchestrator_heldout_loss{job="orchestrator",instance="b"}', "values": "2.1+0x30"},
+                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="b",bound="low"}',
+                  "values": "2.0+0x30"},
+                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="b",bound="high"}',
+                  "values": "2.2+0x30"},
+             ],
+             "alert_rule_test": [
+                 {"eval_time": "10m", "alertname": "OrchestratorLossOffPrediction", "exp_alerts": []},
+                 {"eval_time": "20m", "alertname": "OrchestratorLossOffPrediction",
+                  "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "severity": "warning"},
+                                  "exp_annotations": {"summary": "Held-out loss 2.5 has been outside the scaling "
+                                                                 "prediction's interval for 15 minutes"}}]},
+             ]},
+        ],
+    }
+    path = tmp_path / "prediction_alert_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = yaml.safe_load(path.read_text())
+    broken["tests"][0]["alert_rule_test"][1]["exp_alerts"] = []  # the case must be able to fail
+    path.write_text(yaml.safe_dump(broken))
+    assert subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True,
+                          timeout=60).returncode != 0

@@ -32,7 +32,9 @@ _CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 class JobMetrics:
     """Everything the endpoint serves for one run."""
 
-    def __init__(self, world_size: int, clock: Any = time.time) -> None:
+    def __init__(self, world_size: int, clock: Any = time.time, prediction: dict[str, Any] | None = None) -> None:
+        """``prediction``: a scaling prediction for this run (``orchestrator scaling fit``), watched
+        against its held-out losses."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         self._lock = threading.Lock()
@@ -84,6 +86,17 @@ class JobMetrics:
         for rank in range(world_size):
             self.rank_up.labels(rank=str(rank)).set(0)
         self.gpus = _GpuFamilies()
+        self._prediction = prediction
+        if prediction is not None:
+            self.predicted_final = Gauge("orchestrator_predicted_final_loss",
+                                         "The scaling prediction of this run's final held-out loss: its point and "
+                                         "interval bounds.", ["bound"], registry=r)
+            self.predicted_heldout = Gauge("orchestrator_predicted_heldout_loss",
+                                           "The held-out loss predicted at the step of the last evaluation (point and "
+                                           "interval bounds), beside orchestrator_heldout_loss.", ["bound"], registry=r)
+            low, high = prediction["prediction"]["interval"]
+            for bound, value in (("point", prediction["prediction"]["final_loss"]), ("low", low), ("high", high)):
+                self.predicted_final.labels(bound=bound).set(value)
         r.register(self.gpus)
         self._goodput = GoodputTracker()
         self._flops_per_step: float | None = None
@@ -118,6 +131,8 @@ class JobMetrics:
                 if key in event:
                     gauge.set(event[key])
             self._update_mfu(event)
+            if self._prediction is not None and "heldout_loss" in event:
+                self._update_prediction(event["step"])
         elif kind == "checkpoint_committed":
             self.ckpt_duration.observe(event["seconds"])
             self.ckpt_blocked.observe(event.get("blocked_s", 0.0))
@@ -129,6 +144,14 @@ class JobMetrics:
             self.failures.labels(reason=event["reason"]).inc()
         elif kind == "recovery_started":
             self.restarts.labels(reason=event["reason"]).inc()
+
+    def _update_prediction(self, step: int) -> None:
+        from orchestrator.scaling.predict import predicted_at
+
+        predicted = predicted_at(self._prediction, step)
+        if predicted is not None:
+            for bound, value in zip(("point", "low", "high"), predicted):
+                self.predicted_heldout.labels(bound=bound).set(value)
 
     def update_ranks(self, ranks: Iterable[tuple[int, bool, float, int, float | None]]) -> None:
         """Per rank: (rank, running, seconds since progress, last step, last step time)."""

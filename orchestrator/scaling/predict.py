@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.monitor.events import read_events
 from orchestrator.scaling import law
-from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, tokens_per_step
+from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, non_embedding_params, tokens_per_step
 from orchestrator.scaling.sweep import status, sweep_dir
 
 PREDICTION_VERSION = 1
@@ -121,3 +122,34 @@ def load(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("version") != PREDICTION_VERSION or "prediction" not in doc:
         raise ConfigError(f"{path}: not a prediction written by `orchestrator scaling fit`")
     return doc
+
+
+def for_run(path: Path, config: Config) -> dict[str, Any]:
+    """The prediction at ``path`` for a launch of ``config`` (``orchestrator launch --prediction``):
+    refused when it was made for another model size or token count."""
+    doc = load(path)
+    if not config.train.is_builtin or not config.evaluation.heldout_bytes:
+        raise ConfigError(f"--prediction {path}: watching a prediction needs the built-in workload with held-out "
+                          f"evaluation (evaluation.heldout_bytes > 0, as the plan's runs have)")
+    params = non_embedding_params(config.model)
+    tokens = config.train.steps * tokens_per_step(config)
+    target = doc["target"]
+    if (params, tokens) != (target["params"], target["tokens"]):
+        raise ConfigError(f"--prediction {path}: made for N={target['params']:,} parameters and D={target['tokens']:,} "
+                          f"tokens; this config has N={params:,}, D={tokens:,}: launch the plan's target "
+                          f"(its config and --set items are in {doc['plan']})")
+    return doc
+
+
+def predicted_at(doc: dict[str, Any], step: int) -> tuple[float, float, float] | None:
+    """(loss, low, high) predicted for the target's held-out loss at ``step``, interpolated linearly
+    between the trajectory's steps; None without a trajectory (no L(N, D) fit) or before its first step."""
+    trajectory = doc.get("trajectory") or []
+    if not trajectory or step < trajectory[0]["step"]:
+        return None
+    for before, after in zip(trajectory, trajectory[1:]):
+        if before["step"] <= step <= after["step"]:
+            w = (step - before["step"]) / (after["step"] - before["step"])
+            return tuple(before[k] + w * (after[k] - before[k]) for k in ("loss", "low", "high"))  # type: ignore[return-value]
+    last = trajectory[-1]
+    return last["loss"], last["low"], last["high"]

@@ -53,16 +53,24 @@ def status(plan: Plan, plan_path: Path, run: PlannedRun) -> RunStatus:
     return RunStatus(run=run, run_dir=run_dir, done=done, step=last, heldout_loss=heldout)
 
 
-def launch_command(plan: Plan, run: PlannedRun, run_dir: Path, extra: list[str] = ()) -> list[str]:
-    """The ``orchestrator launch`` command line of ``run`` (an argument list: no shell)."""
-    sets = [*plan.set, *as_set(run.overrides), "metrics.port=0", *extra]
-    return [sys.executable, "-m", "orchestrator", "launch", plan.config, "--run-dir", str(run_dir),
+def launch_command(plan: Plan, run: PlannedRun, run_dir: Path, prediction: Path | None = None) -> list[str]:
+    """The ``orchestrator launch`` command line of ``run`` (an argument list: no shell), watching
+    ``prediction`` when given."""
+    sets = [*plan.set, *as_set(run.overrides), "metrics.port=0"]
+    watch = ["--prediction", str(prediction)] if prediction is not None else []
+    return [sys.executable, "-m", "orchestrator", "launch", plan.config, "--run-dir", str(run_dir), *watch,
             *(arg for item in sets for arg in ("--set", item))]
 
 
+def prediction_path(plan_path: Path) -> Path:
+    """Where ``orchestrator scaling fit`` writes the prediction by default."""
+    return plan_path.with_name(plan_path.stem + "-prediction.json")
+
+
 def run_sweep(plan: Plan, plan_path: Path, *, parallel: int, include_target: bool = False) -> int:
-    """Run every unfinished run of ``plan`` (and the target with ``include_target``), ``parallel`` at
-    a time, with a progress view; returns the number of runs that failed."""
+    """Run every unfinished run of ``plan`` (and the target with ``include_target``, watching the
+    plan's prediction when there is one), ``parallel`` at a time, with a progress view; returns the
+    number of runs that failed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -88,7 +96,10 @@ def run_sweep(plan: Plan, plan_path: Path, *, parallel: int, include_target: boo
                     console.print(f"{s.run.name}: {verb} (N={s.run.params:,}, D={s.run.tokens:,}, "
                                   f"C={s.run.compute_flops:.3g} FLOPs, {steps} steps)")
                     with open(s.run_dir.parent / f"{s.run.name}.log", "ab") as log:
-                        proc = subprocess.Popen(launch_command(plan, s.run, s.run_dir), stdout=log,
+                        watched = prediction_path(plan_path) if s.run is plan.target else None
+                        command = launch_command(plan, s.run, s.run_dir,
+                                                 watched if watched is not None and watched.exists() else None)
+                        proc = subprocess.Popen(command, stdout=log,
                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                     task = progress.add_task(s.run.name, total=steps, completed=s.step)
                     active[s.run.name] = (proc, s, time.monotonic(), task)
