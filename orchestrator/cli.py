@@ -172,7 +172,13 @@ def _scaling(args: argparse.Namespace) -> int:
 
         world = plan.run_config(plan.target).cluster.world_size
         parallel = args.parallel or max(1, (os.cpu_count() or 1) // world)
-        failed = run_sweep(plan, plan_path, parallel=parallel, include_target=args.target)
+        with _signals_interrupt():
+            try:
+                failed = run_sweep(plan, plan_path, parallel=parallel, include_target=args.target)
+            except Interrupted as exc:
+                print(f"{exc}: the sweep's launches stopped and kept their checkpoints; run "
+                      f"`orchestrator scaling run {plan_path}` again to resume them", file=sys.stderr)
+                return 128 + exc.signum
         return EXIT_FAILED if failed else EXIT_OK
     from orchestrator.scaling import predict
     from orchestrator.scaling.plot import plot

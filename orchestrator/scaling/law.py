@@ -31,6 +31,8 @@ from orchestrator.errors import ConfigError
 HUBER_DELTA = 1e-3
 # Losses at or above this many nats per token did not learn (a byte model's uniform guess is ln 256).
 DIVERGED_ABOVE = math.log(256)
+# With fewer runs, too few draws of runs with replacement hold the 4 distinct ones a fit needs.
+BOOTSTRAP_MIN_RUNS = 6
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,9 @@ def bootstrap_fits(
     ``fit`` from the full fit (``functools.partial(fit_compute_law, start=full)``): one start each."""
     rng = np.random.default_rng(seed)
     runs = sorted({p.run for p in points})
+    if len(runs) < BOOTSTRAP_MIN_RUNS:
+        raise ConfigError(f"{len(runs)} runs: an interval needs at least {BOOTSTRAP_MIN_RUNS} (a draw of fewer runs "
+                          f"repeats some and cannot be fitted); plan more (--runs) or leave fewer out (--exclude)")
     by_run = {r: [p for p in points if p.run == r] for r in runs}
     fits = []
     for _ in range(samples):

@@ -23,6 +23,7 @@ from typing import Any
 from orchestrator.config.loader import load_config
 from orchestrator.config.schema import Config, ModelConfig
 from orchestrator.errors import ConfigError
+from orchestrator.scaling.law import BOOTSTRAP_MIN_RUNS
 
 COMPUTE_FORMULAS = ("6ND", "6ND+attention")
 PLAN_VERSION = 1
@@ -116,8 +117,8 @@ def make_plan(
         raise ConfigError(f"--compute {compute!r}: use one of {', '.join(COMPUTE_FORMULAS)}")
     if not 0 < fraction < 1:
         raise ConfigError(f"--sweep-compute-fraction {fraction:g}: give a fraction of the target's compute, e.g. 0.01")
-    if runs < 4:
-        raise ConfigError(f"--runs {runs}: a fit of a*C^b+c needs at least 4 runs")
+    if runs < BOOTSTRAP_MIN_RUNS:
+        raise ConfigError(f"--runs {runs}: the fit's bootstrap interval needs at least {BOOTSTRAP_MIN_RUNS} runs")
     if span < 100:
         raise ConfigError(f"--span {span:g}: the sweep must span at least two orders of magnitude (100)")
     sets = [*(f"{k}={v}" for k, v in EVALUATION_DEFAULTS.items()), *overrides]

@@ -119,8 +119,14 @@ def run_sweep(plan: Plan, plan_path: Path, *, parallel: int, include_target: boo
                         console.print(f"[red]{name}: launch exited {proc.returncode} at step {now.step}; "
                                       f"its log: {s.run_dir.parent / (name + '.log')}[/red]")
     finally:
-        for proc, *_ in active.values():
-            _stop(proc)
+        # Stopping is bounded by _stop's timeouts; a second Ctrl-C must not leave launches running.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for proc, *_ in active.values():
+                _stop(proc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return failed
 
 
