@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,19 @@ def start_cli(*args: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "orchestrator", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+
+
+@contextmanager
+def running_cli(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``start_cli`` for a ``with`` block: still running at its end (a failed assertion), the
+    command is killed and reaped."""
+    proc = start_cli(*args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def launch_args(run_dir: Path, *overrides: str, config: Path = LOCAL_CONFIG) -> list[str]:

@@ -26,7 +26,7 @@ from tests.helpers import (
     launch_args,
     losses_by_step,
     of_kind,
-    start_cli,
+    running_cli,
     wait_for_event,
     wait_gone,
 )
@@ -46,11 +46,26 @@ def _last_attempt(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def clean_big(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    run_dir = tmp_path_factory.mktemp("clean-big") / "run"
-    result = cli(*launch_args(run_dir, *BIG, f"train.steps={BIG_STEPS}"), timeout=400)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return losses_by_step(events(run_dir))
+def disk_full_big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A BIG run whose rank 1 cannot write a file past 1 MiB from the first commit on, as if its disk
+    had filled up: every later save fails, training goes on. (run dir, its terminal output).
+
+    A failed save does not touch training, so its losses are also the clean run the SIGKILL test
+    compares with: one run serves both."""
+    run_dir = tmp_path_factory.mktemp("disk-full-big") / "run"
+    with running_cli(*launch_args(run_dir, *BIG, f"train.steps={BIG_STEPS}")) as proc:
+        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_committed", 180, proc)
+        pid = [w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == 1][-1]["pid"]
+        # Its next shard fails with EFBIG, like a full disk.
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    return run_dir, out
+
+
+@pytest.fixture(scope="module")
+def clean_big(disk_full_big: tuple[Path, str]) -> dict[int, float]:
+    return losses_by_step(events(disk_full_big[0]))
 
 
 @pytest.fixture
@@ -123,8 +138,7 @@ def test_sigkill_of_every_process_during_saves_never_loses_a_checkpoint(
     args = launch_args(run_dir, *BIG, f"train.steps={BIG_STEPS}")
     resumed_from = []
     for name, moment in _moments(checkpoints):
-        proc = start_cli(*args)
-        try:
+        with running_cli(*args) as proc:
             # Past start-up, so the moment belongs to a save of this launch, not a leftover.
             wait_for_event(run_dir, lambda e: e["event"] == "run_started" and len(of_kind(events(run_dir), "run_started")) == len(resumed_from) + 1, 60, proc)
             deadline = time.monotonic() + 120
@@ -133,10 +147,6 @@ def test_sigkill_of_every_process_during_saves_never_loses_a_checkpoint(
                 assert time.monotonic() < deadline, f"{name}: not seen within 120 s"
                 time.sleep(0.002)
             pids = _kill_everything(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert wait_gone(pids, timeout=10) == []
         latest = store.latest_tag(checkpoints)
         if latest is not None:
@@ -215,29 +225,18 @@ def test_two_rank_checkpoint_resumes_on_one_rank(clean_small: dict[int, float], 
     assert worst <= 1e-5, f"1-rank continuation differs from the 2-rank one by {worst}"
 
 
-def test_failing_disk_is_reported_and_the_previous_checkpoint_kept(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = start_cli(*launch_args(run_dir, *SMALL, "train.steps=30", "model.dim=256", "model.layers=4"))
-    try:
-        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_committed" and e["step"] == 10, 180, proc)
-        pid = [w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == 1][-1]["pid"]
-        # From now on rank 1 cannot write a file past 1 MiB: its next shard fails with EFBIG, like a full disk.
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out
+def test_failing_disk_is_reported_and_the_previous_checkpoint_kept(disk_full_big: tuple[Path, str]) -> None:
+    run_dir, out = disk_full_big
     evs = events(run_dir)
     failed = of_kind(evs, "checkpoint_failed")
-    assert [e["step"] for e in failed] == [20, 30]
+    assert [e["step"] for e in failed] == list(range(10, BIG_STEPS + 1, 5))
     assert all(e["rank"] == 1 and "File too large" in e["message"] and e["path"].endswith(".pt") for e in failed)
     assert "File too large" in out
-    assert [e["step"] for e in of_kind(evs, "checkpoint_committed")] == [10]
+    assert [e["step"] for e in of_kind(evs, "checkpoint_committed")] == [5]
     checkpoints = run_dir / "checkpoints"
-    assert store.latest_tag(checkpoints) == "global_step10" and verify(checkpoints / "global_step10") == []
-    assert not any(p.name.startswith("global_step") and p.name != "global_step10" for p in checkpoints.iterdir())
+    assert store.latest_tag(checkpoints) == "global_step5" and verify(checkpoints / "global_step5") == []
+    assert not any(p.name.startswith("global_step") and p.name != "global_step5" for p in checkpoints.iterdir())
+    assert sorted(losses_by_step(evs)) == list(range(1, BIG_STEPS + 1)), "training went on past the failures"
 
 
 def test_checkpoints_list_shows_a_save_that_never_committed(reference_run, tmp_path: Path) -> None:

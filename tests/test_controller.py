@@ -59,7 +59,10 @@ class FakeGroup:
         self.interrupted: list[int] = []
         self.spare_requests = 0
         self.on_interrupt: dict[int, dict] = {}
-        self.unheard_script: list[list[int]] = []
+        self.unheard_script: list[list[int]] = []  # overrides what the polls' answers say
+        self.polls = 0
+        self.heard: dict[int, int] = {}  # rank -> the poll its actor last answered
+        self.lost: set[int] = set()
         self.missing: list[int] = []  # node slots the next replace_lost finds no place for
         self.shrunk: list[list[int]] = []
 
@@ -69,15 +72,25 @@ class FakeGroup:
         return [WorkerInfo(rank=r, pid=100 * (attempt + 1) + r, node="fake", attempt=attempt, spare=attempt > 0) for r in new]
 
     def poll(self):
+        self.polls += 1
         if self.script:
-            return self.script.pop(0)
-        return [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
+            updates = self.script.pop(0)
+        else:
+            updates = [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
+        for update in updates:
+            if update.lost is not None:
+                self.lost.add(update.rank)
+            elif update.alive_at is not None or update.returncode is not None or update.reports:
+                self.heard[update.rank] = self.polls
+        return updates
 
     def poll_mark(self):
-        return 0
+        return self.polls
 
     def unheard(self, mark):
-        return self.unheard_script.pop(0) if self.unheard_script else []
+        if self.unheard_script:
+            return self.unheard_script.pop(0)
+        return [r for r in range(self.world_size) if r not in self.lost and self.heard.get(r, 0) <= mark]
 
     def replace_lost(self, allow_missing):
         missing, self.missing = self.missing, []
@@ -316,7 +329,8 @@ def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> Non
     assert [(e["rank"], e["pid"], e["attempt"]) for e in evs if e["event"] == "worker_started"][-1] == (1, 201, 1)
     finished = [e for e in evs if e["event"] == "recovery_finished"][0]
     assert (finished["attempt"], finished["resumed_from_step"], finished["mode"]) == (1, 40, "in_place")
-    assert finished["seconds"] == pytest.approx(0.5)
+    # From the kill to the first step: 0.5 s of training plus the polls that settled the failure.
+    assert finished["seconds"] == pytest.approx(0.5, abs=0.05)
 
 
 def test_live_survivor_is_interrupted_before_rejoining(tmp_path: Path) -> None:
@@ -587,6 +601,25 @@ def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -
     detected = [(e["rank"], e["reason"]) for e in read_events(run.events) if e["event"] == "failure_detected"]
     assert sorted(detected) == [(0, "exception"), (1, "node_lost")]
     assert root_cause(current.failures).reason == "node_lost"
+
+
+def test_each_new_failure_waits_for_every_actor_to_answer_again(tmp_path: Path) -> None:
+    """A node dying one process at a time: rank 1's actor reports its rank's SIGKILL and answers once
+    more, then rank 0's actor is found dead. The decision waits for rank 1's actor to answer a poll
+    sent after that death: it is dead too, so both ranks were lost with their node."""
+    ctl, group, run, clock = make(tmp_path)
+    _started(ctl, group, clock)
+    t = clock.now
+    group.script = [
+        [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
+        [RankUpdate(rank=0, lost="worker actor 0 died"), RankUpdate(rank=1, alive_at=t)],
+        *[[RankUpdate(rank=0), RankUpdate(rank=1)]] * 3,
+        [RankUpdate(rank=0), RankUpdate(rank=1, lost="node 10.0.0.2 lost: worker actor 1 died")],
+    ]
+    ctl.step()
+    detected = [(e["rank"], e["reason"]) for e in read_events(run.events) if e["event"] == "failure_detected"]
+    assert sorted(detected) == [(0, "node_lost"), (1, "node_lost")]
+    assert not group.script, "every scripted poll was read before deciding"
 
 
 def _lose_node_1(ctl: Controller, group: FakeGroup, clock: Clock) -> None:

@@ -24,7 +24,7 @@ from tests.helpers import (
     listening_sockets,
     losses_by_step,
     of_kind,
-    start_cli,
+    running_cli,
     wait_for_event,
     wait_gone,
     zero_reference,
@@ -81,8 +81,7 @@ def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, s
     clean_dir, output, code = clean_run
     assert code == "0", output
     run_dir = tmp_path / "run"
-    proc = start_cli(*launch_args(run_dir, *SHORT))
-    try:
+    with running_cli(*launch_args(run_dir, *SHORT)) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_committed" and e["step"] == 20, 120, proc)
         pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
         for rank, pid in enumerate(pids):
@@ -95,10 +94,6 @@ def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, s
             assert "orchestrator.worker.process" in Path(f"/proc/{pid}/cmdline").read_text()
         os.kill(proc.pid, signal.SIGKILL)  # the controller only; the reaper must do the rest
         proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert wait_gone(pids) == [], "training processes outlived their controller"
 
     result = cli(*launch_args(run_dir, *SHORT))
@@ -135,8 +130,7 @@ def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
     """Also: while it trains, everything the local run started listens on loopback only (Ray, the
     metrics endpoint, the rendezvous store, gloo)."""
     run_dir = tmp_path / "run"
-    proc = start_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0"))
-    try:
+    with running_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0")) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
         pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
         sockets = listening_sockets(descendants(proc.pid))
@@ -144,10 +138,6 @@ def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
         assert [s for s in sockets if not is_loopback(s[1])] == [], "a local run listens on loopback only"
         interrupt(proc)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, proc.stdout.read()
     last = events(run_dir)[-1]
     assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
@@ -185,17 +175,12 @@ def test_user_exception_fails_with_its_traceback(tmp_path: Path) -> None:
 
 def test_killed_rank_is_detected_as_root_cause(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0",
-                                  "fault_tolerance.max_restarts=0"))
-    try:
+    with running_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0",
+                                  "fault_tolerance.max_restarts=0")) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
         victim = next(w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == 1)
         os.kill(victim["pid"], signal.SIGKILL)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     output = proc.stdout.read()
     assert proc.returncode == 1, output
     detected = of_kind(events(run_dir), "failure_detected")

@@ -284,6 +284,12 @@ def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refu
         for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=1001"]))
 
 
+def _promtool_test(path: Path, test: dict) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules`` on the unit test ``test``, written to ``path``."""
+    path.write_text(yaml.safe_dump(test))
+    return subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+
+
 @needs_prometheus
 def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path: Path) -> None:
     """promtool test rules: the held-out loss above the predicted interval for 20 minutes fires after
@@ -315,11 +321,43 @@ def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path:
         ],
     }
     path = tmp_path / "prediction_alert_test.yml"
-    path.write_text(yaml.safe_dump(test))
-    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = _promtool_test(path, test)
     assert result.returncode == 0, result.stdout + result.stderr
-    broken = yaml.safe_load(path.read_text())
-    broken["tests"][0]["alert_rule_test"][1]["exp_alerts"] = []  # the case must be able to fail
-    path.write_text(yaml.safe_dump(broken))
-    assert subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True,
-                          timeout=60).returncode != 0
+    test["tests"][0]["alert_rule_test"][1]["exp_alerts"] = []  # the case must be able to fail
+    assert _promtool_test(path, test).returncode != 0
+
+
+@needs_prometheus
+def test_promtool_fires_the_xid_alert_on_a_new_xid_and_stops_after_the_window(tmp_path: Path) -> None:
+    """DCGM_FI_DEV_XID_ERRORS keeps the last XID: the alert fires when it changes to a new XID and
+    stops 10 minutes later, although the value stays; a GPU that never had one stays quiet."""
+    labels = 'job="orchestrator",instance="a",Hostname="node1",rank="0"'
+    test = {
+        "rule_files": [str(ASSETS / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m",
+             "input_series": [
+                 {"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="0"}}', "values": "0 0 0 79+0x30"},
+                 {"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="1"}}', "values": "0+0x33"},
+             ],
+             "alert_rule_test": [
+                 {"eval_time": "2m", "alertname": "GpuXidError", "exp_alerts": []},
+                 {"eval_time": "5m", "alertname": "GpuXidError",
+                  "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "Hostname": "node1",
+                                                 "rank": "0", "gpu": "0", "severity": "critical"},
+                                  "exp_annotations": {"summary": "XID 79 on GPU 0 of node1 (rank 0)"}}]},
+                 {"eval_time": "20m", "alertname": "GpuXidError", "exp_alerts": []},
+             ]},
+        ],
+    }
+    path = tmp_path / "xid_alert_test.yml"
+    result = _promtool_test(path, test)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same case against the rule as it was (value > 0): it keeps firing at 20m, so the case fails.
+    old_rules = tmp_path / "alerts_old.yml"
+    old_rules.write_text((ASSETS / "alerts.yml").read_text().replace(
+        "DCGM_FI_DEV_XID_ERRORS > 0 and changes(DCGM_FI_DEV_XID_ERRORS[10m]) > 0", "DCGM_FI_DEV_XID_ERRORS > 0"))
+    assert old_rules.read_text() != (ASSETS / "alerts.yml").read_text()
+    test["rule_files"] = [str(old_rules)]
+    assert _promtool_test(path, test).returncode != 0, "the case cannot tell the rules apart"

@@ -26,7 +26,7 @@ from tests.helpers import (
     launch_args,
     of_kind,
     pid_alive,
-    start_cli,
+    running_cli,
     wait_for_event,
     wait_gone,
 )
@@ -83,10 +83,9 @@ def test_a_quiet_script_is_left_alone_and_its_hangs_are_still_caught(tmp_path: P
     is caught after hang_timeout_s, a rank stuck (peer waiting in a collective) after stuck_timeout_s."""
     hang_s, stuck_s = 4.0, 6.0
     run_dir = tmp_path / "run"
-    proc = start_cli(*launch_args(run_dir, f"fault_tolerance.hang_timeout_s={hang_s}",
+    with running_cli(*launch_args(run_dir, f"fault_tolerance.hang_timeout_s={hang_s}",
                                   f"fault_tolerance.stuck_timeout_s={stuck_s}"),
-                     "--", "tests/scripts/quiet_loop.py", "--seconds", "16", "--stall-attempt", "1")
-    try:
+                     "--", "tests/scripts/quiet_loop.py", "--seconds", "16", "--stall-attempt", "1") as proc:
         rank1 = wait_for_event(run_dir, lambda e: e["event"] == "worker_started" and e["rank"] == 1, 120, proc)
         log = run_dir / "logs" / "rank1.log"
         deadline = time.monotonic() + 120
@@ -100,9 +99,6 @@ def test_a_quiet_script_is_left_alone_and_its_hangs_are_still_caught(tmp_path: P
         stopped_at = time.time()
         frozen = wait_for_event(run_dir, lambda e: e["event"] == "failure_detected", 60, proc)
         output, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, output[-3000:]
     assert frozen["rank"] == 1 and frozen["reason"] == "hang" and "no sign of life" in frozen["message"]
     assert frozen["ts"] - stopped_at <= hang_s + 2.5, "a stopped rank is caught within hang_timeout_s"
@@ -135,16 +131,12 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
     hf_under_torchrun: dict[int, float], tmp_path: Path
 ) -> None:
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    proc = start_cli(*launch_args(run_dir, "fault_tolerance.hang_timeout_s=60"), "--", "tests/scripts/hf_clm.py",
-                     "--output_dir", str(out), "--deepspeed", "tests/scripts/ds_zero2.json", "--report")
-    try:
+    with running_cli(*launch_args(run_dir, "fault_tolerance.hang_timeout_s=60"), "--", "tests/scripts/hf_clm.py",
+                     "--output_dir", str(out), "--deepspeed", "tests/scripts/ds_zero2.json", "--report") as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["step"] == 10, 240, proc)
         rank1 = [e for e in events(run_dir) if e["event"] == "worker_started" and e["rank"] == 1][-1]
         os.kill(rank1["pid"], signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, output[-4000:]
     evs = events(run_dir)
     cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])

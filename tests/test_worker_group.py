@@ -173,3 +173,29 @@ def test_an_answer_of_a_replaced_actor_is_never_credited_to_its_successor(tmp_pa
         keeper.join(timeout=5)
     assert group._actors[0] is new
     assert group._acked[0] <= 1, "the old actor's answer 41 was credited to the new actor"
+
+
+def test_actors_of_a_node_that_is_dying_move_to_the_spare_once_ray_reports_the_node_dead(tmp_path: Path) -> None:
+    """A killed node: one of its actors is found dead while Ray still lists the node alive. The
+    actor made again in the node's bundle cannot be placed; once Ray reports the node dead, the
+    slot moves to the spare node instead of waiting minutes for a placement that cannot come."""
+    config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=2",
+                                        "cluster.spare_nodes=1"])
+    group = RayWorkerGroup(config, tmp_path)
+    ray = group._ray = FakeRay()
+    reports = iter([["node-a", "node-b", "node-s"]] * 2)  # node-b looks alive twice, then is reported dead
+    ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in next(reports, ["node-a", "node-s"])]
+    ray.kill = lambda actor, no_restart: None
+    group._actors = [SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")) for _ in range(6)]
+    group._nodes = [{"node_id": node, "ip": ip, "hostname": node} for node, ip in
+                    (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9")) for _ in range(2)]
+    group._host = {rank: rank for rank in range(4)}
+    unplaceable = SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "hung"))
+    group._new_actor = lambda index: unplaceable
+    group._dead = {2}
+
+    started = time.monotonic()
+    assert group.replace_lost(allow_missing=False) == []
+    assert time.monotonic() - started < 5
+    assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
+    assert {rank: group._host[rank] for rank in (2, 3)} == {2: 4, 3: 5}, "ranks 2 and 3 now live on the spare"

@@ -233,7 +233,9 @@ class Controller:
 
         Until every rank's actor has answered again, the failure is not fully known: a rank killed
         by a signal may be the first sign of its whole node dying (``node_lost``), which its actor's
-        silence (or death) shows a moment later. So the wait lasts until they answer or are lost.
+        silence (or death) shows a moment later. So the wait lasts until they answer or are lost,
+        and each new failure (one actor of a dying node found dead) starts it again: every other
+        actor must answer a poll sent after it, which proves its node is still there.
         """
         mark = self.group.poll_mark()
         start = self._clock()
@@ -243,7 +245,10 @@ class Controller:
             if not self.group.unheard(mark) and (settled or self._clock() >= start + SETTLE_S):
                 break
             self.wait(fast=True)
-            failures = failures + self.observe()
+            new = self.observe()
+            if new:
+                mark = self.group.poll_mark()
+            failures = failures + new
         return one_per_rank(failures)
 
     def decide(self, failures: list[Failure]) -> Decision:

@@ -35,6 +35,8 @@ _FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
+# While actors wait to be placed on a node, how often we ask Ray whether that node is still alive.
+_NODE_CHECK_S = 0.5
 _RENEWALS_PER_LEASE = 8
 _SKEW_TOLERANCE_S = 0.25
 
@@ -341,7 +343,7 @@ class RayWorkerGroup:
         actor now lost, with why."""
         if not lost:
             return {}
-        alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        alive_nodes = self._alive_nodes()
         result = dict(lost)
         for index, why in lost.items():
             node_id = self._nodes[index]["node_id"]
@@ -559,21 +561,30 @@ class RayWorkerGroup:
         actors are re-created in their bundles (Ray moves a lost node's bundle to a node that joins)."""
         if not self._dead:
             return []
-        alive_nodes = {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+        alive_nodes = self._alive_nodes()
+        ft = self._config.fault_tolerance
         missing = []
         for slot, bundle in enumerate(self._slot_bundle):
             indexes = range(bundle * self._per_node, (bundle + 1) * self._per_node)
             if not any(i in self._dead for i in indexes):
                 continue
-            node_lost = self._nodes[indexes[0]]["node_id"] not in alive_nodes or all(i in self._dead for i in indexes)
+            node_id = self._nodes[indexes[0]]["node_id"]
+            node_lost = node_id not in alive_nodes or all(i in self._dead for i in indexes)
+            wait_s, tried = ft.node_wait_s, False
+            if not node_lost:
+                # Some actors of a live node died: made again in their bundle. Unless the node is dying:
+                # a node killed at once loses its actors seconds before Ray reports the node dead, and
+                # its bundle cannot be placed meanwhile; with a spare, that report moves the slot there.
+                wait_s, tried = max(wait_s, _PLACEMENT_TIMEOUT_S), True
+                if self._recreate(indexes, wait_s, watch=node_id if self._spare_bundles else None):
+                    continue
+                node_lost = node_id not in self._alive_nodes()
             if node_lost and self._spare_bundles:
                 self._slot_bundle[slot] = self._spare_bundles.pop(0)
                 self._lose_bundle(bundle)
                 continue
-            wait_s = max(self._config.fault_tolerance.node_wait_s, _PLACEMENT_TIMEOUT_S if not node_lost else 0.0)
-            if not self._recreate(indexes, wait_s):
+            if tried or not self._recreate(indexes, wait_s):
                 if not allow_missing:
-                    ft = self._config.fault_tolerance
                     raise ClusterError(
                         f"node {self._nodes[indexes[0]]['ip']} was lost and no node took its place within "
                         f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={ft.node_wait_s:g}); hold a spare "
@@ -602,6 +613,20 @@ class RayWorkerGroup:
         self.world_size = config.cluster.world_size
         self._host = {rank: self._home(rank) for rank in range(self.world_size)}
 
+    def _answers_when_placed(self, refs: list[Any], deadline: float, watch: str | None) -> list[Any] | None:
+        """The answers of newly made actors once all have answered; None at ``deadline``, or once Ray
+        reports node ``watch`` dead."""
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=min(left, _NODE_CHECK_S))
+            if len(ready) == len(refs):
+                return self._ray.get(refs, timeout=_CALL_TIMEOUT_S)
+            if watch is not None and watch not in self._alive_nodes():
+                return None
+        return None
+
+    def _alive_nodes(self) -> set[str]:
+        return {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
+
     def _lose_bundle(self, bundle: int) -> None:
         """Never use ``bundle`` again (its node is gone); its actors are released."""
         if bundle in self._lost_bundles:
@@ -611,8 +636,9 @@ class RayWorkerGroup:
             self._ray.kill(self._actors[i], no_restart=True)
             self._dead.add(i)
 
-    def _recreate(self, indexes: range, wait_s: float) -> bool:
-        """New actors for the dead ones in ``indexes``' bundle; False if none was placed within ``wait_s``.
+    def _recreate(self, indexes: range, wait_s: float, watch: str | None = None) -> bool:
+        """New actors for the dead ones in ``indexes``' bundle; False if none was placed within ``wait_s``,
+        or as soon as Ray reports node ``watch`` dead.
 
         Until Ray has moved the bundle off a dead node, actors made for it die at once: made again."""
         deadline = time.monotonic() + max(wait_s, 1.0)
@@ -622,16 +648,17 @@ class RayWorkerGroup:
                     self._ray.kill(self._actors[i], no_restart=True)
                     with self._replacing:
                         self._actors[i] = self._new_actor(i)
-            left = deadline - time.monotonic()
+            refs = [self._actors[i].node_info.remote() for i in indexes]
             try:
-                infos = self._ray.get([self._actors[i].node_info.remote() for i in indexes], timeout=max(left, 0.1))
-                break
-            except self._ray.exceptions.GetTimeoutError:
-                return False
+                infos = self._answers_when_placed(refs, deadline, watch)
             except self._ray.exceptions.RayActorError:
                 if time.monotonic() + _RECREATE_PAUSE_S >= deadline:
                     return False
                 time.sleep(_RECREATE_PAUSE_S)
+                continue
+            if infos is None:
+                return False
+            break
         for i, info in zip(indexes, infos):
             self._nodes[i] = info
             self._answered[i] = time.monotonic()
