@@ -31,7 +31,11 @@ SMI_FIELDS: dict[str, tuple[str, float | None]] = {
     "DCGM_FI_DEV_MEM_COPY_UTIL": ("utilization.memory", 15.0),
     "DCGM_FI_DEV_FB_USED": ("memory.used", 64.0),
     "DCGM_FI_DEV_FB_FREE": ("memory.free", 64.0),
+    "DCGM_FI_DEV_ENC_UTIL": ("utilization.encoder", 15.0),
+    "DCGM_FI_DEV_DEC_UTIL": ("utilization.decoder", 15.0),
+    "DCGM_FI_DEV_FB_RESERVED": ("memory.reserved", 64.0),
     "DCGM_FI_DEV_GPU_TEMP": ("temperature.gpu", 2.0),
+    "DCGM_FI_DEV_MEMORY_TEMP": ("temperature.memory", 2.0),
     "DCGM_FI_DEV_POWER_USAGE": ("power.draw", 60.0),
     "DCGM_FI_DEV_SM_CLOCK": ("clocks.sm", 100.0),
     "DCGM_FI_DEV_MEM_CLOCK": ("clocks.mem", 1.0),
@@ -77,7 +81,7 @@ def main() -> int:
 
     pynvml.nvmlInit()
     indices = list(range(pynvml.nvmlDeviceGetCount()))
-    collector = GpuCollector(rank=0, indices=indices)
+    collector = GpuCollector(indices=indices)
     stop = threading.Event()
     worker = threading.Thread(target=load, args=(stop,), daemon=True)
     worker.start()

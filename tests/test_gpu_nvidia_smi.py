@@ -28,7 +28,7 @@ def test_collector_agrees_with_nvidia_smi() -> None:
     fields = "uuid,memory.used,memory.free,temperature.gpu,clocks.sm,clocks.mem,power.draw"
     smi = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, timeout=60, check=True).stdout.strip().split(", ")
-    [gpu] = GpuCollector(rank=0, indices=[0]).collect().gpus
+    [gpu] = GpuCollector(indices=[0]).collect().gpus
     v = gpu.values
     assert gpu.labels["UUID"] == smi[0]
     assert abs(v["DCGM_FI_DEV_FB_USED"] - float(smi[1])) <= 64

@@ -7,13 +7,9 @@ apt-get can run as root); without it these tests skip and say so.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +27,9 @@ from tests.helpers import (
     start_cli,
     wait_for_event,
 )
+from tests.prometheus import PROMTOOL, Prometheus, needs_prometheus, run_scrape_config
 
 ASSETS = REPO / "orchestrator" / "monitor" / "assets"
-PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
-needs_prometheus = pytest.mark.skipif(
-    not (PROMETHEUS and PROMTOOL),
-    reason="Debian's prometheus package is not installed (bash .ci/setup installs it where apt-get runs as root)",
-)
-# Expressions that only have data on a machine with NVIDIA GPUs.
-GPU_ONLY = ("DCGM_FI_", "orchestrator_model_flops_utilization")
 
 
 def _prediction_for(overrides: list[str], path: Path) -> Path:
@@ -59,24 +49,6 @@ def _prediction_for(overrides: list[str], path: Path) -> Path:
            "prediction": {"law": "compute", "final_loss": 2.0, "interval": [1.9, 2.1]}, "trajectory": trajectory}
     path.write_text(json.dumps(doc))
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _query(api: str, expr: str) -> dict[str, Any]:
-    try:
-        return _get(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read())
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -100,79 +72,56 @@ def test_promtool_accepts_the_shipped_rules_and_config() -> None:
 @pytest.mark.processes
 @pytest.mark.timeout(600)
 def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates(tmp_path: Path) -> None:
+    """With simulated GPUs, so every panel of the job dashboard, GPU panels included, has data."""
     run_dir = tmp_path / "run"
     overrides = ["train.steps=5000", "checkpoint.interval_steps=20", "evaluation.heldout_bytes=262144",
-                 "evaluation.interval_steps=5"]
+                 "evaluation.interval_steps=5", "metrics.simulated_gpus=true"]
     prediction = _prediction_for(overrides, tmp_path / "prediction.json")
     job = start_cli(*launch_args(run_dir, *overrides), "--prediction", str(prediction))
-    prometheus = None
     try:
         started = wait_for_event(run_dir, lambda e: e["event"] == "metrics_started", 60, job)
-        shown = cli("metrics", str(run_dir))
-        assert shown.returncode == 0 and started["url"] in shown.stdout
-        scrape = yaml.safe_load(shown.stdout.split("\n", 1)[1])["scrape_configs"][0]
-        scrape["scrape_interval"] = "1s"
-        config = {"global": {"evaluation_interval": "1s"}, "rule_files": [str(ASSETS / "alerts.yml")],
-                  "scrape_configs": [scrape]}
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = _free_port()
-        api = f"http://127.0.0.1:{port}"
-        prometheus = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
-        )
-        deadline = time.monotonic() + 180
+        assert started["url"] in cli("metrics", str(run_dir)).stdout
+        with Prometheus(tmp_path, run_scrape_config(run_dir), [ASSETS / "alerts.yml"]) as prom:
+            # Two checkpoints scraped, so rates over them have two points; GPM ratios need two GPU readings.
+            prom.wait_until("two checkpoints scraped", lambda: prom.query(
+                "orchestrator_checkpoint_duration_seconds_count >= 2")["data"]["result"], 180, job)
+            prom.wait_until("the tensor ratio of both simulated GPUs", lambda: len(prom.query(
+                "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE")["data"]["result"]) == 2, 120, job)
 
-        def wait_until(what: str, ok) -> None:
-            while time.monotonic() < deadline:
-                assert job.poll() is None, "the job ended before the checks"
-                assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-                try:
-                    if ok():
-                        return
-                except OSError:
-                    pass
-                time.sleep(0.5)
-            raise AssertionError(f"not within 180 s: {what}")
+            def rules_evaluated() -> bool:
+                rules = [r for g in prom.get("/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+                return len(rules) == len(_rule_exprs()) and all(r["lastEvaluation"] > "2000" for r in rules)
+            prom.wait_until("every alert rule evaluated", rules_evaluated, 60, job)
 
-        # Two checkpoints scraped, so rates over them have two points.
-        wait_until("two checkpoints scraped",
-                   lambda: _query(api, "orchestrator_checkpoint_duration_seconds_count >= 2")["data"]["result"])
-
-        def rules_evaluated() -> bool:
-            rules = [r for g in _get(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-            return len(rules) == len(_rule_exprs()) and all(r["lastEvaluation"] > "2000" for r in rules)
-        wait_until("every alert rule evaluated", rules_evaluated)
-
-        rules = [r for g in _get(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-        assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
-        for name, expr in _rule_exprs():
-            answer = _query(api, expr)
-            assert answer["status"] == "success", (name, expr, answer)
-        for title, expr in _dashboard_exprs():
-            answer = _query(api, expr)
-            assert answer["status"] == "success", (title, expr, answer)
-            if not any(marker in expr for marker in GPU_ONLY):
+            rules = [r for g in prom.get("/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+            assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+            for name, expr in _rule_exprs():
+                answer = prom.query(expr)
+                assert answer["status"] == "success", (name, expr, answer)
+            for title, expr in _dashboard_exprs():
+                answer = prom.query(expr)
+                assert answer["status"] == "success", (title, expr, answer)
                 assert answer["data"]["result"], f"dashboard panel {title!r} has no data: {expr}"
-        [loss] = _query(api, "orchestrator_training_loss")["data"]["result"]
-        assert 0 < float(loss["value"][1]) < 10
-        # The prediction beside the run's held-out loss: the final one as given, the one at the last
-        # evaluated step from the trajectory (3.5 falling by 1.5 over 5000 steps).
-        final = {r["metric"]["bound"]: float(r["value"][1])
-                 for r in _query(api, "orchestrator_predicted_final_loss")["data"]["result"]}
-        assert final == {"point": 2.0, "low": 1.9, "high": 2.1}
-        [heldout] = _query(api, "orchestrator_heldout_loss")["data"]["result"]
-        at = {r["metric"]["bound"]: float(r["value"][1])
-              for r in _query(api, "orchestrator_predicted_heldout_loss")["data"]["result"]}
-        assert 3.3 < at["low"] < at["point"] < at["high"] <= 3.6 and 0 < float(heldout["value"][1]) < 6, at
-        ranks = _query(api, "orchestrator_rank_up")["data"]["result"]
-        assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
-        assert all(r["metric"]["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"] for r in ranks)
+            [loss] = prom.query("orchestrator_training_loss")["data"]["result"]
+            assert 0 < float(loss["value"][1]) < 10
+            # The prediction beside the run's held-out loss: the final one as given, the one at the last
+            # evaluated step from the trajectory (3.5 falling by 1.5 over 5000 steps).
+            final = {r["metric"]["bound"]: float(r["value"][1])
+                     for r in prom.query("orchestrator_predicted_final_loss")["data"]["result"]}
+            assert final == {"point": 2.0, "low": 1.9, "high": 2.1}
+            [heldout] = prom.query("orchestrator_heldout_loss")["data"]["result"]
+            at = {r["metric"]["bound"]: float(r["value"][1])
+                  for r in prom.query("orchestrator_predicted_heldout_loss")["data"]["result"]}
+            assert 3.3 < at["low"] < at["point"] < at["high"] <= 3.6 and 0 < float(heldout["value"][1]) < 6, at
+            ranks = prom.query("orchestrator_rank_up")["data"]["result"]
+            assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
+            run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+            assert all(r["metric"]["run_id"] == run_id for r in ranks)
+            # Each simulated GPU joins its rank: the rank's step time beside its GPU's utilization.
+            joined = prom.query("DCGM_FI_DEV_GPU_UTIL * on(rank) group_left(node) "
+                                "(orchestrator_rank_info * on(rank) group_left orchestrator_rank_step_time_seconds)")
+            assert sorted(r["metric"]["rank"] for r in joined["data"]["result"]) == ["0", "1"], joined
     finally:
-        if prometheus is not None:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
         if job.poll() is None:
             job.send_signal(signal.SIGINT)
             job.wait(timeout=60)

@@ -296,6 +296,11 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = Field(
         9464, description="Port of the metrics endpoint; 0 picks a free one."
     )
+    simulated_gpus: bool = Field(
+        False,
+        description="Serve one simulated GPU per rank (a busy H100 from a stand-in NVML) instead of the node's "
+        "real ones: dashboards, alerts and Prometheus set-ups tried on machines without GPUs. Never on a real run.",
+    )
 
 
 class Config(_Section):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -391,11 +391,16 @@ class RayWorkerGroup:
                 if reading is not None:
                     self._gpu_readings[index] = reading
         live = [i for i in range(len(self._actors)) if i not in self._dead and i // self._per_node not in self._lost_bundles]
+        hosted = {index: str(rank) for rank, index in self._host.items()}
+        simulated = self._config.metrics.simulated_gpus
         for index in live:
             if index not in self._gpu_calls:
-                self._gpu_calls[index] = self._actors[index].gpu_metrics.remote(index)
+                self._gpu_calls[index] = self._actors[index].gpu_metrics.remote(
+                    index % self._per_node if simulated else None)
             if index in self._gpu_readings:
-                readings.append(self._gpu_readings[index])
+                # Who uses the GPUs now: the rank this actor hosts (none on a spare node), on its node.
+                readings.append(replace(self._gpu_readings[index], rank=hosted.get(index, ""),
+                                        node=self._nodes[index]["ip"]))
         return readings
 
     def interrupt(self, ranks: Collection[int]) -> None:

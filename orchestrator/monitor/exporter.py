@@ -9,10 +9,13 @@ from prometheus_client import start_http_server
 
 from orchestrator.errors import ConfigError
 
+# honor_labels: the GPU series carry their node's address as ``instance`` (one per node, as
+# dcgm-exporter's one-per-node targets), which the scrape must keep.
 SCRAPE_CONFIG = """\
 scrape_configs:
   - job_name: orchestrator
     scrape_interval: 15s
+    honor_labels: true
     static_configs:
       - targets: ["{target}"]
         labels:

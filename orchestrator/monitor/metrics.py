@@ -58,6 +58,10 @@ class JobMetrics:
         self.rank_step_time = Gauge("orchestrator_rank_step_time_seconds", "Wall time of the rank's last step.",
                                     ["rank"], registry=r)
         self.rank_step = Gauge("orchestrator_rank_step", "Last step the rank reported.", ["rank"], registry=r)
+        self.rank_info = Gauge("orchestrator_rank_info",
+                               "1 for the node each rank runs on (its address): joins the rank's series with its "
+                               "node's GPUs (DCGM_* series carry rank and node).", ["rank", "node"], registry=r)
+        self._rank_nodes: dict[str, str] = {}
         self.restarts = Counter("orchestrator_restarts", "Recoveries, by the root cause's reason.", ["reason"], registry=r)
         self.failures = Counter("orchestrator_failures", "Failures, by the root cause's reason (one per incident).",
                                 ["reason"], registry=r)
@@ -120,6 +124,15 @@ class JobMetrics:
             for rank in range(event["world_size"], event["world_size_before"]):
                 for family in (self.rank_up, self.rank_heartbeat_age, self.rank_step, self.rank_step_time):
                     family.remove(str(rank))  # a no-op for a series never set
+                if str(rank) in self._rank_nodes:
+                    self.rank_info.remove(str(rank), self._rank_nodes.pop(str(rank)))
+        elif kind == "worker_started" and event.get("node_ip"):
+            rank, node = str(event["rank"]), event["node_ip"]
+            moved_from = self._rank_nodes.get(rank)
+            if moved_from not in (None, node):
+                self.rank_info.remove(rank, moved_from)
+            self._rank_nodes[rank] = node
+            self.rank_info.labels(rank=rank, node=node).set(1)
         elif kind == "step":
             self.step.set(event["step"])
             if event["loss"] is not None:
@@ -199,9 +212,9 @@ class _GpuFamilies(Collector):
             self._collections = list(collections)
 
     def peak_flops(self) -> float:
-        """Summed peak FLOP/s of the job's GPUs, 0 when any model is unknown or there are none."""
+        """Summed peak FLOP/s of the job's GPUs (those a rank uses), 0 when any model is unknown or there are none."""
         with self._lock:
-            models = [g.labels["modelName"] for c in self._collections for g in c.gpus]
+            models = [g.labels["modelName"] for c in self._collections if c.rank for g in c.gpus]
         peaks = [next((p for name, p in PEAK_FLOPS if name in m), 0.0) for m in models]
         return sum(peaks) if peaks and all(peaks) else 0.0
 
@@ -210,13 +223,17 @@ class _GpuFamilies(Collector):
             collections = list(self._collections)
         available = GaugeMetricFamily("orchestrator_gpu_collector_available",
                                       "1 where NVML answered on the rank's node, 0 where it is missing "
-                                      "(see the reason label).", labels=["rank", "Hostname", "reason"])
+                                      "(see the reason label).", labels=["rank", "node", "Hostname", "reason"])
+        # Typed gauge, counters included: prometheus-client would add "_total" to a counter's name,
+        # and these keep DCGM's names (docs/monitoring.md).
         families = {name: GaugeMetricFamily(name, text, labels=list(LABELS)) for name, text in FIELDS.items()}
         for collection in collections:
-            available.add_metric([collection.rank, collection.hostname, collection.reason],
+            available.add_metric([collection.rank, collection.node, collection.hostname, collection.reason],
                                  1 if collection.available else 0)
+            where = {"Hostname": collection.hostname, "rank": collection.rank, "node": collection.node,
+                     "instance": collection.node}
             for gpu in collection.gpus:
-                labels = [gpu.labels[k] for k in LABELS]
+                labels = [{**gpu.labels, **where}[k] for k in LABELS]
                 for name, value in gpu.values.items():
                     if not math.isnan(value):
                         families[name].add_metric(labels, value)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
+from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
@@ -364,14 +365,19 @@ class RankActor:
         found = configure(Config.model_validate(config), head_addr)
         return {**found.as_event(), "summary": found.summary()}
 
-    def gpu_metrics(self, rank: int) -> GpuReading | None:
-        """The latest reading of the GPUs Ray gave this actor's bundle (the ones rank ``rank`` uses);
-        None before the first. Read by a thread of its own every ``GPU_READ_INTERVAL_S``: a hung NVML
-        call must not stall this actor's polls."""
+    def gpu_metrics(self, simulated: int | None = None) -> GpuReading | None:
+        """The latest reading of the GPUs Ray gave this actor (the ones its rank uses), or of one
+        simulated GPU with index ``simulated`` (``metrics.simulated_gpus``); None before the first.
+        Read by a thread of its own every ``GPU_READ_INTERVAL_S``: a hung NVML call must not stall
+        this actor's polls."""
         if self._gpu_thread is None:
             import ray
 
-            collector = GpuCollector(rank, [int(g) for g in ray.get_gpu_ids()])
+            if simulated is None:
+                collector = GpuCollector([int(g) for g in ray.get_gpu_ids()])
+            else:
+                nvml = SimulatedNVML({simulated: simulated_gpu(simulated)})
+                collector = GpuCollector([simulated], nvml=nvml)
             self._gpu_thread = threading.Thread(target=self._read_gpus, args=(collector,), name="gpus", daemon=True)
             self._gpu_thread.start()
         return self._gpu_reading
