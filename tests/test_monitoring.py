@@ -233,8 +233,12 @@ def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refu
         for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=1001"]))
 
 
-def _promtool_test(path: Path, test: dict) -> subprocess.CompletedProcess[str]:
-    """``promtool test rules`` on the unit test ``test``, written to ``path``."""
+def _promtool_test(path: Path, input_series: list[dict[str, str]], cases: list[dict[str, Any]],
+                   rules: Path = ASSETS / "alerts.yml") -> subprocess.CompletedProcess[str]:
+    """``promtool test rules`` of ``rules``: ``input_series`` a sample a minute, evaluated every
+    minute, against the alert ``cases``; the unit test is written to ``path``."""
+    test = {"rule_files": [str(rules)], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": input_series, "alert_rule_test": cases}]}
     path.write_text(yaml.safe_dump(test))
     return subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
 
@@ -243,37 +247,24 @@ def _promtool_test(path: Path, test: dict) -> subprocess.CompletedProcess[str]:
 def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path: Path) -> None:
     """promtool test rules: the held-out loss above the predicted interval for 20 minutes fires after
     the rule's 15 minutes; inside it, nothing fires."""
-    test = {
-        "rule_files": [str(ASSETS / "alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {"interval": "1m",
-             "input_series": [
-                 {"series": 'orchestrator_heldout_loss{job="orchestrator",instance="a"}', "values": "2.5+0x30"},
-                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="a",bound="low"}',
-                  "values": "2.0+0x30"},
-                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="a",bound="high"}',
-                  "values": "2.2+0x30"},
-                 {"series": 'orchestrator_heldout_loss{job="orchestrator",instance="b"}', "values": "2.1+0x30"},
-                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="b",bound="low"}',
-                  "values": "2.0+0x30"},
-                 {"series": 'orchestrator_predicted_heldout_loss{job="orchestrator",instance="b",bound="high"}',
-                  "values": "2.2+0x30"},
-             ],
-             "alert_rule_test": [
-                 {"eval_time": "10m", "alertname": "OrchestratorLossOffPrediction", "exp_alerts": []},
-                 {"eval_time": "20m", "alertname": "OrchestratorLossOffPrediction",
-                  "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "severity": "warning"},
-                                  "exp_annotations": {"summary": "Held-out loss 2.5 has been outside the scaling "
-                                                                 "prediction's interval for 15 minutes"}}]},
-             ]},
-        ],
-    }
+    series = []
+    for instance, loss in (("a", "2.5"), ("b", "2.1")):
+        labels = f'job="orchestrator",instance="{instance}"'
+        series += [{"series": f"orchestrator_heldout_loss{{{labels}}}", "values": f"{loss}+0x30"},
+                   {"series": f'orchestrator_predicted_heldout_loss{{{labels},bound="low"}}', "values": "2.0+0x30"},
+                   {"series": f'orchestrator_predicted_heldout_loss{{{labels},bound="high"}}', "values": "2.2+0x30"}]
+    cases = [
+        {"eval_time": "10m", "alertname": "OrchestratorLossOffPrediction", "exp_alerts": []},
+        {"eval_time": "20m", "alertname": "OrchestratorLossOffPrediction",
+         "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "severity": "warning"},
+                         "exp_annotations": {"summary": "Held-out loss 2.5 has been outside the scaling "
+                                                        "prediction's interval for 15 minutes"}}]},
+    ]
     path = tmp_path / "prediction_alert_test.yml"
-    result = _promtool_test(path, test)
+    result = _promtool_test(path, series, cases)
     assert result.returncode == 0, result.stdout + result.stderr
-    test["tests"][0]["alert_rule_test"][1]["exp_alerts"] = []  # the case must be able to fail
-    assert _promtool_test(path, test).returncode != 0
+    cases[1]["exp_alerts"] = []  # the case must be able to fail
+    assert _promtool_test(path, series, cases).returncode != 0
 
 
 @needs_prometheus
@@ -281,32 +272,22 @@ def test_promtool_fires_the_xid_alert_on_a_new_xid_and_stops_after_the_window(tm
     """DCGM_FI_DEV_XID_ERRORS keeps the last XID: the alert fires when it changes to a new XID and
     stops 10 minutes later, although the value stays; a GPU that never had one stays quiet."""
     labels = 'job="orchestrator",instance="a",Hostname="node1",rank="0"'
-    test = {
-        "rule_files": [str(ASSETS / "alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": [
-            {"interval": "1m",
-             "input_series": [
-                 {"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="0"}}', "values": "0 0 0 79+0x30"},
-                 {"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="1"}}', "values": "0+0x33"},
-             ],
-             "alert_rule_test": [
-                 {"eval_time": "2m", "alertname": "GpuXidError", "exp_alerts": []},
-                 {"eval_time": "5m", "alertname": "GpuXidError",
-                  "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "Hostname": "node1",
-                                                 "rank": "0", "gpu": "0", "severity": "critical"},
-                                  "exp_annotations": {"summary": "XID 79 on GPU 0 of node1 (rank 0)"}}]},
-                 {"eval_time": "20m", "alertname": "GpuXidError", "exp_alerts": []},
-             ]},
-        ],
-    }
+    series = [{"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="0"}}', "values": "0 0 0 79+0x30"},
+              {"series": f'DCGM_FI_DEV_XID_ERRORS{{{labels},gpu="1"}}', "values": "0+0x33"}]
+    cases = [
+        {"eval_time": "2m", "alertname": "GpuXidError", "exp_alerts": []},
+        {"eval_time": "5m", "alertname": "GpuXidError",
+         "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "Hostname": "node1",
+                                        "rank": "0", "gpu": "0", "severity": "critical"},
+                         "exp_annotations": {"summary": "XID 79 on GPU 0 of node1 (rank 0)"}}]},
+        {"eval_time": "20m", "alertname": "GpuXidError", "exp_alerts": []},
+    ]
     path = tmp_path / "xid_alert_test.yml"
-    result = _promtool_test(path, test)
+    result = _promtool_test(path, series, cases)
     assert result.returncode == 0, result.stdout + result.stderr
     # The same case against the rule as it was (value > 0): it keeps firing at 20m, so the case fails.
     old_rules = tmp_path / "alerts_old.yml"
     old_rules.write_text((ASSETS / "alerts.yml").read_text().replace(
         "DCGM_FI_DEV_XID_ERRORS > 0 and changes(DCGM_FI_DEV_XID_ERRORS[10m]) > 0", "DCGM_FI_DEV_XID_ERRORS > 0"))
     assert old_rules.read_text() != (ASSETS / "alerts.yml").read_text()
-    test["rule_files"] = [str(old_rules)]
-    assert _promtool_test(path, test).returncode != 0, "the case cannot tell the rules apart"
+    assert _promtool_test(path, series, cases, rules=old_rules).returncode != 0, "the case cannot tell the rules apart"
