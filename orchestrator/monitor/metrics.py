@@ -233,7 +233,8 @@ class _GpuFamilies(Collector):
             where = {"Hostname": collection.hostname, "rank": collection.rank, "node": collection.node,
                      "instance": collection.node}
             for gpu in collection.gpus:
-                labels = [{**gpu.labels, **where}[k] for k in LABELS]
+                merged = {**gpu.labels, **where}
+                labels = [merged[k] for k in LABELS]
                 for name, value in gpu.values.items():
                     if not math.isnan(value):
                         families[name].add_metric(labels, value)
