@@ -7,9 +7,10 @@ exposed there, so a multi-node job is one scrape target.
 
 Names and units follow dcgm-exporter's default counters, so NVIDIA's stock
 Grafana dashboard works unchanged; every GPU also carries the ``rank`` that
-uses it and its node (``node``, and ``instance``: one per node). A query a GPU does not support is skipped for that GPU only; a GPU
-that disappeared is skipped for that scrape; without NVML the collector
-says so once (``available`` False with the reason) and returns nothing.
+uses it and its node (``node``, and ``instance``: one per node). A query a
+GPU does not support is skipped for that GPU only; a GPU that disappeared is
+skipped for that scrape; without NVML the collector says so once
+(``available`` False with the reason) and returns nothing.
 """
 
 from __future__ import annotations
