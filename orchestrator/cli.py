@@ -197,6 +197,7 @@ def _scaling(args: argparse.Namespace) -> int:
               f"target {sd['final_loss']:.4f} ({sd['interval'][0]:.4f}-{sd['interval'][1]:.4f})")
     print(f"target (C = {doc['target']['compute_flops']:.3g} FLOPs): predicted held-out loss "
           f"{doc['prediction']['final_loss']:.4f}, {doc['level']:.0%} interval {low:.4f}-{high:.4f}")
+    _print_backtest(doc)
     if "actual" in doc:
         actual = doc["actual"]["final_loss"]
         inside = "inside" if low <= actual <= high else "OUTSIDE"
@@ -204,6 +205,22 @@ def _scaling(args: argparse.Namespace) -> int:
               f"{inside} the interval")
     print(f"written: {out}, {png}")
     return EXIT_OK
+
+
+def _print_backtest(doc: dict[str, Any]) -> None:
+    test = doc["backtest"]
+    if "error" in test:
+        print(f"warning: no backtest (L(C) without the largest run cannot be fitted: {test['error']}); "
+              f"the prediction is not to be trusted", file=sys.stderr)
+        return
+    further = doc["target"]["compute_flops"] / test["compute"]
+    print(f"backtest: L(C) without {test['run']} predicts it at {test['predicted']:.4f}; it measured "
+          f"{test['actual']:.4f} ({test['relative_error']:+.2%}); the target is {further:.0f}x further")
+    if not test["passed"]:
+        trend = "falling faster than" if test["relative_error"] > 0 else "falling slower than"
+        print(f"warning: the sweep's losses are {trend} its own law (backtest off by more than "
+              f"{test['tolerance']:.0%}) and the target is {further:.0f}x further: do not trust the prediction; "
+              f"the sweep's runs are too small for this target (docs/scaling.md, 'The backtest')", file=sys.stderr)
 
 
 def _print_plan(plan: Any) -> None:

@@ -55,6 +55,19 @@ def test_size_data_law_recovers_a_known_law_when_n_and_d_vary_independently() ->
     assert fitted(3e6, 3e7) == pytest.approx(TRUE_ND(3e6, 3e7), rel=0.01)
 
 
+def test_the_backtest_passes_on_a_law_and_fails_on_a_bending_sweep() -> None:
+    """A sweep that follows one law predicts its own largest run; the sweep measured on this machine
+    (docs/scaling.md, design C: 1-layer models of width 8-32, final held-out losses), whose target
+    ended 17% below the law, misses its largest run by several percent."""
+    passed = law.backtest_compute_law(_compute_points(TRUE_C, noise=0.002))
+    assert passed.run == "run6" and passed.passed and abs(passed.relative_error) < law.BACKTEST_TOLERANCE
+    measured = [(6.02e8, 3.6402), (3.03e9, 2.9168), (9.46e9, 2.5767), (2.30e10, 2.3656), (4.74e10, 2.2620),
+                (1.40e11, 1.9854)]
+    bending = law.backtest_compute_law(
+        [law.Point(run=f"run{i}", params=1, tokens=1, compute=c, loss=loss) for i, (c, loss) in enumerate(measured)])
+    assert bending.actual == 1.9854 and not bending.passed and bending.relative_error > 0.03
+
+
 def test_too_few_runs_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="needs at least 4.*scaling run"):
         law.fit_compute_law(_compute_points(TRUE_C, noise=0.0, n=3))

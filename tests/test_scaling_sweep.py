@@ -85,29 +85,54 @@ def test_a_sweep_stops_on_ctrl_c_resumes_its_interrupted_run_and_skips_finished_
     assert again.returncode == 0 and again.stderr.count("skipped") == len(plan.runs), again.stderr
 
 
-def test_fit_reads_the_event_logs_and_writes_the_prediction_and_the_plot(tmp_path: Path) -> None:
-    """Runs whose event logs follow a known law L(C): the fit recovers the target's loss from them,
-    and reports the target's actual result once its run has finished."""
-    true_law = law.ComputeLaw(a=30.0, b=-0.12, c=1.0)
-    plan_path = tmp_path / "sweep.json"
-    plan = _plan(plan_path, [(1, 32, 1, 20), (2, 32, 1, 30), (1, 64, 2, 40), (2, 64, 2, 60), (3, 64, 2, 80),
-                             (3, 96, 3, 100)])
+SHAPES = [(1, 32, 1, 20), (2, 32, 1, 30), (1, 64, 2, 40), (2, 64, 2, 60), (3, 64, 2, 80), (3, 96, 3, 100)]
+TRUE_LAW = law.ComputeLaw(a=30.0, b=-0.12, c=1.0)
+
+
+def _finished_runs(plan: Plan, plan_path: Path, largest_off: float = 1.0) -> None:
+    """Event logs of finished runs whose held-out losses follow ``TRUE_LAW`` (with a little noise),
+    the largest sweep run's scaled by ``largest_off``, and of the finished target."""
     for i, run in enumerate([*plan.runs, plan.target]):
         steps = run.overrides["train.steps"]
         noise = 1 + 0.003 * (-1) ** i if run is not plan.target else 1.0
         (sweep_dir(plan_path) / run.name).mkdir(parents=True)
         log = EventLog(sweep_dir(plan_path) / run.name / "events.jsonl")
-        heldout = float(true_law(run.compute_flops)) * noise
+        heldout = float(TRUE_LAW(run.compute_flops)) * noise * (largest_off if run is plan.runs[-1] else 1.0)
         log.emit("step", step=steps, loss=9.9, heldout_loss=heldout)
         log.emit("run_finished", status="succeeded", step=steps, heldout_loss=heldout)
         log.close()
 
+
+def test_fit_reads_the_event_logs_and_writes_the_prediction_and_the_plot(tmp_path: Path) -> None:
+    """Runs whose event logs follow a known law L(C): the fit recovers the target's loss from them,
+    passes its backtest, and reports the target's actual result once its run has finished."""
+    plan_path = tmp_path / "sweep.json"
+    plan = _plan(plan_path, SHAPES)
+    _finished_runs(plan, plan_path)
+
     fit = cli("scaling", "fit", str(plan_path), "--bootstrap", "60", timeout=120)
     assert fit.returncode == 0, fit.stdout + fit.stderr
     doc = json.loads((tmp_path / "sweep-prediction.json").read_text())
-    truth = float(true_law(plan.target.compute_flops))
+    truth = float(TRUE_LAW(plan.target.compute_flops))
     assert doc["prediction"]["final_loss"] == pytest.approx(truth, rel=0.01)
     assert doc["actual"]["final_loss"] == pytest.approx(truth)
     assert [p["run"] for p in doc["points"]] == [r.name for r in plan.runs]
     assert "target actual" in fit.stdout and "inside the interval" in fit.stdout, fit.stdout
+    assert doc["backtest"]["run"] == "run06" and doc["backtest"]["passed"], doc["backtest"]
+    assert "backtest: L(C) without run06" in fit.stdout and "warning" not in fit.stderr, fit.stdout + fit.stderr
     assert (tmp_path / "sweep-prediction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_warns_when_the_sweep_misses_its_own_largest_run(tmp_path: Path) -> None:
+    """A largest run 5% below the others' law (a sweep still bending, as small models on this
+    machine's corpus do): the fit still writes its prediction, flags the failed backtest in the
+    JSON and warns on stderr that the target lies far beyond a trend that does not hold."""
+    plan_path = tmp_path / "sweep.json"
+    plan = _plan(plan_path, SHAPES)
+    _finished_runs(plan, plan_path, largest_off=0.95)
+
+    fit = cli("scaling", "fit", str(plan_path), "--bootstrap", "60", timeout=120)
+    assert fit.returncode == 0, fit.stdout + fit.stderr
+    backtest = json.loads((tmp_path / "sweep-prediction.json").read_text())["backtest"]
+    assert not backtest["passed"] and backtest["relative_error"] > law.BACKTEST_TOLERANCE, backtest
+    assert "falling faster than its own law" in fit.stderr and "do not trust the prediction" in fit.stderr, fit.stderr

@@ -2,7 +2,8 @@
 
 Reads every run's held-out losses from its event log, fits ``L(C) = a*C^b + c`` to the final ones
 and, when the runs evaluated along the way (``evaluation.interval_steps``), ``L(N, D)`` to all of
-them; a bootstrap over runs gives each prediction an interval. Writes the prediction as JSON (what
+them; a bootstrap over runs gives each prediction an interval, and a backtest (the law without the
+largest run, asked for it) says whether the sweep's trend can be extrapolated at all. Writes the prediction as JSON (what
 ``orchestrator launch --prediction`` reads to watch the target) and a plot.
 """
 
@@ -69,6 +70,10 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
         "excluded": list(exclude),
     }
     doc["prediction"] = {"law": "compute", "final_loss": doc["compute_law"]["final_loss"], "interval": [low, high]}
+    try:
+        doc["backtest"] = law.backtest_compute_law(finals).as_dict()
+    except ConfigError as exc:  # the runs but the largest cannot be fitted: that says enough
+        doc["backtest"] = {"error": str(exc), "passed": False}
     if len({p.tokens for p in every}) > len(finals):  # intermediate evaluations: D varies for each N
         try:
             doc["size_data_law"], doc["trajectory"] = _size_data(plan, every, samples)
