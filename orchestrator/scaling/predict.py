@@ -3,8 +3,9 @@
 Reads every run's held-out losses from its event log, fits ``L(C) = a*C^b + c`` to the final ones
 and, when the runs evaluated along the way (``evaluation.interval_steps``), ``L(N, D)`` to all of
 them; a bootstrap over runs gives each prediction an interval, and a backtest (the law without the
-largest run, asked for it) says whether the sweep's trend can be extrapolated at all. Writes the prediction as JSON (what
-``orchestrator launch --prediction`` reads to watch the target) and a plot.
+largest run, asked for it) flags a sweep whose trend does not hold even within its own span. Writes
+the prediction as JSON (what ``orchestrator launch --prediction`` reads to watch the target) and a
+plot.
 """
 
 from __future__ import annotations
