@@ -43,9 +43,10 @@ def _prediction_for(overrides: list[str], path: Path) -> Path:
     steps = config.train.steps
     trajectory = [{"step": s, "tokens": s * tokens_per_step(config), "loss": loss, "low": loss - 0.1, "high": loss + 0.1}
                   for s, loss in ((1, 3.5), (steps, 2.0))]
-    doc = {"version": 1, "plan": "plan.json", "compute": "6ND", "level": 0.9,
+    doc = {"version": 2, "plan": "plan.json", "compute": "6ND", "level": 0.9,
            "target": {"params": non_embedding_params(config.model), "tokens": steps * tokens_per_step(config),
                       "compute_flops": 1e15},
+           "evaluation": {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches},
            "prediction": {"law": "compute", "final_loss": 2.0, "interval": [1.9, 2.1]}, "trajectory": trajectory}
     path.write_text(json.dumps(doc))
     return path
@@ -229,8 +230,13 @@ def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refu
     assert for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", overrides))["target"]
     with pytest.raises(ConfigError, match="made for N=.*launch the plan's target"):
         for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=2000", *overrides[1:]]))
-    with pytest.raises(ConfigError, match="evaluation.heldout_bytes"):
-        for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", ["train.steps=1001"]))
+    for other_heldout_set in (["train.steps=1001"], [*overrides, "evaluation.batches=16"]):
+        with pytest.raises(ConfigError, match="add --set evaluation.heldout_bytes=262144 --set evaluation.batches=32"):
+            for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", other_heldout_set))
+    stale = {**json.loads(path.read_text()), "version": 1}
+    path.write_text(json.dumps(stale))
+    with pytest.raises(ConfigError, match="prediction version 1.*scaling fit PLAN"):
+        load(path)
 
 
 def _promtool_test(path: Path, input_series: list[dict[str, str]], cases: list[dict[str, Any]],

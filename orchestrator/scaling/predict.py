@@ -22,7 +22,7 @@ from orchestrator.scaling import law
 from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, non_embedding_params, tokens_per_step
 from orchestrator.scaling.sweep import status, sweep_dir
 
-PREDICTION_VERSION = 1
+PREDICTION_VERSION = 2  # 2: `evaluation`, the held-out settings a launch must match
 LEVEL = 0.9  # the bootstrap interval's coverage
 TRAJECTORY_POINTS = 40  # predicted held-out loss along the target's training, for watching it
 
@@ -54,6 +54,7 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
     finals = [max((p for p in every if p.run == r.name), key=lambda p: p.tokens) for r in runs
               if any(p.run == r.name for p in every)]
     target = plan.target
+    evaluation = plan.run_config(target).evaluation
     compute_law = law.fit_compute_law(finals)
     refits = law.bootstrap_fits(finals, functools.partial(law.fit_compute_law, start=compute_law), samples=samples)
     low, high = law.interval([float(f(target.compute_flops)) for f in refits], LEVEL)
@@ -62,6 +63,7 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
         "plan": str(plan_path.resolve()),
         "compute": plan.compute,
         "target": {"params": target.params, "tokens": target.tokens, "compute_flops": target.compute_flops},
+        "evaluation": {"heldout_bytes": evaluation.heldout_bytes, "batches": evaluation.batches},
         "level": LEVEL,
         "compute_law": {**compute_law.as_dict(), "final_loss": float(compute_law(target.compute_flops)),
                         "interval": [low, high]},
@@ -125,18 +127,27 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the prediction ({exc.strerror})") from exc
     except ValueError as exc:
         raise ConfigError(f"{path}: not JSON ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("version") != PREDICTION_VERSION or "prediction" not in doc:
+    if not isinstance(doc, dict) or "prediction" not in doc:
         raise ConfigError(f"{path}: not a prediction written by `orchestrator scaling fit`")
+    if doc.get("version") != PREDICTION_VERSION:
+        raise ConfigError(f"{path}: prediction version {doc.get('version')!r}, this orchestrator reads "
+                          f"{PREDICTION_VERSION}; write it again with `orchestrator scaling fit PLAN`")
     return doc
 
 
 def for_run(path: Path, config: Config) -> dict[str, Any]:
     """The prediction at ``path`` for a launch of ``config`` (``orchestrator launch --prediction``):
-    refused when it was made for another model size or token count."""
+    refused when it was made for another model size or token count, or another held-out set."""
     doc = load(path)
-    if not config.train.is_builtin or not config.evaluation.heldout_bytes:
-        raise ConfigError(f"--prediction {path}: watching a prediction needs the built-in workload with held-out "
-                          f"evaluation (evaluation.heldout_bytes > 0, as the plan's runs have)")
+    if not config.train.is_builtin:
+        raise ConfigError(f"--prediction {path}: watching a prediction needs the built-in workload "
+                          f"(train.entrypoint, train.script and train.module unset), as the plan's runs have")
+    measured = {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches}
+    if measured != doc["evaluation"]:
+        sets = " ".join(f"--set evaluation.{k}={v}" for k, v in doc["evaluation"].items())
+        raise ConfigError(f"--prediction {path}: the sweep's held-out losses were measured with {doc['evaluation']}, "
+                          f"this config evaluates with {measured}; add {sets} (or launch the target with "
+                          f"`orchestrator scaling run {doc['plan']} --target`)")
     params = non_embedding_params(config.model)
     tokens = config.train.steps * tokens_per_step(config)
     target = doc["target"]
