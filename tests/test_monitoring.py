@@ -181,7 +181,9 @@ def test_job_metrics_follow_the_event_log() -> None:
         metrics.on_event(event)
     metrics.update_ranks([(0, True, 0.5, 7, 0.1), (1, False, 4.0, 6, 0.3)])
     text = generate_latest(metrics.registry).decode()
-    for line in ['orchestrator_training_loss 2.5', 'orchestrator_training_step 7.0',
+    assert "orchestrator_heldout_loss" not in text, "no evaluation reported: no series, rather than a 0"
+    for line in ['orchestrator_training_loss 2.5', 'orchestrator_training_step 7.0', 'orchestrator_learning_rate 0.003',
+                 'orchestrator_grad_norm 0.4', 'orchestrator_tokens_per_second 1000.0',
                  'orchestrator_restarts_total{reason="signal"} 1.0', 'orchestrator_failures_total{reason="signal"} 1.0',
                  'orchestrator_checkpoint_failures_total 1.0', 'orchestrator_checkpoint_last_step 10.0',
                  'orchestrator_rank_up{rank="1"} 0.0', 'orchestrator_rank_heartbeat_age_seconds{rank="1"} 4.0',

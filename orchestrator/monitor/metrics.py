@@ -27,6 +27,15 @@ from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
 # fp32); for model FLOPs utilisation. Other devices get no MFU.
 PEAK_FLOPS = (("H100 PCIe", 51e12), ("H100 NVL", 60e12), ("H100", 67e12), ("H200", 67e12), ("A100", 19.5e12))
 _CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+# Step-event fields that not every training code (or every step) reports: each series appears with
+# its first report, so that a dashboard shows no data rather than a 0 nobody measured.
+_REPORTED = {
+    "tokens_per_s": ("orchestrator_tokens_per_second", "Global training throughput of the last step."),
+    "lr": ("orchestrator_learning_rate", "Learning rate of the last step."),
+    "grad_norm": ("orchestrator_grad_norm", "Global gradient norm of the last step."),
+    "heldout_loss": ("orchestrator_heldout_loss",
+                     "Loss on the held-out bytes at the last evaluation (evaluation.heldout_bytes)."),
+}
 
 
 class JobMetrics:
@@ -44,12 +53,7 @@ class JobMetrics:
         self.loss = Gauge("orchestrator_training_loss", "Training loss of the last step (rank 0's report).", registry=r)
         self.step = Gauge("orchestrator_training_step", "Last completed training step.", registry=r)
         self.step_time = Gauge("orchestrator_step_time_seconds", "Wall time of the last step (rank 0).", registry=r)
-        self.tokens = Gauge("orchestrator_tokens_per_second", "Global training throughput of the last step.", registry=r)
-        self.lr = Gauge("orchestrator_learning_rate", "Learning rate of the last step.", registry=r)
-        self.grad_norm = Gauge("orchestrator_grad_norm", "Global gradient norm of the last step.", registry=r)
-        self.heldout_loss = Gauge("orchestrator_heldout_loss",
-                                  "Loss on the held-out bytes at the last evaluation (evaluation.heldout_bytes).",
-                                  registry=r)
+        self._reported: dict[str, Gauge] = {}  # by _REPORTED's key, registered on first report
         self.mfu: Gauge | None = None  # registered once a GPU with a known peak reports
         self.rank_up = Gauge("orchestrator_rank_up", "1 while the rank's training process runs.", ["rank"], registry=r)
         self.rank_heartbeat_age = Gauge("orchestrator_rank_heartbeat_age_seconds",
@@ -138,11 +142,11 @@ class JobMetrics:
             if event["loss"] is not None:
                 self.loss.set(event["loss"])
             self.step_time.set(event["step_time_s"])
-            if event.get("tokens_per_s") is not None:
-                self.tokens.set(event["tokens_per_s"])
-            for key, gauge in (("lr", self.lr), ("grad_norm", self.grad_norm), ("heldout_loss", self.heldout_loss)):
-                if key in event:
-                    gauge.set(event[key])
+            for key, (name, documentation) in _REPORTED.items():
+                if event.get(key) is not None:
+                    if key not in self._reported:
+                        self._reported[key] = Gauge(name, documentation, registry=self.registry)
+                    self._reported[key].set(event[key])
             self._update_mfu(event)
             if self._prediction is not None and "heldout_loss" in event:
                 self._update_prediction(event["step"])
