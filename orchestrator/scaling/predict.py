@@ -142,11 +142,11 @@ def for_run(path: Path, config: Config) -> dict[str, Any]:
     if not config.train.is_builtin:
         raise ConfigError(f"--prediction {path}: watching a prediction needs the built-in workload "
                           f"(train.entrypoint, train.script and train.module unset), as the plan's runs have")
-    measured = {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches}
-    if measured != doc["evaluation"]:
+    evaluates = {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches}
+    if evaluates != doc["evaluation"]:
         sets = " ".join(f"--set evaluation.{k}={v}" for k, v in doc["evaluation"].items())
         raise ConfigError(f"--prediction {path}: the sweep's held-out losses were measured with {doc['evaluation']}, "
-                          f"this config evaluates with {measured}; add {sets} (or launch the target with "
+                          f"this config evaluates with {evaluates}; add {sets} (or launch the target with "
                           f"`orchestrator scaling run {doc['plan']} --target`)")
     params = non_embedding_params(config.model)
     tokens = config.train.steps * tokens_per_step(config)
