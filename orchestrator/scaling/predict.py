@@ -54,7 +54,6 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
     finals = [max((p for p in every if p.run == r.name), key=lambda p: p.tokens) for r in runs
               if any(p.run == r.name for p in every)]
     target = plan.target
-    evaluation = plan.run_config(target).evaluation
     compute_law = law.fit_compute_law(finals)
     refits = law.bootstrap_fits(finals, functools.partial(law.fit_compute_law, start=compute_law), samples=samples)
     low, high = law.interval([float(f(target.compute_flops)) for f in refits], LEVEL)
@@ -63,7 +62,7 @@ def predict(plan: Plan, plan_path: Path, *, exclude: tuple[str, ...] = (), sampl
         "plan": str(plan_path.resolve()),
         "compute": plan.compute,
         "target": {"params": target.params, "tokens": target.tokens, "compute_flops": target.compute_flops},
-        "evaluation": {"heldout_bytes": evaluation.heldout_bytes, "batches": evaluation.batches},
+        "evaluation": heldout_settings(plan.run_config(target)),
         "level": LEVEL,
         "compute_law": {**compute_law.as_dict(), "final_loss": float(compute_law(target.compute_flops)),
                         "interval": [low, high]},
@@ -135,6 +134,11 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
+def heldout_settings(config: Config) -> dict[str, int]:
+    """What makes two held-out losses the same measure: the held-out bytes and the windows evaluated."""
+    return {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches}
+
+
 def for_run(path: Path, config: Config) -> dict[str, Any]:
     """The prediction at ``path`` for a launch of ``config`` (``orchestrator launch --prediction``):
     refused when it was made for another model size or token count, or another held-out set."""
@@ -142,7 +146,7 @@ def for_run(path: Path, config: Config) -> dict[str, Any]:
     if not config.train.is_builtin:
         raise ConfigError(f"--prediction {path}: watching a prediction needs the built-in workload "
                           f"(train.entrypoint, train.script and train.module unset), as the plan's runs have")
-    evaluates = {"heldout_bytes": config.evaluation.heldout_bytes, "batches": config.evaluation.batches}
+    evaluates = heldout_settings(config)
     if evaluates != doc["evaluation"]:
         sets = " ".join(f"--set evaluation.{k}={v}" for k, v in doc["evaluation"].items())
         raise ConfigError(f"--prediction {path}: the sweep's held-out losses were measured with {doc['evaluation']}, "
