@@ -98,12 +98,10 @@ def _import_everything(config_dict: dict[str, Any]) -> None:
     point's module and ``preload``, or the installed packages a script imports."""
     from orchestrator.config.schema import Config
     from orchestrator.worker import script
-    from orchestrator.worker.process import BUILTIN_ENTRYPOINT
+    from orchestrator.worker.process import BUILTIN_ENTRYPOINT, import_frameworks
 
     config = Config.model_validate(config_dict)
-    import deepspeed  # noqa: F401
-    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  - imports torch._inductor
-    import torch._dynamo  # noqa: F401
+    import_frameworks()
 
     if config.train.is_script:
         script.preimport(config.train)

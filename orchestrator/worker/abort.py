@@ -1,0 +1,71 @@
+"""Releasing a rank from a collective that will never complete.
+
+When a rank dies, only the peers that exchange data with it directly get an
+error ("Connection closed by peer"); a peer waiting on one of *those* stays
+blocked inside gloo, in C++, where no Python signal reaches it, until the
+process group's timeout (30 minutes). gloo's own ``abort()`` does nothing.
+
+So a rank leaving a broken attempt shuts down the TCP connections the attempt
+opened (gloo's pairs, the rendezvous store's): the wait it is blocked in, if
+any, fails at once, and so does every peer's wait on it, which then does the
+same. One failure releases the whole job in a few milliseconds a hop, and a
+survivor the controller interrupts is released the same way, from the thread
+that reads its control socket.
+
+Connections are told apart by when they appeared: those open when the attempt
+began (the control socket, anything the process held before) are left alone,
+and listening sockets are never touched (gloo aborts the process when its
+listener fails). A connection the training code itself opened during the
+attempt is shut down too: the attempt is over, and the code that owned it runs
+again from the start on rejoin.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+_FD_DIR = "/proc/self/fd"
+
+
+def _socket_inodes() -> dict[int, str]:
+    """Each open socket's descriptor -> its inode (``socket:[N]``)."""
+    found = {}
+    for name in os.listdir(_FD_DIR):
+        try:
+            target = os.readlink(os.path.join(_FD_DIR, name))
+        except OSError:
+            continue  # closed meanwhile (listdir's own descriptor, among others)
+        if target.startswith("socket:"):
+            found[int(name)] = target
+    return found
+
+
+class AttemptConnections:
+    """The TCP connections opened since this object was made: one training attempt's."""
+
+    def __init__(self) -> None:
+        self._before = frozenset(_socket_inodes().values())
+
+    def abort(self) -> int:
+        """Shut down (both ways) every connected TCP socket opened since the attempt began, so that any
+        wait on it fails now, here and at the peer. Safe from any thread, and more than once. Returns
+        how many were shut down."""
+        count = 0
+        for fd, inode in _socket_inodes().items():
+            if inode in self._before:
+                continue
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue  # closed meanwhile, or not a socket we can look at
+            try:
+                if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                        and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    sock.shutdown(socket.SHUT_RDWR)
+                    count += 1
+            except OSError:
+                pass  # not connected (any more): nothing waits on it
+            finally:
+                sock.close()  # the duplicate only; the owner closes its own descriptor
+        return count
