@@ -26,6 +26,10 @@ SECRET = "s3cr3t-4f9a"
 # a checkpoint every 10.
 REFERENCE_TRAINING = ("train.steps=100", "checkpoint.interval_steps=10")
 REFERENCE = (*REFERENCE_TRAINING, f"cluster.env.WANDB_API_KEY={SECRET}")
+# The session's 4-rank reference (one node): what the multi-node runs train like, and the baseline of
+# recoveries where a survivor can be blocked on another survivor.
+FOUR_RANKS_TRAINING = ("train.steps=60", "checkpoint.interval_steps=10")
+FOUR_RANKS = (*FOUR_RANKS_TRAINING, "cluster.workers_per_node=4")
 
 
 def zero_reference(stage: int) -> tuple[str, ...]:

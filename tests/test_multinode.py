@@ -1,7 +1,7 @@
 """Multi-node jobs on a dev-cluster: one network namespace (and address) per node, real Ray nodes,
 gloo across a bridge, real SIGKILLs and cut links.
 
-Expensive runs are shared: one clean 4-rank run on one node; one 2-node cluster for the
+Expensive runs are shared: one clean 4-rank run on one node (the session's, test_recovery's too); one 2-node cluster for the
 tensor-parallel run (with simulated GPUs, scraped by a real Prometheus for NVIDIA's stock
 dashboard) and then a run that loses a node and shrinks (its first 25 steps are also
 the two-node layout and losses check); one 4-node cluster (2 + two spares) for a run that loses
@@ -21,14 +21,25 @@ import pytest
 
 from orchestrator import devcluster
 from orchestrator.controller.reaper import marked_pids
-from tests.helpers import REPO, cli, events, launch_args, losses_by_step, of_kind, running_cli, wait_for_event
+from tests.helpers import (
+    FOUR_RANKS,
+    FOUR_RANKS_TRAINING,
+    REPO,
+    cli,
+    events,
+    launch_args,
+    losses_by_step,
+    of_kind,
+    running_cli,
+    wait_for_event,
+)
 from tests.prometheus import PROMETHEUS, Prometheus, needs_prometheus, run_scrape_config
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(600)]
 
 STEPS = 60
 STOCK_DASHBOARD = REPO / "tests" / "dcgm_exporter" / "dcgm-exporter-dashboard.json"
-BASE = (f"train.steps={STEPS}", "checkpoint.interval_steps=10")
+BASE = FOUR_RANKS_TRAINING
 
 if not devcluster.namespaces_available():
     pytest.skip("network namespaces need root and iproute2", allow_module_level=True)
@@ -49,10 +60,9 @@ def _down(cluster: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def clean(reference_run) -> dict[int, float]:
     """The same job on one node with 4 ranks."""
-    run_dir = tmp_path_factory.mktemp("clean") / "run"
-    result = cli(*launch_args(run_dir, *BASE, "cluster.workers_per_node=4"), timeout=400)
+    run_dir, result = reference_run(*FOUR_RANKS)
     assert result.returncode == 0, result.stdout + result.stderr
     return losses_by_step(events(run_dir))
 

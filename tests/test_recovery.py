@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    FOUR_RANKS,
     REFERENCE,
     REFERENCE_TRAINING,
     cli,
@@ -47,10 +48,11 @@ def _all_pids(run_dir: Path) -> list[int]:
     return [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
 
 
-def _signal_rank_at(run_dir: Path, proc, rank: int, step: int, sig: int) -> float:
-    """Send ``sig`` to ``rank``'s current training process once the node's spare is warm and rank 0
-    reported ``step``; returns when."""
-    wait_for_event(run_dir, lambda e: e["event"] == "spare_ready", 180, proc)
+def _signal_rank_at(run_dir: Path, proc, rank: int, step: int, sig: int, spare: bool = True) -> float:
+    """Send ``sig`` to ``rank``'s current training process once rank 0 reported ``step`` (and, with
+    ``spare``, the node's spare is warm); returns when."""
+    if spare:
+        wait_for_event(run_dir, lambda e: e["event"] == "spare_ready", 180, proc)
     wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= step, 180, proc)
     pid = [w for w in of_kind(events(run_dir), "worker_started") if w["rank"] == rank][-1]["pid"]
     os.kill(pid, sig)
@@ -98,6 +100,29 @@ def test_sigkill_of_any_rank_recovers_in_place_with_the_same_losses(
     # Every step, replayed ones included, equals the clean run's, bit for bit.
     assert all(clean_zero2[e["step"]] == e["loss"] for e in of_kind(evs, "step"))
     assert evs[-1]["final_loss"] == clean_zero2[LAST] and evs[-1]["restarts"] == 1
+    assert wait_gone(_all_pids(run_dir)) == []
+
+
+def test_sigkill_of_one_of_four_ranks_replaces_it_alone(tmp_path: Path, reference_run) -> None:
+    """With more than two ranks, a survivor can be blocked in a collective on another survivor, not on
+    the dead rank: released when that survivor leaves the attempt (worker/abort.py), it rejoins in
+    place instead of being replaced after the unwind timeout."""
+    clean_dir, clean = reference_run(*FOUR_RANKS)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    clean_losses = losses_by_step(events(clean_dir))
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *FOUR_RANKS))
+    _signal_rank_at(run_dir, proc, 1, 25, signal.SIGKILL, spare=False)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    evs = events(run_dir)
+    cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
+    assert (cause["rank"], cause["reason"]) == (1, "signal")
+    started = of_kind(evs, "recovery_started")
+    assert [(e["mode"], e["replaced"], e["rejoined"]) for e in started] == [("in_place", [1], [0, 2, 3])], started
+    assert [w["rank"] for w in of_kind(evs, "worker_started") if w["attempt"] == 1] == [1]
+    assert all(clean_losses[e["step"]] == e["loss"] for e in of_kind(evs, "step"))
+    assert evs[-1]["final_loss"] == clean_losses[60] and evs[-1]["restarts"] == 1
     assert wait_gone(_all_pids(run_dir)) == []
 
 
