@@ -469,10 +469,11 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
+    # The run directory first: a second launch on it is told who holds it, not that the port is taken.
+    run = RunDir.open(args.run_dir)
+    run.lock()
     metrics, server = _serve_metrics(config, prediction)
     try:
-        run = RunDir.open(args.run_dir)
-        run.lock()
         events = _open_events(run.events)
     except ConfigError:
         if server is not None:

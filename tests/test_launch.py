@@ -126,9 +126,11 @@ def test_tensor_parallel_trains(tmp_path: Path) -> None:
     assert not of_kind(events(run_dir), "checkpoint_committed")
 
 
-def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
-    """Also: while it trains, everything the local run started listens on loopback only (Ray, the
-    metrics endpoint, the rendezvous store, gloo)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_with_128_plus_the_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C reaches the launcher's whole process group; a scheduler's SIGTERM (scancel, Kubernetes)
+    the launcher alone, after Ray has installed its own handler. Also: while it trains, everything the
+    local run started listens on loopback only (Ray, the metrics endpoint, the rendezvous store, gloo)."""
     run_dir = tmp_path / "run"
     with running_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0")) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
@@ -136,9 +138,14 @@ def test_ctrl_c_stops_cleanly_with_130(tmp_path: Path) -> None:
         sockets = listening_sockets(descendants(proc.pid))
         assert {pid for pid, _ in sockets} >= {proc.pid, *pids}, "the metrics endpoint, the store and gloo listen"
         assert [s for s in sockets if not is_loopback(s[1])] == [], "a local run listens on loopback only"
-        interrupt(proc)
+        if sig == signal.SIGINT:
+            interrupt(proc)
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=60)
-    assert proc.returncode == 130, proc.stdout.read()
+    out = proc.stdout.read()
+    assert proc.returncode == 128 + sig, out
+    assert f"{sig.name}: stopping every rank" in out and f"{sig.name} received" not in out, "no dump from Ray's handler"
     last = events(run_dir)[-1]
     assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
     assert wait_gone(pids, timeout=5) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,14 @@ def test_a_second_controller_on_the_same_run_dir_is_refused(tmp_path: Path) -> N
     try:
         assert holder.stdout.readline().strip() == "held"
         before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-        result = cli(*launch_args(run_dir), timeout=60)
+        # The holder's metrics port, as a second launch of the same command would find it: the
+        # message must name the run directory's holder, not the port.
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            result = cli(*launch_args(run_dir, f"metrics.port={port}"), timeout=60)
         assert result.returncode == 2, result.stdout + result.stderr
         assert f"another orchestrator (pid {holder.pid}) is running on it" in result.stderr
+        assert "already in use" not in result.stderr
         assert "Traceback" not in result.stderr
         assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before, "nothing touched"
     finally:

@@ -13,9 +13,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from orchestrator.config.schema import Config
 from orchestrator.controller.reaper import RUN_TOKEN_ENV, pids_running_from, ray_temp_dir
@@ -70,15 +74,17 @@ def connect(config: Config) -> bool:
         else:
             _temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
         try:
-            ray.init(address="local", num_cpus=max(local_cpu_count(), config.cluster.world_size),
-                     _temp_dir=_temp_dir, **common)
+            with _signal_handlers_kept():
+                ray.init(address="local", num_cpus=max(local_cpu_count(), config.cluster.world_size),
+                         _temp_dir=_temp_dir, **common)
         except Exception as exc:  # noqa: BLE001 - whatever Ray raises, the user gets one line
             _remove_temp_dir()
             raise ClusterError(f"could not start the embedded Ray: {type(exc).__name__}: {exc}") from None
         return True
     _probe(config.cluster.ray_address)
     try:
-        ray.init(address=config.cluster.ray_address, **common)
+        with _signal_handlers_kept():
+            ray.init(address=config.cluster.ray_address, **common)
     except ConnectionError as exc:
         raise ClusterError(
             f"cannot connect to the Ray cluster at cluster.ray_address={config.cluster.ray_address!r}: {exc}. "
@@ -86,6 +92,21 @@ def connect(config: Config) -> bool:
             "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here."
         ) from None
     return True
+
+
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the caller's SIGINT and SIGTERM handlers across ``ray.init``, which replaces SIGTERM's with
+    ``sys.exit(15)``: a scheduler's SIGTERM would then end the launcher without stopping its ranks or
+    writing ``run_finished``, after a stack dump from Ray's C++ core."""
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _use_dev_cluster_token(address: str) -> None:
