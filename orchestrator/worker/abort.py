@@ -28,16 +28,16 @@ import socket
 _FD_DIR = "/proc/self/fd"
 
 
-def _socket_inodes() -> dict[int, str]:
-    """Each open socket's descriptor -> its inode (``socket:[N]``)."""
+def _socket_inodes() -> dict[int, int]:
+    """Each open socket's descriptor -> its inode (the N of ``socket:[N]``)."""
     found = {}
     for name in os.listdir(_FD_DIR):
         try:
             target = os.readlink(os.path.join(_FD_DIR, name))
         except OSError:
             continue  # closed meanwhile (listdir's own descriptor, among others)
-        if target.startswith("socket:"):
-            found[int(name)] = target
+        if target.startswith("socket:["):
+            found[int(name)] = int(target[len("socket:["):-1])
     return found
 
 
@@ -60,7 +60,9 @@ class AttemptConnections:
             except OSError:
                 continue  # closed meanwhile, or not a socket we can look at
             try:
-                if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                # The same socket as listed, not one that took the number after it was closed.
+                if (os.fstat(sock.fileno()).st_ino == inode
+                        and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
                         and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
                     sock.shutdown(socket.SHUT_RDWR)
                     count += 1
