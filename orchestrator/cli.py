@@ -472,12 +472,14 @@ def _launch(args: argparse.Namespace) -> int:
     # The run directory first: a second launch on it is told who holds it, not that the port is taken.
     run = RunDir.open(args.run_dir)
     run.lock()
-    metrics, server = _serve_metrics(config, prediction)
+    server = None
     try:
+        metrics, server = _serve_metrics(config, prediction)
         events = _open_events(run.events)
     except ConfigError:
         if server is not None:
             server.close()
+        run.discard()
         raise
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
     display = make_progress()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import stat
 import time
 import uuid
@@ -30,10 +31,11 @@ def append_fd(path: str | Path) -> int:
 
 @dataclass(frozen=True, slots=True)
 class RunDir:
-    """Paths of one run, and its id."""
+    """Paths of one run, and its id; ``created``: this process made the directory."""
 
     path: Path
     run_id: str
+    created: bool = False
 
     @classmethod
     def open(cls, path: str | Path | None, root: Path = Path("runs")) -> RunDir:
@@ -41,7 +43,8 @@ class RunDir:
         if path is None:
             path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         path = Path(path).absolute()
-        if path.exists() and not path.is_dir():
+        created = not path.exists()
+        if not created and not path.is_dir():
             raise ConfigError(f"--run-dir {path}: exists and is not a directory")
         for sub in ("checkpoints", "logs"):
             if (path / sub).is_symlink() or (path / sub).exists() and not (path / sub).is_dir():
@@ -58,7 +61,13 @@ class RunDir:
         else:
             run_id = uuid.uuid4().hex[:12]
             meta.write_text(json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
-        return cls(path=path, run_id=run_id)
+        return cls(path=path, run_id=run_id, created=created)
+
+    def discard(self) -> None:
+        """Remove the directory if :meth:`open` made it: a launch refused before anything ran leaves
+        nothing behind. A directory that existed before is kept as it is."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @staticmethod
     def read_id(path: Path, option: str = "RUN_DIR") -> str:
