@@ -35,14 +35,16 @@ if rank == 1:
     os._exit(0)
 
 entered = threading.Event()
+aborted: list[int] = []
 
 
 def abort_when_entered() -> None:
     entered.wait(60)
-    print(f"aborted {attempt.abort()} connection(s)", flush=True)
+    aborted.append(attempt.abort())
 
 
-threading.Thread(target=abort_when_entered, daemon=True).start()
+aborter = threading.Thread(target=abort_when_entered, daemon=True)
+aborter.start()
 started = time.monotonic()
 try:
     entered.set()
@@ -50,6 +52,8 @@ try:
     print("the all-reduce returned", flush=True)
 except RuntimeError as exc:
     print(f"released after {time.monotonic() - started:.2f}s: {str(exc).splitlines()[0]}", flush=True)
+aborter.join(60)  # printed from this thread only: two threads' lines can interleave
+print(f"aborted {aborted[0] if aborted else 'nothing'} connection(s)", flush=True)
 kept.sendall(b"x")
 print(f"kept connection works: {accepted.recv(1) == b'x'}", flush=True)
 dist.destroy_process_group()
