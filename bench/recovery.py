@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.config import load_config
 from orchestrator.monitor.events import read_events
 from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
 
@@ -145,8 +146,8 @@ def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None) -> 
 
 def torchrun_command(workdir: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """The torchrun baseline's command line and environment (also run by tests/test_bench.py): as many
-    processes as ``overrides``' ``cluster.workers_per_node`` (2 without it)."""
-    ranks = _ranks(overrides)
+    processes as the config's ``cluster.workers_per_node``, as the orchestrator starts."""
+    ranks = load_config(CONFIG, overrides).cluster.workers_per_node
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -162,11 +163,6 @@ def torchrun_command(workdir: Path, overrides: list[str]) -> tuple[list[str], di
         OMP_NUM_THREADS=str(max(1, local_cpu_count() // ranks)), PYTHONPATH=str(REPO),
     ))
     return cmd, env
-
-
-def _ranks(overrides: list[str]) -> int:
-    sizes = [int(item.split("=", 1)[1]) for item in overrides if item.startswith("cluster.workers_per_node=")]
-    return sizes[-1] if sizes else 2
 
 
 def main() -> int:
