@@ -200,7 +200,7 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
             return f"rank {rank} pid {pid}: already gone (skipped)"
         return f"rank {rank} pid {pid}"
     fragment = {"kill_spare": "orchestrator.worker.zygote", "kill_zygote": "orchestrator.worker.zygote",
-                "kill_actor": "ray::RankActor"}[kind]
+                "kill_actor": "ray::NodeAgent"}[kind]
     candidates = job.processes(fragment)
     if kind == "kill_spare":  # forked by the zygote: same command line, the zygote is its parent
         zygotes, ranks = set(candidates), set(job.rank_pids().values())  # a promoted spare is a rank now

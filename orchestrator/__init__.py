@@ -2,8 +2,8 @@
 
 The main flow: ``cli`` parses the command line, ``config`` loads and validates
 one typed config tree, ``controller`` drives the job as a state machine over a
-group of per-rank ``worker`` actors, and each actor runs a training process
-whose loop lives in ``training`` (or the user's: an entry point, or a script run
+group of node agents (``agent``, one Ray actor per node), and each agent runs
+its node's training processes (``worker``), whose loop lives in ``training`` (or the user's: an entry point, or a script run
 as torchrun would, ``worker/script.py``). Training code imports from ``orchestrator.api``;
 ``orchestrator.report`` is the one-line progress report for any script.
 """

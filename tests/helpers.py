@@ -160,6 +160,44 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def run_token(controller: int) -> str:
+    """The run token (``ORCH_RUN_TOKEN``) a running controller marked its processes with, read from
+    the environment of a process it started (Ray's, its reaper's)."""
+    from orchestrator.controller.reaper import RUN_TOKEN_ENV
+
+    for pid in descendants(controller)[1:]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(f"{RUN_TOKEN_ENV}=".encode()):
+                return item.split(b"=", 1)[1].decode()
+    raise AssertionError(f"no process of controller {controller} carries {RUN_TOKEN_ENV}")
+
+
+def run_leftovers(token: str, timeout: float = 15) -> list[str]:
+    """Command lines of the run's processes still alive after ``timeout``: any marked with its token,
+    or running from its embedded Ray's directory (Ray's daemons and agents)."""
+    from orchestrator.controller.reaper import marked_pids, pids_running_from, ray_temp_dir
+
+    def left() -> list[int]:
+        found = set(marked_pids(token, {os.getpid()})) | set(pids_running_from(ray_temp_dir(token), {os.getpid()}))
+        return [pid for pid in found if pid_alive(pid)]
+
+    deadline = time.monotonic() + timeout
+    while (pids := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    commands = []
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        commands.append(f"{pid}: {command[:200]}")
+    return commands
+
+
 def listening_sockets(pids: list[int]) -> list[tuple[int, str]]:
     """(pid, address) of every TCP socket the processes ``pids`` listen on (addresses as in /proc/net:
     hex, IPv4 little-endian), from /proc/net/tcp{,6} and the processes' descriptors."""

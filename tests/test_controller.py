@@ -19,7 +19,7 @@ from orchestrator.controller.states import (
     Starting,
     Succeeded,
 )
-from orchestrator.controller.worker_group import RankUpdate, WorkerInfo
+from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.events import EventLog, read_events
 from orchestrator.run_dir import RunDir
@@ -65,6 +65,8 @@ class FakeGroup:
         self.lost: set[int] = set()
         self.missing: list[int] = []  # node slots the next replace_lost finds no place for
         self.shrunk: list[list[int]] = []
+        self.spares: list[str] = []  # spare node addresses still available
+        self.spares_lost: list[tuple[str, str]] = []  # reported by the next lost_spares()
 
     def start(self, attempt, resume_tag, faults, rejoin=()):
         self.starts.append({"attempt": attempt, "resume_tag": resume_tag, "faults": list(faults), "rejoin": list(rejoin)})
@@ -127,6 +129,13 @@ class FakeGroup:
 
     def node_networks(self):
         return {"node-a": {"interface": "eth0", "address": "10.0.0.1", "ib_ports": [], "env": {}, "summary": "eth0"}}
+
+    def layout(self):
+        return NodeLayout(ranks={"10.0.0.1": list(range(self.world_size))}, spares=list(self.spares))
+
+    def lost_spares(self):
+        lost, self.spares_lost = self.spares_lost, []
+        return lost
 
     def stop(self):
         pass
@@ -451,7 +460,7 @@ def test_before_any_step_a_moving_call_stack_is_progress_and_a_still_one_is_stuc
     _, current = ctl.step()
     hang = root_cause(current.failures)
     assert (hang.rank, hang.reason) == (1, "hang") and [f.rank for f in current.failures] == [1]
-    assert "call stack has not changed for 61.0s (limit 60s" in hang.message and "train.py:9 in load" in hang.message
+    assert "blocked for 61.0s (call stack unchanged, no CPU used; limit 60s" in hang.message and "train.py:9 in load" in hang.message
     assert hang.step is None, "no step reported: none to blame"
 
 
@@ -665,3 +674,34 @@ def test_interrupted_run_is_recorded(tmp_path: Path) -> None:
     ctl.abort("interrupted")
     last = read_events(run.events)[-1]
     assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+
+
+def test_a_lost_node_is_one_line_naming_its_address_and_ranks(tmp_path: Path) -> None:
+    ctl, group, _, clock = make(tmp_path, *TWO_NODES)
+    _started(ctl, group, clock)
+    group.script = [[RankUpdate(rank=r, alive_at=clock.now, in_collective=True) for r in (0, 1)]
+                    + [RankUpdate(rank=r, lost="node 10.0.0.2 lost: its node agent answered nothing") for r in (2, 3)]]
+    ctl.step()
+    lines = [n for n in ctl.display.notes if "lost" in n]
+    assert len(lines) == 1 and lines[0].startswith(
+        "node 10.0.0.2 lost with ranks 2-3: its node agent answered nothing; retrying"), lines
+
+
+def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> None:
+    """A spare node partitioned away while waiting: an event, a terminal line, the gauges; the header
+    line names the rank nodes and the spares."""
+    from orchestrator.monitor.metrics import JobMetrics
+
+    ctl, group, run, clock = make(tmp_path, *TWO_NODES, "cluster.spare_nodes=1")
+    ctl.metrics = JobMetrics(world_size=4)
+    group.spares = ["10.0.0.9"]
+    _started(ctl, group, clock)
+    assert "nodes: 10.0.0.1 (ranks 0-3); spare nodes: 10.0.0.9" in ctl.display.notes
+    assert ctl.metrics.spare_nodes._value.get() == 1 and ctl.metrics.spare_nodes_configured._value.get() == 1
+    group.spares, group.spares_lost = [], [("10.0.0.9", "node 10.0.0.9 lost: its node agent answered nothing")]
+    ctl.step()
+    lost = of_kind(read_events(run.events), "spare_node_lost")
+    assert [(e["node_ip"], e["spare_nodes"], e["spare_nodes_configured"]) for e in lost] == [("10.0.0.9", 0, 1)]
+    assert any(n.startswith("spare node 10.0.0.9 lost (") and "0 of 1 spare node(s) left; a lost node now waits" in n
+               for n in ctl.display.notes), ctl.display.notes
+    assert ctl.metrics.spare_nodes._value.get() == 0

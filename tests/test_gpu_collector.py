@@ -148,7 +148,7 @@ def test_no_nvml_is_one_metric_and_one_log_line(caplog: pytest.LogCaptureFixture
 def test_exposition_uses_dcgm_names_with_the_rank_and_node_of_each_gpu() -> None:
     metrics = JobMetrics(world_size=1)
     reading = GpuCollector(indices=[0], nvml=SimulatedNVML({0: _gpu()}), hostname="n").collect()
-    metrics.update_gpus([replace(reading, rank="0", node="10.0.0.2")])
+    metrics.update_gpus([replace(reading, ranks={"0": "0"}, node="10.0.0.2")])
     metrics.on_event({"event": "worker_started", "ts": 1.0, "rank": 0, "pid": 1, "node_ip": "10.0.0.2"})
     text = _exposition(metrics)
     assert ('DCGM_FI_DEV_GPU_UTIL{DCGM_FI_DRIVER_VERSION="550.90.07",Hostname="n",UUID="GPU-0000",device="nvidia0",'
@@ -170,8 +170,9 @@ def test_the_docs_list_every_exported_field() -> None:
 def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) -> None:
     metrics = JobMetrics(world_size=2)
     nvml = SimulatedNVML({0: _gpu(name=name), 1: _gpu(name=name)})
-    metrics.update_gpus([replace(GpuCollector(indices=[r], nvml=nvml, hostname="n").collect(), rank=str(r))
-                         for r in (0, 1)])
+    # One node's reading of both GPUs, each used by its local rank.
+    metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
+                                 ranks={"0": "0", "1": "1"})])
     metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 2 * peak * 0.5 * 0.4})
     assert "orchestrator_model_flops_utilization 0.4" in _exposition(metrics)
 
@@ -179,8 +180,9 @@ def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) ->
 def test_no_mfu_when_one_gpu_model_has_no_known_peak() -> None:
     metrics = JobMetrics(world_size=2)
     nvml = SimulatedNVML({0: _gpu(), 1: _gpu(name="Tesla T4")})
-    metrics.update_gpus([replace(GpuCollector(indices=[r], nvml=nvml, hostname="n").collect(), rank=str(r))
-                         for r in (0, 1)])
+    # One node's reading of both GPUs, each used by its local rank.
+    metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
+                                 ranks={"0": "0", "1": "1"})])
     metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 1e12})
     assert "orchestrator_model_flops_utilization" not in _exposition(metrics)
 

@@ -24,6 +24,8 @@ from tests.helpers import (
     listening_sockets,
     losses_by_step,
     of_kind,
+    run_leftovers,
+    run_token,
     running_cli,
     wait_for_event,
     wait_gone,
@@ -92,9 +94,11 @@ def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, s
             assert environ["RANK"] == str(rank) and environ["WORLD_SIZE"] == "2"
             assert environ["MASTER_ADDR"] == "127.0.0.1" and int(environ["MASTER_PORT"]) > 0
             assert "orchestrator.worker.process" in Path(f"/proc/{pid}/cmdline").read_text()
+        token = run_token(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # the controller only; the reaper must do the rest
         proc.wait(timeout=10)
     assert wait_gone(pids) == [], "training processes outlived their controller"
+    assert run_leftovers(token, timeout=15) == [], "Ray's daemons or agents outlived the controller"
 
     result = cli(*launch_args(run_dir, *SHORT))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -138,6 +142,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_with_128_plus_the_signal(tmp_path: Path
         sockets = listening_sockets(descendants(proc.pid))
         assert {pid for pid, _ in sockets} >= {proc.pid, *pids}, "the metrics endpoint, the store and gloo listen"
         assert [s for s in sockets if not is_loopback(s[1])] == [], "a local run listens on loopback only"
+        token = run_token(proc.pid)
         if sig == signal.SIGINT:
             interrupt(proc)
         else:
@@ -149,6 +154,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_with_128_plus_the_signal(tmp_path: Path
     last = events(run_dir)[-1]
     assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
     assert wait_gone(pids, timeout=5) == []
+    assert run_leftovers(token, timeout=15) == [], "Ray's daemons or agents outlived the launcher"
 
 
 def test_user_entrypoint_gets_the_context(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.worker.actor import RankActor
+from orchestrator.agent.node_agent import NodeAgent
 
 
 def test_only_a_received_answer_moves_the_lease(tmp_path: Path) -> None:
-    actor = RankActor(0, str(tmp_path), lease_s=3600.0)  # the fence never fires here
+    actor = NodeAgent(0, str(tmp_path), lease_s=3600.0)  # the fence never fires here
     assert actor._lease_from is None, "not armed before the first call"
     first = actor.renew(0)
     armed_at = actor._lease_from

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.worker import messages
-from orchestrator.worker.actor import HostedProcess
+from orchestrator.agent.hosted import HostedProcess
 from orchestrator.worker.messages import MalformedMessage, Step, decode, encode
 
 EXAMPLES = [

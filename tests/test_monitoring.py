@@ -251,6 +251,15 @@ def _promtool_test(path: Path, input_series: list[dict[str, str]], cases: list[d
     return subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
 
 
+def _fires_as_expected_and_can_fail(path: Path, series: list[dict[str, str]], cases: list[dict[str, Any]]) -> None:
+    """The alert ``cases`` pass ``promtool test rules``; with the firing case (the second) expecting
+    nothing instead, they fail: the cases can tell a firing alert from a quiet one."""
+    result = _promtool_test(path, series, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+    quiet = [cases[0], {**cases[1], "exp_alerts": []}, *cases[2:]]
+    assert _promtool_test(path, series, quiet).returncode != 0
+
+
 @needs_prometheus
 def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path: Path) -> None:
     """promtool test rules: the held-out loss above the predicted interval for 20 minutes fires after
@@ -268,11 +277,7 @@ def test_promtool_fires_the_prediction_alert_only_outside_the_interval(tmp_path:
                          "exp_annotations": {"summary": "Held-out loss 2.5 has been outside the scaling "
                                                         "prediction's interval for 15 minutes"}}]},
     ]
-    path = tmp_path / "prediction_alert_test.yml"
-    result = _promtool_test(path, series, cases)
-    assert result.returncode == 0, result.stdout + result.stderr
-    cases[1]["exp_alerts"] = []  # the case must be able to fail
-    assert _promtool_test(path, series, cases).returncode != 0
+    _fires_as_expected_and_can_fail(tmp_path / "prediction_alert_test.yml", series, cases)
 
 
 @needs_prometheus
@@ -299,3 +304,19 @@ def test_promtool_fires_the_xid_alert_on_a_new_xid_and_stops_after_the_window(tm
         "DCGM_FI_DEV_XID_ERRORS > 0 and changes(DCGM_FI_DEV_XID_ERRORS[10m]) > 0", "DCGM_FI_DEV_XID_ERRORS > 0"))
     assert old_rules.read_text() != (ASSETS / "alerts.yml").read_text()
     assert _promtool_test(path, series, cases, rules=old_rules).returncode != 0, "the case cannot tell the rules apart"
+
+
+@needs_prometheus
+def test_promtool_fires_the_spare_nodes_alert_once_a_spare_is_gone(tmp_path: Path) -> None:
+    """One spare configured: quiet while it is there; a minute after it is lost, the alert fires."""
+    labels = 'job="orchestrator",instance="a"'
+    series = [{"series": f"orchestrator_spare_nodes{{{labels}}}", "values": "1+0x5 0+0x10"},
+              {"series": f"orchestrator_spare_nodes_configured{{{labels}}}", "values": "1+0x16"}]
+    cases = [
+        {"eval_time": "4m", "alertname": "OrchestratorSpareNodesLow", "exp_alerts": []},
+        {"eval_time": "9m", "alertname": "OrchestratorSpareNodesLow",
+         "exp_alerts": [{"exp_labels": {"job": "orchestrator", "instance": "a", "severity": "warning"},
+                         "exp_annotations": {"summary": "0 spare node(s) left of those configured: the next "
+                                                        "lost node has nowhere to go"}}]},
+    ]
+    _fires_as_expected_and_can_fail(tmp_path / "spare_alert_test.yml", series, cases)

@@ -282,7 +282,7 @@ def test_lost_nodes_move_to_spare_nodes_bit_exact(clean: dict[int, float], tmp_p
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                if "RankActor" in cmdline or "orchestrator.worker" in cmdline:
+                if "NodeAgent" in cmdline or "orchestrator.worker" in cmdline:
                     leftovers.append((pid, cmdline))
         assert not leftovers, leftovers
     finally:

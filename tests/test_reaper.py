@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import textwrap
 
 from orchestrator.controller.reaper import RUN_TOKEN_ENV, marked_pids, sweep
@@ -95,6 +96,9 @@ def test_ray_agents_named_after_the_runs_ray_directory_are_swept(tmp_path) -> No
     os.kill(controller.pid, signal.SIGKILL)
     controller.wait(timeout=10)
     assert wait_gone([int(agent_pid)], timeout=15) == [], "an agent without the token outlived the run"
+    deadline = time.monotonic() + 15  # removed once the sweep has found nothing more
+    while os.path.exists(tmp) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not os.path.exists(tmp), "the run's Ray directory is removed"
 
 

@@ -52,18 +52,42 @@ class FakeActor:
         self.poll = SimpleNamespace(remote=lambda ack: f"poll:{ack}")
 
 
-def test_a_hung_actor_call_fails_its_rank_not_the_run(tmp_path: Path) -> None:
-    group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
+def _two_nodes(tmp_path: Path) -> RayWorkerGroup:
+    """A group of two one-rank nodes (rank r on agent r) over the stand-in Ray."""
+    config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=1"])
+    group = RayWorkerGroup(config, tmp_path)
     group._ray = FakeRay()
-    group._actors = [FakeActor(), FakeActor()]
-    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
-    group._host = {0: 0, 1: 1}
-    assert group._call("hung", index=1) is None, "no exception reaches the controller"
+    group._agents = [FakeActor(), FakeActor()]
+    group._nodes = [{"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"},
+                    {"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"}]
+    group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
+    return group
+
+
+def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
+    group = _two_nodes(tmp_path)
+    answers = group._gather({0: "poll:0", 1: "hung"}, "kill")
+    assert list(answers) == [0], "no exception reaches the controller"
     updates = group.poll()
     assert updates[0].lost is None
-    assert updates[1].lost is not None and "a call to worker actor 1" in updates[1].lost
-    assert "timed out" in updates[1].lost
-    assert group._dead == {1}, "the hung actor is replaced at the next start"
+    assert updates[1].lost is not None and "node agent 1 on 10.0.0.2 did not answer kill" in updates[1].lost
+    assert group._dead == {1}, "the hung agent is replaced at the next start"
+
+
+def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
+    group = _two_nodes(tmp_path)
+    get = group._ray.get
+
+    def failing(ref, timeout):
+        if ref == "broken":
+            raise RayActorError("The actor died unexpectedly before finishing this task.")
+        return get(ref, timeout)
+
+    group._ray.get = failing
+    assert list(group._gather({0: "poll:0", 1: "broken"}, "interrupt")) == [0], "no exception reaches the controller"
+    updates = group.poll()
+    assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
+    assert updates[0].lost is None and group._dead == {1}
 
 
 def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Path) -> None:
@@ -72,9 +96,8 @@ def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Pa
     behind = 3600.0
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
     group._ray = FakeRay(node_now=lambda: time.time() - behind)
-    group._actors = [FakeActor(), FakeActor()]
-    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
-    group._host = {0: 0, 1: 1}
+    group._agents = [FakeActor()]
+    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}]
     node_time = time.time() - behind - 0.5
     error = Error(exc_type="RuntimeError", message="x", traceback="", interrupted=False, step=3, at=node_time)
     group._ray.ranks = {1: RankStatus(pid=7, reports=[error], returncode=None, alive_at=node_time, where="",
@@ -84,14 +107,14 @@ def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Pa
     assert abs(update.reports[0].at - (time.time() - 0.5)) < 0.2
 
 
-def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_path: Path) -> None:
-    """An actor no poll reaches (a spare node's) lives on the keeper's renewals alone: its lease
+def test_the_lease_keeper_keeps_an_idle_agents_lease_well_inside_its_limit(tmp_path: Path) -> None:
+    """An agent no poll reaches (the controller is busy elsewhere) lives on the keeper's renewals alone: its lease
     must never come near running out while the controller can reach it."""
     import threading
 
-    from orchestrator.worker.actor import RankActor
+    from orchestrator.agent.node_agent import NodeAgent
 
-    actor = RankActor(0, str(tmp_path), lease_s=3600.0)  # its own fence stays out of this test
+    actor = NodeAgent(0, str(tmp_path), lease_s=3600.0)  # its own fence stays out of this test
 
     class Wrapped:
         renew = SimpleNamespace(remote=lambda ack: f"renew:{actor.renew(ack)}")
@@ -99,7 +122,7 @@ def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_p
     ray = FakeRay()
     ray.get = lambda ref, timeout: int(ref.split(":")[1])
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
-    group._ray, group._actors, group._lease_s = ray, [Wrapped()], 0.4
+    group._ray, group._agents, group._lease_s = ray, [Wrapped()], 0.4
     keeper = threading.Thread(target=group._keep_leases, daemon=True)
     keeper.start()
     worst, deadline = 0.0, time.monotonic() + 1.5
@@ -113,7 +136,7 @@ def test_the_lease_keeper_keeps_an_idle_actors_lease_well_inside_its_limit(tmp_p
 
 
 def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
-    """Ranks of one machine are ordered on one clock: a slow answer must not shift one actor's times."""
+    """Ranks of one machine are ordered on one clock: a slow answer must not shift one agent's times."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
     group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
     assert group._skew(0, 0.002) == 0.0
@@ -122,23 +145,23 @@ def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
     assert group._skew(0, 3600.5) == 3600.5 and group._skew(0, 3600.1) == 3600.1 and group._skew(0, 3601.0) == 3600.1
 
 
-def test_a_spare_node_whose_actors_died_is_not_offered_again_and_costs_no_lease_wait(tmp_path: Path) -> None:
+def test_a_spare_node_whose_agent_died_is_not_offered_again_and_costs_no_lease_wait(tmp_path: Path) -> None:
     config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.spare_nodes=1"])
     group = RayWorkerGroup(config, tmp_path)
     group._ray = FakeRay()
     group._ray.kill = lambda actor, no_restart: None
-    group._actors = [FakeActor() for _ in range(4)]
-    group._nodes = [{"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}] * 2 + \
-                   [{"node_id": "node-s", "ip": "10.0.0.9", "hostname": "s"}] * 2
+    group._agents = [FakeActor() for _ in range(2)]
+    group._nodes = [{"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"},
+                    {"node_id": "node-s", "ip": "10.0.0.9", "hostname": "s"}]
     group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-s", "Alive": True}]
-    lost = group._lose({2: "died", 3: "died"}, silent=set(), died={2, 3})
-    assert sorted(lost) == [2, 3]
+    lost = group._lose({1: "died"}, silent=set(), died={1})
+    assert sorted(lost) == [1]
     assert group._spare_bundles == [] and group._lost_bundles == {1}
-    assert group._fenced_at == 0.0, "their processes are gone: no lease to wait for"
+    assert group._fenced_at == 0.0, "its processes are gone: no lease to wait for"
 
 
-def test_an_answer_of_a_replaced_actor_is_never_credited_to_its_successor(tmp_path: Path) -> None:
-    """Found by the chaos soak: the lease keeper credited a dead actor's last renewal to the actor
+def test_an_answer_of_a_replaced_agent_is_never_credited_to_its_successor(tmp_path: Path) -> None:
+    """Found by the chaos soak: the lease keeper credited a dead agent's last renewal to the agent
     made in its place, which then never saw its own answers acknowledged and fenced itself."""
     import threading
 
@@ -148,10 +171,10 @@ def test_an_answer_of_a_replaced_actor_is_never_credited_to_its_successor(tmp_pa
     ray = FakeRay()
     ray.get = lambda ref, timeout: [info] if isinstance(ref, list) else int(ref.split(":")[1])
     ray.kill = lambda actor, no_restart: None
-    group._ray, group._actors, group._lease_s, group._nodes = ray, [old], 0.2, [info]
+    group._ray, group._agents, group._lease_s, group._nodes = ray, [old], 0.2, [info]
     keeper = threading.Thread(target=group._keep_leases, daemon=True)
 
-    def new_actor(index: int) -> SimpleNamespace:
+    def new_agent(index: int) -> SimpleNamespace:
         group._acked[index] = 0
         deadline = time.monotonic() + 1.0  # the keeper gets every chance to credit the old answer now
         while group._acked[index] == 0 and time.monotonic() < deadline:
@@ -160,25 +183,25 @@ def test_an_answer_of_a_replaced_actor_is_never_credited_to_its_successor(tmp_pa
         new.node_info = SimpleNamespace(remote=lambda: "info")
         return new
 
-    group._new_actor = new_actor
+    group._new_agent = new_agent
     keeper.start()
-    deadline = time.monotonic() + 5  # the old actor is renewed (and the next renewal is in flight) when it dies
+    deadline = time.monotonic() + 5  # the old agent is renewed (and the next renewal is in flight) when it dies
     while group._acked.get(0) != 41 and time.monotonic() < deadline:
         time.sleep(0.01)
     group._dead = {0}
     try:
-        assert group._recreate(range(0, 1), wait_s=5)
+        assert group._recreate(0, wait_s=5)
     finally:
         group._closing.set()
         keeper.join(timeout=5)
-    assert group._actors[0] is new
-    assert group._acked[0] <= 1, "the old actor's answer 41 was credited to the new actor"
+    assert group._agents[0] is new
+    assert group._acked[0] <= 1, "the old agent's answer 41 was credited to the new agent"
 
 
-def test_actors_of_a_node_that_is_dying_move_to_the_spare_once_ray_reports_the_node_dead(tmp_path: Path) -> None:
-    """A killed node: one of its actors is found dead while Ray still lists the node alive. The
-    actor made again in the node's bundle cannot be placed; once Ray reports the node dead, the
-    slot moves to the spare node instead of waiting minutes for a placement that cannot come."""
+def test_a_node_that_is_dying_moves_to_the_spare_once_ray_reports_it_dead(tmp_path: Path) -> None:
+    """A killed node: its agent is found dead while Ray still lists the node alive. The agent made
+    again in the node's bundle cannot be placed; once Ray reports the node dead, the slot moves to
+    the spare node instead of waiting minutes for a placement that cannot come."""
     config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=2",
                                         "cluster.spare_nodes=1"])
     group = RayWorkerGroup(config, tmp_path)
@@ -186,16 +209,15 @@ def test_actors_of_a_node_that_is_dying_move_to_the_spare_once_ray_reports_the_n
     reports = iter([["node-a", "node-b", "node-s"]] * 2)  # node-b looks alive twice, then is reported dead
     ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in next(reports, ["node-a", "node-s"])]
     ray.kill = lambda actor, no_restart: None
-    group._actors = [SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")) for _ in range(6)]
+    group._agents = [SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")) for _ in range(3)]
     group._nodes = [{"node_id": node, "ip": ip, "hostname": node} for node, ip in
-                    (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9")) for _ in range(2)]
-    group._host = {rank: rank for rank in range(4)}
+                    (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9"))]
     unplaceable = SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "hung"))
-    group._new_actor = lambda index: unplaceable
-    group._dead = {2}
+    group._new_agent = lambda index: unplaceable
+    group._dead = {1}
 
     started = time.monotonic()
     assert group.replace_lost(allow_missing=False) == []
     assert time.monotonic() - started < 5
     assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
-    assert {rank: group._host[rank] for rank in (2, 3)} == {2: 4, 3: 5}, "ranks 2 and 3 now live on the spare"
+    assert (group._home(2), group._home(3)) == (2, 2), "ranks 2 and 3 now live on the spare node's agent"

@@ -267,11 +267,11 @@ class FaultToleranceConfig(_Section):
     )
     stuck_timeout_s: Annotated[float, Field(gt=0)] = Field(
         300.0, description="A rank that has reported no step in this attempt (starting up, or a script that never "
-        "reports) is hung when its main thread's call stack stays the same for this long (at least hang_timeout_s)."
+        "reports) is hung when its main thread is blocked for this long (call stack unchanged and no CPU used; at least hang_timeout_s)."
     )
     node_timeout_s: Annotated[float, Field(gt=0)] = Field(
         10.0,
-        description="A node whose actors answer no poll for this long is lost (also how long its ranks keep "
+        description="A node whose agent answers no poll for this long is lost (also how long its ranks keep "
         "training without the controller before they stop themselves: half of it).",
     )
     node_wait_s: Annotated[float, Field(ge=0)] = Field(

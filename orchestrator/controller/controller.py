@@ -19,10 +19,10 @@ from orchestrator.checkpoint import resume, store
 from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
-from orchestrator.controller.failures import Failure, failure_from, one_per_rank, root_cause
+from orchestrator.controller.failures import Failure, failure_from, one_per_rank, rank_ranges, root_cause
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
-from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
+from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.monitor.events import EventLog
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.monitor.progress import ProgressDisplay
@@ -42,7 +42,7 @@ from orchestrator.worker.messages import (
     Step,
 )
 
-# Steady state: every poll costs the actors and Ray CPU that training could use. While a
+# Steady state: every poll costs the agents and Ray CPU that training could use. While a
 # failure is being handled, poll fast.
 POLL_INTERVAL_S = 0.2
 FAST_POLL_INTERVAL_S = 0.02
@@ -148,6 +148,7 @@ class Controller:
         self._spares_started = False
         self._attempt_started_at = 0.0
         self._warm_spares: dict[str, int] = {}
+        self._layout_shown: NodeLayout | None = None
         self._networks_reported: dict[str, dict[str, Any]] = {}
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
         self._checkpoint_failures: list[Failure] = []
@@ -223,6 +224,7 @@ class Controller:
             (rank, v.running and not v.finished, now - v.progress_at, v.step or 0, v.step_time_s)
             for rank, v in self._views.items()
         )
+        self.metrics.update_spare_nodes(len(self.group.layout().spares), self.config.cluster.spare_nodes)
         if now - self._gpus_read_at >= GPU_INTERVAL_S:
             self._gpus_read_at = now
             self.metrics.update_gpus(self.group.gpu_metrics())
@@ -233,15 +235,42 @@ class Controller:
             if self._warm_spares.get(node) != pid:
                 self.events.emit("spare_ready", node=node, pid=pid)
         self._warm_spares = warm
+        for address, why in self.group.lost_spares():
+            self._spare_node_lost(address, why)
+
+    def _spare_node_lost(self, address: str, why: str) -> None:
+        """A spare node went away while waiting: said at once, not found out when a node fails."""
+        left, configured = len(self.group.layout().spares), self.config.cluster.spare_nodes
+        ft = self.config.fault_tolerance
+        self.events.emit("spare_node_lost", node_ip=address, message=why, spare_nodes=left,
+                         spare_nodes_configured=configured)
+        if left:
+            then = ""
+        elif ft.allow_shrink:
+            then = "; a lost node now shrinks the job (fault_tolerance.allow_shrink)"
+        else:
+            then = (f"; a lost node now waits up to fault_tolerance.node_wait_s={ft.node_wait_s:g}s for a new node, "
+                    "then fails the run")
+        self.display.note(f"spare node {address} lost ({why}); {left} of {configured} spare node(s) left{then}")
+
+    def _show_layout(self) -> None:
+        """One line naming the nodes that hold ranks and the spare nodes, whenever that changes."""
+        layout = self.group.layout()
+        if layout == self._layout_shown or (len(layout.ranks) < 2 and not self.config.cluster.spare_nodes):
+            return
+        self._layout_shown = layout
+        nodes = ", ".join(f"{address} (ranks {rank_ranges(ranks)})" for address, ranks in layout.ranks.items())
+        spares = ", ".join(layout.spares) or "none left" if self.config.cluster.spare_nodes else ""
+        self.display.note(f"nodes: {nodes}" + (f"; spare nodes: {spares}" if spares else ""))
 
     def settle(self, failures: list[Failure]) -> list[Failure]:
         """Listen briefly for the failure's consequences so the root cause is chosen from all of them.
 
-        Until every rank's actor has answered again, the failure is not fully known: a rank killed
-        by a signal may be the first sign of its whole node dying (``node_lost``), which its actor's
+        Until every node's agent has answered again, the failure is not fully known: a rank killed
+        by a signal may be the first sign of its whole node dying (``node_lost``), which its agent's
         silence (or death) shows a moment later. So the wait lasts until they answer or are lost,
-        and each new failure that may be a node dying (one of its actors found dead, a process gone)
-        starts it again: every other actor must answer a poll sent after it, which proves its node is
+        and each new failure that may be a node dying (its agent found dead, a process gone)
+        starts it again: every other agent must answer a poll sent after it, which proves its node is
         still there. A peer's collective error is a consequence, not such a sign, and starts nothing.
         """
         mark = self.group.poll_mark()
@@ -267,7 +296,14 @@ class Controller:
             self.events.emit("failure_detected", root_cause=failure is cause, attempt=self.attempt,
                              detection_s=max(0.0, now - failure.at), **failure.event_fields())
         decision = self.policy.decide(cause, self.history)
-        self.display.note(f"rank {cause.rank} failed ({cause.message}); {decision.reason}")
+        if cause.reason == "node_lost":
+            # One line for the node, whatever Ray said about each of its ranks.
+            lost = rank_ranges([f.rank for f in failures if f.reason == "node_lost" and f.message == cause.message])
+            node, found, why = cause.message.partition(" lost: ")
+            what = f"{node} lost with ranks {lost}: {why}" if found else f"{cause.message} (ranks {lost})"
+            self.display.note(f"{what}; {decision.reason}")
+        else:
+            self.display.note(f"rank {cause.rank} failed ({cause.message}); {decision.reason}")
         if decision.retry and cause.details():
             # The run goes on, so the end-of-run report will not show this: its last lines, now.
             tail = cause.details().rstrip().splitlines()[-_NOTE_LINES:]
@@ -366,6 +402,7 @@ class Controller:
         old = self._views
         self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None) for r in range(self.group.world_size)}
         self._report_networks()
+        self._show_layout()
         for info in infos:
             self.events.emit(
                 "worker_started", rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
@@ -505,8 +542,8 @@ class Controller:
             elif view.started_up:
                 message = f"no step for {idle(view):.1f}s (limit {limit(view):g}s); main thread at {view.where}"
             else:
-                message = (f"its call stack has not changed for {idle(view):.1f}s (limit {limit(view):g}s, before any "
-                           f"reported step); main thread at {view.where}")
+                message = (f"its main thread has been blocked for {idle(view):.1f}s (call stack unchanged, no CPU "
+                           f"used; limit {limit(view):g}s, before any reported step); main thread at {view.where}")
             failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=message))
         self.group.kill(culprits)
         return failures

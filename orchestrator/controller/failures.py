@@ -2,7 +2,7 @@
 
 When one rank dies, its peers fail moments later with collective errors
 ("Connection reset by peer"). The root cause is the earliest failure by
-the time its actor saw it; the others are consequences.
+the time its agent saw it; the others are consequences.
 """
 
 from __future__ import annotations
@@ -119,3 +119,16 @@ def _signal_name(number: int) -> str:
     except ValueError:
         return f"signal {number}"
 
+
+def rank_ranges(ranks: list[int] | range) -> str:
+    """Ranks in compact form: ``0-3,8,10-11``."""
+    parts: list[str] = []
+    ordered = sorted(set(ranks))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)

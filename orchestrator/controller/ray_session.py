@@ -33,7 +33,7 @@ _EMBEDDED_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
-    # Ray renices its workers to 15, and the training processes our actors start inherit it
+    # Ray renices its workers to 15, and the training processes our agents start inherit it
     # (a child cannot undo it without privilege): every Ray service would preempt training.
     "RAY_worker_niceness": "0",
 }

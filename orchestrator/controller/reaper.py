@@ -5,10 +5,10 @@ hang on exit), so a SIGKILLed controller would leave them running. Before
 starting Ray the controller marks its environment with a run token and
 starts this reaper in its own session, holding the read end of a pipe. When
 the controller ends in any way the pipe closes; the reaper then SIGKILLs
-every process whose environment carries the token: Ray's services and
-workers and the training processes all inherited it; then any process whose
-command line names the embedded Ray's temporary directory (Ray's agents),
-and removes that directory. A training process leads its own session and
+every process whose environment carries the token (Ray's services and
+workers and the training processes all inherited it) or whose command line
+names the embedded Ray's temporary directory (Ray's agents), again until none
+is left, and removes that directory. A training process leads its own session and
 hides the token from what it starts; the sweep takes whole sessions led by
 marked processes.
 
@@ -98,16 +98,21 @@ def session_members(leaders: set[int], exclude: set[int]) -> list[int]:
     return _pids_where(exclude, "stat", lambda stat: int(stat.rsplit(b")", 1)[1].split()[3]) in leaders)
 
 
-def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV) -> tuple[set[int], list[int]]:
-    """SIGKILL processes marked ``env=TOKEN`` (any of ``tokens``) until none is left or the deadline
-    passes; returns the pids killed and those still alive."""
+def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV,
+          running_from: Path | None = None) -> tuple[set[int], list[int]]:
+    """SIGKILL processes marked ``env=TOKEN`` (any of ``tokens``), and those whose command line names
+    ``running_from``, until none is left or the deadline passes; returns the pids killed and those
+    still alive."""
     killed: set[int] = set()
     deadline = time.monotonic() + _SWEEP_DEADLINE_S
     while True:
         marked = {pid for token in tokens for pid in marked_pids(token, exclude, env)}
         # A training process leads its own session and drops the mark from the environment it hands
         # on: what the training code started is found through that session.
-        pids = sorted(marked | set(session_members(marked, exclude)))
+        found = marked | set(session_members(marked, exclude))
+        if running_from is not None:
+            found |= set(pids_running_from(running_from, exclude))
+        pids = sorted(found)
         if not pids or time.monotonic() >= deadline:
             return killed, pids
         for pid in pids:
@@ -123,15 +128,11 @@ def main(argv: list[str]) -> int:
     token, controller_pid = argv[0], int(argv[1])
     sys.stdin.buffer.read()  # returns at EOF: the controller is gone or done
     exclude = {os.getpid(), controller_pid}
-    sweep([token], exclude)
-    # Ray's agents can outlive their raylet with an environment of their own (no token): they name
-    # the run's Ray directory on their command line.
+    # Ray's agents can outlive their raylet with an environment of their own (no token), and a dying
+    # raylet may still start one while the sweep runs: they name the run's Ray directory on their
+    # command line, and are swept with the marked processes until none is left.
     temp_dir = ray_temp_dir(token)
-    for pid in pids_running_from(temp_dir, exclude):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    sweep([token], exclude, running_from=temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
 

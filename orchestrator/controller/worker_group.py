@@ -4,9 +4,12 @@
 or replacements beside survivors that rejoin in place), poll them,
 interrupt or kill some, stop all. :class:`RayWorkerGroup` does it with a
 placement group of one bundle per node (``workers_per_node`` CPUs, and GPUs,
-each; STRICT_SPREAD puts every bundle on a different Ray node), one
-:class:`~orchestrator.worker.actor.RankActor` per rank slot of a bundle and
-one warm spare per node; controller tests use a fake with the same methods.
+each; STRICT_SPREAD puts every bundle on a different Ray node) and one
+:class:`~orchestrator.agent.node_agent.NodeAgent` per bundle, which hosts the
+node's ranks and its warm spare; controller tests use a fake with the same methods.
+Every call to an agent goes out to all the nodes concerned at once, and a call
+that fails or times out costs that node (its ranks are reported lost by the
+next poll), never the run.
 
 Ranks are numbered in node order: node slot ``s`` holds ranks ``s*k .. s*k+k-1``
 (``k = workers_per_node``), so tensor-parallel groups (consecutive ranks, a
@@ -26,16 +29,16 @@ from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
-from orchestrator.worker.messages import Interrupt, RankStatus, Rejoin, Report, Start
+from orchestrator.worker.messages import RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
-# A poll waits at most this long for slow actors; their answers are picked up by a later poll.
+# A poll waits at most this long for slow agents; their answers are picked up by a later poll.
 _POLL_WAIT_S = 0.5
 _FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
-# While actors wait to be placed on a node, how often we ask Ray whether that node is still alive.
+# While agents wait to be placed on a node, how often we ask Ray whether that node is still alive.
 _NODE_CHECK_S = 0.5
 _RENEWALS_PER_LEASE = 8
 _SKEW_TOLERANCE_S = 0.25
@@ -88,6 +91,14 @@ class RankUpdate:
                    where=status.where, in_collective=status.in_collective, moved_at=status.moved_at)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeLayout:
+    """Which node (by address) holds which ranks, and the spare nodes still available."""
+
+    ranks: dict[str, list[int]]
+    spares: list[str]
+
+
 class WorkerGroup(Protocol):
     """All ranks of the job, as the controller drives them."""
 
@@ -136,6 +147,12 @@ class WorkerGroup(Protocol):
     def node_networks(self) -> dict[str, dict[str, Any]]:
         """Ray node id -> what was detected there for the current rendezvous address (``network_configured``)."""
 
+    def layout(self) -> NodeLayout:
+        """Where the ranks run and which spare nodes are left (empty before the first start)."""
+
+    def lost_spares(self) -> list[tuple[str, str]]:
+        """Spare nodes lost since the last call (found silent or dead while waiting): (address, why)."""
+
     def stop(self) -> None:
         """Stop and reap every training process; the group can be started again."""
 
@@ -144,7 +161,12 @@ class WorkerGroup(Protocol):
 
 
 class RayWorkerGroup:
-    """Ranks as Ray actors in one placement group. Connects to Ray on the first ``start``."""
+    """Ranks hosted by one node agent per node, in one placement group. Connects to Ray on the first ``start``.
+
+    Agents are numbered by their placement-group bundle: node slot ``s`` (ranks ``s*k .. s*k+k-1``)
+    lives on bundle ``_slot_bundle[s]``; bundles past ``cluster.nodes`` are spare nodes until a lost
+    node's slot moves onto one.
+    """
 
     def __init__(self, config: Config, run_dir: Path, *, run_id: str | None = None, workdir: Path | None = None) -> None:
         """``run_id`` names the run to scripts (``TORCHELASTIC_RUN_ID``; default: the run directory's
@@ -153,7 +175,7 @@ class RayWorkerGroup:
         self._workdir = str(workdir or Path.cwd())
         self.world_size = config.cluster.world_size
         self._per_node = config.cluster.workers_per_node
-        # Node slot -> its placement-group bundle. Bundles past config.cluster.nodes are spare nodes.
+        # Node slot -> its placement-group bundle (= its agent's index).
         self._slot_bundle = list(range(config.cluster.nodes))
         self._num_bundles = config.cluster.nodes + config.cluster.spare_nodes
         self._networks: dict[tuple[str, str], dict[str, Any]] = {}  # (node id, head address) -> detection
@@ -163,147 +185,130 @@ class RayWorkerGroup:
         self._ray: Any = None
         self._started_ray = False
         self._pg: Any = None
-        self._actors: list[Any] = []
-        self._nodes: list[dict[str, Any]] = []  # per actor: where it landed (RankActor.node_info)
-        self._host: dict[int, int] = {}  # rank -> index of the actor hosting its process
-        self._dead: set[int] = set()  # actors that died (their node, or their process, is gone)
+        self._agents: list[Any] = []
+        self._nodes: list[dict[str, Any]] = []  # per agent: where it landed (NodeAgent.node_info)
+        self._dead: set[int] = set()  # agents that died (their node, or their process, is gone)
         self._lost_bundles: set[int] = set()  # bundles whose node was lost (not used again)
         self._spare_bundles = list(range(config.cluster.nodes, self._num_bundles))
         self._warm: dict[str, int] = {}
         ft = config.fault_tolerance
         self._node_timeout_s = ft.node_timeout_s
-        # Ranks stop themselves after this long without a call from us (RankActor's lease)...
+        # Ranks stop themselves after this long without a call from us (NodeAgent's lease)...
         self._lease_s = ft.node_timeout_s / 2
         # ...so a rank of a lost node is replaced only once its lease has certainly run out.
         self._fenced_at = 0.0
-        self._pending: dict[int, tuple[Any, int]] = {}  # actor -> its poll in flight, and that poll's number
-        self._answered: dict[int, float] = {}  # actor -> when it last answered (monotonic)
+        self._pending: dict[int, tuple[Any, int]] = {}  # agent -> its poll in flight, and that poll's number
+        self._answered: dict[int, float] = {}  # agent -> when it last answered (monotonic)
+        self._polled: dict[int, float] = {}  # agent -> when it last answered a poll (which renews its lease)
         self._polls = 0
-        self._heard: dict[int, int] = {}  # actor -> number of the last poll it answered
-        self._acked: dict[int, int] = {}  # actor -> number of its last answer we received (its lease runs from it)
-        # Held to replace an actor, and by the lease keeper to credit an answer: an answer of the
-        # actor being replaced must never be credited to its successor (a stale, higher number
-        # renews nothing, and the new actor would fence itself).
+        self._heard: dict[int, int] = {}  # agent -> number of the last poll it answered
+        self._acked: dict[int, int] = {}  # agent -> number of its last answer we received (its lease runs from it)
+        # Held to replace an agent, and by the lease keeper to credit an answer: an answer of the
+        # agent being replaced must never be credited to its successor (a stale, higher number
+        # renews nothing, and the new agent would fence itself).
         self._replacing = threading.Lock()
         self._keepalive: threading.Thread | None = None
         self._closing = threading.Event()
-        self._broken: dict[int, str] = {}  # actor -> why a call to it failed (lost at the next poll)
-        self._gpu_calls: dict[int, Any] = {}  # actor -> its gpu_metrics call in flight
-        self._gpu_readings: dict[int, GpuReading] = {}  # actor -> its latest reading
+        self._broken: dict[int, str] = {}  # agent -> why a call to it failed (lost at the next poll)
+        self._gpu_calls: dict[int, Any] = {}  # agent -> its gpu_metrics call in flight
+        self._gpu_readings: dict[int, GpuReading] = {}  # agent -> its latest reading
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
+        self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
     ) -> list[WorkerInfo]:
-        self._ensure_actors()
+        self._ensure_agents()
         self.replace_lost(allow_missing=False)
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
-        # A call that fails or times out costs its rank, not the run: the next poll reports that rank lost.
-        for rank in rejoin:
-            host = self._host[rank]
-            self._call(self._actors[host].send.remote(rank, Rejoin(**vars(specs[rank]))), index=host)
+        calls = {}
+        for slot, bundle in enumerate(self._slot_bundle):
+            ranks = self._slot_ranks(slot)
+            starts = [specs[r] for r in ranks if r not in rejoin]
+            rejoins = [Rejoin(**vars(specs[r])) for r in ranks if r in rejoin]
+            calls[bundle] = self._agents[bundle].start_attempt.remote(starts, rejoins)
         started = []
-        spare_hosts = self._spare_hosts()
-        for p in placements:
-            if p.rank in rejoin:
-                continue
-            home = self._nodes[self._home(p.rank)]
-            spare_host = spare_hosts[home["node_id"]]
-            # The node's warm spare, else a process forked from its zygote (imports done), else a fresh one.
-            pid = self._call(self._actors[spare_host].promote_spare.remote(specs[p.rank]), index=spare_host)
-            promoted = pid is not None
-            if not promoted:
-                pid = self._call(self._actors[spare_host].fork.remote(specs[p.rank]), index=spare_host)
-            forked = not promoted and pid is not None
-            if pid is not None:
-                if self._host[p.rank] != spare_host:
-                    self._call(self._actors[self._host[p.rank]].forget.remote(p.rank), dead_ok=True)
-                self._host[p.rank] = spare_host
-            else:
-                host = self._host[p.rank] = self._home(p.rank)
-                pid = self._call(self._actors[host].start.remote(specs[p.rank]), index=host)
-                if pid is None:
-                    continue
-            started.append(WorkerInfo(rank=p.rank, pid=pid, node=home["hostname"], attempt=attempt,
-                                      node_ip=home["ip"], node_id=home["node_id"], spare=promoted,
-                                      forked=forked))
-        return started
+        for bundle, result in self._gather(calls, "start").items():
+            node = self._nodes[bundle]
+            started += [WorkerInfo(rank=s.rank, pid=s.pid, node=node["hostname"], attempt=attempt, node_ip=node["ip"],
+                                   node_id=node["node_id"], spare=s.spare, forked=s.forked) for s in result]
+        return sorted(started, key=lambda info: info.rank)
 
     def poll(self) -> list[RankUpdate]:
-        """One update per rank. Polls run concurrently; an actor that has not answered for
+        """One update per rank. Polls go to every node's agent at once; an agent that has not answered for
         ``fault_tolerance.node_timeout_s`` (or whose node Ray reports dead) takes its whole node with it."""
-        spare_hosts = self._spare_hosts()
-        hosts = sorted(set(self._host.values()) | set(spare_hosts.values()))
+        # A lost agent is asked nothing more: a call that reached it late must not look like a live controller.
+        agents = self._live_agents()
         now = time.monotonic()
-        # A lost actor is asked nothing more: a call that reached it late must not look like a live controller.
-        hosts = [index for index in hosts if index not in self._dead]
         self._polls += 1
-        for index in hosts:
+        for index in agents:
             if index not in self._pending:
-                self._pending[index] = (self._actors[index].poll.remote(self._acked.get(index, 0)), self._polls)
+                self._pending[index] = (self._agents[index].poll.remote(self._acked.get(index, 0)), self._polls)
                 self._answered.setdefault(index, now)
-        refs = [self._pending[index][0] for index in hosts]
+        refs = [self._pending[index][0] for index in agents]
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
         ready_set = set(ready)
         now = time.monotonic()
         by_rank: dict[int, RankUpdate] = {}
-        lost: dict[int, str] = {}  # actor -> why
+        lost: dict[int, str] = {}  # agent -> why
         silent: set[int] = set()  # lost by timeout: its node is unreachable
-        died: set[int] = set()  # Ray says the actor's process died
-        for index in hosts:
+        died: set[int] = set()  # Ray says the agent's process died
+        slots = self._slot_of()
+        for index in agents:
             ref, number = self._pending[index]
             if ref not in ready_set:
                 quiet_s = now - self._answered[index]
                 if quiet_s > self._node_timeout_s:
                     silent.add(index)
-                    lost[index] = (f"its worker actor answered nothing for {quiet_s:.1f}s "
+                    lost[index] = (f"its node agent answered nothing for {quiet_s:.1f}s "
                                    f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
                 continue
             del self._pending[index]
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
-                lost[index] = f"worker actor {index} on {self._nodes[index]['ip']} died: {_first_line(exc)}"
+                lost[index] = f"node agent {index} on {self._nodes[index]['ip']} died: {_first_line(exc)}"
                 if isinstance(exc, self._ray.exceptions.ActorDiedError):
                     died.add(index)  # not merely unavailable (a network problem): its process is gone
                 continue
-            self._answered[index] = now
+            self._answered[index] = self._polled[index] = now
             self._heard[index] = number
             with self._replacing:
                 self._acked[index] = max(self._acked.get(index, 0), result.answer)
             skew = self._skew(index, time.time() - result.now)
+            mine = set(self._slot_ranks(slots[index])) if index in slots else set()
             for rank, status in result.ranks.items():
-                if self._host.get(rank) == index:
+                if rank in mine:
                     by_rank[rank] = RankUpdate.of(rank, status.moved(skew) if skew else status)
-            node = self._nodes[index]
-            if index != spare_hosts[node["node_id"]]:
-                continue  # only a node's spare-host actor speaks for its spare
+            node_id = self._nodes[index]["node_id"]
             if result.warm_spare is None:
-                self._warm.pop(node["node_id"], None)
+                self._warm.pop(node_id, None)
             else:
-                self._warm[node["node_id"]] = result.warm_spare
+                self._warm[node_id] = result.warm_spare
         lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
         self._broken.clear()
         for index, why in self._lose(lost, silent, died).items():
-            for rank in [r for r, h in self._host.items() if h == index]:
-                by_rank[rank] = RankUpdate(rank=rank, lost=why)
+            if index in slots:
+                for rank in self._slot_ranks(slots[index]):
+                    by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
 
     def _keep_leases(self) -> None:
-        """Renew every live actor's lease while the controller is busy elsewhere (placing nodes,
-        converting a checkpoint): a node's ranks stop only when the node cannot reach us.
+        """Renew the lease of every live agent that no poll has reached lately (the controller is busy
+        elsewhere: placing nodes, converting a checkpoint; or the agent is a spare node's, which polls
+        reach as well): a node's ranks stop only when the node cannot reach us.
 
-        An actor's lease runs from the answer we last acknowledged, so answers are collected first
+        An agent's lease runs from the answer we last acknowledged, so answers are collected first
         and the next renewal (acknowledging them) goes out at once: the lease then trails by about
         one period plus a round trip, a quarter of the lease or less in all."""
-        in_flight: dict[int, tuple[Any, Any]] = {}  # actor -> (renew call, the actor it went to)
+        in_flight: dict[int, tuple[Any, Any]] = {}  # agent -> (renew call, the agent it went to)
         period = max(0.05, self._lease_s / _RENEWALS_PER_LEASE)
         while not self._closing.wait(period):
             if in_flight:
                 refs = [ref for ref, _ in in_flight.values()]
                 ready = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-                for index, (ref, actor) in list(in_flight.items()):
+                for index, (ref, agent) in list(in_flight.items()):
                     if ref not in ready:
                         continue
                     del in_flight[index]
@@ -312,16 +317,18 @@ class RayWorkerGroup:
                     except self._ray.exceptions.RayError:
                         continue  # poll() finds out what happened to it
                     with self._replacing:
-                        if index < len(self._actors) and self._actors[index] is actor:
+                        if index < len(self._agents) and self._agents[index] is agent:
                             self._acked[index] = max(self._acked.get(index, 0), answer)
                             self._answered[index] = time.monotonic()
-            for index, actor in enumerate(list(self._actors)):
+            now = time.monotonic()
+            for index, agent in enumerate(list(self._agents)):
                 current = in_flight.get(index)
-                if index not in self._dead and (current is None or current[1] is not actor):
-                    in_flight[index] = (actor.renew.remote(self._acked.get(index, 0)), actor)
+                polled = now - self._polled.get(index, float("-inf")) < period
+                if index not in self._dead and not polled and (current is None or current[1] is not agent):
+                    in_flight[index] = (agent.renew.remote(self._acked.get(index, 0)), agent)
 
     def _skew(self, index: int, sample: float) -> float:
-        """How far the clock of actor ``index``'s node is behind ours. Each answer gives our receipt
+        """How far the clock of agent ``index``'s node is behind ours. Each answer gives our receipt
         time minus the node's send time: the skew plus the answer's latency, which varies by hundreds
         of milliseconds under load. The smallest sample is the best estimate; below a quarter second
         it is taken as no skew at all, so that ranks on one machine are compared on one clock (their
@@ -334,38 +341,43 @@ class RayWorkerGroup:
         return self._polls
 
     def unheard(self, mark: int) -> list[int]:
-        return sorted(rank for rank, index in self._host.items()
-                      if index not in self._dead and self._heard.get(index, 0) <= mark)
+        slots = self._slot_of()
+        return sorted(rank for index, slot in slots.items() if index not in self._dead
+                      and self._heard.get(index, 0) <= mark for rank in self._slot_ranks(slot))
 
     def _lose(self, lost: dict[int, str], silent: set[int], died: set[int]) -> dict[int, str]:
-        """Record lost actors (``silent``: no answer for the node timeout; ``died``: Ray says its process
-        died); when their node is gone (silent, or dead to Ray), every actor on it. Returns every
-        actor now lost, with why."""
+        """Record lost agents (``silent``: no answer for the node timeout; ``died``: Ray says its process
+        died). Returns them, with why."""
         if not lost:
             return {}
         alive_nodes = self._alive_nodes()
-        result = dict(lost)
+        result = {}
         for index, why in lost.items():
-            node_id = self._nodes[index]["node_id"]
-            if index in silent or node_id not in alive_nodes:
-                message = f"node {self._nodes[index]['ip']} lost: {why}"
-                for other, info in enumerate(self._nodes):
-                    if info["node_id"] == node_id and other not in self._dead:
-                        result[other] = message
-        for index in result:
+            node = self._nodes[index]
+            gone = index in silent or node["node_id"] not in alive_nodes
+            result[index] = f"node {node['ip']} lost: {why}" if gone else why
             self._dead.add(index)
             self._pending.pop(index, None)
-            # Its ranks may still run (a partition, a hung actor): not replaced before their lease ran
+            # Its ranks may still run (a partition, a hung agent): not replaced before their lease ran
             # out. Unless its process is gone on a live node: its ranks died with it (PDEATHSIG).
-            if index not in died or self._nodes[index]["node_id"] not in alive_nodes:
+            if index not in died or node["node_id"] not in alive_nodes:
                 self._fenced_at = max(self._fenced_at,
                                       self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
-            bundle = index // self._per_node
-            if bundle in self._spare_bundles and all(
-                    i in self._dead for i in range(bundle * self._per_node, (bundle + 1) * self._per_node)):
-                self._spare_bundles.remove(bundle)
-                self._lose_bundle(bundle)
+            if index in self._spare_bundles:
+                self._spare_bundles.remove(index)
+                self._lose_bundle(index)
+                self._spares_lost.append((node["ip"], result[index]))
         return result
+
+    def layout(self) -> NodeLayout:
+        if not self._nodes:
+            return NodeLayout(ranks={}, spares=[])
+        ranks = {self._nodes[bundle]["ip"]: list(self._slot_ranks(slot)) for slot, bundle in enumerate(self._slot_bundle)}
+        return NodeLayout(ranks=ranks, spares=[self._nodes[b]["ip"] for b in self._spare_bundles])
+
+    def lost_spares(self) -> list[tuple[str, str]]:
+        lost, self._spares_lost = self._spares_lost, []
+        return lost
 
     def warm_spares(self) -> dict[str, int]:
         return dict(self._warm)
@@ -375,9 +387,8 @@ class RayWorkerGroup:
         return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
 
     def gpu_metrics(self) -> list[GpuReading]:
-        """The latest reading of every live actor's GPUs. Never waits: the answers to the previous
-        call are collected, and a new call goes to every actor without one in flight."""
-        readings = []
+        """The latest reading of every live node's GPUs. Never waits: the answers to the previous
+        call are collected, and a new call goes to every agent without one in flight."""
         if self._gpu_calls:
             ready, _ = self._ray.wait(list(self._gpu_calls.values()), num_returns=len(self._gpu_calls), timeout=0)
             for index, ref in list(self._gpu_calls.items()):
@@ -387,51 +398,48 @@ class RayWorkerGroup:
                 try:
                     reading = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
                 except self._ray.exceptions.RayError:
-                    continue  # a lost actor is reported by poll(); its GPUs are missing from this reading
+                    continue  # a lost agent is reported by poll(); its GPUs are missing from this reading
                 if reading is not None:
                     self._gpu_readings[index] = reading
-        live = [i for i in range(len(self._actors)) if i not in self._dead and i // self._per_node not in self._lost_bundles]
-        hosted = {index: str(rank) for rank, index in self._host.items()}
-        simulated = self._config.metrics.simulated_gpus
-        for index in live:
+        simulated = self._per_node if self._config.metrics.simulated_gpus else 0
+        slots = self._slot_of()
+        readings = []
+        for index in self._live_agents():
             if index not in self._gpu_calls:
-                self._gpu_calls[index] = self._actors[index].gpu_metrics.remote(
-                    index % self._per_node if simulated else None)
+                self._gpu_calls[index] = self._agents[index].gpu_metrics.remote(simulated)
             if index in self._gpu_readings:
-                # Who uses the GPUs now: the rank this actor hosts (none on a spare node), on its node.
-                readings.append(replace(self._gpu_readings[index], rank=hosted.get(index, ""),
-                                        node=self._nodes[index]["ip"]))
+                # Who uses each GPU now: the rank of its local slot (none on a spare node).
+                node_gpus = [str(i) for i in range(simulated)] if simulated else self._nodes[index]["gpu_ids"]
+                ranks = dict(zip(node_gpus, map(str, self._slot_ranks(slots[index])))) if index in slots else {}
+                readings.append(replace(self._gpu_readings[index], ranks=ranks, node=self._nodes[index]["ip"]))
         return readings
 
     def interrupt(self, ranks: Collection[int]) -> None:
-        for rank in ranks:
-            if self._host[rank] in self._dead:
-                continue
-            self._call(self._actors[self._host[rank]].send.remote(rank, Interrupt()), dead_ok=True)
+        self._gather({index: self._agents[index].interrupt.remote(on) for index, on in self._by_agent(ranks).items()},
+                     "interrupt")
 
     def kill(self, ranks: Collection[int]) -> None:
-        for rank in ranks:
-            if self._host[rank] in self._dead:
-                continue  # its node is gone, or fenced: its lease stops it
-            self._call(self._actors[self._host[rank]].kill.remote(rank), dead_ok=True)
+        # A lost node's ranks are not asked: gone, or fenced (their lease stops them).
+        self._gather({index: self._agents[index].kill.remote(on) for index, on in self._by_agent(ranks).items()},
+                     "kill")
 
     def ensure_spares(self) -> None:
-        for index in sorted(self._spare_hosts().values()):
-            if index in self._dead:
-                continue
+        calls = {}
+        for index in self._live_agents():
             # The node's shared settings (threads, devices, network, cluster.env); the rank's own come at promotion.
-            placement = self._placement(index, local_rank=index % self._per_node, master_port=0)
+            placement = self._placement(index, local_rank=0, master_port=0)
             env = {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
-            self._call(self._actors[index].start_spare.remote(self._config_dict, env), dead_ok=True)
+            calls[index] = self._agents[index].start_spare.remote(self._config_dict, env)
+        self._gather(calls, "start_spare")
 
     def stop(self) -> None:
-        refs = [actor.stop.remote(_STOP_TIMEOUT_S) for index, actor in enumerate(self._actors)
-                if index not in self._dead and index // self._per_node not in self._lost_bundles]
+        refs = [agent.stop.remote(_STOP_TIMEOUT_S) for index, agent in enumerate(self._agents)
+                if index not in self._dead and index not in self._lost_bundles]
         for ref in refs:
             try:
                 self._ray.get(ref, timeout=3 * _STOP_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
-                pass  # a dead actor's processes died with it (PDEATHSIG)
+                pass  # a dead agent's processes died with it (PDEATHSIG)
 
     def close(self) -> None:
         try:
@@ -439,13 +447,13 @@ class RayWorkerGroup:
             self._closing.set()
             if self._keepalive is not None:
                 self._keepalive.join(timeout=_CALL_TIMEOUT_S)
-            for actor in self._actors:
-                self._ray.kill(actor)
+            for agent in self._agents:
+                self._ray.kill(agent)
             if self._pg is not None:
                 self._ray.util.remove_placement_group(self._pg)
         finally:
             with self._replacing:
-                self._actors, self._pg = [], None
+                self._agents, self._pg = [], None
             if self._started_ray:
                 from orchestrator.controller import ray_session
 
@@ -468,32 +476,49 @@ class RayWorkerGroup:
             workdir=self._workdir,
         )
 
-    def _spare_hosts(self) -> dict[str, int]:
-        """Node id -> the actor that keeps the node's spare: the lowest bundle index on that node."""
-        hosts: dict[str, int] = {}
-        for index, info in enumerate(self._nodes):
-            if index not in self._dead and index // self._per_node not in self._lost_bundles:
-                hosts.setdefault(info["node_id"], index)
-        return hosts
+    def _gather(self, calls: dict[int, Any], what: str) -> dict[int, Any]:
+        """The answers of calls made to several agents at once (agent -> call), each waited for at most
+        ``_CALL_TIMEOUT_S`` in all. A call that fails or times out is left out, and its agent is reported
+        lost by the next poll, so its ranks fail and are replaced: never an exception."""
+        if not calls:
+            return {}
+        ready, _ = self._ray.wait(list(calls.values()), num_returns=len(calls), timeout=_CALL_TIMEOUT_S)
+        ready_set = set(ready)
+        answers = {}
+        for index, ref in calls.items():
+            where = f"node agent {index} on {self._nodes[index]['ip']}"
+            if ref not in ready_set:
+                self._broken[index] = f"{where} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
+                continue
+            try:
+                answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
+            except self._ray.exceptions.RayError as exc:
+                self._broken[index] = f"a call to {where} ({what}) failed: {_first_line(exc)}"
+        return answers
 
-    def _call(self, ref: Any, dead_ok: bool = False, index: int | None = None) -> Any:
-        """The result of an actor call, waited for at most ``_CALL_TIMEOUT_S``. When it fails: None if
-        ``dead_ok``; with ``index`` (the actor called), None and that actor is reported lost by the next
-        poll, so its ranks fail and are replaced; otherwise the error is raised."""
-        exceptions = self._ray.exceptions
-        try:
-            return self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-        except (exceptions.RayActorError, exceptions.RayTaskError, exceptions.GetTimeoutError) as exc:
-            if index is not None:
-                self._broken[index] = f"a call to worker actor {index} on {self._nodes[index]['ip']} failed: {_first_line(exc)}"
-                return None
-            if dead_ok and isinstance(exc, exceptions.RayActorError):
-                return None
-            raise
+    def _live_agents(self) -> list[int]:
+        """Agents of the job's nodes and of its spare nodes that are not known dead."""
+        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles) if i not in self._dead and i < len(self._agents))
 
-    def _ensure_actors(self) -> None:
-        """Connect to Ray, reserve one bundle per node, place one actor per rank slot in each (once)."""
-        if self._actors:
+    def _slot_of(self) -> dict[int, int]:
+        """Agent -> the node slot it holds (spare nodes hold none)."""
+        return {bundle: slot for slot, bundle in enumerate(self._slot_bundle)}
+
+    def _slot_ranks(self, slot: int) -> range:
+        return range(slot * self._per_node, (slot + 1) * self._per_node)
+
+    def _by_agent(self, ranks: Collection[int]) -> dict[int, list[int]]:
+        """Live agent -> which of ``ranks`` it hosts."""
+        hosted: dict[int, list[int]] = {}
+        for rank in sorted(ranks):
+            index = self._home(rank)
+            if index not in self._dead:
+                hosted.setdefault(index, []).append(rank)
+        return hosted
+
+    def _ensure_agents(self) -> None:
+        """Connect to Ray, reserve one bundle per node, place one agent in each (once)."""
+        if self._agents:
             return
         from orchestrator.controller import ray_session
 
@@ -515,16 +540,14 @@ class RayWorkerGroup:
                 f"its own Ray node) within {_PLACEMENT_TIMEOUT_S:.0f}s; check `ray status` for nodes and free "
                 "resources, or lower cluster.nodes/cluster.workers_per_node/cluster.spare_nodes"
             ) from None
-        self._actors = [self._new_actor(index) for index in range(self._num_bundles * self._per_node)]
-        self._nodes = ray.get([a.node_info.remote() for a in self._actors], timeout=_PLACEMENT_TIMEOUT_S)
-        self._host = {rank: self._home(rank) for rank in range(self.world_size)}
+        self._agents = [self._new_agent(index) for index in range(self._num_bundles)]
+        self._nodes = ray.get([a.node_info.remote() for a in self._agents], timeout=_PLACEMENT_TIMEOUT_S)
         self._keepalive = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
         self._keepalive.start()
 
     def _home(self, rank: int) -> int:
-        """The actor that normally hosts ``rank``: its local slot on its node slot's bundle."""
-        slot, local = divmod(rank, self._per_node)
-        return self._slot_bundle[slot] * self._per_node + local
+        """The agent that hosts ``rank``: its node slot's."""
+        return self._slot_bundle[rank // self._per_node]
 
     def _head_ip(self) -> str:
         return self._nodes[self._home(0)]["ip"]
@@ -533,75 +556,73 @@ class RayWorkerGroup:
         """Detect each node's network for the current head address, once per node and address."""
         head = self._head_ip()
         todo = {}
-        for index, info in enumerate(self._nodes):
-            key = (info["node_id"], head)
-            if key not in self._networks and index not in self._dead and key not in todo:
-                todo[key] = self._actors[index].network.remote(self._config_dict, head)
-        for key, ref in todo.items():
-            self._networks[key] = self._call(ref)
+        for index in self._live_agents():
+            key = (self._nodes[index]["node_id"], head)
+            if key not in self._networks and key not in todo.values():
+                todo[index] = key
+        found = self._gather({index: self._agents[index].network.remote(self._config_dict, head) for index in todo},
+                             "network")
+        for index, detection in found.items():
+            self._networks[todo[index]] = detection
 
-    def _new_actor(self, index: int) -> Any:
-        """The actor for slot ``index % workers_per_node`` of bundle ``index // workers_per_node``."""
+    def _new_agent(self, index: int) -> Any:
+        """The agent for bundle ``index``: it holds the whole bundle (the node's CPUs, and GPUs)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from orchestrator.worker.actor import RankActor
+        from orchestrator.agent.node_agent import NodeAgent
 
         gpu = self._config.cluster.device == "gpu"
-        self._acked[index] = 0  # a new actor numbers its answers from 1
+        self._acked[index] = 0  # a new agent numbers its answers from 1
         self._pending.pop(index, None)
         return (
-            self._ray.remote(RankActor)
+            self._ray.remote(NodeAgent)
             .options(
-                num_cpus=1,
-                num_gpus=1 if gpu else 0,
+                num_cpus=self._per_node,
+                num_gpus=self._per_node if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=index // self._per_node
+                    placement_group=self._pg, placement_group_bundle_index=index
                 ),
             )
             .remote(index, str(self._run_dir / "logs"), self._lease_s)
         )
 
     def replace_lost(self, allow_missing: bool) -> list[int]:
-        """Give every dead actor a successor: a lost node's slot moves to a spare node; otherwise the
-        actors are re-created in their bundles (Ray moves a lost node's bundle to a node that joins)."""
+        """Give every dead agent a successor: a lost node's slot moves to a spare node; an agent that
+        died on a live node is made again in its bundle (Ray moves a lost node's bundle to a node that
+        joins, so without a spare a lost node's agent is made again too, within node_wait_s)."""
         if not self._dead:
             return []
-        alive_nodes = self._alive_nodes()
         ft = self._config.fault_tolerance
         missing = []
         for slot, bundle in enumerate(self._slot_bundle):
-            indexes = range(bundle * self._per_node, (bundle + 1) * self._per_node)
-            if not any(i in self._dead for i in indexes):
+            if bundle not in self._dead:
                 continue
-            node_id = self._nodes[indexes[0]]["node_id"]
-            node_lost = node_id not in alive_nodes or all(i in self._dead for i in indexes)
+            node_id = self._nodes[bundle]["node_id"]
+            node_lost = node_id not in self._alive_nodes()
             wait_s, tried = ft.node_wait_s, False
             if not node_lost:
-                # Some actors of a live node died: made again in their bundle. Unless the node is dying:
-                # a node killed at once loses its actors seconds before Ray reports the node dead, and
-                # its bundle cannot be placed meanwhile; with a spare, that report moves the slot there.
+                # The agent died on a node Ray still lists: made again in its bundle. Unless the node is
+                # dying: a node killed at once loses its agent seconds before Ray reports the node dead,
+                # and its bundle cannot be placed meanwhile; with a spare, that report moves the slot there.
                 wait_s, tried = max(wait_s, _PLACEMENT_TIMEOUT_S), True
-                if self._recreate(indexes, wait_s, watch=node_id if self._spare_bundles else None):
+                if self._recreate(bundle, wait_s, watch=node_id if self._spare_bundles else None):
                     continue
                 node_lost = node_id not in self._alive_nodes()
             if node_lost and self._spare_bundles:
                 self._slot_bundle[slot] = self._spare_bundles.pop(0)
                 self._lose_bundle(bundle)
                 continue
-            if tried or not self._recreate(indexes, wait_s):
+            if tried or not self._recreate(bundle, wait_s):
                 if not allow_missing:
                     raise ClusterError(
-                        f"node {self._nodes[indexes[0]]['ip']} was lost and no node took its place within "
+                        f"node {self._nodes[bundle]['ip']} was lost and no node took its place within "
                         f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={ft.node_wait_s:g}); hold a spare "
                         "with cluster.spare_nodes, raise fault_tolerance.node_wait_s, or set "
                         "fault_tolerance.allow_shrink=true to go on with the nodes left"
                     )
                 self._lose_bundle(bundle)
                 missing.append(slot)
-        self._dead -= {i for i in self._dead if i // self._per_node not in self._lost_bundles}
-        for rank in self._host:
-            if self._host[rank] in self._dead or self._host[rank] // self._per_node in self._lost_bundles:
-                self._host[rank] = self._home(rank)
+        self._dead -= {i for i in self._dead if i not in self._lost_bundles}
         # A partitioned node's ranks may still run until their lease ends: never two copies of a rank.
         delay = self._fenced_at - time.monotonic()
         if delay > 0:
@@ -609,17 +630,14 @@ class RayWorkerGroup:
         return missing
 
     def shrink(self, config: Config, slots: Collection[int]) -> None:
-        for rank, index in self._host.items():
-            if index not in self._dead:
-                self._call(self._actors[index].forget.remote(rank), dead_ok=True)
+        # The agents that stay stop the ranks renumbered away when the next attempt starts.
         for slot in sorted(slots, reverse=True):
             self._lose_bundle(self._slot_bundle.pop(slot))
         self._config, self._config_dict = config, config.model_dump(mode="json")
         self.world_size = config.cluster.world_size
-        self._host = {rank: self._home(rank) for rank in range(self.world_size)}
 
     def _answers_when_placed(self, refs: list[Any], deadline: float, watch: str | None) -> list[Any] | None:
-        """The answers of newly made actors once all have answered; None at ``deadline``, or once Ray
+        """The answers of newly made agents once all have answered; None at ``deadline``, or once Ray
         reports node ``watch`` dead."""
         while (left := deadline - time.monotonic()) > 0:
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=min(left, _NODE_CHECK_S))
@@ -633,29 +651,25 @@ class RayWorkerGroup:
         return {n["NodeID"] for n in self._ray.nodes() if n.get("Alive")}
 
     def _lose_bundle(self, bundle: int) -> None:
-        """Never use ``bundle`` again (its node is gone); its actors are released."""
+        """Never use ``bundle`` again (its node is gone); its agent is released."""
         if bundle in self._lost_bundles:
             return
         self._lost_bundles.add(bundle)
-        for i in range(bundle * self._per_node, (bundle + 1) * self._per_node):
-            self._ray.kill(self._actors[i], no_restart=True)
-            self._dead.add(i)
+        self._ray.kill(self._agents[bundle], no_restart=True)
+        self._dead.add(bundle)
 
-    def _recreate(self, indexes: range, wait_s: float, watch: str | None = None) -> bool:
-        """New actors for the dead ones in ``indexes``' bundle; False if none was placed within ``wait_s``,
-        or as soon as Ray reports node ``watch`` dead.
+    def _recreate(self, bundle: int, wait_s: float, watch: str | None = None) -> bool:
+        """A new agent for ``bundle``; False if none was placed within ``wait_s``, or as soon as Ray
+        reports node ``watch`` dead.
 
-        Until Ray has moved the bundle off a dead node, actors made for it die at once: made again."""
+        Until Ray has moved the bundle off a dead node, agents made for it die at once: made again."""
         deadline = time.monotonic() + max(wait_s, 1.0)
         while True:
-            for i in indexes:
-                if i in self._dead:
-                    self._ray.kill(self._actors[i], no_restart=True)
-                    with self._replacing:
-                        self._actors[i] = self._new_actor(i)
-            refs = [self._actors[i].node_info.remote() for i in indexes]
+            self._ray.kill(self._agents[bundle], no_restart=True)
+            with self._replacing:
+                self._agents[bundle] = self._new_agent(bundle)
             try:
-                infos = self._answers_when_placed(refs, deadline, watch)
+                infos = self._answers_when_placed([self._agents[bundle].node_info.remote()], deadline, watch)
             except self._ray.exceptions.RayActorError:
                 if time.monotonic() + _RECREATE_PAUSE_S >= deadline:
                     return False
@@ -664,25 +678,24 @@ class RayWorkerGroup:
             if infos is None:
                 return False
             break
-        for i, info in zip(indexes, infos):
-            self._nodes[i] = info
-            self._answered[i] = time.monotonic()
-            self._dead.discard(i)
+        self._nodes[bundle] = infos[0]
+        self._answered[bundle] = time.monotonic()
+        self._dead.discard(bundle)
         return True
 
     def _placements(self) -> list[RankPlacement]:
         """Every rank's local rank, devices, network and rendezvous address for a new attempt."""
         self._detect_networks()
-        # A fresh port every attempt: a reused store would hand out a dead rank's address.
-        port = self._call(self._actors[self._host[0]].free_port.remote(self._head_ip()))
+        # A fresh port every attempt: a reused store would hand out a dead rank's address. If rank 0's
+        # agent cannot answer, the next poll reports its node lost and this attempt fails with it.
+        host = self._home(0)
+        port = self._gather({host: self._agents[host].free_port.remote(self._head_ip())}, "free_port").get(host, 0)
         return [self._placement(self._home(rank), rank=rank, local_rank=rank % self._per_node, master_port=port)
                 for rank in range(self.world_size)]
 
     def _placement(self, index: int, *, local_rank: int, master_port: int, rank: int = 0) -> RankPlacement:
-        """A process on actor ``index``'s node: the node's GPUs (ordered by local rank), CPUs and network."""
+        """A process on agent ``index``'s node: the node's GPUs (ordered by local rank), CPUs and network."""
         info = self._nodes[index]
-        first = index - index % self._per_node
-        node_gpus = [g for i in range(first, first + self._per_node) for g in self._nodes[i]["gpu_ids"]]
         return RankPlacement(
             rank=rank,
             local_rank=local_rank,
@@ -690,7 +703,7 @@ class RayWorkerGroup:
             master_addr=self._head_ip(),
             master_port=master_port,
             node_cpus=info["cpus"],
-            cuda_visible_devices=",".join(node_gpus) if node_gpus else None,
+            cuda_visible_devices=",".join(info["gpu_ids"]) if info["gpu_ids"] else None,
             network_env=self._networks.get((info["node_id"], self._head_ip()), {}).get("env", {}),
         )
 

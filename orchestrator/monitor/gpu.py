@@ -1,7 +1,7 @@
 """GPU metrics from NVML, under NVIDIA DCGM exporter's names and labels.
 
-One :class:`GpuCollector` per worker actor reads the GPUs of its rank (the
-actor process, not the training process: collecting never touches the
+One :class:`GpuCollector` per node agent reads the GPUs of its node (the
+agent process, not the training processes: collecting never touches the
 training loop). Samples travel to the controller as plain data and are
 exposed there, so a multi-node job is one scrape target.
 
@@ -82,16 +82,16 @@ class GpuSample:
 
 @dataclass
 class GpuReading:
-    """One scrape of an actor's GPUs: ``available`` False (with ``reason``) where NVML is missing.
+    """One scrape of a node's GPUs: ``available`` False (with ``reason``) where NVML is missing.
 
-    ``rank`` (the rank the actor hosts, "" for none) and ``node`` (its node's address) are filled in
-    by the controller, which knows them."""
+    ``ranks`` (GPU index, as its ``gpu`` label -> the rank using it; empty on a spare node) and
+    ``node`` (the node's address) are filled in by the controller, which knows them."""
 
     hostname: str
     available: bool
     reason: str = ""
     gpus: list[GpuSample] = field(default_factory=list)
-    rank: str = ""
+    ranks: dict[str, str] = field(default_factory=dict)
     node: str = ""
 
 
@@ -120,7 +120,7 @@ class GpuCollector:
         self._no_gpm: set[str] = set()  # GPUs (uuid) without GPM
 
     def collect(self) -> GpuReading:
-        """One reading of every GPU of this rank."""
+        """One reading of every GPU at ``indices``."""
         if not self._ready and not self._missing_reason:
             self._start()
         if self._missing_reason:

@@ -2,7 +2,7 @@
 
 :class:`JobMetrics` owns one ``CollectorRegistry``. The controller feeds it
 every event it emits (:meth:`on_event`), the per-rank view on each poll
-(:meth:`update_ranks`) and the GPU collections its actors return
+(:meth:`update_ranks`) and the GPU readings of its node agents
 (:meth:`update_gpus`); the exporter's HTTP thread renders it on each scrape.
 ``docs/monitoring.md`` lists every metric with its type, unit and labels.
 """
@@ -66,6 +66,10 @@ class JobMetrics:
                                "1 for the node each rank runs on (its address): joins the rank's series with its "
                                "node's GPUs (DCGM_* series carry rank and node).", ["rank", "node"], registry=r)
         self._rank_nodes: dict[str, str] = {}
+        self.spare_nodes = Gauge("orchestrator_spare_nodes", "Spare nodes available to take a lost node's place.",
+                                 registry=r)
+        self.spare_nodes_configured = Gauge("orchestrator_spare_nodes_configured",
+                                            "Spare nodes the job asked for (cluster.spare_nodes).", registry=r)
         self.restarts = Counter("orchestrator_restarts", "Recoveries, by the root cause's reason.", ["reason"], registry=r)
         self.failures = Counter("orchestrator_failures", "Failures, by the root cause's reason (one per incident).",
                                 ["reason"], registry=r)
@@ -181,6 +185,11 @@ class JobMetrics:
                 self.rank_step_time.labels(rank=label).set(step_time)
         self._update_goodput()
 
+    def update_spare_nodes(self, available: int, configured: int) -> None:
+        """Spare nodes left (lost ones and ones that took a lost node's place are gone) and asked for."""
+        self.spare_nodes.set(available)
+        self.spare_nodes_configured.set(configured)
+
     def update_gpus(self, collections: list[GpuReading]) -> None:
         self.gpus.update(collections)
 
@@ -218,7 +227,7 @@ class _GpuFamilies(Collector):
     def peak_flops(self) -> float:
         """Summed peak FLOP/s of the job's GPUs (those a rank uses), 0 when any model is unknown or there are none."""
         with self._lock:
-            models = [g.labels["modelName"] for c in self._collections if c.rank for g in c.gpus]
+            models = [g.labels["modelName"] for c in self._collections for g in c.gpus if g.labels["gpu"] in c.ranks]
         peaks = [next((p for name, p in PEAK_FLOPS if name in m), 0.0) for m in models]
         return sum(peaks) if peaks and all(peaks) else 0.0
 
@@ -232,12 +241,12 @@ class _GpuFamilies(Collector):
         # and these keep DCGM's names (docs/monitoring.md).
         families = {name: GaugeMetricFamily(name, text, labels=list(LABELS)) for name, text in FIELDS.items()}
         for collection in collections:
-            available.add_metric([collection.rank, collection.node, collection.hostname, collection.reason],
-                                 1 if collection.available else 0)
-            where = {"Hostname": collection.hostname, "rank": collection.rank, "node": collection.node,
-                     "instance": collection.node}
+            for rank in sorted(set(collection.ranks.values()), key=int) or [""]:
+                available.add_metric([rank, collection.node, collection.hostname, collection.reason],
+                                     1 if collection.available else 0)
+            where = {"Hostname": collection.hostname, "node": collection.node, "instance": collection.node}
             for gpu in collection.gpus:
-                merged = {**gpu.labels, **where}
+                merged = {**gpu.labels, **where, "rank": collection.ranks.get(gpu.labels["gpu"], "")}
                 labels = [merged[k] for k in LABELS]
                 for name, value in gpu.values.items():
                     if not math.isnan(value):

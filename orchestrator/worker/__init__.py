@@ -1,1 +1,2 @@
-"""Per-rank side: the Ray actor that owns a training process, and that process's runtime."""
+"""Inside a rank: the training process's runtime, its context, channel, environment, network and the
+zygote it may be forked from."""

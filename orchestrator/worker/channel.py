@@ -1,6 +1,6 @@
-"""JSON-lines messages over a Unix socket between a rank's actor and its training process (or zygote).
+"""JSON-lines messages over a Unix socket between a node agent and a training process (or zygote).
 
-The actor creates a ``socketpair`` and hands one end to the child as an
+The agent creates a ``socketpair`` and hands one end to the child as an
 inherited file descriptor. Reports (steps, checkpoints, errors) flow up;
 control messages (the start spec) flow down; both are the dataclasses of
 ``messages.py``. Closing either end is how the other side learns its peer is gone.

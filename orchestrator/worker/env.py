@@ -32,7 +32,7 @@ class RankPlacement:
 
 
 def rank_env(config: Config, placement: RankPlacement) -> dict[str, str]:
-    """The rank's settings; the actor lays them over its own environment.
+    """The rank's settings; the node agent lays them over its own environment.
 
     Layered: the node's detected network (``worker/network.py``), then ``cluster.env``, then
     what the rank's place in the job fixes.

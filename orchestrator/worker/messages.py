@@ -1,18 +1,18 @@
-"""Every message between a rank's training process, its actor, the node's zygote and the controller.
+"""Every message between a rank's training process, its node agent, the node's zygote and the controller.
 
 Each kind is a frozen dataclass; on the control socket (JSON lines, ``channel.py``) it travels as
 its fields plus ``type``. :func:`decode` refuses an unknown type and a missing or unexpected field,
 so a typo on either side is an error at once, not a message silently lost.
 
-    actor -> process    Prepare, Start, Rejoin, Interrupt
-    process -> actor    Alive (the liveness beat, kept by the actor), Warm, and the reports the
+    agent -> process    Prepare, Start, Rejoin, Interrupt
+    process -> agent    Alive (the liveness beat, kept by the agent), Warm, and the reports the
                         controller polls: Step, Resumed, Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped,
                         CheckpointFailed, FaultInjected, Error, Ready, Finished
-    actor -> zygote     Prepare, Fork (with the child's control socket attached)
-    zygote -> actor     Forked, Exited
+    agent -> zygote     Prepare, Fork (with the child's control socket attached)
+    zygote -> agent     Forked, Exited
 
-Reports carry ``at``: when the actor received them, on the node's clock (the worker group moves it
-onto the controller's). The actor answers a poll with a :class:`PollAnswer`: a
+Reports carry ``at``: when the agent received them, on the node's clock (the worker group moves it
+onto the controller's). The agent answers a poll with a :class:`PollAnswer`: a
 :class:`RankStatus` per rank it hosts.
 """
 
@@ -32,12 +32,12 @@ class Message:
 
 @dataclass(frozen=True, kw_only=True)
 class Report(Message):
-    """A message the controller reads: stamped ``at`` by the actor on receipt."""
+    """A message the controller reads: stamped ``at`` by the agent on receipt."""
 
     at: float = 0.0
 
 
-# --- actor -> process (and zygote) ---------------------------------------------------------------
+# --- agent -> process (and zygote) ---------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +91,7 @@ class Fork(Message):
     log_path: str
 
 
-# --- zygote -> actor -----------------------------------------------------------------------------
+# --- zygote -> agent -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +120,7 @@ class Exited(Message):
     returncode: int
 
 
-# --- process -> actor ----------------------------------------------------------------------------
+# --- process -> agent ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,15 +255,15 @@ class Finished(Report):
     type: ClassVar[str] = "finished"
 
 
-# --- actor -> controller -------------------------------------------------------------------------
+# --- agent -> controller -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
 class RankStatus:
-    """What a poll of the actor says about one hosted rank process.
+    """What a poll of the node agent says about one hosted rank process.
 
     ``returncode`` is None while it runs (negative: killed by that signal); ``exited_at`` when the
-    actor saw it end; ``alive_at`` its last sign of life (any message, or the beat), ``where`` and
+    agent saw it end; ``alive_at`` its last sign of life (any message, or the beat), ``where`` and
     ``in_collective`` from the last beat, ``moved_at`` when its call stack last changed; ``log_tail``
     the end of its log after a failed exit.
     """
@@ -291,13 +291,25 @@ class RankStatus:
 
 @dataclass(frozen=True, kw_only=True)
 class PollAnswer:
-    """The actor's answer to a poll: its ranks' statuses, its node's warm spare (pid, once warm),
-    the answer's number (the lease protocol, ``actor.py``) and the node's clock when it was made."""
+    """A node agent's answer to a poll: its ranks' statuses, its node's warm spare (pid, once warm),
+    the answer's number (the lease protocol, ``agent/node_agent.py``) and the node's clock when it was made."""
 
     ranks: dict[int, RankStatus]
     warm_spare: int | None
     answer: int
     now: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartedRank:
+    """A rank process a node agent started for an attempt: its pid, and whether it is the node's
+    promoted warm spare (``spare``) or was forked from the node's zygote (``forked``) rather than
+    started fresh."""
+
+    rank: int
+    pid: int
+    spare: bool = False
+    forked: bool = False
 
 
 _KINDS: dict[str, type[Message]] = {

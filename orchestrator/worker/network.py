@@ -1,7 +1,7 @@
 """The network environment of a node's ranks, detected on that node from ``cluster.network``.
 
 Which interface carries gloo/NCCL sockets, which InfiniBand (or RoCE) adapters NCCL
-uses, and with which GID index, depend on the node: a rank's actor runs this
+uses, and with which GID index, depend on the node: the node agent runs this
 there and the controller lays the result under each rank's environment (a
 variable in ``cluster.env`` wins). Everything read from the kernel's device tree
 goes through one ``sysfs_root`` so tests and ``orchestrator network

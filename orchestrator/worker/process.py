@@ -1,6 +1,6 @@
 """Entry point of a rank's training process: ``python -m orchestrator.worker.process``.
 
-Started by an actor with one end of a control socket (fd in
+Started by its node agent with one end of a control socket (fd in
 ``ORCH_CONTROL_FD``). The process runs the training function for each
 start or rejoin spec it is sent, so that a healthy rank survives a peer's
 failure without exiting (a script, run as ``__main__``, cannot rejoin: its
@@ -16,9 +16,10 @@ process ends with it, ``script.py``):
 An exception travels to the controller as data (type, message, traceback,
 step), so the root cause reaches the user's terminal. A liveness thread
 reports every second where the main thread is, which tells a rank stuck in
-its own code from one waiting for a stuck peer in a collective.
+its own code from one waiting for a stuck peer in a collective, and a blocked rank from a busy
+one (``liveness.py``).
 
-The process never outlives its actor: the kernel kills it when the actor
+The process never outlives its agent: the kernel kills it when the agent
 dies (``PR_SET_PDEATHSIG``), and it exits when the control socket closes.
 """
 
@@ -48,6 +49,7 @@ from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.abort import AttemptConnections
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
+from orchestrator.worker.liveness import ThreadWatch
 from orchestrator.worker.messages import (
     Alive,
     Error,
@@ -72,8 +74,6 @@ LIVENESS_INTERVAL_S = 1.0
 _STACK_SAMPLE_S = 0.05
 _DECISION_TIMEOUT_S = 600.0
 _PR_SET_PDEATHSIG = 1
-# Frames in these packages mean "waiting for peers", not "stuck in my own code".
-_COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed"), os.sep + os.path.join("deepspeed", "comm"))
 
 
 class Interrupted(Exception):
@@ -232,8 +232,8 @@ class Runtime:
                 else:
                     self.inbox.put(message)
         except MalformedMessage as exc:
-            print(f"orchestrator: protocol error from the actor: {exc}", file=sys.stderr, flush=True)
-        # The actor closed its end or died (or is not one we understand): nobody is left to report to.
+            print(f"orchestrator: protocol error from the node agent: {exc}", file=sys.stderr, flush=True)
+        # The agent closed its end or died (or is not one we understand): nobody is left to report to.
         os._exit(1)
 
     def _on_interrupt(self, _signum: int, _frame: object) -> None:
@@ -241,24 +241,18 @@ class Runtime:
             raise Interrupted("stopped by the controller for a recovery")
 
     def _liveness(self) -> None:
-        """Once a second: where the main thread is, and how long its stack (sampled every 50 ms,
-        each frame's line) has not changed: a rank's progress when it reports no steps."""
-        main_id = threading.main_thread().ident
-        last_stack: tuple[tuple[str, int], ...] = ()
-        moved = next_beat = time.monotonic()
+        """Once a second: where the main thread is, and for how long it has been still (sampled every
+        50 ms: its stack unchanged and no CPU used): a rank's progress when it reports no steps."""
+        watch = ThreadWatch(threading.main_thread().ident)
+        next_beat = time.monotonic()
         while True:
             time.sleep(_STACK_SAMPLE_S)
-            frame = sys._current_frames().get(main_id)
-            stack = _stack_of(frame)
-            now = time.monotonic()
-            if stack != last_stack:
-                last_stack, moved = stack, now
-            if now < next_beat:
+            sample = watch.sample()
+            if time.monotonic() < next_beat:
                 continue
-            next_beat = now + LIVENESS_INTERVAL_S
-            where, in_collective = _describe_stack(frame)
+            next_beat = time.monotonic() + LIVENESS_INTERVAL_S
             try:
-                self.channel.send(Alive(where=where, in_collective=in_collective, still_s=now - moved))
+                self.channel.send(Alive(where=sample.where, in_collective=sample.in_collective, still_s=sample.still_s))
             except OSError:
                 return
 
@@ -266,7 +260,7 @@ class Runtime:
 def run_forked_spare(control_fd: int, env: dict[str, str], log_path: str) -> NoReturn:
     """Main of a spare forked by the node's zygote (``orchestrator.worker.zygote``); never returns
     (the zygote's own loop must not go on in the child)."""
-    os.setsid()  # its own session, like a spare the actor starts itself
+    os.setsid()  # its own session, like a spare the agent starts itself
     os.environ.update(env)
     os.environ[CONTROL_FD_ENV] = str(control_fd)
     os.environ[PARENT_PID_ENV] = str(os.getppid())
@@ -346,29 +340,6 @@ def _context(spec: Start, channel: Channel, writer: BackgroundWriter) -> TrainCo
         _channel=channel,
         _writer=writer,
     )
-
-
-def _describe_stack(frame: Any) -> tuple[str, bool]:
-    """The innermost frame as ``file:line in function``, and whether the stack is inside a collective."""
-    if frame is None:
-        return "", False
-    where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-    in_collective = False
-    while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _COLLECTIVE_PATHS):
-            in_collective = True
-            break
-        frame = frame.f_back
-    return where, in_collective
-
-
-def _stack_of(frame: Any) -> tuple[tuple[str, int], ...]:
-    """Every frame's code and line: it stays the same only while the main thread makes no progress."""
-    stack = []
-    while frame is not None:
-        stack.append((frame.f_code.co_filename, frame.f_lineno))
-        frame = frame.f_back
-    return tuple(stack)
 
 
 def _serve_store(world_size: int) -> Any:

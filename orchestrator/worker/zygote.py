@@ -7,7 +7,7 @@ recovery, that slows them down. The zygote imports everything once, stays
 single-threaded (so forking it is safe), and forks a spare in milliseconds;
 the child only rehearses an engine set-up (~0.7 CPU-seconds).
 
-Protocol on the control socket (JSON lines of ``messages.py``) with its actor:
+Protocol on the control socket (JSON lines of ``messages.py``) with its node agent:
 
     -> Prepare(config)
     <- Prepared(error)             (error: why it cannot fork; it then exits)
@@ -53,7 +53,7 @@ def main() -> int:
             continue
         data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
         if not data:
-            return 0  # the actor is gone; our children die with us (PDEATHSIG)
+            return 0  # the agent is gone; our children die with us (PDEATHSIG)
         buffer += data
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)

@@ -1,12 +1,15 @@
 """A script that trains for --seconds with gloo all-reduces and never reports progress.
 
-With --stall-attempt N, rank 1 stops making progress (sleeps forever) in restart N, while rank 0
-waits for it in an all-reduce: a hang only its unchanging call stack shows.
+With --busy-s S, every rank of the first attempt first computes for S seconds in a loop on one
+line of native calls (its call stack never changes; only its CPU time shows it is busy). With
+--stall-attempt N, rank 1 stops making progress (sleeps forever) in restart N, while rank 0 waits
+for it in an all-reduce: a hang only its blocked main thread shows.
 """
 
 import argparse
 import os
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -14,12 +17,16 @@ import torch.distributed as dist
 parser = argparse.ArgumentParser()
 parser.add_argument("--seconds", type=float, required=True)
 parser.add_argument("--stall-attempt", type=int, default=-1)
+parser.add_argument("--busy-s", type=float, default=0.0)
 args = parser.parse_args()
 
 dist.init_process_group("gloo")
 attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 weights = torch.randn(256, 256)
 print("looping", flush=True)
+if attempt == 0:
+    block, t = os.urandom(2**20), time.time()
+    while time.time() - t < args.busy_s: zlib.compress(block, 9)  # noqa: E701
 deadline = time.monotonic() + args.seconds
 i = 0
 while True:

@@ -1,0 +1,310 @@
+"""The processes a node agent owns: training processes and the node's zygote.
+
+:class:`HostedProcess` is one child (started with ``subprocess``, or forked by the
+:class:`Zygote`), its control channel and what it reported; the zygote forks warm
+spares and ranks whose imports are already done.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.run_dir import append_fd
+from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
+from orchestrator.worker.env import with_interpreter_tools
+from orchestrator.worker.messages import (
+    Alive,
+    Exited,
+    Fork,
+    Forked,
+    MalformedMessage,
+    Message,
+    Prepare,
+    Prepared,
+    RankStatus,
+    Report,
+)
+from orchestrator.worker.process import PARENT_PID_ENV
+
+_LOG_TAIL_BYTES = 8192
+# How long after a process exits we wait for its last reports to be read.
+_DRAIN_TIMEOUT_S = 2.0
+# A prepared zygote forks in milliseconds. A rank forked inside an agent call waits at most this:
+# well inside the lease, since the call keeps the agent from answering renewals meanwhile.
+_FORK_TIMEOUT_S = 2.0
+
+
+class HostedProcess:
+    """One process this actor owns (a training process, or the node's zygote), its control
+    channel and what it reported.
+
+    Started with ``subprocess`` (``module`` run with ``env``), or forked by ``zygote``;
+    a forked process's exit status comes from the zygote (:meth:`exited`).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        header: str,
+        *,
+        module: str = "orchestrator.worker.process",
+        zygote: Zygote | None = None,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> None:
+        parent_end, child_end = socket.socketpair()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._zygote = zygote
+        self.reported_returncode: int | None = None
+        self.warm = False  # a spare that finished its warm-up
+        with open(append_fd(log_path), "ab") as log:
+            log.write(f"=== {header} ===\n".encode())
+            log.flush()
+            self.log_offset = log.tell()
+            if zygote is not None:
+                self.pid = zygote.fork(env, log_path, child_end.fileno())
+            else:
+                full_env = with_interpreter_tools(
+                    {**os.environ, **env, CONTROL_FD_ENV: str(child_end.fileno()), PARENT_PID_ENV: str(os.getpid())}
+                )
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-m", module],
+                    env=full_env,
+                    pass_fds=(child_end.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # Its own session: a Ctrl-C in the user's terminal reaches the controller,
+                    # which stops ranks in order, instead of interrupting them mid-collective.
+                    start_new_session=True,
+                )
+                self.pid = self.popen.pid
+        child_end.close()
+        self._on_message = on_message
+        self.channel = Channel(parent_end)
+        self.inbox: collections.deque[Report] = collections.deque()
+        self.alive_at = time.time()
+        self.where = ""
+        self.in_collective = False
+        self.moved_at = self.alive_at
+        self.eof_at: float | None = None
+        self.exited_at: float | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def exited(self, returncode: int) -> None:
+        """The zygote reaped this (forked) process."""
+        self.reported_returncode = returncode
+
+    def poll_exit(self) -> int | None:
+        if self.popen is not None:
+            return self.popen.poll()
+        if self.reported_returncode is None and self.eof_at is not None and not self._zygote.alive():
+            # Its zygote (which would report the exit) is gone, and it died with it (PDEATHSIG).
+            self.reported_returncode = -signal.SIGKILL
+        return self.reported_returncode
+
+    def send(self, message: Message) -> bool:
+        try:
+            self.channel.send(message)
+            return True
+        except OSError:
+            return False  # it died; its exit will be polled
+
+    def status(self) -> RankStatus:
+        """New reports, liveness, and the exit status once the process has ended."""
+        reports = [self.inbox.popleft() for _ in range(len(self.inbox))]
+        code = self._returncode()
+        return RankStatus(
+            pid=self.pid, reports=reports, returncode=code, alive_at=self.alive_at, where=self.where,
+            in_collective=self.in_collective, moved_at=self.moved_at,
+            # The socket closes the moment the process dies: the best clock for "when".
+            exited_at=(self.eof_at or time.time()) if code is not None else None,
+            log_tail=self._log_tail() if code else "",
+        )
+
+    def signal(self, sig: int) -> None:
+        if self.poll_exit() is None:
+            _signal_group(self.pid, sig)
+
+    def stop(self, timeout_s: float) -> int | None:
+        """SIGTERM the process (and anything it started), SIGKILL after ``timeout_s``; reap it."""
+        if self.poll_exit() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            if not self._wait(timeout_s):
+                _signal_group(self.pid, signal.SIGKILL)
+                self._wait(timeout_s)
+        # Children the process left behind in its session die with it.
+        _signal_group(self.pid, signal.SIGKILL)
+        self.channel.close()
+        return self.poll_exit()
+
+    def _wait(self, timeout_s: float) -> bool:
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=timeout_s)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout_s
+        while self.reported_returncode is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the zygote reaps its children every 0.2 s
+        return self.reported_returncode is not None
+
+    def _returncode(self) -> int | None:
+        code = self.poll_exit()
+        if code is None:
+            return None
+        if self.exited_at is None:
+            self.exited_at = time.monotonic()
+        # Report the exit only after its last messages were read, so "finished" precedes it.
+        if self.reader.is_alive() and time.monotonic() - self.exited_at < _DRAIN_TIMEOUT_S:
+            return None
+        return code
+
+    def _read(self) -> None:
+        try:
+            for message in self.channel.messages():
+                if self._on_message is not None:
+                    self._on_message(message)
+                    continue
+                now = time.time()
+                self.alive_at = now
+                if isinstance(message, Alive):
+                    self.where, self.in_collective = message.where, message.in_collective
+                    self.moved_at = now - message.still_s
+                elif isinstance(message, Report):
+                    self.inbox.append(dataclasses.replace(message, at=now))
+                else:
+                    raise MalformedMessage(f"{message.type!r} is not a report")
+        except MalformedMessage as exc:
+            # A bug in the orchestrator itself: the rank fails, and its log (shown with the failure) says why.
+            with open(append_fd(self.log_path), "a") as log:
+                log.write(f"orchestrator: protocol error from pid {self.pid}: {exc}; stopping it\n")
+            self.signal(signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # channel closed under us by stop()
+        self.eof_at = time.time()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                start = max(self.log_offset, fh.tell() - _LOG_TAIL_BYTES)
+                fh.seek(start)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+class ZygoteUnavailable(Exception):
+    """The zygote cannot fork now: its imports are not done, they failed, or it exited."""
+
+
+class Zygote:
+    """The node's zygote process (``orchestrator.worker.zygote``): forks warm spares."""
+
+    def __init__(self, config: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
+        self._forked: dict[int, HostedProcess] = {}
+        self._replies: queue.Queue[Forked] = queue.Queue()
+        self._lock = threading.Lock()
+        self._forks = 0
+        self._exits_lock = threading.Lock()
+        self._exited_early: dict[int, int] = {}
+        self._prepared = threading.Event()
+        self.error = ""  # why it cannot fork, once it has said so
+        # torch.cuda.is_available() (which DeepSpeed's import calls) asks NVML instead of initialising
+        # CUDA, which no child forked afterwards could use. NVML starts a thread of its own, though
+        # (driver 580 on an H100), so on such GPU nodes the zygote says it cannot fork.
+        env = {**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
+                                  on_message=self._on_message)
+        self.proc.send(Prepare(config=config))
+
+    def alive(self) -> bool:
+        return self.proc.poll_exit() is None
+
+    def ready(self) -> bool:
+        """Prepared, fit to fork, and running."""
+        return self._prepared.is_set() and not self.error and self.alive()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the imports; False if it cannot fork (``error`` says why)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._prepared.wait(0.2):
+            if not self.alive():
+                self.error = self.error or f"it exited ({self.proc.poll_exit()}) before its imports were done"
+                return False
+            if time.monotonic() > deadline:
+                self.error = f"its imports took over {timeout_s:g}s"
+                return False
+        return self.ready()
+
+    def fork(self, env: dict[str, str], log_path: Path, control_fd: int) -> int:
+        """Fork a spare with ``env`` whose control socket is ``control_fd``; returns its pid.
+        Never waits for the imports (:class:`ZygoteUnavailable` instead).
+
+        Replies carry the request's id: a late reply to an earlier fork that timed out is skipped,
+        never taken for this one's."""
+        if not self.ready():
+            raise ZygoteUnavailable(self.error or "its imports are not done yet")
+        with self._lock:
+            self._forks += 1
+            request = self._forks
+            self.proc.channel.send_fd(Fork(id=request, env=env, log_path=str(log_path)), control_fd)
+            deadline = time.monotonic() + _FORK_TIMEOUT_S
+            while True:
+                reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                if reply.id == request:
+                    return reply.pid
+
+    def adopt(self, proc: HostedProcess) -> None:
+        """Report ``proc``'s exit to it from now on (or at once, if it has already exited)."""
+        with self._exits_lock:
+            code = self._exited_early.pop(proc.pid, None)
+            if code is None:
+                self._forked[proc.pid] = proc
+        if code is not None:
+            proc.exited(code)
+
+    def stop(self) -> None:
+        self.proc.stop(1.0)
+        # Its children die with it (PDEATHSIG); nobody is left to report their exits.
+        for proc in self._forked.values():
+            if proc.reported_returncode is None:
+                proc.exited(-signal.SIGKILL)
+
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, Prepared):
+            self.error = message.error
+            self._prepared.set()
+        elif isinstance(message, Forked):
+            self._replies.put(message)
+        elif isinstance(message, Exited):
+            with self._exits_lock:
+                proc = self._forked.pop(message.pid, None)
+                if proc is None:  # it died before it was adopted: adopt() reports it
+                    self._exited_early[message.pid] = message.returncode
+            if proc is not None:
+                proc.exited(message.returncode)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
