@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from orchestrator.config import load_config
 from orchestrator.controller.worker_group import RayWorkerGroup
 from orchestrator.worker.messages import Error, PollAnswer, RankStatus
@@ -221,3 +223,25 @@ def test_a_node_that_is_dying_moves_to_the_spare_once_ray_reports_it_dead(tmp_pa
     assert time.monotonic() - started < 5
     assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
     assert (group._home(2), group._home(3)) == (2, 2), "ranks 2 and 3 now live on the spare node's agent"
+
+
+def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_path: Path) -> None:
+    """A partition: the node's agent answers no poll for node_timeout_s, while Ray, which notices much
+    later, still lists the node alive. Its slot goes to the spare node without waiting for Ray."""
+    config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=1",
+                                        "cluster.spare_nodes=1", "fault_tolerance.node_timeout_s=0.2"])
+    group = RayWorkerGroup(config, tmp_path)
+    ray = group._ray = FakeRay()
+    ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in ("node-a", "node-b", "node-s")]
+    ray.kill = lambda actor, no_restart: None
+    group._agents = [FakeActor(), SimpleNamespace(poll=SimpleNamespace(remote=lambda ack: "hung")), FakeActor()]
+    group._nodes = [{"node_id": node, "ip": ip, "hostname": node} for node, ip in
+                    (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9"))]
+    group._new_agent = lambda index: pytest.fail("a silent node's agent is not made again in its bundle")
+    group.poll()
+    time.sleep(0.3)
+    updates = group.poll()
+    assert updates[1].lost is not None and updates[1].lost.startswith("node 10.0.0.2 lost: its node agent answered nothing")
+    group._fenced_at = 0.0  # its lease is not what this test waits for
+    assert group.replace_lost(allow_missing=False) == []
+    assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}

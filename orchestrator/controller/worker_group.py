@@ -210,6 +210,9 @@ class RayWorkerGroup:
         self._keepalive: threading.Thread | None = None
         self._closing = threading.Event()
         self._broken: dict[int, str] = {}  # agent -> why a call to it failed (lost at the next poll)
+        # Agents that stopped answering (a poll unanswered for node_timeout_s, a call timed out): their
+        # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
+        self._unreachable: set[int] = set()
         self._gpu_calls: dict[int, Any] = {}  # agent -> its gpu_metrics call in flight
         self._gpu_readings: dict[int, GpuReading] = {}  # agent -> its latest reading
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
@@ -352,9 +355,10 @@ class RayWorkerGroup:
             return {}
         alive_nodes = self._alive_nodes()
         result = {}
+        self._unreachable |= silent
         for index, why in lost.items():
             node = self._nodes[index]
-            gone = index in silent or node["node_id"] not in alive_nodes
+            gone = index in self._unreachable or node["node_id"] not in alive_nodes
             result[index] = f"node {node['ip']} lost: {why}" if gone else why
             self._dead.add(index)
             self._pending.pop(index, None)
@@ -489,6 +493,7 @@ class RayWorkerGroup:
             where = f"node agent {index} on {self._nodes[index]['ip']}"
             if ref not in ready_set:
                 self._broken[index] = f"{where} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
+                self._unreachable.add(index)
                 continue
             try:
                 answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
@@ -598,12 +603,13 @@ class RayWorkerGroup:
             if bundle not in self._dead:
                 continue
             node_id = self._nodes[bundle]["node_id"]
-            node_lost = node_id not in self._alive_nodes()
+            node_lost = bundle in self._unreachable or node_id not in self._alive_nodes()
             wait_s, tried = ft.node_wait_s, False
             if not node_lost:
-                # The agent died on a node Ray still lists: made again in its bundle. Unless the node is
-                # dying: a node killed at once loses its agent seconds before Ray reports the node dead,
-                # and its bundle cannot be placed meanwhile; with a spare, that report moves the slot there.
+                # The agent died on a node that answered and that Ray still lists: made again in its
+                # bundle. Unless the node is dying: a node killed at once loses its agent seconds before
+                # Ray reports the node dead, and its bundle cannot be placed meanwhile; with a spare,
+                # that report moves the slot there.
                 wait_s, tried = max(wait_s, _PLACEMENT_TIMEOUT_S), True
                 if self._recreate(bundle, wait_s, watch=node_id if self._spare_bundles else None):
                     continue
@@ -623,6 +629,7 @@ class RayWorkerGroup:
                 self._lose_bundle(bundle)
                 missing.append(slot)
         self._dead -= {i for i in self._dead if i not in self._lost_bundles}
+        self._unreachable &= self._dead
         # A partitioned node's ranks may still run until their lease ends: never two copies of a rank.
         delay = self._fenced_at - time.monotonic()
         if delay > 0:
@@ -681,6 +688,7 @@ class RayWorkerGroup:
         self._nodes[bundle] = infos[0]
         self._answered[bundle] = time.monotonic()
         self._dead.discard(bundle)
+        self._unreachable.discard(bundle)
         return True
 
     def _placements(self) -> list[RankPlacement]:
