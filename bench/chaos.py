@@ -10,7 +10,7 @@ seconds from a seeded schedule over every kind this script can produce from outs
     kill_during_save  SIGKILL a rank while a checkpoint is being written
     kill_spare        SIGKILL a node's warm spare
     kill_zygote       SIGKILL the node's zygote
-    kill_actor        SIGKILL a rank's Ray actor (its training process dies with it)
+    kill_actor        SIGKILL a node's agent, the Ray actor hosting its ranks (they die with it)
     kill_controller   SIGKILL the controller, then run the same command again (it resumes)
 
 A fault lands only on a job that is training, and after one that stops training the next waits
@@ -207,7 +207,7 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
         candidates = [p for p in candidates if _ppid(p) in zygotes and p not in ranks]
     elif kind == "kill_zygote":
         candidates = [p for p in candidates if _ppid(p) not in set(candidates)]
-    elif kind == "kill_actor":  # the parent of a rank's process (a promoted spare's: its grandparent)
+    elif kind == "kill_actor":  # the agent: parent of a fresh rank process, grandparent of a forked one
         hosts = {_ppid(r) for r in job.rank_pids().values()} | {_ppid(_ppid(r)) for r in job.rank_pids().values()}
         candidates = [p for p in candidates if p in hosts]
     if not candidates:

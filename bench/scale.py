@@ -1,0 +1,623 @@
+"""The control plane at scale: the real Controller and RayWorkerGroup driven by simulated node agents.
+
+For each ``--ranks`` N (nodes of 8 ranks, plus spare nodes), the real controller (state machine,
+root cause, policy, commits, events, metrics) runs over the real worker group (placement slots,
+polls, leases, concurrent calls, lost nodes) whose Ray is a stand-in: every agent answers after
+5-50 ms, a ``--stragglers`` fraction of them after 0.5-3 s, and a lost node never. The simulated
+ranks train synchronously (a step every ``--step-s``), beat once a second, save a checkpoint every
+``--checkpoint-every`` steps (one staged file, committed for real), and fail on cue.
+
+What one call to a real Ray actor costs its caller is measured once, from a real embedded Ray on
+this machine (caller CPU per call, submission to result), and charged for every simulated call.
+
+Reported per N:
+- ``controller_cpu_fraction``: of one core, steady state: the controller process's CPU, less the
+  stand-in's own, plus the modelled transport (calls x measured cost)
+- ``memory_mb``: the process's resident memory grown by the job (controller and simulation)
+- ``ray_calls_per_s``, ``events_mb_per_hour`` (steady), ``metrics_series_controller`` and
+  ``metrics_bytes_controller`` (one scrape)
+- ``failure_to_decision_s`` (p50, p95) from a failure to ``recovery_started``: a rank that exits
+  (its peers' collective errors 0.05-0.3 s later), a rank that raises while its peers error for
+  2 s, a hung rank (counted from when ``hang_timeout_s`` ran out), and ``events_kb_per_incident``
+- a silent node loss (its agent stops answering; Ray still lists the node): ``node_loss_episodes``
+  (recoveries it caused), ``node_loss_root_causes`` and ``node_loss_to_decision_s``
+- the same figures at the smallest N as ratios.
+
+    .venv/bin/python bench/scale.py [--ranks 8 64 512 4096 16384] [--json FILE] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from orchestrator.checkpoint import store
+from orchestrator.config import load_config
+from orchestrator.controller.controller import Controller
+from orchestrator.controller.worker_group import RayWorkerGroup
+from orchestrator.monitor.events import EventLog
+from orchestrator.monitor.metrics import JobMetrics
+from orchestrator.run_dir import RunDir
+from orchestrator.worker.messages import CheckpointSaved, Error, PollAnswer, RankStatus, Ready, StartedRank, Step
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "cluster_configs" / "local.yaml"
+PER_NODE = 8
+# A lost node's peers wait in collectives: they must not look hung before the node is found lost.
+HANG_TIMEOUT_S = 8.0
+NODE_TIMEOUT_S = 4.0
+_SCENARIO_TIMEOUT_S = 120.0
+_SHA_OF_X = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+
+
+# --- the stand-in for Ray ---------------------------------------------------------------------
+
+
+class _Accounting:
+    """Calls made and CPU spent inside the stand-in (all threads), to take out of the controller's."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sim_cpu_s = 0.0
+        self._lock = threading.Lock()
+
+    def charge(self, cpu_s: float, calls: int = 0) -> None:
+        with self._lock:
+            self.sim_cpu_s += cpu_s
+            self.calls += calls
+
+
+class _Timed:
+    """Counts the CPU of a block as the stand-in's."""
+
+    def __init__(self, accounting: _Accounting) -> None:
+        self._accounting = accounting
+
+    def __enter__(self) -> None:
+        self._start = time.thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self._accounting.charge(time.thread_time() - self._start)
+
+
+class RayError(Exception):
+    pass
+
+
+class RayActorError(RayError):
+    pass
+
+
+class ActorDiedError(RayActorError):
+    pass
+
+
+class RayTaskError(RayError):
+    pass
+
+
+class GetTimeoutError(RayError):
+    pass
+
+
+@dataclass(eq=False)
+class Call:
+    """A simulated object ref: ready at ``ready_at`` (never, for a lost node), its value made then."""
+
+    ready_at: float
+    produce: Any
+    value: Any = None
+    made: bool = False
+
+    def result(self) -> Any:
+        if not self.made:
+            self.value, self.made = self.produce(), True
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+class SimRay:
+    """The part of the ``ray`` module RayWorkerGroup uses, over simulated agents."""
+
+    exceptions = SimpleNamespace(RayError=RayError, RayActorError=RayActorError, ActorDiedError=ActorDiedError,
+                                 RayTaskError=RayTaskError, GetTimeoutError=GetTimeoutError)
+
+    def __init__(self, accounting: _Accounting, dead_nodes: set[str], node_ids: list[str]) -> None:
+        self._accounting = accounting
+        self._timed = _Timed(accounting)
+        self._dead_nodes = dead_nodes
+        self._node_ids = node_ids
+
+    def wait(self, refs: list[Call], num_returns: int, timeout: float) -> tuple[list[Call], list[Call]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._timed:
+                now = time.monotonic()
+                ready = [r for r in refs if r.ready_at <= now]
+                if len(ready) >= num_returns or now >= deadline:
+                    ready_ids = {id(r) for r in ready}
+                    return ready, [r for r in refs if id(r) not in ready_ids]
+                pending = sorted(r.ready_at for r in refs if r.ready_at > now)
+                wake = min(deadline, pending[num_returns - len(ready) - 1])
+            time.sleep(max(0.0, wake - time.monotonic()))
+
+    def get(self, ref: Call | list[Call], timeout: float) -> Any:
+        if isinstance(ref, list):
+            return [self.get(r, timeout) for r in ref]
+        wait_s = ref.ready_at - time.monotonic()
+        if wait_s > 0:
+            if wait_s > timeout:
+                time.sleep(timeout)
+                raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
+            time.sleep(wait_s)
+        with self._timed:
+            return ref.result()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"NodeID": n, "Alive": n not in self._dead_nodes} for n in self._node_ids]
+
+    def kill(self, agent: SimAgent, no_restart: bool = True) -> None:
+        agent.killed = True
+
+
+class _Method:
+    def __init__(self, agent: SimAgent, fn: Any) -> None:
+        self._agent, self._fn = agent, fn
+
+    def remote(self, *args: Any) -> Call:
+        return self._agent.call(self._fn, args)
+
+
+class SimAgent:
+    """A node's agent: answers as the real NodeAgent does, after its latency (never once lost)."""
+
+    def __init__(self, index: int, node: dict[str, Any], job: SimJob, accounting: _Accounting, straggler: bool,
+                 rng: random.Random) -> None:
+        self.index, self.node, self.job = index, node, job
+        self._accounting, self._rng, self.straggler = accounting, rng, straggler
+        self.silent_from = math.inf
+        self.killed = False
+        self._answers = 0
+        for name in ("poll", "renew", "start_attempt", "interrupt", "kill", "start_spare", "network", "free_port",
+                     "gpu_metrics", "node_info", "stop"):
+            setattr(self, name, _Method(self, getattr(self, f"_{name}")))
+
+    def call(self, fn: Any, args: tuple[Any, ...]) -> Call:
+        start = time.thread_time()
+        now = time.monotonic()
+        latency = self._rng.uniform(0.5, 3.0) if self.straggler else self._rng.uniform(0.005, 0.05)
+        ready_at = math.inf if now + latency >= self.silent_from or self.killed else now + latency
+        call = Call(ready_at=ready_at, produce=lambda: fn(*args))
+        self._accounting.charge(time.thread_time() - start, calls=1)
+        return call
+
+    def _answer(self) -> int:
+        self._answers += 1
+        return self._answers
+
+    def _poll(self, ack: int) -> PollAnswer:
+        ranks = self.job.node_ranks(self.index) if self.index in self.job.slot_of else {}
+        return PollAnswer(ranks=ranks, warm_spare=None, answer=self._answer(), now=time.time())
+
+    def _renew(self, ack: int) -> int:
+        return self._answer()
+
+    def _start_attempt(self, starts: list[Any], rejoins: list[Any]) -> list[StartedRank]:
+        self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
+        return [StartedRank(rank=s.rank, pid=100_000 + s.rank, forked=True) for s in starts]
+
+    def _interrupt(self, ranks: list[int]) -> None:
+        self.job.interrupt(ranks)
+
+    def _kill(self, ranks: list[int]) -> None:
+        self.job.kill(ranks)
+
+    def _start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
+        return None
+
+    def _network(self, config: dict[str, Any], head: str) -> dict[str, Any]:
+        return {"interface": "eth0", "address": self.node["ip"], "ib_ports": [], "env": {},
+                "summary": f"interface eth0 ({self.node['ip']}), InfiniBand none"}
+
+    def _free_port(self, host: str) -> int:
+        return 29500
+
+    def _gpu_metrics(self, simulated: int) -> None:
+        return None
+
+    def _node_info(self) -> dict[str, Any]:
+        return self.node
+
+    def _stop(self, timeout_s: float) -> None:
+        return None
+
+
+# --- the simulated job ------------------------------------------------------------------------
+
+
+@dataclass
+class RankState:
+    reported: int = 0  # last step reported
+    exited_at: float | None = None
+    error_at: float | None = None
+    error: Error | None = None
+    told_error: bool = False
+
+
+@dataclass
+class SimJob:
+    """Synchronous training on every rank: a step every ``step_s`` after ``startup_s``; failures on cue."""
+
+    world: int
+    step_s: float
+    startup_s: float
+    checkpoint_every: int
+    checkpoints: Path
+    attempt: int = -1
+    started: float = 0.0
+    first_step: int = 0
+    frozen_at: float = math.inf
+    hung: int | None = None
+    ranks: list[RankState] = field(default_factory=list)
+    slot_of: dict[int, int] = field(default_factory=dict)  # agent -> node slot
+
+    def begin(self, spec: Any, node: int) -> None:
+        """The first start_attempt call of a new attempt resets the job."""
+        self.slot_of[node] = spec.rank // PER_NODE
+        if spec.attempt == self.attempt:
+            return
+        self.attempt = spec.attempt
+        self.first_step = store.step_of(spec.resume_tag) if spec.resume_tag else 0
+        self.started = time.time() + self.startup_s
+        self.frozen_at, self.hung = math.inf, None
+        self.ranks = [RankState(reported=self.first_step) for _ in range(self.world)]
+
+    def step_now(self, now: float) -> int:
+        done = math.floor((min(now, self.frozen_at) - self.started) / self.step_s)
+        return self.first_step + max(0, done)
+
+    def node_ranks(self, agent: int) -> dict[int, RankStatus]:
+        now = time.time()
+        slot = self.slot_of[agent]
+        current = self.step_now(now)
+        statuses = {}
+        for rank in range(slot * PER_NODE, (slot + 1) * PER_NODE):
+            state = self.ranks[rank]
+            reports: list[Any] = []
+            if state.exited_at is not None and state.exited_at <= now:
+                statuses[rank] = RankStatus(pid=100_000 + rank, reports=[], returncode=-9, alive_at=state.exited_at,
+                                            where="", in_collective=False, moved_at=state.exited_at,
+                                            exited_at=state.exited_at)
+                continue
+            for step in range(state.reported + 1, current + 1):
+                at = self.started + (step - self.first_step) * self.step_s
+                reports.append(Step(step=step, loss=2.0 + 1.0 / step if rank == 0 else None, step_time_s=self.step_s,
+                                    tokens=8192, at=at))
+                if self.checkpoint_every and step % self.checkpoint_every == 0:
+                    reports.append(self._saved(step, at))
+            state.reported = max(state.reported, current)
+            if state.error is not None and not state.told_error and state.error_at <= now:
+                reports += [state.error, Ready(at=state.error_at)]
+                state.told_error = True
+            waiting = now >= self.frozen_at and rank != self.hung
+            where = ".../torch/distributed/distributed_c10d.py:2501 in all_reduce" if waiting else "train.py:42 in step"
+            statuses[rank] = RankStatus(pid=100_000 + rank, reports=reports, returncode=None, alive_at=now,
+                                        where=where, in_collective=waiting, moved_at=now if not waiting else self.frozen_at)
+        return statuses
+
+    def _saved(self, step: int, at: float) -> CheckpointSaved:
+        staged = store.staging_dir(self.checkpoints, self.attempt) / store.tag_for(step)
+        if not staged.exists():
+            staged.mkdir(parents=True, exist_ok=True)
+            (staged / "shard.pt").write_bytes(b"x")
+        return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=self.attempt, blocked_s=0.01, write_s=0.1,
+                               files={"shard.pt": {"size": 1, "sha256": _SHA_OF_X}}, at=at)
+
+    def fail(self, rank: int, at: float, error: Error | None, peers_within: tuple[float, float] | None,
+             rng: random.Random) -> None:
+        """Training stops at ``at``: ``rank`` exits (``error`` None) or raises; its peers report
+        collective errors spread over ``peers_within`` (seconds after ``at``), or wait (None)."""
+        self.frozen_at = at
+        if error is None:
+            self.ranks[rank].exited_at = at
+        else:
+            self.ranks[rank].error, self.ranks[rank].error_at = error, at
+        if peers_within is None:
+            return
+        for peer, state in enumerate(self.ranks):
+            if peer != rank:
+                when = at + rng.uniform(*peers_within)
+                state.error_at = when
+                state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
+                                    traceback="", interrupted=False, step=self.step_now(at), at=when)
+
+    def hang(self, rank: int | None, at: float) -> None:
+        """Training stops at ``at``: ``rank`` (if any) is stuck in its own code, the rest wait for it."""
+        self.frozen_at, self.hung = at, rank
+
+    def interrupt(self, ranks: list[int]) -> None:
+        now = time.time()
+        for rank in ranks:
+            state = self.ranks[rank]
+            if state.told_error:
+                continue
+            # An interrupted rank leaves at once, whether or not its own collective error was coming.
+            state.error, state.error_at = state.error or Error(
+                exc_type="Interrupted", message="stopped by the controller", traceback="", interrupted=True,
+                step=state.reported, at=now), now
+
+    def kill(self, ranks: list[int]) -> None:
+        now = time.time()
+        for rank in ranks:
+            if self.ranks[rank].exited_at is None:
+                self.ranks[rank].exited_at = now
+
+
+# --- one N ------------------------------------------------------------------------------------
+
+
+class _NullDisplay:
+    def step(self, *args: Any) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Scale:
+    """One N's figures."""
+
+    ranks: int
+    controller_cpu_fraction: float
+    memory_mb: float
+    ray_calls_per_s: float
+    events_mb_per_hour: float
+    events_kb_per_incident: float
+    metrics_series_controller: int
+    metrics_bytes_controller: int
+    failure_to_decision_s: dict[str, dict[str, float]]
+    node_loss_episodes: int
+    node_loss_root_causes: int
+    node_loss_to_decision_s: float
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: Path) -> Scale:
+    nodes = ranks // PER_NODE
+    spares = args.repeats
+    rng = random.Random(ranks)
+    config = load_config(CONFIG, [
+        "cluster.ray_address=auto", f"cluster.nodes={nodes}", f"cluster.workers_per_node={PER_NODE}",
+        f"cluster.spare_nodes={spares}", f"fault_tolerance.hang_timeout_s={HANG_TIMEOUT_S}",
+        f"fault_tolerance.node_timeout_s={NODE_TIMEOUT_S}", "fault_tolerance.node_wait_s=0",
+        f"fault_tolerance.max_restarts={10 * args.repeats}", "train.steps=1000000", "train.micro_batch_size=1",
+        f"checkpoint.interval_steps={args.checkpoint_every}", "checkpoint.keep_last=2",
+    ])
+    gc.collect()
+    rss_before = _rss_mb()
+    run = RunDir.open(workdir / f"run-{ranks}")
+    accounting = _Accounting()
+    job = SimJob(world=ranks, step_s=args.step_s, startup_s=0.5, checkpoint_every=args.checkpoint_every,
+                 checkpoints=run.checkpoints)
+    node_ids = [f"node-{i:05d}" for i in range(nodes + spares)]
+    infos = [{"hostname": f"n{i}", "ip": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "node_id": node_ids[i],
+              "gpu_ids": [], "cpus": PER_NODE} for i in range(nodes + spares)]
+    stragglers = set(rng.sample(range(nodes + spares), round(args.stragglers * (nodes + spares))))
+    agents = [SimAgent(i, infos[i], job, accounting, i in stragglers, random.Random(i)) for i in range(nodes + spares)]
+    group = RayWorkerGroup(config, run.path)
+    group._ray = SimRay(accounting, set(), node_ids)
+    group._agents, group._nodes = agents, infos
+    group._keepalive = threading.Thread(target=group._keep_leases, name="leases", daemon=True)
+    group._keepalive.start()
+    events = EventLog(run.events)
+    metrics = JobMetrics(world_size=ranks)
+    ctl = Controller(config, run, group, events, _NullDisplay(), metrics=metrics)
+    seen: list[dict[str, Any]] = []
+    events.subscribe(lambda e: seen.append(e) if e["event"] in (
+        "recovery_started", "recovery_finished", "failure_detected", "step") else None)
+
+    def run_until(done: Any, timeout: float = _SCENARIO_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline or ctl.state.terminal:
+                why = getattr(ctl.state, "reason", "")
+                raise RuntimeError(f"{ranks} ranks: the controller did not get there within {timeout:.0f}s "
+                                   f"(state {ctl.state.name} {why})")
+            ctl.step()
+
+    def stepping(after: int = 0) -> Any:
+        return lambda: any(e["event"] == "step" for e in seen[after:])
+
+    ctl.prepare()
+    run_until(stepping())
+    run_until(lambda: job.step_now(time.time()) >= job.first_step + 3)
+
+    # Steady state.
+    cpu0, sim0, calls0, wall0 = time.process_time(), accounting.sim_cpu_s, accounting.calls, time.monotonic()
+    size0 = run.events.stat().st_size
+    steady_until = time.monotonic() + args.steady_s
+    run_until(lambda: time.monotonic() >= steady_until, timeout=args.steady_s + 60)
+    wall = time.monotonic() - wall0
+    calls = accounting.calls - calls0
+    cpu = (time.process_time() - cpu0) - (accounting.sim_cpu_s - sim0) + calls * call_cost_s
+    events_mb_per_hour = (run.events.stat().st_size - size0) / 2**20 / wall * 3600
+    exposition = generate_latest(metrics.registry)
+    series = sum(1 for line in exposition.splitlines() if line and not line.startswith(b"#"))
+    memory_mb = _rss_mb() - rss_before
+
+    def incident(inject: Any, counted_from: float = 0.0) -> tuple[float, float]:
+        """Inject a failure; returns (failure to decision, KB of events the incident wrote)."""
+        mark, size = len(seen), run.events.stat().st_size
+        at = time.time()
+        inject(at)
+        run_until(lambda: any(e["event"] == "recovery_started" for e in seen[mark:]))
+        decided = next(e for e in seen[mark:] if e["event"] == "recovery_started")["ts"]
+        run_until(lambda: any(e["event"] == "recovery_finished" for e in seen[mark:]))
+        run_until(lambda: job.step_now(time.time()) >= job.first_step + 2)
+        return decided - at - counted_from, (run.events.stat().st_size - size) / 1024
+
+    bugs = itertools.count(1)
+
+    def user_bug(at: float) -> Error:
+        # Each a bug of its own: the same exception at the same step twice is not retried (the policy).
+        message = f"bug number {next(bugs)}"
+        return Error(exc_type="RuntimeError", message=message, traceback=f"Traceback\nRuntimeError: {message}\n",
+                     interrupted=False, step=job.step_now(at), at=at)
+
+    scenarios = {
+        "exit": lambda at: job.fail(rng.randrange(ranks), at, None, (0.05, 0.3), rng),
+        "raise": lambda at: job.fail(rng.randrange(ranks), at, user_bug(at), (0.0, 2.0), rng),
+        "hang": lambda at: job.hang(rng.randrange(ranks), at),
+    }
+    decisions: dict[str, dict[str, float]] = {}
+    incident_kb = []
+    for name, inject in scenarios.items():
+        took = []
+        for _ in range(args.repeats):
+            seconds, kb = incident(inject, counted_from=HANG_TIMEOUT_S if name == "hang" else 0.0)
+            took.append(seconds)
+            incident_kb.append(kb)
+        decisions[name] = {"p50": statistics.median(took), "p95": _p95(took)}
+
+    mark = len(seen)
+    lost_slot = rng.randrange(nodes)
+    lost_agent = group._slot_bundle[lost_slot]
+    node_loss_s, _ = incident(lambda at: (setattr(agents[lost_agent], "silent_from", time.monotonic()),
+                                          job.hang(None, at)))
+    late = time.monotonic() + 1.0  # a second more for late consequences of the loss
+    run_until(lambda: time.monotonic() >= late)
+    episode = seen[mark:]
+    group._closing.set()
+    group._keepalive.join(timeout=10)
+    events.close()
+    return Scale(
+        ranks=ranks,
+        controller_cpu_fraction=cpu / wall,
+        memory_mb=memory_mb,
+        ray_calls_per_s=calls / wall,
+        events_mb_per_hour=events_mb_per_hour,
+        events_kb_per_incident=max(incident_kb),
+        metrics_series_controller=series,
+        metrics_bytes_controller=len(exposition),
+        failure_to_decision_s=decisions,
+        node_loss_episodes=sum(1 for e in episode if e["event"] == "recovery_started"),
+        node_loss_root_causes=sum(1 for e in episode if e["event"] == "failure_detected" and e["root_cause"]),
+        node_loss_to_decision_s=node_loss_s,
+    )
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+# --- the cost of one Ray call -----------------------------------------------------------------
+
+
+def ray_call_cost(calls: int = 3000, batch: int = 300) -> float:
+    """Caller CPU seconds per actor call on a real embedded Ray (submit, wait, get), many in flight."""
+    from orchestrator.controller import ray_session
+
+    config = load_config(CONFIG)
+    ray_session.connect(config)
+    try:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Echo:
+            def answer(self, value: int) -> int:
+                return value
+
+        echo = Echo.remote()
+        ray.get([echo.answer.remote(i) for i in range(batch)], timeout=120)  # warm
+        cpu0 = time.process_time()
+        for start in range(0, calls, batch):
+            refs = [echo.answer.remote(i) for i in range(start, start + batch)]
+            ray.wait(refs, num_returns=len(refs), timeout=120)
+            ray.get(refs, timeout=120)
+        return (time.process_time() - cpu0) / calls
+    finally:
+        ray_session.disconnect()
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+RATIO_KEYS = ("controller_cpu_fraction", "memory_mb", "ray_calls_per_s", "events_mb_per_hour",
+              "events_kb_per_incident", "metrics_series_controller", "metrics_bytes_controller")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 512, 4096, 16384])
+    parser.add_argument("--stragglers", type=float, default=0.01, help="fraction of agents answering in 0.5-3 s")
+    parser.add_argument("--steady-s", type=float, default=10.0, help="steady-state window per N (seconds)")
+    parser.add_argument("--repeats", type=int, default=3, help="failures of each kind per N (and spare nodes)")
+    parser.add_argument("--step-s", type=float, default=1.0, help="simulated step time")
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="simulated checkpoint interval (steps)")
+    parser.add_argument("--ray-call-cost", type=float, default=None,
+                        help="caller CPU seconds per Ray call (default: measured on a real embedded Ray)")
+    parser.add_argument("--json", type=Path, default=None, help="write one object per N to this file")
+    args = parser.parse_args()
+    if any(n % PER_NODE for n in args.ranks):
+        parser.error(f"--ranks: each N must be a multiple of {PER_NODE} (nodes of {PER_NODE} ranks)")
+
+    cost = args.ray_call_cost if args.ray_call_cost is not None else ray_call_cost()
+    print(f"one Ray actor call costs its caller {cost * 1e6:.0f} us of CPU (measured on this machine)"
+          if args.ray_call_cost is None else f"Ray call cost given: {cost * 1e6:.0f} us", flush=True)
+    results: list[Scale] = []
+    with tempfile.TemporaryDirectory(prefix="orch-scale-") as tmp:
+        for n in args.ranks:
+            started = time.monotonic()
+            result = measure(n, args, cost, Path(tmp))
+            base = results[0] if results else result
+            result.ratios = {k: getattr(result, k) / getattr(base, k) if getattr(base, k) else math.nan
+                             for k in RATIO_KEYS}
+            results.append(result)
+            _print(result, time.monotonic() - started)
+    if args.json is not None:
+        args.json.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
+    return 0
+
+
+def _print(r: Scale, took_s: float) -> None:
+    d = r.failure_to_decision_s
+    print(f"{r.ranks:>6} ranks: controller {r.controller_cpu_fraction:6.1%} of a core, {r.memory_mb:7.1f} MB, "
+          f"{r.ray_calls_per_s:8.0f} calls/s, events {r.events_mb_per_hour:7.2f} MB/h "
+          f"{r.events_kb_per_incident:8.1f} KB/incident, metrics {r.metrics_series_controller} series "
+          f"{r.metrics_bytes_controller / 1024:.0f} KB; decision p50/p95 exit {d['exit']['p50']:.2f}/"
+          f"{d['exit']['p95']:.2f}s raise {d['raise']['p50']:.2f}/{d['raise']['p95']:.2f}s hang "
+          f"{d['hang']['p50']:.2f}/{d['hang']['p95']:.2f}s; node loss {r.node_loss_episodes} episode(s), "
+          f"{r.node_loss_root_causes} root cause(s), decided {r.node_loss_to_decision_s:.2f}s "
+          f"(cpu x{r.ratios['controller_cpu_fraction']:.1f}, calls x{r.ratios['ray_calls_per_s']:.1f} vs the first N) "
+          f"[{took_s:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
