@@ -195,7 +195,7 @@ class SimAgent:
         self.silent_from = math.inf
         self.killed = False
         self._answers = 0
-        for name in ("poll", "renew", "start_attempt", "interrupt", "kill", "start_spare", "network", "free_port",
+        for name in ("poll", "renew", "start_attempt", "kill", "start_spare", "network", "free_port",
                      "gpu_metrics", "node_info", "stop"):
             setattr(self, name, _Method(self, getattr(self, f"_{name}")))
 
@@ -219,12 +219,10 @@ class SimAgent:
     def _renew(self, ack: int) -> int:
         return self._answer()
 
-    def _start_attempt(self, starts: list[Any], rejoins: list[Any]) -> list[StartedRank]:
+    def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
         self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
+        self.job.interrupt(interrupt)
         return [StartedRank(rank=s.rank, pid=100_000 + s.rank, forked=True) for s in starts]
-
-    def _interrupt(self, ranks: list[int]) -> None:
-        self.job.interrupt(ranks)
 
     def _kill(self, ranks: list[int]) -> None:
         self.job.kill(ranks)
@@ -338,13 +336,13 @@ class SimJob:
         if error is None:
             self.ranks[rank].exited_at = at
         else:
-            self.ranks[rank].error, self.ranks[rank].error_at = error, at
+            self.ranks[rank].error, self.ranks[rank].error_at, self.ranks[rank].told_error = error, at, False
         if peers_within is None:
             return
         for peer, state in enumerate(self.ranks):
             if peer != rank:
                 when = at + rng.uniform(*peers_within)
-                state.error_at = when
+                state.error_at, state.told_error = when, False
                 state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
                                     traceback="", interrupted=False, step=self.step_now(at), at=when)
 
@@ -353,15 +351,12 @@ class SimJob:
         self.frozen_at, self.hung = at, rank
 
     def interrupt(self, ranks: list[int]) -> None:
+        """Interrupted survivors of the last attempt say, early in this one, how they left that one."""
         now = time.time()
         for rank in ranks:
-            state = self.ranks[rank]
-            if state.told_error:
-                continue
-            # An interrupted rank leaves at once, whether or not its own collective error was coming.
-            state.error, state.error_at = state.error or Error(
-                exc_type="Interrupted", message="stopped by the controller", traceback="", interrupted=True,
-                step=state.reported, at=now), now
+            self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller", traceback="",
+                                           interrupted=True, step=self.first_step, at=now)
+            self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
 
     def kill(self, ranks: list[int]) -> None:
         now = time.time()

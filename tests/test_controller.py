@@ -68,8 +68,18 @@ class FakeGroup:
         self.spares: list[str] = []  # spare node addresses still available
         self.spares_lost: list[tuple[str, str]] = []  # reported by the next lost_spares()
 
-    def start(self, attempt, resume_tag, faults, rejoin=()):
+    def start(self, attempt, resume_tag, faults, rejoin=(), interrupt=()):
         self.starts.append({"attempt": attempt, "resume_tag": resume_tag, "faults": list(faults), "rejoin": list(rejoin)})
+        self.interrupted += list(interrupt)
+        if interrupt:
+            # An interrupted survivor reports how it left the last attempt after this one began.
+            self.script.insert(0, [
+                RankUpdate(rank=r, alive_at=self.clock.now, reports=[
+                    Error(exc_type="Interrupted", message="stopped", traceback="", interrupted=True, step=0,
+                          at=self.clock.now),
+                    Ready(at=self.clock.now)]) if r in interrupt else RankUpdate(rank=r, alive_at=self.clock.now)
+                for r in range(self.world_size)
+            ])
         new = [r for r in range(self.world_size) if r not in rejoin]
         return [WorkerInfo(rank=r, pid=100 * (attempt + 1) + r, node="fake", attempt=attempt, spare=attempt > 0) for r in new]
 
@@ -89,10 +99,10 @@ class FakeGroup:
     def poll_mark(self):
         return self.polls
 
-    def unheard(self, mark):
+    def unheard(self, mark, ranks):
         if self.unheard_script:
-            return self.unheard_script.pop(0)
-        return [r for r in range(self.world_size) if r not in self.lost and self.heard.get(r, 0) <= mark]
+            return [r for r in self.unheard_script.pop(0) if r in ranks]
+        return [r for r in ranks if r not in self.lost and self.heard.get(r, 0) <= mark]
 
     def replace_lost(self, allow_missing):
         missing, self.missing = self.missing, []
@@ -103,17 +113,6 @@ class FakeGroup:
     def shrink(self, config, slots):
         self.shrunk.append(sorted(slots))
         self.world_size = config.cluster.world_size
-
-    def interrupt(self, ranks):
-        self.interrupted += list(ranks)
-        # An interrupted survivor reports its (interrupted) error and readiness on the next poll.
-        self.script.insert(0, [
-            RankUpdate(rank=r, alive_at=self.clock.now, reports=[
-                Error(exc_type="Interrupted", message="stopped", traceback="", interrupted=True, step=0,
-                      at=self.clock.now),
-                Ready(at=self.clock.now)]) if r in ranks else RankUpdate(rank=r)
-            for r in range(self.world_size)
-        ])
 
     def kill(self, ranks):
         self.killed += list(ranks)
@@ -342,26 +341,23 @@ def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> Non
     assert finished["seconds"] == pytest.approx(0.5, abs=0.05)
 
 
-def test_live_survivor_is_interrupted_before_rejoining(tmp_path: Path) -> None:
-    ctl, group, _, clock = make(tmp_path)
+def test_live_survivor_is_interrupted_as_it_rejoins_and_how_it_left_is_not_a_new_failure(tmp_path: Path) -> None:
+    """The controller does not wait for a survivor to leave its training function: its agent interrupts
+    it and hands it the rejoin. Its interrupted error and readiness, which arrive in the new attempt,
+    belong to the old one: neither a failure nor "left training" there."""
+    ctl, group, run, clock = make(tmp_path)
     ctl.step()
     group.script = [[RankUpdate(rank=0, alive_at=clock.now, in_collective=False),
                      RankUpdate(rank=1, returncode=3, exited_at=clock.now)]]
     ctl.step()  # -> RECOVERING
+    polls = group.polls
     _, current = ctl.step()
+    assert group.polls == polls, "recovering polls nobody: it waits for no survivor"
     assert group.interrupted == [0]
     assert isinstance(current, Running) and group.starts[-1]["rejoin"] == [0]
-
-
-def test_survivor_that_never_unwinds_is_replaced_too(tmp_path: Path) -> None:
-    ctl, group, _, clock = make(tmp_path)
-    ctl.step()
-    group.script = [[RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=3, exited_at=clock.now)]]
-    ctl.step()
-    group.interrupt = lambda ranks: group.interrupted.extend(ranks)  # interrupts go unanswered
-    _, current = ctl.step()
-    assert isinstance(current, Running)
-    assert 0 in group.killed and group.starts[-1]["rejoin"] == []
+    ctl.step()  # the survivor's report of leaving the last attempt arrives
+    assert not ctl._views[0].left_training and not ctl._views[0].unwinding
+    assert len([e for e in read_events(run.events) if e["event"] == "failure_detected"]) == 1
 
 
 def test_budget_spent_fails_the_run(tmp_path: Path) -> None:

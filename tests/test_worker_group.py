@@ -245,3 +245,24 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
     group._fenced_at = 0.0  # its lease is not what this test waits for
     assert group.replace_lost(allow_missing=False) == []
     assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
+
+
+def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_successor(tmp_path: Path) -> None:
+    group = _two_nodes(tmp_path)
+    get = group._ray.get
+
+    def failing(ref, timeout):
+        if ref in ("broken", "old"):
+            raise RayActorError("The actor died unexpectedly before finishing this task.")
+        return get(ref, timeout)
+
+    group._ray.get = failing
+    group._agents[0].kill = SimpleNamespace(remote=lambda ranks: "old")
+    group._agents[1].kill = SimpleNamespace(remote=lambda ranks: "broken")
+    started = time.monotonic()
+    group.kill([0, 1])
+    assert time.monotonic() - started < 0.1, "nobody waits for a kill"
+    group._agents[0] = FakeActor()  # agent 0 was made again meanwhile: its predecessor's failure is not its own
+    updates = group.poll()
+    assert updates[0].lost is None
+    assert "a call to node agent 1 on 10.0.0.2 (kill) failed: The actor died" in updates[1].lost

@@ -34,6 +34,7 @@ from orchestrator.worker.messages import (
     Prepare,
     Prepared,
     RankStatus,
+    Ready,
     Report,
 )
 from orchestrator.worker.process import PARENT_PID_ENV
@@ -103,6 +104,7 @@ class HostedProcess:
         self.moved_at = self.alive_at
         self.eof_at: float | None = None
         self.exited_at: float | None = None
+        self.left_at: float | None = None  # (monotonic) when it last said it left its training function
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -188,6 +190,8 @@ class HostedProcess:
                     self.where, self.in_collective = message.where, message.in_collective
                     self.moved_at = now - message.still_s
                 elif isinstance(message, Report):
+                    if isinstance(message, Ready):
+                        self.left_at = time.monotonic()
                     self.inbox.append(dataclasses.replace(message, at=now))
                 else:
                     raise MalformedMessage(f"{message.type!r} is not a report")

@@ -33,6 +33,9 @@ from orchestrator.worker.messages import Interrupt, PollAnswer, Prepare, Rejoin,
 SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
+# An interrupted survivor gets this long to leave its training function; then it is killed (and the
+# attempt it was to rejoin sees it fail, and replaces it).
+UNWIND_TIMEOUT_S = 10.0
 
 
 class NodeAgent:
@@ -62,6 +65,7 @@ class NodeAgent:
         # the *thread* that forked a child exits, so that thread must live as long as the agent.
         self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str]]] = queue.Queue()
         threading.Thread(target=self._make_spares, name="spares", daemon=True).start()
+        self.unwind_timeout_s = UNWIND_TIMEOUT_S
 
     def node_info(self) -> dict[str, Any]:
         """Where this agent landed: host name, IP, Ray node id, the node's GPUs Ray gave it, usable CPUs."""
@@ -114,13 +118,22 @@ class NodeAgent:
             sock.bind((host, 0))
             return sock.getsockname()[1]
 
-    def start_attempt(self, starts: list[Start], rejoins: list[Rejoin]) -> list[StartedRank]:
+    def start_attempt(self, starts: list[Start], rejoins: list[Rejoin], interrupt: list[int] = ()) -> list[StartedRank]:
         """Run this node's part of a new attempt: ranks in ``rejoins`` continue in their live processes,
         each of ``starts`` gets a process (the warm spare, else one forked from the zygote, else a fresh
-        one); hosted ranks in neither (renumbered away by a shrink) are stopped. Returns the new ones."""
+        one); hosted ranks in neither (renumbered away by a shrink) are stopped. Returns the new ones.
+
+        Ranks in ``interrupt`` (rejoining ones still in their training function) are interrupted
+        first; each reads its rejoin once it has left, and one that has not left within
+        ``unwind_timeout_s`` is killed here: the new attempt sees it fail. The controller never waits."""
         keep = {spec.rank for spec in starts} | {spec.rank for spec in rejoins}
         for rank in [r for r in self._procs if r != SPARE and r not in keep]:
             self._forget(rank)
+        unwinding = {rank: proc for rank in interrupt if (proc := self._procs.get(rank)) is not None
+                     and proc.send(Interrupt())}
+        if unwinding:
+            threading.Thread(target=self._unwind_or_kill, args=(unwinding, time.monotonic()), name="unwind",
+                             daemon=True).start()
         for spec in rejoins:
             self.send(spec.rank, spec)  # one already gone fails the attempt through its exit status
         started = []
@@ -135,6 +148,18 @@ class NodeAgent:
                 continue
             started.append(StartedRank(rank=spec.rank, pid=self._start_fresh(spec)))
         return started
+
+    def _unwind_or_kill(self, unwinding: dict[int, HostedProcess], since: float) -> None:
+        deadline = since + self.unwind_timeout_s
+        while unwinding and time.monotonic() < deadline:
+            time.sleep(0.05)
+            unwinding = {r: p for r, p in unwinding.items() if p.left_at is None or p.left_at < since}
+        for rank, proc in unwinding.items():
+            if proc.poll_exit() is None:
+                with open(append_fd(proc.log_path), "a") as log:
+                    log.write(f"orchestrator: rank {rank} did not leave its training function within "
+                              f"{self.unwind_timeout_s:g}s of being interrupted for a recovery; killing it\n")
+                proc.signal(signal.SIGKILL)
 
     def _start_fresh(self, spec: Start) -> int:
         self._forget(spec.rank)
@@ -248,11 +273,6 @@ class NodeAgent:
         """Send a control message to ``rank``'s process; False if it is gone."""
         proc = self._procs.get(rank)
         return proc is not None and proc.send(message)
-
-    def interrupt(self, ranks: list[int]) -> None:
-        """Make these ranks leave their training function and wait for a rejoin."""
-        for rank in ranks:
-            self.send(rank, Interrupt())
 
     def kill(self, ranks: list[int]) -> None:
         """SIGKILL these ranks' processes (hung or failed ranks about to be replaced)."""

@@ -48,8 +48,6 @@ POLL_INTERVAL_S = 0.2
 FAST_POLL_INTERVAL_S = 0.02
 # After the first failure, keep listening this long for its consequences (peers' collective errors).
 SETTLE_S = 0.5
-# Survivors get this long to leave their training function before they are replaced too.
-UNWIND_TIMEOUT_S = 10.0
 # No sign of life (not even the once-a-second liveness beat) for this long: the process is frozen.
 FROZEN_AFTER_S = 3.0
 # A script that reports nothing is back after a restart once every rank has run this long, its call
@@ -84,6 +82,7 @@ class RankView:
     failed: bool = False
     lost: bool = False
     running: bool = True
+    unwinding: bool = False  # interrupted as this attempt began: its error and readiness belong to the last one
 
     @property
     def left_training(self) -> bool:
@@ -266,24 +265,27 @@ class Controller:
     def settle(self, failures: list[Failure]) -> list[Failure]:
         """Listen briefly for the failure's consequences so the root cause is chosen from all of them.
 
-        Until every node's agent has answered again, the failure is not fully known: a rank killed
-        by a signal may be the first sign of its whole node dying (``node_lost``), which its agent's
-        silence (or death) shows a moment later. So the wait lasts until they answer or are lost,
-        and each new failure that may be a node dying (its agent found dead, a process gone)
-        starts it again: every other agent must answer a poll sent after it, which proves its node is
-        still there. A peer's collective error is a consequence, not such a sign, and starts nothing.
+        A failure that may be the first sign of its whole node dying (a process killed or gone: the
+        node's agent sees its ranks die a moment before it dies itself) is not fully known until
+        that node's agent has answered a poll sent after it, which proves the node is still there,
+        or is found lost (``node_lost``, the true root cause). Each such failure starts that wait
+        again for its own node. A peer's collective error is a consequence, not such a sign, and
+        starts nothing; nor does a slow agent elsewhere hold the decision.
         """
         mark = self.group.poll_mark()
+        suspects = {f.rank for f in failures if f.reason != "exception"}
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         while self._clock() < give_up:
             settled = all(v.failed or v.ready or not v.running for v in self._views.values())
-            if not self.group.unheard(mark) and (settled or self._clock() >= start + SETTLE_S):
+            if not self.group.unheard(mark, suspects) and (settled or self._clock() >= start + SETTLE_S):
                 break
             self.wait(fast=True)
             new = self.observe()
-            if any(f.reason != "exception" for f in new):
+            signs = {f.rank for f in new if f.reason != "exception"}
+            if signs:
                 mark = self.group.poll_mark()
+                suspects |= signs
             failures = failures + new
         return one_per_rank(failures)
 
@@ -319,16 +321,14 @@ class Controller:
         replace = self._to_replace(failures, decision)
         survivors = [r for r in range(self.group.world_size) if r not in replace]
         self.group.kill([r for r in replace if self._views[r].running])
-        self.group.interrupt([r for r in survivors if not self._views[r].left_training])
-        laggards = self._await_ready(survivors)
-        if laggards:
-            self.group.kill(laggards)
-            replace |= set(laggards)
-            survivors = [r for r in survivors if r not in laggards]
         missing = self.group.replace_lost(allow_missing=self.config.fault_tolerance.allow_shrink)
         if missing:
+            self.group.kill([r for r in survivors if self._views[r].running])
             self._shrink(missing)
             replace, survivors = set(range(self.group.world_size)), []
+        # Survivors still in their training function are interrupted by their agents as the attempt
+        # starts and rejoin once they have left it: nobody here waits for them.
+        unwinding = [r for r in survivors if not self._views[r].left_training]
         mode = "full_restart" if not survivors else "in_place"
         self.attempt += 1
         self._commits.forget_partial(self.attempt)
@@ -345,8 +345,8 @@ class Controller:
             resume_from=self.resume_tag,
             restarts_left=self.config.fault_tolerance.max_restarts - len(self.history),
         )
-        infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors)
-        self._begin_attempt(infos)
+        infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors, interrupt=unwinding)
+        self._begin_attempt(infos, unwinding)
         # A script resumes from checkpoints of its own: where, it says when it reports (if it does).
         resumed = None if self.config.train.is_script else store.step_of(self.resume_tag) if self.resume_tag else 0
         self._pending = PendingRecovery(
@@ -397,10 +397,11 @@ class Controller:
 
     # --- bookkeeping --------------------------------------------------------
 
-    def _begin_attempt(self, infos: list[WorkerInfo]) -> None:
+    def _begin_attempt(self, infos: list[WorkerInfo], unwinding: list[int] = ()) -> None:
         now = self._attempt_started_at = self._clock()
         old = self._views
-        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None) for r in range(self.group.world_size)}
+        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None, unwinding=r in unwinding)
+                       for r in range(self.group.world_size)}
         self._report_networks()
         self._show_layout()
         for info in infos:
@@ -448,6 +449,9 @@ class Controller:
         return failure
 
     def _on_report(self, rank: int, view: RankView, report: Report) -> None:
+        if view.unwinding and isinstance(report, (Error, Ready)):
+            view.unwinding = not isinstance(report, Ready)  # how it left the last attempt
+            return
         match report:
             case Step() | Resumed():
                 view.step, view.progress_at, view.started_up = report.step, report.at, True
@@ -574,24 +578,6 @@ class Controller:
             if failure.reason != "exception" or failure is cause:
                 replace.add(failure.rank)
         return replace
-
-    def _await_ready(self, survivors: list[int]) -> list[int]:
-        """Poll until every survivor has left its training function; returns those that died or did not in time.
-
-        A survivor that reported its error is not waited for while it tears down (about a second for
-        8 ranks on 2 cores): the rejoin waits in its inbox, and if it dies meanwhile, that is the new
-        attempt's failure."""
-        deadline = self._clock() + UNWIND_TIMEOUT_S
-        while True:
-            gone = [r for r in survivors if not self._views[r].running]
-            waiting = [r for r in survivors if self._views[r].running and not self._views[r].left_training]
-            if not waiting:
-                return gone
-            if self._clock() >= deadline:
-                return gone + waiting
-            self.wait(fast=True)
-            for update in self.group.poll():
-                self._absorb(update)
 
     def _record_step(self, report: Step) -> None:
         step, loss, seconds = report.step, report.loss, report.step_time_s

@@ -2,7 +2,7 @@
 
 :class:`WorkerGroup` is what the controller needs: start ranks (all of them,
 or replacements beside survivors that rejoin in place), poll them,
-interrupt or kill some, stop all. :class:`RayWorkerGroup` does it with a
+kill some, stop all. :class:`RayWorkerGroup` does it with a
 placement group of one bundle per node (``workers_per_node`` CPUs, and GPUs,
 each; STRICT_SPREAD puts every bundle on a different Ray node) and one
 :class:`~orchestrator.agent.node_agent.NodeAgent` per bundle, which hosts the
@@ -32,8 +32,9 @@ from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchr
 from orchestrator.worker.messages import RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
-# A poll waits at most this long for slow agents; their answers are picked up by a later poll.
-_POLL_WAIT_S = 0.5
+# A poll waits at most this long for slow agents; their answers are picked up by a later poll, so
+# that one slow agent never slows the controller's view of the others.
+_POLL_WAIT_S = 0.05
 _FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
@@ -105,10 +106,15 @@ class WorkerGroup(Protocol):
     world_size: int
 
     def start(
-        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
+        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
+        interrupt: Collection[int] = (),
     ) -> list[WorkerInfo]:
         """Start ``attempt``: ranks in ``rejoin`` continue in their live processes, every other
-        rank gets a new one (the node's warm spare when there is one). Returns the new ones."""
+        rank gets a new one (the node's warm spare when there is one). Returns the new ones.
+
+        Ranks in ``interrupt`` (rejoining ones still in their training function) are interrupted by
+        their node's agent, rejoin once they have left it, and are killed there if they do not leave
+        in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
     def poll(self) -> list[RankUpdate]:
         """One update per rank."""
@@ -116,9 +122,10 @@ class WorkerGroup(Protocol):
     def poll_mark(self) -> int:
         """A mark for :meth:`unheard`: the polls issued so far."""
 
-    def unheard(self, mark: int) -> list[int]:
-        """Ranks whose host has not answered a poll issued after ``mark`` (and is not known lost):
-        while there are any, a node may be dying and the failure at hand is not fully known."""
+    def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
+        """Those of ``ranks`` whose node's agent has not answered a poll issued after ``mark`` (and is
+        not known lost): while there are any, their node may be dying and the failure at hand is not
+        fully known."""
 
     def replace_lost(self, allow_missing: bool) -> list[int]:
         """Find a place for every lost node: a spare node, else one that joins within
@@ -128,9 +135,6 @@ class WorkerGroup(Protocol):
     def shrink(self, config: Config, slots: Collection[int]) -> None:
         """Drop node slots ``slots`` (lost, not replaced) and stop every rank: the job goes on as ``config``
         (fewer nodes), renumbered in node order, from a full restart."""
-
-    def interrupt(self, ranks: Collection[int]) -> None:
-        """Make these ranks leave their training function and wait for a rejoin."""
 
     def kill(self, ranks: Collection[int]) -> None:
         """SIGKILL these ranks' processes."""
@@ -213,13 +217,15 @@ class RayWorkerGroup:
         # Agents that stopped answering (a poll unanswered for node_timeout_s, a call timed out): their
         # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
         self._unreachable: set[int] = set()
+        self._sent: list[tuple[int, Any, Any, str, float]] = []  # (index, agent, call, what, when): not waited for
         self._gpu_calls: dict[int, Any] = {}  # agent -> its gpu_metrics call in flight
         self._gpu_readings: dict[int, GpuReading] = {}  # agent -> its latest reading
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
 
     def start(
-        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = ()
+        self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
+        interrupt: Collection[int] = (),
     ) -> list[WorkerInfo]:
         self._ensure_agents()
         self.replace_lost(allow_missing=False)
@@ -230,7 +236,8 @@ class RayWorkerGroup:
             ranks = self._slot_ranks(slot)
             starts = [specs[r] for r in ranks if r not in rejoin]
             rejoins = [Rejoin(**vars(specs[r])) for r in ranks if r in rejoin]
-            calls[bundle] = self._agents[bundle].start_attempt.remote(starts, rejoins)
+            stop = [r for r in ranks if r in interrupt]
+            calls[bundle] = self._agents[bundle].start_attempt.remote(starts, rejoins, stop)
         started = []
         for bundle, result in self._gather(calls, "start").items():
             node = self._nodes[bundle]
@@ -289,6 +296,7 @@ class RayWorkerGroup:
                 self._warm.pop(node_id, None)
             else:
                 self._warm[node_id] = result.warm_spare
+        self._check_sent()
         lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
         self._broken.clear()
         for index, why in self._lose(lost, silent, died).items():
@@ -343,10 +351,9 @@ class RayWorkerGroup:
     def poll_mark(self) -> int:
         return self._polls
 
-    def unheard(self, mark: int) -> list[int]:
-        slots = self._slot_of()
-        return sorted(rank for index, slot in slots.items() if index not in self._dead
-                      and self._heard.get(index, 0) <= mark for rank in self._slot_ranks(slot))
+    def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
+        return sorted(rank for rank in ranks if (index := self._home(rank)) not in self._dead
+                      and self._heard.get(index, 0) <= mark)
 
     def _lose(self, lost: dict[int, str], silent: set[int], died: set[int]) -> dict[int, str]:
         """Record lost agents (``silent``: no answer for the node timeout; ``died``: Ray says its process
@@ -418,14 +425,9 @@ class RayWorkerGroup:
                 readings.append(replace(self._gpu_readings[index], ranks=ranks, node=self._nodes[index]["ip"]))
         return readings
 
-    def interrupt(self, ranks: Collection[int]) -> None:
-        self._gather({index: self._agents[index].interrupt.remote(on) for index, on in self._by_agent(ranks).items()},
-                     "interrupt")
-
     def kill(self, ranks: Collection[int]) -> None:
         # A lost node's ranks are not asked: gone, or fenced (their lease stops them).
-        self._gather({index: self._agents[index].kill.remote(on) for index, on in self._by_agent(ranks).items()},
-                     "kill")
+        self._send({index: self._agents[index].kill.remote(on) for index, on in self._by_agent(ranks).items()}, "kill")
 
     def ensure_spares(self) -> None:
         calls = {}
@@ -434,7 +436,7 @@ class RayWorkerGroup:
             placement = self._placement(index, local_rank=0, master_port=0)
             env = {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
             calls[index] = self._agents[index].start_spare.remote(self._config_dict, env)
-        self._gather(calls, "start_spare")
+        self._send(calls, "start_spare")
 
     def stop(self) -> None:
         refs = [agent.stop.remote(_STOP_TIMEOUT_S) for index, agent in enumerate(self._agents)
@@ -500,6 +502,36 @@ class RayWorkerGroup:
             except self._ray.exceptions.RayError as exc:
                 self._broken[index] = f"a call to {where} ({what}) failed: {_first_line(exc)}"
         return answers
+
+    def _send(self, calls: dict[int, Any], what: str) -> None:
+        """Calls made to several agents at once whose answers nobody waits for: the next polls check
+        them (``_check_sent``), and one that failed or did not answer in time costs its node."""
+        sent_at = time.monotonic()
+        for index, ref in calls.items():
+            self._sent.append((index, self._agents[index], ref, what, sent_at))
+
+    def _check_sent(self) -> None:
+        if not self._sent:
+            return
+        ready = {id(r) for r in self._ray.wait([sent[2] for sent in self._sent], num_returns=len(self._sent),
+                                                timeout=0)[0]}
+        now, waiting = time.monotonic(), []
+        for index, agent, ref, what, sent_at in self._sent:
+            if self._agents[index] is not agent or index in self._dead:
+                continue  # the call went to an agent already replaced or given up: nothing more to learn
+            where = f"node agent {index} on {self._nodes[index]['ip']}"
+            if id(ref) not in ready:
+                if now - sent_at <= _CALL_TIMEOUT_S:
+                    waiting.append((index, agent, ref, what, sent_at))
+                else:
+                    self._broken[index] = f"{where} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
+                    self._unreachable.add(index)
+                continue
+            try:
+                self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
+            except self._ray.exceptions.RayError as exc:
+                self._broken[index] = f"a call to {where} ({what}) failed: {_first_line(exc)}"
+        self._sent = waiting
 
     def _live_agents(self) -> list[int]:
         """Agents of the job's nodes and of its spare nodes that are not known dead."""

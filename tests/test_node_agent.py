@@ -1,0 +1,46 @@
+"""The node agent's own work, on real processes (no Ray needed): a survivor interrupted for a
+recovery rejoins once it has left its training function, or is killed if it does not leave in time."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.agent.hosted import HostedProcess
+from orchestrator.agent.node_agent import NodeAgent
+from orchestrator.worker.messages import Rejoin
+
+
+def _rejoin(rank: int) -> Rejoin:
+    return Rejoin(rank=rank, local_rank=rank, world_size=2, node="n", attempt=1, config={}, run_dir="", resume_tag=None,
+                  faults=[], env={})
+
+
+@pytest.mark.parametrize("mode", ["leave", "stay"])
+def test_an_interrupted_survivor_rejoins_or_is_killed_once_the_unwind_time_is_up(tmp_path: Path, mode: str) -> None:
+    agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)  # its fence stays out of this test
+    agent.unwind_timeout_s = 1.0
+    log = tmp_path / "rank0.log"
+    proc = agent._procs[0] = HostedProcess({"UNWIND": mode}, log, "rank 0", module="tests.unwinding_rank")
+    try:
+        started = time.monotonic()
+        assert agent.start_attempt([], [_rejoin(0)], interrupt=[0]) == [], "no new process for a survivor"
+        assert time.monotonic() - started < 0.5, "the call does not wait for the survivor to leave"
+        deadline = time.monotonic() + 10
+        while "got rejoin" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "got interrupt\ngot rejoin" in log.read_text(), "the interrupt first, then the rejoin"
+        if mode == "leave":
+            time.sleep(agent.unwind_timeout_s + 0.5)  # past the time it would have been killed
+            assert proc.poll_exit() is None, "a survivor that left in time keeps its process"
+        else:
+            deadline = time.monotonic() + 10
+            while proc.poll_exit() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll_exit() == -signal.SIGKILL
+            assert "did not leave its training function within 1s of being interrupted" in log.read_text()
+    finally:
+        agent.stop(1.0)

@@ -1,0 +1,13 @@
+"""A stand-in training process for the agent's unwinding: on an interrupt it leaves at once (reports
+ready) with ``UNWIND=leave``, or never with ``UNWIND=stay``; it prints each message it is given."""
+
+import os
+
+from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
+from orchestrator.worker.messages import Ready
+
+channel = Channel.from_fd(int(os.environ[CONTROL_FD_ENV]))
+for message in channel.messages():
+    print(f"got {message.type}", flush=True)
+    if message.type == "interrupt" and os.environ["UNWIND"] == "leave":
+        channel.send(Ready())
