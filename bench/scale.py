@@ -29,6 +29,7 @@ Reported per N:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,17 +85,14 @@ class _Accounting:
             self.calls += calls
 
 
-class _Timed:
-    """Counts the CPU of a block as the stand-in's."""
-
-    def __init__(self, accounting: _Accounting) -> None:
-        self._accounting = accounting
-
-    def __enter__(self) -> None:
-        self._start = time.thread_time()
-
-    def __exit__(self, *exc: object) -> None:
-        self._accounting.charge(time.thread_time() - self._start)
+@contextlib.contextmanager
+def _timed(accounting: _Accounting) -> Iterator[None]:
+    """Counts the CPU of a block (on the calling thread's clock) as the stand-in's."""
+    start = time.thread_time()
+    try:
+        yield
+    finally:
+        accounting.charge(time.thread_time() - start)
 
 
 class RayError(Exception):
@@ -141,14 +140,13 @@ class SimRay:
 
     def __init__(self, accounting: _Accounting, dead_nodes: set[str], node_ids: list[str]) -> None:
         self._accounting = accounting
-        self._timed = _Timed(accounting)
         self._dead_nodes = dead_nodes
         self._node_ids = node_ids
 
     def wait(self, refs: list[Call], num_returns: int, timeout: float) -> tuple[list[Call], list[Call]]:
         deadline = time.monotonic() + timeout
         while True:
-            with self._timed:
+            with _timed(self._accounting):
                 now = time.monotonic()
                 ready = [r for r in refs if r.ready_at <= now]
                 if len(ready) >= num_returns or now >= deadline:
@@ -167,7 +165,7 @@ class SimRay:
                 time.sleep(timeout)
                 raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
             time.sleep(wait_s)
-        with self._timed:
+        with _timed(self._accounting):
             return ref.result()
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -178,11 +176,14 @@ class SimRay:
 
 
 class _Method:
-    def __init__(self, agent: SimAgent, fn: Any) -> None:
-        self._agent, self._fn = agent, fn
+    """``agent.method.remote(...)``. A method that acts (starts, kills) acts when the call arrives; one
+    that answers (a poll) answers with the state of the moment its answer is read."""
+
+    def __init__(self, agent: SimAgent, fn: Any, acts: bool) -> None:
+        self._agent, self._fn, self._acts = agent, fn, acts
 
     def remote(self, *args: Any) -> Call:
-        return self._agent.call(self._fn, args)
+        return self._agent.call(self._fn, args, self._acts)
 
 
 class SimAgent:
@@ -197,14 +198,19 @@ class SimAgent:
         self._answers = 0
         for name in ("poll", "renew", "start_attempt", "kill", "start_spare", "network", "free_port",
                      "gpu_metrics", "node_info", "stop"):
-            setattr(self, name, _Method(self, getattr(self, f"_{name}")))
+            setattr(self, name, _Method(self, getattr(self, f"_{name}"), acts=name in ("start_attempt", "kill")))
 
-    def call(self, fn: Any, args: tuple[Any, ...]) -> Call:
+    def call(self, fn: Any, args: tuple[Any, ...], acts: bool) -> Call:
         start = time.thread_time()
         now = time.monotonic()
         latency = self._rng.uniform(0.5, 3.0) if self.straggler else self._rng.uniform(0.005, 0.05)
-        ready_at = math.inf if now + latency >= self.silent_from or self.killed else now + latency
-        call = Call(ready_at=ready_at, produce=lambda: fn(*args))
+        lost = now + latency >= self.silent_from or self.killed
+        ready_at = math.inf if lost else now + latency
+        if acts and not lost:
+            value = fn(*args)
+            call = Call(ready_at=ready_at, produce=lambda: value)
+        else:
+            call = Call(ready_at=ready_at, produce=lambda: fn(*args))
         self._accounting.charge(time.thread_time() - start, calls=1)
         return call
 
@@ -431,7 +437,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     group._keepalive = threading.Thread(target=group._keep_leases, name="leases", daemon=True)
     group._keepalive.start()
     events = EventLog(run.events)
-    metrics = JobMetrics(world_size=ranks)
+    metrics = JobMetrics(per_rank_limit=config.metrics.per_rank_limit)
     ctl = Controller(config, run, group, events, _NullDisplay(), metrics=metrics)
     seen: list[dict[str, Any]] = []
     events.subscribe(lambda e: seen.append(e) if e["event"] in (

@@ -554,7 +554,7 @@ def _serve_metrics(config: Config, prediction: dict[str, Any] | None) -> tuple[A
     from orchestrator.monitor.exporter import MetricsServer
     from orchestrator.monitor.metrics import JobMetrics
 
-    metrics = JobMetrics(config.cluster.world_size, prediction=prediction)
+    metrics = JobMetrics(prediction=prediction, per_rank_limit=config.metrics.per_rank_limit)
     return metrics, MetricsServer(metrics.registry, config.metrics.host, config.metrics.port)
 
 

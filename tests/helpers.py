@@ -83,6 +83,29 @@ def of_kind(evs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in evs if e["event"] == kind]
 
 
+def failed_ranks(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every failed rank of the log, as ``{"rank", "reason", "root_cause", "attempt"}``: the root cause
+    from ``failure_detected``, the others from the ``failure_consequences`` that follows it."""
+    found = []
+    for e in evs:
+        if e["event"] == "failure_detected":
+            found.append({"rank": e["rank"], "reason": e["reason"], "root_cause": True, "attempt": e["attempt"]})
+        elif e["event"] == "failure_consequences":
+            for reason, ranks in e["by_reason"].items():
+                found += [{"rank": r, "reason": reason, "root_cause": False, "attempt": e["attempt"]}
+                          for r in expand_ranks(ranks)]
+    return found
+
+
+def expand_ranks(ranks: str) -> list[int]:
+    """``0-3,8`` -> [0, 1, 2, 3, 8] (the compact form of the event log)."""
+    out: list[int] = []
+    for part in filter(None, ranks.split(",")):
+        first, _, last = part.partition("-")
+        out += range(int(first), int(last or first) + 1)
+    return out
+
+
 def losses_by_step(evs: list[dict[str, Any]]) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in of_kind(evs, "step")}
 

@@ -33,7 +33,7 @@ from orchestrator.worker.messages import (
     Resumed,
     Step,
 )
-from tests.helpers import LOCAL_CONFIG, commit_for_test, of_kind
+from tests.helpers import LOCAL_CONFIG, commit_for_test, failed_ranks, of_kind
 
 
 class Clock:
@@ -330,8 +330,9 @@ def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> Non
     clock.now += 0.5
     ctl.step()
     evs = read_events(run.events)
-    detected = [(e["rank"], e["reason"], e["root_cause"]) for e in evs if e["event"] == "failure_detected"]
+    detected = [(e["rank"], e["reason"], e["root_cause"]) for e in failed_ranks(evs)]
     assert detected == [(1, "signal", True), (0, "exception", False)]
+    assert of_kind(evs, "failure_consequences")[0]["by_reason"] == {"exception": "0"}
     started = [e for e in evs if e["event"] == "recovery_started"][0]
     assert (started["mode"], started["replaced"], started["rejoined"], started["restarts_left"]) == ("in_place", [1], [0], 2)
     assert [(e["rank"], e["pid"], e["attempt"]) for e in evs if e["event"] == "worker_started"][-1] == (1, 201, 1)
@@ -577,7 +578,7 @@ def test_lost_actor_is_the_root_cause_and_only_its_rank_is_replaced(tmp_path: Pa
     clock.now += 0.5
     # Rank 0's collective error is seen at the same poll that finds rank 1's actor gone.
     group.script = [[RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, clock.now), Ready(at=clock.now)]),
-                     RankUpdate(rank=1, lost="worker actor 1 died")]]
+                     RankUpdate(rank=1, lost="node agent 1 died")]]
     _, current = ctl.step()
     cause = root_cause(current.failures)
     assert (cause.rank, cause.reason, cause.at) == (1, "node_lost", last_seen)
@@ -597,32 +598,32 @@ def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -
         [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
         *[quiet] * 100,
         [RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, t + 1), Ready(at=t + 1)]),
-         RankUpdate(rank=1, lost="node 10.0.0.2 lost: worker actor 1 died")],
+         RankUpdate(rank=1, lost="node 10.0.0.2 lost: node agent 1 died")],
     ]
     group.unheard_script = [[1]] * 101  # rank 1's actor stays silent until it is found lost
     _, current = ctl.step()
     assert isinstance(current, Recovering), "the silent actor delays the decision, not forever"
     assert clock.now - t > 1.0, "the decision waited for the silent actor"
-    detected = [(e["rank"], e["reason"]) for e in read_events(run.events) if e["event"] == "failure_detected"]
+    detected = [(e["rank"], e["reason"]) for e in failed_ranks(read_events(run.events))]
     assert sorted(detected) == [(0, "exception"), (1, "node_lost")]
     assert root_cause(current.failures).reason == "node_lost"
 
 
-def test_each_new_failure_waits_for_every_actor_to_answer_again(tmp_path: Path) -> None:
-    """A node dying one process at a time: rank 1's actor reports its rank's SIGKILL and answers once
-    more, then rank 0's actor is found dead. The decision waits for rank 1's actor to answer a poll
+def test_each_new_sign_of_a_dying_node_waits_for_its_agent_to_answer_again(tmp_path: Path) -> None:
+    """Nodes dying one process at a time: rank 1's agent reports its rank's SIGKILL and answers once
+    more, then rank 0's agent is found dead. The decision waits for rank 1's agent to answer a poll
     sent after that death: it is dead too, so both ranks were lost with their node."""
     ctl, group, run, clock = make(tmp_path)
     _started(ctl, group, clock)
     t = clock.now
     group.script = [
         [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
-        [RankUpdate(rank=0, lost="worker actor 0 died"), RankUpdate(rank=1, alive_at=t)],
+        [RankUpdate(rank=0, lost="node agent 0 died"), RankUpdate(rank=1, alive_at=t)],
         *[[RankUpdate(rank=0), RankUpdate(rank=1)]] * 3,
-        [RankUpdate(rank=0), RankUpdate(rank=1, lost="node 10.0.0.2 lost: worker actor 1 died")],
+        [RankUpdate(rank=0), RankUpdate(rank=1, lost="node 10.0.0.2 lost: node agent 1 died")],
     ]
     ctl.step()
-    detected = [(e["rank"], e["reason"]) for e in read_events(run.events) if e["event"] == "failure_detected"]
+    detected = [(e["rank"], e["reason"]) for e in failed_ranks(read_events(run.events))]
     assert sorted(detected) == [(0, "node_lost"), (1, "node_lost")]
     assert not group.script, "every scripted poll was read before deciding"
 
@@ -689,7 +690,7 @@ def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> No
     from orchestrator.monitor.metrics import JobMetrics
 
     ctl, group, run, clock = make(tmp_path, *TWO_NODES, "cluster.spare_nodes=1")
-    ctl.metrics = JobMetrics(world_size=4)
+    ctl.metrics = JobMetrics()
     group.spares = ["10.0.0.9"]
     _started(ctl, group, clock)
     assert "nodes: 10.0.0.1 (ranks 0-3); spare nodes: 10.0.0.9" in ctl.display.notes

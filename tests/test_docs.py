@@ -59,7 +59,7 @@ def test_readme_starts_with_the_two_commands() -> None:
 def test_every_module_is_in_the_architecture_map() -> None:
     text = (REPO / "docs" / "architecture.md").read_text()
     modules = [p for p in (REPO / "orchestrator").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
-    missing = [str(p.relative_to(REPO)) for p in modules if p.stem not in text]
+    missing = [str(p.relative_to(REPO)) for p in modules if p.name not in text]
     assert not missing, f"docs/architecture.md's module map lacks {missing}"
 
 

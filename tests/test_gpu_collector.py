@@ -9,7 +9,7 @@ import pynvml
 import pytest
 
 from orchestrator.monitor.gpu import FIELDS, GpuCollector
-from orchestrator.monitor.metrics import JobMetrics
+from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.simulated_nvml import (
     GPM_DRAM,
     GPM_GRAPHICS,
@@ -139,16 +139,17 @@ def test_no_nvml_is_one_metric_and_one_log_line(caplog: pytest.LogCaptureFixture
     readings = [collector.collect(), collector.collect()]
     assert all(not r.available and "NVML" in r.reason and r.gpus == [] for r in readings)
     assert len([r for r in caplog.records if "GPU metrics off" in r.getMessage()]) == 1
-    metrics = JobMetrics(world_size=1)
+    metrics = JobMetrics()
     metrics.update_gpus(readings[:1])
     text = _exposition(metrics)
     assert 'orchestrator_gpu_collector_available{Hostname="cpu-box"' in text and "DCGM_FI" not in text
 
 
 def test_exposition_uses_dcgm_names_with_the_rank_and_node_of_each_gpu() -> None:
-    metrics = JobMetrics(world_size=1)
+    metrics = JobMetrics()
     reading = GpuCollector(indices=[0], nvml=SimulatedNVML({0: _gpu()}), hostname="n").collect()
     metrics.update_gpus([replace(reading, ranks={"0": "0"}, node="10.0.0.2")])
+    metrics.watch_ranks(lambda: [RankSample(0, True, 0.1, 1, 0.1)])
     metrics.on_event({"event": "worker_started", "ts": 1.0, "rank": 0, "pid": 1, "node_ip": "10.0.0.2"})
     text = _exposition(metrics)
     assert ('DCGM_FI_DEV_GPU_UTIL{DCGM_FI_DRIVER_VERSION="550.90.07",Hostname="n",UUID="GPU-0000",device="nvidia0",'
@@ -168,7 +169,7 @@ def test_the_docs_list_every_exported_field() -> None:
 
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 67e12), ("NVIDIA H100 PCIe", 51e12)])
 def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) -> None:
-    metrics = JobMetrics(world_size=2)
+    metrics = JobMetrics()
     nvml = SimulatedNVML({0: _gpu(name=name), 1: _gpu(name=name)})
     # One node's reading of both GPUs, each used by its local rank.
     metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
@@ -178,7 +179,7 @@ def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) ->
 
 
 def test_no_mfu_when_one_gpu_model_has_no_known_peak() -> None:
-    metrics = JobMetrics(world_size=2)
+    metrics = JobMetrics()
     nvml = SimulatedNVML({0: _gpu(), 1: _gpu(name="Tesla T4")})
     # One node's reading of both GPUs, each used by its local rank.
     metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from orchestrator.monitor.goodput import GoodputTracker
-from orchestrator.monitor.metrics import JobMetrics
+from orchestrator.monitor.metrics import JobMetrics, RankSample
 from tests.helpers import (
     REPO,
     cli,
@@ -167,7 +167,7 @@ def test_goodput_splits_wall_time_by_cause() -> None:
 def test_job_metrics_follow_the_event_log() -> None:
     from prometheus_client import generate_latest
 
-    metrics = JobMetrics(world_size=2, clock=lambda: 130.0)
+    metrics = JobMetrics(clock=lambda: 130.0)
     config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
     for event in [
         _event("run_started", 100.0, run_id="r1", world_size=2, resumed_from_step=0, config=config),
@@ -179,7 +179,7 @@ def test_job_metrics_follow_the_event_log() -> None:
         _event("checkpoint_failed", 113.0, step=20, rank=0),
     ]:
         metrics.on_event(event)
-    metrics.update_ranks([(0, True, 0.5, 7, 0.1), (1, False, 4.0, 6, 0.3)])
+    metrics.watch_ranks(lambda: [RankSample(0, True, 0.5, 7, 0.1), RankSample(1, False, 4.0, 6, 0.3)])
     text = generate_latest(metrics.registry).decode()
     assert "orchestrator_heldout_loss" not in text, "no evaluation reported: no series, rather than a 0"
     for line in ['orchestrator_training_loss 2.5', 'orchestrator_training_step 7.0', 'orchestrator_learning_rate 0.003',
@@ -198,17 +198,46 @@ def test_job_metrics_follow_the_event_log() -> None:
 def test_a_shrunk_job_has_no_series_for_the_ranks_it_dropped() -> None:
     from prometheus_client import generate_latest
 
-    metrics = JobMetrics(world_size=4, clock=lambda: 130.0)
+    metrics = JobMetrics(clock=lambda: 130.0)
     config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
     metrics.on_event(_event("run_started", 100.0, run_id="r1", world_size=4, resumed_from_step=0, config=config))
-    metrics.update_ranks([(r, True, 0.5, 7, 0.1) for r in range(4)])
+    world = [RankSample(r, True, 0.5, 7, 0.1) for r in range(4)]
+    metrics.watch_ranks(lambda: world)
+    for r in range(4):
+        metrics.on_event(_event("worker_started", 101.0, rank=r, pid=r, node_ip=f"10.0.0.{r // 2}"))
     metrics.on_event(_event("world_shrunk", 120.0, world_size=2, world_size_before=4, nodes=1, nodes_before=2,
                             lost_node_slots=[1], global_batch=32, accumulation_steps=2))
+    del world[2:]  # the controller's view of the ranks after the shrink
     text = generate_latest(metrics.registry).decode()
     assert 'orchestrator_run_info{run_id="r1",tensor_parallel="1",world_size="2",zero_stage="2"} 1.0' in text
     assert 'world_size="4"' not in text
     assert 'orchestrator_rank_up{rank="1"} 1.0' in text
     assert not any(f'rank="{r}"' in text for r in (2, 3)), "series of dropped ranks removed"
+
+
+def test_above_the_per_rank_limit_ranks_are_served_per_node_with_quantiles_and_the_slowest() -> None:
+    """16 ranks on 4 nodes, limit 8: no per-rank series; per node the ranks down, oldest progress,
+    lowest step, slowest step; for the job the step-time quantiles and the slowest ranks."""
+    from prometheus_client import generate_latest
+
+    metrics = JobMetrics(per_rank_limit=8)
+    for r in range(16):
+        metrics.on_event(_event("worker_started", 1.0, rank=r, pid=r, node_ip=f"10.0.0.{r // 4}"))
+    samples = [RankSample(r, r != 5, 0.5 + r, 100 - r, 1.0 + r / 100) for r in range(16)]
+    metrics.watch_ranks(lambda: samples)
+    text = generate_latest(metrics.registry).decode()
+    assert "orchestrator_rank_up" not in text and "orchestrator_rank_info" not in text
+    for line in ['orchestrator_node_ranks_down{node="10.0.0.1"} 1.0', 'orchestrator_node_ranks_down{node="10.0.0.0"} 0.0',
+                 'orchestrator_node_heartbeat_age_seconds{node="10.0.0.1"} 7.5', 'orchestrator_node_step{node="10.0.0.1"} 93.0',
+                 'orchestrator_node_step_time_seconds{node="10.0.0.3"} 1.15',
+                 'orchestrator_rank_step_time_quantile_seconds{quantile="0.5"} 1.07',
+                 'orchestrator_rank_step_time_quantile_seconds{quantile="1"} 1.15',
+                 'orchestrator_slowest_rank_step_time_seconds{node="10.0.0.3",rank="15"} 1.15']:
+        assert line in text, line
+    assert text.count("orchestrator_slowest_rank_step_time_seconds{") == 10
+    small = JobMetrics(per_rank_limit=16)
+    small.watch_ranks(lambda: samples)
+    assert 'orchestrator_rank_up{rank="5"} 0.0' in generate_latest(small.registry).decode(), "at the limit: per rank"
 
 
 def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refused(tmp_path: Path) -> None:
@@ -220,7 +249,7 @@ def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refu
 
     overrides = ["train.steps=1001", "evaluation.heldout_bytes=262144"]
     path = _prediction_for(overrides, tmp_path / "prediction.json")
-    metrics = JobMetrics(world_size=2, prediction=load(path))
+    metrics = JobMetrics(prediction=load(path))
     metrics.on_event(_event("step", 1.0, step=251, loss=3.0, step_time_s=0.1, heldout_loss=3.2))
     text = generate_latest(metrics.registry).decode()
     for line in ['orchestrator_predicted_final_loss{bound="point"} 2.0', 'orchestrator_predicted_final_loss{bound="high"} 2.1',

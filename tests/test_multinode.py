@@ -27,6 +27,7 @@ from tests.helpers import (
     REPO,
     cli,
     events,
+    failed_ranks,
     launch_args,
     losses_by_step,
     of_kind,
@@ -226,7 +227,7 @@ def test_two_nodes_hold_two_ranks_each_and_train_like_one_node(
 def test_lost_node_without_a_spare_shrinks_to_the_nodes_left(shrunk_run: list[dict[str, Any]]) -> None:
     evs = shrunk_run
     first = [w for w in of_kind(evs, "worker_started") if w["attempt"] == 0]
-    assert sorted(e["rank"] for e in of_kind(evs, "failure_detected") if e["reason"] == "node_lost") == [2, 3]
+    assert sorted(e["rank"] for e in failed_ranks(evs) if e["reason"] == "node_lost") == [2, 3]
     shrunk = of_kind(evs, "world_shrunk")
     assert len(shrunk) == 1 and (shrunk[0]["world_size"], shrunk[0]["world_size_before"]) == (2, 4)
     before = of_kind(evs, "run_started")[0]["config"]
@@ -261,7 +262,7 @@ def test_lost_nodes_move_to_spare_nodes_bit_exact(clean: dict[int, float], tmp_p
         assert len(of_kind(evs, "recovery_finished")) == 2
         for attempt, lost in enumerate(lost_nodes):
             assert lost["ranks"] == [2, 3]
-            detected = [e for e in of_kind(evs, "failure_detected") if e["attempt"] == attempt]
+            detected = [e for e in failed_ranks(evs) if e["attempt"] == attempt]
             assert sorted(e["rank"] for e in detected if e["reason"] == "node_lost") == [2, 3], detected
             assert sum(e["root_cause"] for e in detected) == 1
             restarted = [w for w in of_kind(evs, "worker_started") if w["attempt"] == attempt + 1]

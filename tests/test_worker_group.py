@@ -70,8 +70,8 @@ def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> 
     group = _two_nodes(tmp_path)
     answers = group._gather({0: "poll:0", 1: "hung"}, "kill")
     assert list(answers) == [0], "no exception reaches the controller"
-    updates = group.poll()
-    assert updates[0].lost is None
+    updates = {u.rank: u for u in group.poll()}
+    assert 0 not in updates, "nothing new of rank 0: no update"
     assert updates[1].lost is not None and "node agent 1 on 10.0.0.2 did not answer kill" in updates[1].lost
     assert group._dead == {1}, "the hung agent is replaced at the next start"
 
@@ -87,9 +87,9 @@ def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -
 
     group._ray.get = failing
     assert list(group._gather({0: "poll:0", 1: "broken"}, "interrupt")) == [0], "no exception reaches the controller"
-    updates = group.poll()
+    updates = {u.rank: u for u in group.poll()}
     assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
-    assert updates[0].lost is None and group._dead == {1}
+    assert 0 not in updates and group._dead == {1}
 
 
 def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Pa
     error = Error(exc_type="RuntimeError", message="x", traceback="", interrupted=False, step=3, at=node_time)
     group._ray.ranks = {1: RankStatus(pid=7, reports=[error], returncode=None, alive_at=node_time, where="",
                                       in_collective=False)}
-    update = group.poll()[1]
+    update = {u.rank: u for u in group.poll()}[1]
     assert abs(update.alive_at - (time.time() - 0.5)) < 0.2
     assert abs(update.reports[0].at - (time.time() - 0.5)) < 0.2
 
@@ -240,7 +240,7 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
     group._new_agent = lambda index: pytest.fail("a silent node's agent is not made again in its bundle")
     group.poll()
     time.sleep(0.3)
-    updates = group.poll()
+    updates = {u.rank: u for u in group.poll()}
     assert updates[1].lost is not None and updates[1].lost.startswith("node 10.0.0.2 lost: its node agent answered nothing")
     group._fenced_at = 0.0  # its lease is not what this test waits for
     assert group.replace_lost(allow_missing=False) == []
@@ -263,6 +263,6 @@ def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_
     group.kill([0, 1])
     assert time.monotonic() - started < 0.1, "nobody waits for a kill"
     group._agents[0] = FakeActor()  # agent 0 was made again meanwhile: its predecessor's failure is not its own
-    updates = group.poll()
-    assert updates[0].lost is None
+    updates = {u.rank: u for u in group.poll()}
+    assert 0 not in updates, "nothing new of rank 0: no update"
     assert "a call to node agent 1 on 10.0.0.2 (kill) failed: The actor died" in updates[1].lost

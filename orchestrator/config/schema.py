@@ -296,6 +296,11 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = Field(
         9464, description="Port of the metrics endpoint; 0 picks a free one."
     )
+    per_rank_limit: Annotated[int, Field(ge=0)] = Field(
+        1024,
+        description="Jobs of up to this many ranks get per-rank series (orchestrator_rank_*); larger ones get "
+        "per-node series, step-time quantiles and the slowest ranks instead, so that a scrape stays small.",
+    )
     simulated_gpus: bool = Field(
         False,
         description="Serve one simulated GPU per rank (a busy H100 from a stand-in NVML) instead of the node's "

@@ -24,7 +24,7 @@ from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shr
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
 from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.monitor.events import EventLog
-from orchestrator.monitor.metrics import JobMetrics
+from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
 from orchestrator.worker.messages import (
@@ -58,6 +58,8 @@ SCRIPT_MOVING_S = 2.0
 SPARES_AFTER_S = 30.0
 # How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
 GPU_INTERVAL_S = 5.0
+# How often every rank is checked for a hang: the limits are seconds long, and the check visits every rank.
+HANG_CHECK_S = 0.5
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
@@ -153,8 +155,10 @@ class Controller:
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
         self._gpus_read_at = float("-inf")
+        self._hangs_checked_at = float("-inf")
         if metrics is not None:
             events.subscribe(metrics.on_event)
+            metrics.watch_ranks(self._rank_samples)
         self.resume_tag: str | None = None
 
     def run(self) -> State:
@@ -207,7 +211,9 @@ class Controller:
             failure = self._absorb(update)
             if failure is not None:
                 failures.append(failure)
-        failures += self._hangs()
+        if self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
+            self._hangs_checked_at = self._clock()
+            failures += self._hangs()
         failures += self._checkpoint_failures
         self._checkpoint_failures = []
         if not failures:
@@ -217,12 +223,14 @@ class Controller:
             self._update_metrics()
         return failures
 
+    def _rank_samples(self) -> list[RankSample]:
+        """The ranks for a scrape (on the exporter's thread: the views of the moment, never changed here)."""
+        now = self._clock()
+        return [RankSample(rank=rank, running=v.running and not v.finished, age_s=now - v.progress_at,
+                           step=v.step or 0, step_time_s=v.step_time_s) for rank, v in list(self._views.items())]
+
     def _update_metrics(self) -> None:
         now = self._clock()
-        self.metrics.update_ranks(
-            (rank, v.running and not v.finished, now - v.progress_at, v.step or 0, v.step_time_s)
-            for rank, v in self._views.items()
-        )
         self.metrics.update_spare_nodes(len(self.group.layout().spares), self.config.cluster.spare_nodes)
         if now - self._gpus_read_at >= GPU_INTERVAL_S:
             self._gpus_read_at = now
@@ -293,10 +301,21 @@ class Controller:
         """Record the failures and ask the policy what to do."""
         cause = root_cause(failures)
         now = self._clock()
-        for failure in sorted(failures, key=lambda f: f.at):
-            self.failures_by_reason[failure.reason] += 1
-            self.events.emit("failure_detected", root_cause=failure is cause, attempt=self.attempt,
-                             detection_s=max(0.0, now - failure.at), **failure.event_fields())
+        self.failures_by_reason.update(f.reason for f in failures)
+        self.events.emit("failure_detected", root_cause=True, attempt=self.attempt,
+                         detection_s=max(0.0, now - cause.at), **cause.event_fields())
+        others = [f for f in failures if f is not cause]
+        if others:
+            # The rest, however many ranks: one event with its ranks in compact form (and one message
+            # per reason), so that an incident at 16,384 ranks stays a few kilobytes.
+            by_reason: dict[str, list[Failure]] = {}
+            for failure in others:
+                by_reason.setdefault(failure.reason, []).append(failure)
+            self.events.emit("failure_consequences", attempt=self.attempt, root_rank=cause.rank, count=len(others),
+                             ranks=rank_ranges([f.rank for f in others]),
+                             by_reason={reason: rank_ranges([f.rank for f in group]) for reason, group in by_reason.items()},
+                             messages={reason: group[0].message for reason, group in by_reason.items()},
+                             detection_s=max(0.0, now - min(f.at for f in others)))
         decision = self.policy.decide(cause, self.history)
         if cause.reason == "node_lost":
             # One line for the node, whatever Ray said about each of its ranks.

@@ -117,7 +117,7 @@ class WorkerGroup(Protocol):
         in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
     def poll(self) -> list[RankUpdate]:
-        """One update per rank."""
+        """An update for each rank this poll learned something about (its node's agent answered, or was lost)."""
 
     def poll_mark(self) -> int:
         """A mark for :meth:`unheard`: the polls issued so far."""
@@ -246,7 +246,7 @@ class RayWorkerGroup:
         return sorted(started, key=lambda info: info.rank)
 
     def poll(self) -> list[RankUpdate]:
-        """One update per rank. Polls go to every node's agent at once; an agent that has not answered for
+        """Updates of the ranks whose node's agent answered (or was lost). Polls go to every node's agent at once; an agent that has not answered for
         ``fault_tolerance.node_timeout_s`` (or whose node Ray reports dead) takes its whole node with it."""
         # A lost agent is asked nothing more: a call that reached it late must not look like a live controller.
         agents = self._live_agents()
@@ -303,7 +303,7 @@ class RayWorkerGroup:
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
-        return [by_rank.get(rank, RankUpdate(rank=rank)) for rank in range(self.world_size)]
+        return list(by_rank.values())
 
     def _keep_leases(self) -> None:
         """Renew the lease of every live agent that no poll has reached lately (the controller is busy

@@ -1,9 +1,11 @@
 """The run's Prometheus metrics: job metrics (``orchestrator_*``) and the nodes' GPU metrics (``DCGM_FI_*``).
 
 :class:`JobMetrics` owns one ``CollectorRegistry``. The controller feeds it
-every event it emits (:meth:`on_event`), the per-rank view on each poll
-(:meth:`update_ranks`) and the GPU readings of its node agents
-(:meth:`update_gpus`); the exporter's HTTP thread renders it on each scrape.
+every event it emits (:meth:`on_event`) and the GPU readings of its node agents
+(:meth:`update_gpus`), and lends it a view of its ranks (:meth:`watch_ranks`),
+read only when the exporter's HTTP thread renders a scrape: per rank up to
+``metrics.per_rank_limit`` ranks, per node above it, so that neither the
+controller's loop nor a scrape grows with thousands of ranks.
 ``docs/monitoring.md`` lists every metric with its type, unit and labels.
 """
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -38,12 +41,30 @@ _REPORTED = {
 }
 
 
+# Above metrics.per_rank_limit ranks: this many of the slowest ranks keep a series of their own.
+SLOWEST_RANKS = 10
+_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RankSample:
+    """One rank as the controller sees it now."""
+
+    rank: int
+    running: bool
+    age_s: float  # since its last progress (a step or checkpoint work)
+    step: int
+    step_time_s: float | None
+
+
 class JobMetrics:
     """Everything the endpoint serves for one run."""
 
-    def __init__(self, world_size: int, clock: Any = time.time, prediction: dict[str, Any] | None = None) -> None:
+    def __init__(self, clock: Any = time.time, prediction: dict[str, Any] | None = None,
+                 per_rank_limit: int = 1024) -> None:
         """``prediction``: a scaling prediction for this run (``orchestrator scaling fit``), watched
-        against its held-out losses."""
+        against its held-out losses; ``per_rank_limit``: ranks above which rank series become
+        per-node ones (``metrics.per_rank_limit``)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         self._lock = threading.Lock()
@@ -55,17 +76,8 @@ class JobMetrics:
         self.step_time = Gauge("orchestrator_step_time_seconds", "Wall time of the last step (rank 0).", registry=r)
         self._reported: dict[str, Gauge] = {}  # by _REPORTED's key, registered on first report
         self.mfu: Gauge | None = None  # registered once a GPU with a known peak reports
-        self.rank_up = Gauge("orchestrator_rank_up", "1 while the rank's training process runs.", ["rank"], registry=r)
-        self.rank_heartbeat_age = Gauge("orchestrator_rank_heartbeat_age_seconds",
-                                        "Seconds since the rank last reported progress (a step or checkpoint work).",
-                                        ["rank"], registry=r)
-        self.rank_step_time = Gauge("orchestrator_rank_step_time_seconds", "Wall time of the rank's last step.",
-                                    ["rank"], registry=r)
-        self.rank_step = Gauge("orchestrator_rank_step", "Last step the rank reported.", ["rank"], registry=r)
-        self.rank_info = Gauge("orchestrator_rank_info",
-                               "1 for the node each rank runs on (its address): joins the rank's series with its "
-                               "node's GPUs (DCGM_* series carry rank and node).", ["rank", "node"], registry=r)
-        self._rank_nodes: dict[str, str] = {}
+        self._rank_nodes: dict[int, str] = {}  # rank -> its node's address, from worker_started
+        self.ranks = _RankFamilies(self._rank_nodes, per_rank_limit)
         self.spare_nodes = Gauge("orchestrator_spare_nodes", "Spare nodes available to take a lost node's place.",
                                  registry=r)
         self.spare_nodes_configured = Gauge("orchestrator_spare_nodes_configured",
@@ -89,14 +101,10 @@ class JobMetrics:
         self.wall = Gauge("orchestrator_wall_seconds", "Wall time since this launch started.", registry=r)
         self.badput = Gauge("orchestrator_badput_seconds", "Wall time not spent on productive steps, by cause.",
                             ["cause"], registry=r)
-        for cause in CAUSES:
-            self.badput.labels(cause=cause)
         # Every known reason has a series from the start, so increase() sees the first restart.
         for reason in get_args(Reason):
             self.restarts.labels(reason=reason)
             self.failures.labels(reason=reason)
-        for rank in range(world_size):
-            self.rank_up.labels(rank=str(rank)).set(0)
         self.gpus = _GpuFamilies()
         self._prediction = prediction
         if prediction is not None:
@@ -110,6 +118,12 @@ class JobMetrics:
             for bound, value in (("point", prediction["prediction"]["final_loss"]), ("low", low), ("high", high)):
                 self.predicted_final.labels(bound=bound).set(value)
         r.register(self.gpus)
+        r.register(self.ranks)
+        self.goodput.set_function(lambda: self._goodput_report().ratio)
+        self.productive.set_function(lambda: self._goodput_report().productive_s)
+        self.wall.set_function(lambda: self._goodput_report().wall_s)
+        for cause in CAUSES:
+            self.badput.labels(cause=cause).set_function(lambda cause=cause: self._goodput_report().badput_s[cause])
         self._goodput = GoodputTracker()
         self._flops_per_step: float | None = None
         self._info: dict[str, str] = {}
@@ -129,18 +143,8 @@ class JobMetrics:
             self.info.clear()
             self._info["world_size"] = str(event["world_size"])
             self.info.labels(**self._info).set(1)
-            for rank in range(event["world_size"], event["world_size_before"]):
-                for family in (self.rank_up, self.rank_heartbeat_age, self.rank_step, self.rank_step_time):
-                    family.remove(str(rank))  # a no-op for a series never set
-                if str(rank) in self._rank_nodes:
-                    self.rank_info.remove(str(rank), self._rank_nodes.pop(str(rank)))
         elif kind == "worker_started" and event.get("node_ip"):
-            rank, node = str(event["rank"]), event["node_ip"]
-            moved_from = self._rank_nodes.get(rank)
-            if moved_from not in (None, node):
-                self.rank_info.remove(rank, moved_from)
-            self._rank_nodes[rank] = node
-            self.rank_info.labels(rank=rank, node=node).set(1)
+            self._rank_nodes[event["rank"]] = event["node_ip"]
         elif kind == "step":
             self.step.set(event["step"])
             if event["loss"] is not None:
@@ -174,16 +178,9 @@ class JobMetrics:
             for bound, value in zip(("point", "low", "high"), predicted):
                 self.predicted_heldout.labels(bound=bound).set(value)
 
-    def update_ranks(self, ranks: Iterable[tuple[int, bool, float, int, float | None]]) -> None:
-        """Per rank: (rank, running, seconds since progress, last step, last step time)."""
-        for rank, running, age, step, step_time in ranks:
-            label = str(rank)
-            self.rank_up.labels(rank=label).set(1 if running else 0)
-            self.rank_heartbeat_age.labels(rank=label).set(age)
-            self.rank_step.labels(rank=label).set(step)
-            if step_time is not None:
-                self.rank_step_time.labels(rank=label).set(step_time)
-        self._update_goodput()
+    def watch_ranks(self, source: Callable[[], list[RankSample]]) -> None:
+        """Read the ranks from ``source`` at each scrape (called on the exporter's thread)."""
+        self.ranks.source = source
 
     def update_spare_nodes(self, available: int, configured: int) -> None:
         """Spare nodes left (lost ones and ones that took a lost node's place are gone) and asked for."""
@@ -193,14 +190,9 @@ class JobMetrics:
     def update_gpus(self, collections: list[GpuReading]) -> None:
         self.gpus.update(collections)
 
-    def _update_goodput(self) -> None:
+    def _goodput_report(self) -> Any:
         with self._lock:
-            report = self._goodput.report(self._clock())
-        self.goodput.set(report.ratio)
-        self.productive.set(report.productive_s)
-        self.wall.set(report.wall_s)
-        for cause, seconds in report.badput_s.items():
-            self.badput.labels(cause=cause).set(seconds)
+            return self._goodput.report(self._clock())
 
     def _update_mfu(self, event: dict[str, Any]) -> None:
         flops = event.get("flops")
@@ -255,3 +247,76 @@ class _GpuFamilies(Collector):
         for family in families.values():
             if family.samples:
                 yield family
+
+
+class _RankFamilies(Collector):
+    """The ranks' series, rendered at each scrape from the controller's view of them.
+
+    Up to ``limit`` ranks, one series per rank (``orchestrator_rank_*``). Above it, four per node
+    (by address): ranks down, the oldest progress, the lowest step and the slowest step; for the
+    job, quantiles of the ranks' step times and the ``SLOWEST_RANKS`` slowest ranks."""
+
+    def __init__(self, nodes: dict[int, str], limit: int) -> None:
+        self.source: Callable[[], list[RankSample]] = list
+        self._nodes = nodes
+        self._limit = limit
+
+    def collect(self) -> Iterator[Metric]:
+        samples = self.source()
+        if len(samples) <= self._limit:
+            yield from self._per_rank(samples)
+        else:
+            yield from self._per_node(samples)
+
+    def _per_rank(self, samples: list[RankSample]) -> Iterator[Metric]:
+        up = GaugeMetricFamily("orchestrator_rank_up", "1 while the rank's training process runs.", labels=["rank"])
+        age = GaugeMetricFamily("orchestrator_rank_heartbeat_age_seconds",
+                                "Seconds since the rank last reported progress (a step or checkpoint work).",
+                                labels=["rank"])
+        step = GaugeMetricFamily("orchestrator_rank_step", "Last step the rank reported.", labels=["rank"])
+        step_time = GaugeMetricFamily("orchestrator_rank_step_time_seconds", "Wall time of the rank's last step.",
+                                      labels=["rank"])
+        info = GaugeMetricFamily("orchestrator_rank_info",
+                                 "1 for the node each rank runs on (its address): joins the rank's series with its "
+                                 "node's GPUs (DCGM_* series carry rank and node).", labels=["rank", "node"])
+        for s in samples:
+            label = [str(s.rank)]
+            up.add_metric(label, 1 if s.running else 0)
+            age.add_metric(label, s.age_s)
+            step.add_metric(label, s.step)
+            if s.step_time_s is not None:
+                step_time.add_metric(label, s.step_time_s)
+            if s.rank in self._nodes:
+                info.add_metric([str(s.rank), self._nodes[s.rank]], 1)
+        yield from (up, age, step, step_time, info)
+
+    def _per_node(self, samples: list[RankSample]) -> Iterator[Metric]:
+        by_node: dict[str, list[RankSample]] = {}
+        for s in samples:
+            by_node.setdefault(self._nodes.get(s.rank, ""), []).append(s)
+        down = GaugeMetricFamily("orchestrator_node_ranks_down", "The node's ranks whose training process does not run.",
+                                 labels=["node"])
+        age = GaugeMetricFamily("orchestrator_node_heartbeat_age_seconds",
+                                "Seconds since the node's least recent rank last reported progress.", labels=["node"])
+        step = GaugeMetricFamily("orchestrator_node_step", "Lowest step a rank of the node reported.", labels=["node"])
+        step_time = GaugeMetricFamily("orchestrator_node_step_time_seconds",
+                                      "Wall time of the slowest last step among the node's ranks.", labels=["node"])
+        for node, group in by_node.items():
+            down.add_metric([node], sum(not s.running for s in group))
+            age.add_metric([node], max(s.age_s for s in group))
+            step.add_metric([node], min(s.step for s in group))
+            times = [s.step_time_s for s in group if s.step_time_s is not None]
+            if times:
+                step_time.add_metric([node], max(times))
+        yield from (down, age, step, step_time)
+        timed = sorted((s for s in samples if s.step_time_s is not None), key=lambda s: s.step_time_s)
+        quantiles = GaugeMetricFamily("orchestrator_rank_step_time_quantile_seconds",
+                                      "Quantiles of the ranks' last step times (1: the slowest).", labels=["quantile"])
+        slowest = GaugeMetricFamily("orchestrator_slowest_rank_step_time_seconds",
+                                    f"Last step time of the {SLOWEST_RANKS} slowest ranks.", labels=["rank", "node"])
+        if timed:
+            for q in _QUANTILES:
+                quantiles.add_metric([f"{q:g}"], timed[min(len(timed) - 1, math.ceil(q * len(timed)) - 1)].step_time_s)
+            for s in timed[-SLOWEST_RANKS:]:
+                slowest.add_metric([str(s.rank), self._nodes.get(s.rank, "")], s.step_time_s)
+        yield from (quantiles, slowest)
