@@ -350,7 +350,7 @@ class SimJob:
                 when = at + rng.uniform(*peers_within)
                 state.error_at, state.told_error = when, False
                 state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
-                                    traceback="", interrupted=False, step=self.step_now(at), at=when)
+                                    traceback="", interrupted=False, step=self.step_now(at), at=when, collective=True)
 
     def hang(self, rank: int | None, at: float) -> None:
         """Training stops at ``at``: ``rank`` (if any) is stuck in its own code, the rest wait for it."""

@@ -702,3 +702,27 @@ def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> No
     assert any(n.startswith("spare node 10.0.0.9 lost (") and "0 of 1 spare node(s) left; a lost node now waits" in n
                for n in ctl.display.notes), ctl.display.notes
     assert ctl.metrics.spare_nodes._value.get() == 0
+
+
+@pytest.mark.parametrize("collective", [True, False], ids=["collective-errors-only", "a-user-error"])
+def test_collective_errors_alone_wait_for_every_agent_until_a_silent_node_is_found_lost(
+        tmp_path: Path, collective: bool) -> None:
+    """A node killed at once, agent and all: the survivors' collective errors are all that is seen at
+    first. Their cause is not seen yet, so the decision waits for every node's agent: rank 1's is
+    found lost, the root cause. A rank's own error (raised outside a collective) explains itself:
+    decided without waiting for other nodes' agents."""
+    ctl, group, run, clock = make(tmp_path)
+    _started(ctl, group, clock)
+    t = clock.now
+    error = Error(exc_type="RuntimeError", message="Connection reset by peer", traceback="", interrupted=False,
+                  step=1, at=t + 0.1, collective=collective)
+    group.script = [[RankUpdate(rank=0, reports=[error, Ready(at=t + 0.1)])],
+                    *[[RankUpdate(rank=0, alive_at=t)]] * 60,
+                    [RankUpdate(rank=1, lost="node 10.0.0.2 lost: its node agent answered nothing")]]
+    group.unheard_script = [[1]] * 200  # rank 1's agent stays silent until it is found lost
+    _, current = ctl.step()
+    cause = root_cause(current.failures)
+    if collective:
+        assert (cause.rank, cause.reason) == (1, "node_lost") and clock.now - t > 1.0
+    else:
+        assert (cause.rank, cause.reason) == (0, "exception") and clock.now - t < 1.0

@@ -241,13 +241,20 @@ def test_lost_node_without_a_spare_shrinks_to_the_nodes_left(shrunk_run: list[di
 
 
 def test_lost_nodes_move_to_spare_nodes_bit_exact(clean: dict[int, float], tmp_path: Path) -> None:
-    """Rank 2's node is cut off at step 25, and the spare that took its place is killed at step 45:
-    each time its ranks move to the next spare node and the run ends exactly like the clean one."""
-    cluster = _up(4)
+    """One of three spare nodes is cut off at step 10: reported at once. Rank 2's node is cut off at
+    step 25, and the spare that took its place is killed at step 45: each time its ranks move to the
+    next spare node, the terminal says so in one line, and the run ends exactly like the clean one."""
+    cluster = _up(5)
     try:
         run_dir = tmp_path / "run"
         stop = threading.Event()
-        with running_cli(*launch_args(run_dir, *_on_cluster(cluster, "cluster.spare_nodes=2"))) as proc:
+        with running_cli(*launch_args(run_dir, *_on_cluster(cluster, "cluster.spare_nodes=3"))) as proc:
+            wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 10, 300, proc)
+            rank_nodes = sorted({w["node_ip"] for w in of_kind(events(run_dir), "worker_started")})
+            spare = max((n for n in cluster["nodes"] if n["address"] not in rank_nodes), key=lambda n: n["index"])
+            result = cli("dev-cluster", "partition", cluster["name"], str(spare["index"]), timeout=60)
+            assert result.returncode == 0, result.stderr
+            spare_lost = wait_for_event(run_dir, lambda e: e["event"] == "spare_node_lost", 60, proc)
             lost_nodes = [_lose_rank2s_node(cluster, run_dir, proc, fault, step, stop)
                           for fault, step in (("partition", 25), ("kill-node", 45))]
             out, _ = proc.communicate(timeout=400)
@@ -255,6 +262,14 @@ def test_lost_nodes_move_to_spare_nodes_bit_exact(clean: dict[int, float], tmp_p
         assert proc.returncode == 0, out
 
         evs = events(run_dir)
+        assert (spare_lost["node_ip"], spare_lost["spare_nodes"], spare_lost["spare_nodes_configured"]) == \
+            (spare["address"], 2, 3)
+        assert f"spare node {spare['address']} lost (" in out and "2 of 3 spare node(s) left" in out, out
+        ips = _ips_by_rank(evs)
+        assert f"nodes: {ips[0]} (ranks 0-1), {ips[2]} (ranks 2-3); spare nodes: " in out, out
+        for lost in lost_nodes:  # a lost node is one line, whatever Ray said about it
+            assert len([line for line in out.splitlines() if line.startswith(f"node {lost['ip']} lost with ranks 2-3: ")]) == 1, out
+        assert "\x1b[" not in out and "raylet" not in out, "Ray's own dumps stay in the run's logs"
         # Behind a cut link the survivors wait in their collective for peers that never answer:
         # interrupted, they abort their connections and rejoin in place (worker/abort.py), as after the kill.
         started = of_kind(evs, "recovery_started")

@@ -278,15 +278,20 @@ class Controller:
         that node's agent has answered a poll sent after it, which proves the node is still there,
         or is found lost (``node_lost``, the true root cause). Each such failure starts that wait
         again for its own node. A peer's collective error is a consequence, not such a sign, and
-        starts nothing; nor does a slow agent elsewhere hold the decision.
+        starts nothing; nor does a slow agent elsewhere hold the decision. But while collective
+        errors are all there is, their cause is not seen yet (a node gone at once, agent and all):
+        then every node's agent must answer again, or be found lost.
         """
         mark = self.group.poll_mark()
         suspects = {f.rank for f in failures if f.reason != "exception"}
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
+        everyone = range(self.group.world_size)
         while self._clock() < give_up:
             settled = all(v.failed or v.ready or not v.running for v in self._views.values())
-            if not self.group.unheard(mark, suspects) and (settled or self._clock() >= start + SETTLE_S):
+            unexplained = all(f.reason == "exception" and f.collective for f in failures)
+            if (not self.group.unheard(mark, everyone if unexplained else suspects)
+                    and (settled or self._clock() >= start + SETTLE_S)):
                 break
             self.wait(fast=True)
             new = self.observe()

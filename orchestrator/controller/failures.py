@@ -35,6 +35,7 @@ class Failure:
     exc_type: str | None = None
     traceback: str = ""
     log_tail: str = ""
+    collective: bool = False  # an exception raised inside a collective: most likely a peer's failure
 
     def event_fields(self) -> dict[str, Any]:
         """The ``failure_detected`` event's fields."""
@@ -83,6 +84,7 @@ def failure_from(
             exc_type=error.exc_type,
             traceback=error.traceback,
             log_tail=update.log_tail,
+            collective=error.collective,
         )
     if code is None or code == 0:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,13 @@ class ThreadWatch:
             return time.clock_gettime(self._cpu_clock)
         except OSError:
             return None  # the thread has exited
+
+
+def raised_in_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside a collective (a frame of torch.distributed or deepspeed.comm):
+    usually a peer's failure seen from here, not this rank's own."""
+    return any(any(part in entry.filename for part in _COLLECTIVE_PATHS)
+               for entry in traceback.extract_tb(exc.__traceback__))
 
 
 def _describe_stack(frame: Any) -> tuple[str, bool]:

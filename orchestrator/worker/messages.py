@@ -230,8 +230,9 @@ class FaultInjected(Report):
 
 @dataclass(frozen=True, kw_only=True)
 class Error(Report):
-    """The training code raised (``interrupted``: because the controller stopped it); ``step``: the
-    last step it reported (None: none yet)."""
+    """The training code raised (``interrupted``: because the controller stopped it; ``collective``:
+    inside a collective, most likely because a peer failed); ``step``: the last step it reported
+    (None: none yet)."""
 
     type: ClassVar[str] = "error"
     exc_type: str
@@ -239,6 +240,7 @@ class Error(Report):
     traceback: str
     interrupted: bool
     step: int | None
+    collective: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

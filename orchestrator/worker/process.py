@@ -49,7 +49,7 @@ from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.abort import AttemptConnections
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.env import use_prebuilt_cpu_op
-from orchestrator.worker.liveness import ThreadWatch
+from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
 from orchestrator.worker.messages import (
     Alive,
     Error,
@@ -180,7 +180,7 @@ class Runtime:
         # Interrupted, the attempt may end in the collective error its abort caused, not in Interrupted.
         interrupted = isinstance(exc, Interrupted) or self._interrupted
         self.channel.send(Error(exc_type=type(exc).__name__, message=str(exc), traceback=text,
-                                interrupted=interrupted, step=step))
+                                interrupted=interrupted, step=step, collective=raised_in_collective(exc)))
 
     def _train(self, spec: Start) -> int:
         """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
