@@ -27,6 +27,14 @@ class RayTaskError(Exception):
     pass
 
 
+class ActorDiedError(RayActorError):
+    pass
+
+
+class ActorUnavailableError(RayActorError):
+    pass
+
+
 class FakeRay:
     """Every call answers at once, except those made ``hung``; polls report ``ranks`` at ``node_now()``."""
 
@@ -35,7 +43,8 @@ class FakeRay:
         self.node_now = node_now
 
     exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
-                                 ActorDiedError=RayActorError, RayTaskError=RayTaskError, RayError=Exception)
+                                 ActorDiedError=ActorDiedError, ActorUnavailableError=ActorUnavailableError,
+                                 RayTaskError=RayTaskError, RayError=Exception)
 
     def wait(self, refs, num_returns, timeout):
         return [r for r in refs if r != "hung"], [r for r in refs if r == "hung"]
@@ -266,3 +275,21 @@ def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
     assert "a call to node agent 1 on 10.0.0.2 (kill) failed: The actor died" in updates[1].lost
+
+
+def test_an_agent_ray_cannot_reach_is_its_node_lost_in_a_few_words(tmp_path: Path) -> None:
+    """Ray's words for it (an RpcError, rpc_code 14, a paragraph) stay in Ray's logs."""
+    group = _two_nodes(tmp_path)
+    get = group._ray.get
+
+    def unreachable(ref, timeout):
+        if ref == "gone":
+            raise ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")
+        return get(ref, timeout)
+
+    group._ray.get = unreachable
+    group._agents[1].poll = SimpleNamespace(remote=lambda ack: "gone")
+    updates = {u.rank: u for u in group.poll()}
+    assert updates[1].lost == "node 10.0.0.2 lost: node agent 1 on 10.0.0.2 unreachable"
+    assert group._unreachable == {1}, "its slot moves to a spare without waiting for Ray to call it dead"
+

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.controller.reaper import RUN_TOKEN_ENV, pids_running_from, ray_temp_dir
@@ -46,8 +48,9 @@ _HOST_PORT = re.compile(r"^([\w.\-]+):(\d+)$")
 _PROBE_TIMEOUT_S = 10.0
 
 
-def connect(config: Config) -> bool:
-    """Connect to Ray per ``cluster.ray_address``; returns True when this call started Ray."""
+def connect(config: Config, messages_log: Path | None = None) -> bool:
+    """Connect to Ray per ``cluster.ray_address``; returns True when this call started Ray. The
+    cluster's messages Ray would print on the driver's terminal go to ``messages_log`` instead."""
     embedded = config.cluster.ray_address is None
     if embedded:
         # Assigned, not defaulted: an inherited environment must not turn these off unnoticed.
@@ -55,6 +58,9 @@ def connect(config: Config) -> bool:
     else:
         _use_dev_cluster_token(config.cluster.ray_address)  # Ray reads it when imported
     import ray
+
+    if messages_log is not None:
+        _keep_ray_messages_in(messages_log)
 
     if ray.is_initialized():
         return False
@@ -92,6 +98,22 @@ def connect(config: Config) -> bool:
             "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN) here."
         ) from None
     return True
+
+
+def _keep_ray_messages_in(path: Path) -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) The node ... has been marked dead
+    ...", with raw colour codes) on the terminal, even with ``log_to_driver`` off; the controller says
+    what happened in one line of its own. Ray has no setting for it: its printer, which its listener
+    thread looks up at each message, writes to the run's log instead."""
+    from ray._private import worker
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as log:
+            log.writelines(f"({data.get('pid', 'ray')}) {line}\n" for line in data.get("lines", []))
+
+    if hasattr(worker, "print_to_stdstream"):
+        worker.print_to_stdstream = to_log
 
 
 @contextmanager

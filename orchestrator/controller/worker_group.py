@@ -278,7 +278,7 @@ class RayWorkerGroup:
             try:
                 result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
-                lost[index] = f"node agent {index} on {self._nodes[index]['ip']} died: {_first_line(exc)}"
+                lost[index] = self._agent_failed(index, exc)
                 if isinstance(exc, self._ray.exceptions.ActorDiedError):
                     died.add(index)  # not merely unavailable (a network problem): its process is gone
                 continue
@@ -377,7 +377,7 @@ class RayWorkerGroup:
             if index in self._spare_bundles:
                 self._spare_bundles.remove(index)
                 self._lose_bundle(index)
-                self._spares_lost.append((node["ip"], result[index]))
+                self._spares_lost.append((node["ip"], why))
         return result
 
     def layout(self) -> NodeLayout:
@@ -500,8 +500,21 @@ class RayWorkerGroup:
             try:
                 answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayError as exc:
-                self._broken[index] = f"a call to {where} ({what}) failed: {_first_line(exc)}"
+                self._broken[index] = self._agent_failed(index, exc, what)
         return answers
+
+    def _agent_failed(self, index: int, exc: BaseException, what: str = "") -> str:
+        """Why a call to agent ``index`` failed, in a few words (Ray's own words are in its logs). An
+        agent Ray cannot connect to is unreachable: its node is taken as lost."""
+        exceptions = self._ray.exceptions
+        call = f" ({what})" if what else ""
+        where = f"node agent {index} on {self._nodes[index]['ip']}"
+        if isinstance(exc, exceptions.ActorDiedError):
+            return f"{where} died{call}"
+        if isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
+            self._unreachable.add(index)
+            return f"{where} unreachable{call}"
+        return f"a call to {where}{call} failed: {_first_line(exc)}"
 
     def _send(self, calls: dict[int, Any], what: str) -> None:
         """Calls made to several agents at once whose answers nobody waits for: the next polls check
@@ -530,7 +543,7 @@ class RayWorkerGroup:
             try:
                 self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayError as exc:
-                self._broken[index] = f"a call to {where} ({what}) failed: {_first_line(exc)}"
+                self._broken[index] = self._agent_failed(index, exc, what)
         self._sent = waiting
 
     def _live_agents(self) -> list[int]:
@@ -559,7 +572,7 @@ class RayWorkerGroup:
             return
         from orchestrator.controller import ray_session
 
-        self._started_ray = ray_session.connect(self._config)
+        self._started_ray = ray_session.connect(self._config, messages_log=self._run_dir / "logs" / "ray.log")
         import ray
         from ray.util.placement_group import placement_group
 
