@@ -19,21 +19,28 @@ def _rejoin(rank: int) -> Rejoin:
                   faults=[], env={})
 
 
-@pytest.mark.parametrize("mode", ["leave", "stay"])
+@pytest.mark.parametrize("mode", ["leave", "stay", "left"])
 def test_an_interrupted_survivor_rejoins_or_is_killed_once_the_unwind_time_is_up(tmp_path: Path, mode: str) -> None:
     agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)  # its fence stays out of this test
     agent.unwind_timeout_s = 1.0
     log = tmp_path / "rank0.log"
     proc = agent._procs[0] = HostedProcess({"UNWIND": mode}, log, "rank 0", module="tests.unwinding_rank")
     try:
+        if mode == "left":  # it left before the interrupt (its report not yet seen by the controller)
+            deadline = time.monotonic() + 10
+            while not proc.has_left() and time.monotonic() < deadline:
+                time.sleep(0.02)
         started = time.monotonic()
         assert agent.start_attempt([], [_rejoin(0)], interrupt=[0]) == [], "no new process for a survivor"
         assert time.monotonic() - started < 0.5, "the call does not wait for the survivor to leave"
         deadline = time.monotonic() + 10
         while "got rejoin" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "got interrupt\ngot rejoin" in log.read_text(), "the interrupt first, then the rejoin"
-        if mode == "leave":
+        if mode == "left":
+            assert "got interrupt" not in log.read_text(), "one that already left is not interrupted"
+        else:
+            assert "got interrupt\ngot rejoin" in log.read_text(), "the interrupt first, then the rejoin"
+        if mode in ("leave", "left"):
             time.sleep(agent.unwind_timeout_s + 0.5)  # past the time it would have been killed
             assert proc.poll_exit() is None, "a survivor that left in time keeps its process"
         else:

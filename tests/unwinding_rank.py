@@ -1,5 +1,6 @@
 """A stand-in training process for the agent's unwinding: on an interrupt it leaves at once (reports
-ready) with ``UNWIND=leave``, or never with ``UNWIND=stay``; it prints each message it is given."""
+ready) with ``UNWIND=leave``, or never with ``UNWIND=stay``; with ``UNWIND=left`` it has left already
+(reports ready at once, then ignores interrupts). It prints each message it is given."""
 
 import os
 
@@ -7,6 +8,8 @@ from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.messages import Ready
 
 channel = Channel.from_fd(int(os.environ[CONTROL_FD_ENV]))
+if os.environ["UNWIND"] == "left":
+    channel.send(Ready())
 for message in channel.messages():
     print(f"got {message.type}", flush=True)
     if message.type == "interrupt" and os.environ["UNWIND"] == "leave":

@@ -36,6 +36,7 @@ from orchestrator.worker.messages import (
     RankStatus,
     Ready,
     Report,
+    Start,
 )
 from orchestrator.worker.process import PARENT_PID_ENV
 
@@ -105,6 +106,7 @@ class HostedProcess:
         self.eof_at: float | None = None
         self.exited_at: float | None = None
         self.left_at: float | None = None  # (monotonic) when it last said it left its training function
+        self.training_from = time.monotonic()  # when it was last told to train (a spare: when it was made)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -123,9 +125,15 @@ class HostedProcess:
     def send(self, message: Message) -> bool:
         try:
             self.channel.send(message)
-            return True
         except OSError:
             return False  # it died; its exit will be polled
+        if isinstance(message, Start):  # a rejoin too
+            self.training_from = time.monotonic()
+        return True
+
+    def has_left(self) -> bool:
+        """Whether it said it left its training function since it was last told to train."""
+        return self.left_at is not None and self.left_at >= self.training_from
 
     def status(self) -> RankStatus:
         """New reports, liveness, and the exit status once the process has ended."""

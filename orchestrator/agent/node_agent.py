@@ -129,11 +129,13 @@ class NodeAgent:
         keep = {spec.rank for spec in starts} | {spec.rank for spec in rejoins}
         for rank in [r for r in self._procs if r != SPARE and r not in keep]:
             self._forget(rank)
+        # One that already left (its report not yet seen by the controller) is not waited for: it
+        # ignores the interrupt and reads its rejoin at once.
         unwinding = {rank: proc for rank in interrupt if (proc := self._procs.get(rank)) is not None
-                     and proc.send(Interrupt())}
+                     and not proc.has_left() and proc.send(Interrupt())}
         if unwinding:
-            threading.Thread(target=self._unwind_or_kill, args=(unwinding, time.monotonic()), name="unwind",
-                             daemon=True).start()
+            since = {rank: proc.training_from for rank, proc in unwinding.items()}  # before the rejoins go out
+            threading.Thread(target=self._unwind_or_kill, args=(unwinding, since), name="unwind", daemon=True).start()
         for spec in rejoins:
             self.send(spec.rank, spec)  # one already gone fails the attempt through its exit status
         started = []
@@ -149,11 +151,13 @@ class NodeAgent:
             started.append(StartedRank(rank=spec.rank, pid=self._start_fresh(spec)))
         return started
 
-    def _unwind_or_kill(self, unwinding: dict[int, HostedProcess], since: float) -> None:
-        deadline = since + self.unwind_timeout_s
+    def _unwind_or_kill(self, unwinding: dict[int, HostedProcess], since: dict[int, float]) -> None:
+        """Kill those of ``unwinding`` that have not left their training function (the one they were
+        told to start at ``since``) in time."""
+        deadline = time.monotonic() + self.unwind_timeout_s
         while unwinding and time.monotonic() < deadline:
             time.sleep(0.05)
-            unwinding = {r: p for r, p in unwinding.items() if p.left_at is None or p.left_at < since}
+            unwinding = {r: p for r, p in unwinding.items() if not (p.left_at is not None and p.left_at >= since[r])}
         for rank, proc in unwinding.items():
             if proc.poll_exit() is None:
                 with open(append_fd(proc.log_path), "a") as log:
