@@ -36,11 +36,13 @@ class ActorUnavailableError(RayActorError):
 
 
 class FakeRay:
-    """Every call answers at once, except those made ``hung``; polls report ``ranks`` at ``node_now()``."""
+    """Every call answers at once, except those made ``hung``, and those in ``failures`` (call -> the
+    exception its answer raises); polls report ``ranks`` at ``node_now()``."""
 
     def __init__(self, node_now=time.time) -> None:
         self.ranks: dict[int, RankStatus] = {}
         self.node_now = node_now
+        self.failures: dict[str, Exception] = {}
 
     exceptions = SimpleNamespace(GetTimeoutError=GetTimeoutError, RayActorError=RayActorError,
                                  ActorDiedError=ActorDiedError, ActorUnavailableError=ActorUnavailableError,
@@ -52,6 +54,8 @@ class FakeRay:
     def get(self, ref, timeout):
         if ref == "hung":
             raise GetTimeoutError(f"Get timed out: some object(s) not ready after {timeout}s")
+        if ref in self.failures:
+            raise self.failures[ref]
         return PollAnswer(ranks=dict(self.ranks), warm_spare=None, answer=int(ref.split(":")[1]) + 1, now=self.node_now())
 
     def nodes(self):
@@ -87,14 +91,7 @@ def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> 
 
 def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
-    get = group._ray.get
-
-    def failing(ref, timeout):
-        if ref == "broken":
-            raise RayActorError("The actor died unexpectedly before finishing this task.")
-        return get(ref, timeout)
-
-    group._ray.get = failing
+    group._ray.failures = {"broken": RayActorError("The actor died unexpectedly before finishing this task.")}
     assert list(group._gather({0: "poll:0", 1: "broken"}, "interrupt")) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
@@ -258,14 +255,8 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
 
 def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_successor(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
-    get = group._ray.get
-
-    def failing(ref, timeout):
-        if ref in ("broken", "old"):
-            raise RayActorError("The actor died unexpectedly before finishing this task.")
-        return get(ref, timeout)
-
-    group._ray.get = failing
+    died = RayActorError("The actor died unexpectedly before finishing this task.")
+    group._ray.failures = {"broken": died, "old": died}
     group._agents[0].kill = SimpleNamespace(remote=lambda ranks: "old")
     group._agents[1].kill = SimpleNamespace(remote=lambda ranks: "broken")
     started = time.monotonic()
@@ -280,14 +271,8 @@ def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_
 def test_an_agent_ray_cannot_reach_is_its_node_lost_in_a_few_words(tmp_path: Path) -> None:
     """Ray's words for it (an RpcError, rpc_code 14, a paragraph) stay in Ray's logs."""
     group = _two_nodes(tmp_path)
-    get = group._ray.get
-
-    def unreachable(ref, timeout):
-        if ref == "gone":
-            raise ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")
-        return get(ref, timeout)
-
-    group._ray.get = unreachable
+    group._ray.failures = {
+        "gone": ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")}
     group._agents[1].poll = SimpleNamespace(remote=lambda ack: "gone")
     updates = {u.rank: u for u in group.poll()}
     assert updates[1].lost == "node 10.0.0.2 lost: node agent 1 on 10.0.0.2 unreachable"

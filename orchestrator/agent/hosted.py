@@ -131,9 +131,10 @@ class HostedProcess:
             self.training_from = time.monotonic()
         return True
 
-    def has_left(self) -> bool:
-        """Whether it said it left its training function since it was last told to train."""
-        return self.left_at is not None and self.left_at >= self.training_from
+    def has_left(self, since: float | None = None) -> bool:
+        """Whether it said it left its training function since ``since`` (monotonic; default: since it
+        was last told to train)."""
+        return self.left_at is not None and self.left_at >= (self.training_from if since is None else since)
 
     def status(self) -> RankStatus:
         """New reports, liveness, and the exit status once the process has ended."""

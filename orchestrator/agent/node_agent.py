@@ -157,7 +157,7 @@ class NodeAgent:
         deadline = time.monotonic() + self.unwind_timeout_s
         while unwinding and time.monotonic() < deadline:
             time.sleep(0.05)
-            unwinding = {r: p for r, p in unwinding.items() if not (p.left_at is not None and p.left_at >= since[r])}
+            unwinding = {r: p for r, p in unwinding.items() if not p.has_left(since[r])}
         for rank, proc in unwinding.items():
             if proc.poll_exit() is None:
                 with open(append_fd(proc.log_path), "a") as log:

@@ -246,8 +246,9 @@ class RayWorkerGroup:
         return sorted(started, key=lambda info: info.rank)
 
     def poll(self) -> list[RankUpdate]:
-        """Updates of the ranks whose node's agent answered (or was lost). Polls go to every node's agent at once; an agent that has not answered for
-        ``fault_tolerance.node_timeout_s`` (or whose node Ray reports dead) takes its whole node with it."""
+        """Updates of the ranks whose node's agent answered (or was lost). Polls go to every node's agent
+        at once; an agent that has not answered for ``fault_tolerance.node_timeout_s`` (or whose node Ray
+        reports dead) takes its whole node with it."""
         # A lost agent is asked nothing more: a call that reached it late must not look like a live controller.
         agents = self._live_agents()
         now = time.monotonic()
@@ -492,10 +493,8 @@ class RayWorkerGroup:
         ready_set = set(ready)
         answers = {}
         for index, ref in calls.items():
-            where = f"node agent {index} on {self._nodes[index]['ip']}"
             if ref not in ready_set:
-                self._broken[index] = f"{where} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
-                self._unreachable.add(index)
+                self._silent(index, what)
                 continue
             try:
                 answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
@@ -508,13 +507,21 @@ class RayWorkerGroup:
         agent Ray cannot connect to is unreachable: its node is taken as lost."""
         exceptions = self._ray.exceptions
         call = f" ({what})" if what else ""
-        where = f"node agent {index} on {self._nodes[index]['ip']}"
+        where = self._agent_name(index)
         if isinstance(exc, exceptions.ActorDiedError):
             return f"{where} died{call}"
         if isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
             self._unreachable.add(index)
             return f"{where} unreachable{call}"
         return f"a call to {where}{call} failed: {_first_line(exc)}"
+
+    def _silent(self, index: int, what: str) -> None:
+        """A call to agent ``index`` was not answered in time: its node is unreachable, lost at the next poll."""
+        self._broken[index] = f"{self._agent_name(index)} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
+        self._unreachable.add(index)
+
+    def _agent_name(self, index: int) -> str:
+        return f"node agent {index} on {self._nodes[index]['ip']}"
 
     def _send(self, calls: dict[int, Any], what: str) -> None:
         """Calls made to several agents at once whose answers nobody waits for: the next polls check
@@ -532,13 +539,11 @@ class RayWorkerGroup:
         for index, agent, ref, what, sent_at in self._sent:
             if self._agents[index] is not agent or index in self._dead:
                 continue  # the call went to an agent already replaced or given up: nothing more to learn
-            where = f"node agent {index} on {self._nodes[index]['ip']}"
             if id(ref) not in ready:
                 if now - sent_at <= _CALL_TIMEOUT_S:
                     waiting.append((index, agent, ref, what, sent_at))
                 else:
-                    self._broken[index] = f"{where} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
-                    self._unreachable.add(index)
+                    self._silent(index, what)
                 continue
             try:
                 self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
