@@ -2,17 +2,22 @@
 
 For each ``--ranks`` N (nodes of 8 ranks, plus spare nodes), the real controller (state machine,
 root cause, policy, commits, events, metrics) runs over the real worker group (placement slots,
-polls, leases, concurrent calls, lost nodes) whose Ray is a stand-in: every agent answers after
-5-50 ms, a ``--stragglers`` fraction of them after 0.5-3 s, and a lost node never. The simulated
-ranks train synchronously (a step every ``--step-s``), beat once a second, save a checkpoint every
+the real inbox on real sockets, leases, concurrent calls, lost nodes) whose Ray is a stand-in.
+The simulated agents push their status over real TCP connections to the inbox, as the real
+agents do (``agent/uplink.py``): on news (a rank exits or raises, rank 0 steps, a checkpoint is
+saved), when asked, and once a heartbeat; they push or answer Ray calls after 5-50 ms, a
+``--stragglers`` fraction of them after 0.5-3 s, and a lost node never. The simulated ranks train
+synchronously (a step every ``--step-s``), beat once a second, save a checkpoint every
 ``--checkpoint-every`` steps (one staged file, committed for real), and fail on cue.
 
 What one call to a real Ray actor costs its caller is measured once, from a real embedded Ray on
-this machine (caller CPU per call, submission to result), and charged for every simulated call.
+this machine (caller CPU per call, submission to result), and charged for every simulated call
+(the actions: start, kill, spare requests, GPU readings); the pushes cost the controller what
+they cost (the inbox's thread is the controller's CPU).
 
 Reported per N:
-- ``controller_cpu_fraction``: of one core, steady state: the controller process's CPU, less the
-  stand-in's own, plus the modelled transport (calls x measured cost)
+- ``controller_cpu_fraction``: of one core, steady state: the controller process's CPU (its inbox
+  included), less the stand-in's own, plus the modelled Ray transport (calls x measured cost)
 - ``memory_mb``: the process's resident memory grown by the job (controller and simulation)
 - ``ray_calls_per_s``, ``events_mb_per_hour`` (steady), ``metrics_series_controller`` and
   ``metrics_bytes_controller`` (one scrape)
@@ -31,11 +36,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import heapq
 import itertools
 import json
 import math
 import os
 import random
+import selectors
+import socket
 import statistics
 import sys
 import tempfile
@@ -52,11 +60,21 @@ from prometheus_client import generate_latest
 from orchestrator.checkpoint import store
 from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
+from orchestrator.controller.inbox import Inbox
 from orchestrator.controller.worker_group import RayWorkerGroup
 from orchestrator.monitor.events import EventLog
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.run_dir import RunDir
-from orchestrator.worker.messages import CheckpointSaved, Error, PollAnswer, RankStatus, Ready, StartedRank, Step
+from orchestrator.worker.messages import (
+    CheckpointSaved,
+    Error,
+    NodeStatus,
+    RankStatus,
+    Ready,
+    StartedRank,
+    Step,
+    encode_status,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "cluster_configs" / "local.yaml"
@@ -196,15 +214,22 @@ class SimAgent:
         self.silent_from = math.inf
         self.killed = False
         self._answers = 0
-        for name in ("poll", "renew", "start_attempt", "kill", "start_spare", "network", "free_port",
+        self.asked = 0
+        for name in ("start_attempt", "kill", "start_spare", "network", "free_port",
                      "gpu_metrics", "node_info", "stop"):
             setattr(self, name, _Method(self, getattr(self, f"_{name}"), acts=name in ("start_attempt", "kill")))
+
+    def latency(self) -> float:
+        return self._rng.uniform(0.5, 3.0) if self.straggler else self._rng.uniform(0.005, 0.05)
+
+    def silent(self, now: float) -> bool:
+        return now >= self.silent_from or self.killed
 
     def call(self, fn: Any, args: tuple[Any, ...], acts: bool) -> Call:
         start = time.thread_time()
         now = time.monotonic()
-        latency = self._rng.uniform(0.5, 3.0) if self.straggler else self._rng.uniform(0.005, 0.05)
-        lost = now + latency >= self.silent_from or self.killed
+        latency = self.latency()
+        lost = self.silent(now + latency)
         ready_at = math.inf if lost else now + latency
         if acts and not lost:
             value = fn(*args)
@@ -214,16 +239,11 @@ class SimAgent:
         self._accounting.charge(time.thread_time() - start, calls=1)
         return call
 
-    def _answer(self) -> int:
+    def status(self) -> NodeStatus:
+        """What the real agent pushes (every rank's status: a little more than it sends on news)."""
         self._answers += 1
-        return self._answers
-
-    def _poll(self, ack: int) -> PollAnswer:
         ranks = self.job.node_ranks(self.index) if self.index in self.job.slot_of else {}
-        return PollAnswer(ranks=ranks, warm_spare=None, answer=self._answer(), now=time.time())
-
-    def _renew(self, ack: int) -> int:
-        return self._answer()
+        return NodeStatus(ranks=ranks, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked)
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
         self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
@@ -265,6 +285,86 @@ class RankState:
     told_error: bool = False
 
 
+class SimUplinks:
+    """Every simulated agent's uplink: one real TCP connection each to the real inbox, served by one
+    thread whose CPU is the simulation's. An agent pushes ``latency()`` after news, after a request,
+    and every heartbeat (staggered); a silent or killed one never."""
+
+    def __init__(self, agents: list[SimAgent], job: SimJob, address: tuple[str, int], token: str,
+                 heartbeat_s: float, accounting: _Accounting) -> None:
+        self._agents, self._job, self._heartbeat_s, self._accounting = agents, job, heartbeat_s, accounting
+        self._due: list[tuple[float, int]] = []  # (monotonic, agent)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._socks = []
+        for agent in agents:
+            sock = socket.create_connection(address)
+            sock.sendall((json.dumps({"token": token, "index": agent.index, "incarnation": 1}) + "\n").encode())
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, agent)
+            self._socks.append(sock)
+        now = time.monotonic()
+        self._beats = [(now + heartbeat_s * i / len(agents), i) for i in range(len(agents))]
+        heapq.heapify(self._beats)
+        self._buffers: dict[int, bytes] = {}
+        self._thread = threading.Thread(target=self._run, name="sim-uplinks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for sock in self._socks:
+            sock.close()
+        self._selector.close()
+
+    def news(self, agent: int, at: float) -> None:
+        """Agent ``agent`` has news at wall-clock time ``at``: it pushes a latency later."""
+        when = time.monotonic() + max(0.0, at - time.time()) + self._agents[agent].latency()
+        with self._lock:
+            heapq.heappush(self._due, (when, agent))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.thread_time()
+            now = time.monotonic()
+            due = set()
+            while self._beats and self._beats[0][0] <= now:
+                _, index = heapq.heappop(self._beats)
+                heapq.heappush(self._beats, (now + self._heartbeat_s, index))
+                due.add(index)
+            with self._lock:
+                while self._due and self._due[0][0] <= now:
+                    due.add(heapq.heappop(self._due)[1])
+            self._job.step_news()
+            for index in due:
+                agent = self._agents[index]
+                if agent.silent(now):
+                    continue
+                line = (json.dumps(encode_status(agent.status()), separators=(",", ":")) + "\n").encode()
+                with contextlib.suppress(BlockingIOError):
+                    self._socks[index].sendall(line)
+            for key, _ in self._selector.select(timeout=0):
+                self._read(key.data)
+            self._accounting.charge(time.thread_time() - start)
+            time.sleep(0.005)
+
+    def _read(self, agent: SimAgent) -> None:
+        try:
+            data = self._buffers.pop(agent.index, b"") + self._socks[agent.index].recv(1 << 16)
+        except (BlockingIOError, OSError):
+            return
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self._buffers[agent.index] = rest
+        for line in lines:
+            if line.startswith(b'{"ask"'):
+                agent.asked = max(agent.asked, json.loads(line)["ask"])
+                self.news(agent.index, time.time())
+
+
 @dataclass
 class SimJob:
     """Synchronous training on every rank: a step every ``step_s`` after ``startup_s``; failures on cue."""
@@ -281,10 +381,14 @@ class SimJob:
     hung: int | None = None
     ranks: list[RankState] = field(default_factory=list)
     slot_of: dict[int, int] = field(default_factory=dict)  # agent -> node slot
+    agent_of_slot: dict[int, int] = field(default_factory=dict)
+    uplinks: SimUplinks | None = None
+    told_step: int = 0  # the last step the news of which went out (rank 0's step, checkpoint saves)
 
     def begin(self, spec: Any, node: int) -> None:
         """The first start_attempt call of a new attempt resets the job."""
         self.slot_of[node] = spec.rank // PER_NODE
+        self.agent_of_slot[spec.rank // PER_NODE] = node
         if spec.attempt == self.attempt:
             return
         self.attempt = spec.attempt
@@ -292,6 +396,24 @@ class SimJob:
         self.started = time.time() + self.startup_s
         self.frozen_at, self.hung = math.inf, None
         self.ranks = [RankState(reported=self.first_step) for _ in range(self.world)]
+        self.told_step = self.first_step
+
+    def news(self, rank: int, at: float) -> None:
+        if self.uplinks is not None:
+            self.uplinks.news(self.agent_of_slot[rank // PER_NODE], at)
+
+    def step_news(self) -> None:
+        """Rank 0's new step is news for its node; a checkpoint step, for every node."""
+        step = self.step_now(time.time())
+        if self.attempt < 0 or step <= self.told_step:
+            return
+        at = time.time()
+        if any(self.checkpoint_every and s % self.checkpoint_every == 0 for s in range(self.told_step + 1, step + 1)):
+            for rank in range(0, self.world, PER_NODE):
+                self.news(rank, at)
+        else:
+            self.news(0, at)
+        self.told_step = step
 
     def step_now(self, now: float) -> int:
         done = math.floor((min(now, self.frozen_at) - self.started) / self.step_s)
@@ -310,10 +432,12 @@ class SimJob:
                                             where="", in_collective=False, moved_at=state.exited_at,
                                             exited_at=state.exited_at)
                 continue
+            # What the agent sends: every step of rank 0, the latest of the others (and every checkpoint).
             for step in range(state.reported + 1, current + 1):
                 at = self.started + (step - self.first_step) * self.step_s
-                reports.append(Step(step=step, loss=2.0 + 1.0 / step if rank == 0 else None, step_time_s=self.step_s,
-                                    tokens=8192, at=at))
+                if rank == 0 or step == current:
+                    reports.append(Step(step=step, loss=2.0 + 1.0 / step if rank == 0 else None,
+                                        step_time_s=self.step_s, tokens=8192, at=at))
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
                     reports.append(self._saved(step, at))
             state.reported = max(state.reported, current)
@@ -343,12 +467,14 @@ class SimJob:
             self.ranks[rank].exited_at = at
         else:
             self.ranks[rank].error, self.ranks[rank].error_at, self.ranks[rank].told_error = error, at, False
+        self.news(rank, at)
         if peers_within is None:
             return
         for peer, state in enumerate(self.ranks):
             if peer != rank:
                 when = at + rng.uniform(*peers_within)
                 state.error_at, state.told_error = when, False
+                self.news(peer, when)
                 state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
                                     traceback="", interrupted=False, step=self.step_now(at), at=when, collective=True)
 
@@ -363,12 +489,14 @@ class SimJob:
             self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller", traceback="",
                                            interrupted=True, step=self.first_step, at=now)
             self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
+            self.news(rank, now)
 
     def kill(self, ranks: list[int]) -> None:
         now = time.time()
         for rank in ranks:
             if self.ranks[rank].exited_at is None:
                 self.ranks[rank].exited_at = now
+                self.news(rank, now)
 
 
 # --- one N ------------------------------------------------------------------------------------
@@ -434,8 +562,11 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     group = RayWorkerGroup(config, run.path)
     group._ray = SimRay(accounting, set(), node_ids)
     group._agents, group._nodes = agents, infos
-    group._keepalive = threading.Thread(target=group._keep_leases, name="leases", daemon=True)
-    group._keepalive.start()
+    group._inbox = Inbox("127.0.0.1", group._token)
+    for index in range(nodes + spares):
+        group._inbox.expect(index, 1)
+    uplinks = job.uplinks = SimUplinks(agents, job, group._inbox.address, group._token, group._heartbeat_s, accounting)
+    uplinks.start()
     events = EventLog(run.events)
     metrics = JobMetrics(per_rank_limit=config.metrics.per_rank_limit)
     ctl = Controller(config, run, group, events, _NullDisplay(), metrics=metrics)
@@ -514,8 +645,8 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     late = time.monotonic() + 1.0  # a second more for late consequences of the loss
     run_until(lambda: time.monotonic() >= late)
     episode = seen[mark:]
-    group._closing.set()
-    group._keepalive.join(timeout=10)
+    uplinks.stop()
+    group._inbox.close()
     events.close()
     return Scale(
         ranks=ranks,

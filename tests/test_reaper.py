@@ -109,9 +109,10 @@ def test_a_run_killed_with_its_reaper_leaves_a_ray_directory_the_next_run_remove
     stale, busy, fresh = (ray_temp_dir(f"test{name}{os.getpid()}") for name in ("stale", "busy", "fresh"))
     for path in (stale, busy, fresh):
         path.mkdir()
+    # Running before its directory looks old: any run starting meanwhile (a test's) sees it busy.
+    still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={busy}/s"])
     for path in (stale, busy):
         os.utime(path, (0, 0))  # long ago
-    still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={busy}/s"])
     try:
         ray_session._remove_stale_temp_dirs()
         assert not stale.exists(), "nothing runs from it: removed"

@@ -44,7 +44,7 @@ _LOG_TAIL_BYTES = 8192
 # How long after a process exits we wait for its last reports to be read.
 _DRAIN_TIMEOUT_S = 2.0
 # A prepared zygote forks in milliseconds. A rank forked inside an agent call waits at most this:
-# well inside the lease, since the call keeps the agent from answering renewals meanwhile.
+# the controller's start of an attempt waits for that call.
 _FORK_TIMEOUT_S = 2.0
 
 
@@ -65,7 +65,10 @@ class HostedProcess:
         module: str = "orchestrator.worker.process",
         zygote: Zygote | None = None,
         on_message: Callable[[Message], None] | None = None,
+        on_report: Callable[[HostedProcess, Report | None], None] | None = None,
     ) -> None:
+        """``on_message`` takes every message instead of the inbox (the zygote's); ``on_report`` is
+        told of each report as it arrives, and (with None) of the channel closing."""
         parent_end, child_end = socket.socketpair()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
@@ -97,6 +100,8 @@ class HostedProcess:
                 self.pid = self.popen.pid
         child_end.close()
         self._on_message = on_message
+        self._on_report = on_report
+        self.exit_reported = False  # a status has carried its exit status
         self.channel = Channel(parent_end)
         self.inbox: collections.deque[Report] = collections.deque()
         self.alive_at = time.time()
@@ -140,6 +145,7 @@ class HostedProcess:
         """New reports, liveness, and the exit status once the process has ended."""
         reports = [self.inbox.popleft() for _ in range(len(self.inbox))]
         code = self._returncode()
+        self.exit_reported = code is not None
         return RankStatus(
             pid=self.pid, reports=reports, returncode=code, alive_at=self.alive_at, where=self.where,
             in_collective=self.in_collective, moved_at=self.moved_at,
@@ -202,6 +208,8 @@ class HostedProcess:
                     if isinstance(message, Ready):
                         self.left_at = time.monotonic()
                     self.inbox.append(dataclasses.replace(message, at=now))
+                    if self._on_report is not None:
+                        self._on_report(self, message)
                 else:
                     raise MalformedMessage(f"{message.type!r} is not a report")
         except MalformedMessage as exc:
@@ -212,6 +220,8 @@ class HostedProcess:
         except (OSError, ValueError):
             pass  # channel closed under us by stop()
         self.eof_at = time.time()
+        if self._on_report is not None:
+            self._on_report(self, None)
 
     def _log_tail(self) -> str:
         try:

@@ -4,10 +4,12 @@ It starts its node's ranks for an attempt in one call (promoting the node's
 warm spare, forking from the node's zygote, or starting fresh processes),
 relays their reports, interrupts, kills, stops and reaps them, keeps the
 node's zygote and warm spare, and reads the node's GPUs. The controller's cost
-therefore grows with nodes, not ranks: one poll, one start, one kill per node.
+therefore grows with nodes, not ranks: one status, one start, one kill per node.
 
-The agent is deliberately light (it never imports torch). The controller polls
-it; the agent never calls back, so a slow controller cannot stall training.
+The agent is deliberately light (it never imports torch). It pushes its node's
+status to the controller (``uplink.py``) when something happened that the
+controller must decide on, when asked, and otherwise once a heartbeat; the
+controller acts on it through Ray calls. A slow controller cannot stall training.
 """
 
 from __future__ import annotations
@@ -24,11 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agent.hosted import HostedProcess, Zygote, ZygoteUnavailable
+from orchestrator.agent.uplink import Uplink
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
 from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.env import local_cpu_count
-from orchestrator.worker.messages import Interrupt, PollAnswer, Prepare, Rejoin, Start, StartedRank, Warm
+from orchestrator.worker.messages import (
+    Interrupt,
+    NodeStatus,
+    Prepare,
+    RankStatus,
+    Rejoin,
+    Report,
+    Saving,
+    Start,
+    StartedRank,
+    Step,
+    Warm,
+)
 
 SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
@@ -36,25 +51,44 @@ _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's
 # An interrupted survivor gets this long to leave its training function; then it is killed (and the
 # attempt it was to rejoin sees it fail, and replaces it).
 UNWIND_TIMEOUT_S = 10.0
+# While a process has closed its channel but its exit status is not known yet, the status is looked
+# at again this often (an exit is news the controller decides on).
+_EXIT_CHECK_S = 0.05
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UplinkSettings:
+    """Where and how an agent pushes its status (``uplink.py``): the controller's address, the run's
+    token, this agent's incarnation (a replaced agent's pushes are dropped) and the heartbeat."""
+
+    host: str
+    port: int
+    token: str
+    incarnation: int
+    heartbeat_s: float
 
 
 class NodeAgent:
     """Hosts a node's rank processes, its zygote and warm spare. Wrapped with ``ray.remote`` by the worker group."""
 
-    def __init__(self, index: int, log_dir: str, lease_s: float = 5.0) -> None:
+    def __init__(self, index: int, log_dir: str, lease_s: float = 5.0, uplink: UplinkSettings | None = None) -> None:
+        """``uplink``: where to push this node's status (none: the status is only read by calling :meth:`status`)."""
         self.index = index
         self._log_dir = Path(log_dir)
-        # Fencing: every answer (to poll or renew) is numbered, and each call says the last number the
-        # controller received. The lease runs from when that answer was made: a call that arrives
-        # while our answers do not (a one-way partition, a call delivered late) extends nothing. When
-        # it runs out, everything here is stopped and the agent exits. The controller, which knows when
-        # it received that answer, replaces this node's ranks only after the lease has run out, so two
+        # Fencing: every status pushed is numbered, and the controller acknowledges each number it
+        # received. The lease runs from when the acknowledged status was made: an acknowledgement
+        # that arrives while our pushes do not (a one-way partition) extends nothing. When it runs
+        # out, everything here is stopped and the agent exits. The controller, which knows when it
+        # received that status, replaces this node's ranks only after the lease has run out, so two
         # copies of a rank never train at once.
         self._lease_s = lease_s
-        self._lease_from: float | None = None  # None until the first call: not armed
-        self._answers = 0
-        self._answered_at: dict[int, float] = {}
+        self._lease_from: float | None = None  # None until the first acknowledgement: not armed
+        self._pushes = 0
+        self._pushed_at: dict[int, float] = {}
+        self._lease_lock = threading.Lock()
         threading.Thread(target=self._fence, name="fence", daemon=True).start()
+        self._news = threading.Event()  # something the controller must hear of before the next heartbeat
+        self._asked = 0  # the controller's latest request for a status
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
         self._zygote: Zygote | None = None
@@ -66,6 +100,10 @@ class NodeAgent:
         self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str]]] = queue.Queue()
         threading.Thread(target=self._make_spares, name="spares", daemon=True).start()
         self.unwind_timeout_s = UNWIND_TIMEOUT_S
+        if uplink is not None:
+            hello = {"token": uplink.token, "index": index, "incarnation": uplink.incarnation}
+            line = Uplink((uplink.host, uplink.port), hello, on_ack=self._acknowledged, on_ask=self._on_ask)
+            threading.Thread(target=self._push, args=(line, uplink.heartbeat_s), name="push", daemon=True).start()
 
     def node_info(self) -> dict[str, Any]:
         """Where this agent landed: host name, IP, Ray node id, the node's GPUs Ray gave it, usable CPUs."""
@@ -167,7 +205,8 @@ class NodeAgent:
 
     def _start_fresh(self, spec: Start) -> int:
         self._forget(spec.rank)
-        proc = HostedProcess(spec.env, self._rank_log(spec.rank), f"rank {spec.rank} attempt {spec.attempt}: fresh process")
+        proc = HostedProcess(spec.env, self._rank_log(spec.rank), f"rank {spec.rank} attempt {spec.attempt}: fresh process",
+                             on_report=self._heard_from)
         self._procs[spec.rank] = proc
         proc.send(spec)
         return proc.pid
@@ -181,7 +220,7 @@ class NodeAgent:
         self._forget(spec.rank)
         header = f"rank {spec.rank} attempt {spec.attempt}: forked from the zygote"
         try:
-            proc = HostedProcess(spec.env, self._rank_log(spec.rank), header, zygote=zygote)
+            proc = HostedProcess(spec.env, self._rank_log(spec.rank), header, zygote=zygote, on_report=self._heard_from)
         except (OSError, queue.Empty, ZygoteUnavailable) as exc:
             print(f"could not fork rank {spec.rank}: {exc!r}; starting it fresh", file=sys.stderr, flush=True)
             return None
@@ -210,20 +249,32 @@ class NodeAgent:
         """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
         self._spare_requests.put((config, env))
 
-    def renew(self, ack: int) -> int:
-        """Keep the lease: ``ack`` is the number of the last answer the controller received. Returns this answer's."""
-        return self._answer(ack)
+    def _acknowledged(self, number: int) -> None:
+        """The controller received our status ``number``: the lease runs from when it was made."""
+        with self._lease_lock:
+            made = self._pushed_at.get(number)
+            if made is not None:
+                self._lease_from = max(self._lease_from or made, made)
+            self._pushed_at = {n: t for n, t in self._pushed_at.items() if n > number}
 
-    def _answer(self, ack: int) -> int:
-        now = time.monotonic()
-        if self._lease_from is None:
-            self._lease_from = now
-        elif ack in self._answered_at:
-            self._lease_from = max(self._lease_from, self._answered_at[ack])
-        self._answered_at = {n: t for n, t in self._answered_at.items() if n > ack}
-        self._answers += 1
-        self._answered_at[self._answers] = now
-        return self._answers
+    def _on_ask(self, request: int) -> None:
+        self._asked = max(self._asked, request)
+        self._news.set()
+
+    def _push(self, uplink: Uplink, heartbeat_s: float) -> None:
+        """Push the node's status: at once on news, a short while after a process closed its channel
+        (until its exit status is known), and otherwise every ``heartbeat_s`` with every rank's liveness."""
+        beat_at = time.monotonic() - heartbeat_s  # the first status goes out at once
+        exiting = False
+        while True:
+            wait_s = _EXIT_CHECK_S if exiting else max(0.0, beat_at + heartbeat_s - time.monotonic())
+            self._news.wait(wait_s)
+            self._news.clear()
+            beat = time.monotonic() >= beat_at + heartbeat_s
+            if beat:
+                beat_at = time.monotonic()
+            uplink.push(self.status(every_rank=beat))
+            exiting = any(p.eof_at is not None and not p.exit_reported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:
         while True:
@@ -251,7 +302,7 @@ class NodeAgent:
                 zygote = self._fit_zygote(config, env)
                 self._spares_started += 1
                 log = self._log_dir / f"spare-{self.index}-{self._spares_started}.log"
-                spare = HostedProcess(env, log, "warm spare", zygote=zygote)
+                spare = HostedProcess(env, log, "warm spare", zygote=zygote, on_report=self._heard_from)
             except (OSError, queue.Empty, ZygoteUnavailable) as exc:
                 print(f"could not make a warm spare: {exc!r}", file=sys.stderr, flush=True)
                 continue
@@ -285,13 +336,22 @@ class NodeAgent:
             if proc is not None:
                 proc.signal(signal.SIGKILL)
 
-    def poll(self, ack: int) -> PollAnswer:
-        """Status of every hosted rank process, the pid of the spare once it is warm, and this answer's
-        number (``ack``: as for :meth:`renew`)."""
-        answer = self._answer(ack)
+    def status(self, every_rank: bool = True) -> NodeStatus:
+        """The node's status, numbered for the lease: new reports and exits of the hosted ranks (with
+        ``every_rank``, every rank's liveness too), and the pid of the spare once it is warm."""
+        asked = self._asked
+        with self._lease_lock:
+            self._pushes += 1
+            number = self._pushes
+            self._pushed_at[number] = time.monotonic()
         # The spare thread adds the spare concurrently: work on a snapshot, remove only what we saw.
         procs = dict(self._procs)
-        ranks = {rank: p.status() for rank, p in procs.items() if rank != SPARE}
+        ranks = {}
+        for rank, proc in procs.items():
+            if rank == SPARE or not (every_rank or proc.inbox or proc.eof_at is not None and not proc.exit_reported):
+                continue
+            status = proc.status()
+            ranks[rank] = status if rank == 0 else _latest_step_only(status)
         spare = procs.get(SPARE)
         if spare is not None and spare.poll_exit() is not None:
             spare.stop(0)
@@ -300,8 +360,14 @@ class NodeAgent:
             spare = None
         if spare is not None and not spare.warm:
             spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
-        return PollAnswer(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
-                          answer=answer, now=time.time())
+        return NodeStatus(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
+                          number=number, now=time.time(), asked=asked)
+
+    def _heard_from(self, proc: HostedProcess, report: Report | None) -> None:
+        """A hosted process sent ``report`` (None: it closed its channel). Anything but a step or a
+        "still saving" is pushed at once, and so is rank 0's step (the job's progress)."""
+        if report is None or not isinstance(report, (Step, Saving)) or isinstance(report, Step) and self._procs.get(0) is proc:
+            self._news.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop and reap every hosted process (ranks, the spare, the zygote): all are asked to stop at
@@ -323,3 +389,13 @@ class NodeAgent:
 
     def _rank_log(self, rank: int) -> Path:
         return self._log_dir / f"rank{rank}.log"
+
+
+def _latest_step_only(status: RankStatus) -> RankStatus:
+    """The status with only its latest step: of a rank's steps the controller needs the latest (its
+    progress, its step time); rank 0's all become events."""
+    steps = [i for i, r in enumerate(status.reports) if isinstance(r, Step)]
+    if len(steps) < 2:
+        return status
+    drop = set(steps[:-1])
+    return dataclasses.replace(status, reports=[r for i, r in enumerate(status.reports) if i not in drop])

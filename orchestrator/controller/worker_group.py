@@ -7,9 +7,10 @@ placement group of one bundle per node (``workers_per_node`` CPUs, and GPUs,
 each; STRICT_SPREAD puts every bundle on a different Ray node) and one
 :class:`~orchestrator.agent.node_agent.NodeAgent` per bundle, which hosts the
 node's ranks and its warm spare; controller tests use a fake with the same methods.
-Every call to an agent goes out to all the nodes concerned at once, and a call
-that fails or times out costs that node (its ranks are reported lost by the
-next poll), never the run.
+The agents push their nodes' status to the controller's :class:`~orchestrator.controller.inbox.Inbox`
+(not Ray calls: those cost the caller too much CPU at thousands of nodes); every call to an
+agent goes out to all the nodes concerned at once, and a call that fails or times out costs
+that node (its ranks are reported lost by the next poll), never the run.
 
 Ranks are numbered in node order: node slot ``s`` holds ranks ``s*k .. s*k+k-1``
 (``k = workers_per_node``), so tensor-parallel groups (consecutive ranks, a
@@ -18,7 +19,8 @@ divisor of ``k``) lie inside one node and data-parallel replicas span nodes.
 
 from __future__ import annotations
 
-import threading
+import itertools
+import secrets
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
@@ -26,22 +28,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.config.schema import RESERVED_ENV, Config
+from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
 from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
-from orchestrator.worker.messages import RankStatus, Rejoin, Report, Start
+from orchestrator.worker.messages import NodeStatus, RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
-# A poll waits at most this long for slow agents; their answers are picked up by a later poll, so
-# that one slow agent never slows the controller's view of the others.
-_POLL_WAIT_S = 0.05
 _FENCE_MARGIN_S = 0.5
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
 # While agents wait to be placed on a node, how often we ask Ray whether that node is still alive.
 _NODE_CHECK_S = 0.5
-_RENEWALS_PER_LEASE = 8
+# Agents push their status at least this often per node_timeout_s: one missed push is no loss.
+_HEARTBEATS_PER_TIMEOUT = 4
 _SKEW_TOLERANCE_S = 0.25
 
 
@@ -117,15 +118,14 @@ class WorkerGroup(Protocol):
         in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
     def poll(self) -> list[RankUpdate]:
-        """An update for each rank this poll learned something about (its node's agent answered, or was lost)."""
+        """An update for each rank this poll learned something about (its node's agent sent its status, or was lost)."""
 
     def poll_mark(self) -> int:
-        """A mark for :meth:`unheard`: the polls issued so far."""
+        """Ask every node's agent for its status now; the request is the mark for :meth:`unheard`."""
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
-        """Those of ``ranks`` whose node's agent has not answered a poll issued after ``mark`` (and is
-        not known lost): while there are any, their node may be dying and the failure at hand is not
-        fully known."""
+        """Those of ``ranks`` whose node's agent has not answered request ``mark`` (and is not known
+        lost): while there are any, their node may be dying and the failure at hand is not fully known."""
 
     def replace_lost(self, allow_missing: bool) -> list[int]:
         """Find a place for every lost node: a spare node, else one that joins within
@@ -201,18 +201,16 @@ class RayWorkerGroup:
         self._lease_s = ft.node_timeout_s / 2
         # ...so a rank of a lost node is replaced only once its lease has certainly run out.
         self._fenced_at = 0.0
-        self._pending: dict[int, tuple[Any, int]] = {}  # agent -> its poll in flight, and that poll's number
-        self._answered: dict[int, float] = {}  # agent -> when it last answered (monotonic)
-        self._polled: dict[int, float] = {}  # agent -> when it last answered a poll (which renews its lease)
-        self._polls = 0
-        self._heard: dict[int, int] = {}  # agent -> number of the last poll it answered
-        self._acked: dict[int, int] = {}  # agent -> number of its last answer we received (its lease runs from it)
-        # Held to replace an agent, and by the lease keeper to credit an answer: an answer of the
-        # agent being replaced must never be credited to its successor (a stale, higher number
-        # renews nothing, and the new agent would fence itself).
-        self._replacing = threading.Lock()
-        self._keepalive: threading.Thread | None = None
-        self._closing = threading.Event()
+        self._heartbeat_s = ft.node_timeout_s / _HEARTBEATS_PER_TIMEOUT
+        self._inbox: Inbox | None = None
+        self._token = secrets.token_hex(16)  # agents present it to the inbox
+        self._incarnations = itertools.count(1)  # a new agent's pushes are told from its predecessor's
+        self._answered: dict[int, float] = {}  # agent -> when its latest status arrived (monotonic)
+        self._heard: dict[int, int] = {}  # agent -> the latest request its status answered
+        self._died: set[int] = set()  # agents Ray says died (their process, not necessarily their node)
+        # Rank -> the pid of its process in the current attempt: a status of any other process (one
+        # stopped for this attempt, its status made before the attempt began) is not this rank's.
+        self._pids: dict[int, int] = {}
         self._broken: dict[int, str] = {}  # agent -> why a call to it failed (lost at the next poll)
         # Agents that stopped answering (a poll unanswered for node_timeout_s, a call timed out): their
         # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
@@ -243,101 +241,61 @@ class RayWorkerGroup:
             node = self._nodes[bundle]
             started += [WorkerInfo(rank=s.rank, pid=s.pid, node=node["hostname"], attempt=attempt, node_ip=node["ip"],
                                    node_id=node["node_id"], spare=s.spare, forked=s.forked) for s in result]
+        self._pids = {r: p for r, p in self._pids.items() if r in rejoin} | {info.rank: info.pid for info in started}
         return sorted(started, key=lambda info: info.rank)
 
     def poll(self) -> list[RankUpdate]:
-        """Updates of the ranks whose node's agent answered (or was lost). Polls go to every node's agent
-        at once; an agent that has not answered for ``fault_tolerance.node_timeout_s`` (or whose node Ray
-        reports dead) takes its whole node with it."""
-        # A lost agent is asked nothing more: a call that reached it late must not look like a live controller.
+        """Updates of the ranks whose node's agent pushed its status since the last poll (or was lost).
+        An agent that has sent nothing for ``fault_tolerance.node_timeout_s`` (or that Ray reports dead)
+        takes its whole node with it. Never waits."""
         agents = self._live_agents()
-        now = time.monotonic()
-        self._polls += 1
-        for index in agents:
-            if index not in self._pending:
-                self._pending[index] = (self._agents[index].poll.remote(self._acked.get(index, 0)), self._polls)
-                self._answered.setdefault(index, now)
-        refs = [self._pending[index][0] for index in agents]
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=_POLL_WAIT_S)
-        ready_set = set(ready)
+        received = self._inbox.take()
         now = time.monotonic()
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # agent -> why
-        silent: set[int] = set()  # lost by timeout: its node is unreachable
-        died: set[int] = set()  # Ray says the agent's process died
         slots = self._slot_of()
         for index in agents:
-            ref, number = self._pending[index]
-            if ref not in ready_set:
-                quiet_s = now - self._answered[index]
+            statuses = received.statuses.get(index)
+            if not statuses:
+                quiet_s = now - self._answered.setdefault(index, now)
                 if quiet_s > self._node_timeout_s:
-                    silent.add(index)
-                    lost[index] = (f"its node agent answered nothing for {quiet_s:.1f}s "
+                    self._unreachable.add(index)
+                    lost[index] = (f"its node agent sent nothing for {quiet_s:.1f}s "
                                    f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
                 continue
-            del self._pending[index]
-            try:
-                result = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.RayTaskError) as exc:
-                lost[index] = self._agent_failed(index, exc)
-                if isinstance(exc, self._ray.exceptions.ActorDiedError):
-                    died.add(index)  # not merely unavailable (a network problem): its process is gone
-                continue
-            self._answered[index] = self._polled[index] = now
-            self._heard[index] = number
-            with self._replacing:
-                self._acked[index] = max(self._acked.get(index, 0), result.answer)
-            skew = self._skew(index, time.time() - result.now)
+            self._answered[index] = received.arrived[index]
             mine = set(self._slot_ranks(slots[index])) if index in slots else set()
-            for rank, status in result.ranks.items():
-                if rank in mine:
-                    by_rank[rank] = RankUpdate.of(rank, status.moved(skew) if skew else status)
-            node_id = self._nodes[index]["node_id"]
-            if result.warm_spare is None:
-                self._warm.pop(node_id, None)
-            else:
-                self._warm[node_id] = result.warm_spare
+            for status in statuses:
+                self._take(index, status, mine, by_rank)
+        # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
+        self._send({i: self._agents[i].node_info.remote() for i in received.closed if i in agents},
+                   "a call after its connection closed")
         self._check_sent()
         lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
         self._broken.clear()
-        for index, why in self._lose(lost, silent, died).items():
+        for index, why in self._lose(lost).items():
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return list(by_rank.values())
 
-    def _keep_leases(self) -> None:
-        """Renew the lease of every live agent that no poll has reached lately (the controller is busy
-        elsewhere: placing nodes, converting a checkpoint; or the agent is a spare node's, which polls
-        reach as well): a node's ranks stop only when the node cannot reach us.
-
-        An agent's lease runs from the answer we last acknowledged, so answers are collected first
-        and the next renewal (acknowledging them) goes out at once: the lease then trails by about
-        one period plus a round trip, a quarter of the lease or less in all."""
-        in_flight: dict[int, tuple[Any, Any]] = {}  # agent -> (renew call, the agent it went to)
-        period = max(0.05, self._lease_s / _RENEWALS_PER_LEASE)
-        while not self._closing.wait(period):
-            if in_flight:
-                refs = [ref for ref, _ in in_flight.values()]
-                ready = set(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-                for index, (ref, agent) in list(in_flight.items()):
-                    if ref not in ready:
-                        continue
-                    del in_flight[index]
-                    try:
-                        answer = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-                    except self._ray.exceptions.RayError:
-                        continue  # poll() finds out what happened to it
-                    with self._replacing:
-                        if index < len(self._agents) and self._agents[index] is agent:
-                            self._acked[index] = max(self._acked.get(index, 0), answer)
-                            self._answered[index] = time.monotonic()
-            now = time.monotonic()
-            for index, agent in enumerate(list(self._agents)):
-                current = in_flight.get(index)
-                polled = now - self._polled.get(index, float("-inf")) < period
-                if index not in self._dead and not polled and (current is None or current[1] is not agent):
-                    in_flight[index] = (agent.renew.remote(self._acked.get(index, 0)), agent)
+    def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate]) -> None:
+        """Record one status of agent ``index`` (node slot ranks ``mine``), merged into ``by_rank``."""
+        self._heard[index] = max(self._heard.get(index, 0), status.asked)
+        skew = self._skew(index, time.time() - status.now)
+        for rank, rank_status in status.ranks.items():
+            if rank not in mine or rank_status.pid != self._pids.get(rank):
+                continue
+            update = RankUpdate.of(rank, rank_status.moved(skew) if skew else rank_status)
+            earlier = by_rank.get(rank)
+            if earlier is not None:
+                update.reports = earlier.reports + update.reports
+            by_rank[rank] = update
+        node_id = self._nodes[index]["node_id"]
+        if status.warm_spare is None:
+            self._warm.pop(node_id, None)
+        else:
+            self._warm[node_id] = status.warm_spare
 
     def _skew(self, index: int, sample: float) -> float:
         """How far the clock of agent ``index``'s node is behind ours. Each answer gives our receipt
@@ -350,29 +308,26 @@ class RayWorkerGroup:
         return best if abs(best) > _SKEW_TOLERANCE_S else 0.0
 
     def poll_mark(self) -> int:
-        return self._polls
+        return self._inbox.ask(self._live_agents())
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
         return sorted(rank for rank in ranks if (index := self._home(rank)) not in self._dead
-                      and self._heard.get(index, 0) <= mark)
+                      and self._heard.get(index, 0) < mark)
 
-    def _lose(self, lost: dict[int, str], silent: set[int], died: set[int]) -> dict[int, str]:
-        """Record lost agents (``silent``: no answer for the node timeout; ``died``: Ray says its process
-        died). Returns them, with why."""
+    def _lose(self, lost: dict[int, str]) -> dict[int, str]:
+        """Record lost agents. Returns them, with why."""
         if not lost:
             return {}
         alive_nodes = self._alive_nodes()
         result = {}
-        self._unreachable |= silent
         for index, why in lost.items():
             node = self._nodes[index]
             gone = index in self._unreachable or node["node_id"] not in alive_nodes
             result[index] = f"node {node['ip']} lost: {why}" if gone else why
             self._dead.add(index)
-            self._pending.pop(index, None)
             # Its ranks may still run (a partition, a hung agent): not replaced before their lease ran
             # out. Unless its process is gone on a live node: its ranks died with it (PDEATHSIG).
-            if index not in died or node["node_id"] not in alive_nodes:
+            if index not in self._died or node["node_id"] not in alive_nodes:
                 self._fenced_at = max(self._fenced_at,
                                       self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
             if index in self._spare_bundles:
@@ -451,16 +406,15 @@ class RayWorkerGroup:
     def close(self) -> None:
         try:
             self.stop()
-            self._closing.set()
-            if self._keepalive is not None:
-                self._keepalive.join(timeout=_CALL_TIMEOUT_S)
             for agent in self._agents:
                 self._ray.kill(agent)
             if self._pg is not None:
                 self._ray.util.remove_placement_group(self._pg)
         finally:
-            with self._replacing:
-                self._agents, self._pg = [], None
+            self._agents, self._pg = [], None
+            if self._inbox is not None:
+                self._inbox.close()
+                self._inbox = None
             if self._started_ray:
                 from orchestrator.controller import ray_session
 
@@ -509,6 +463,7 @@ class RayWorkerGroup:
         call = f" ({what})" if what else ""
         where = self._agent_name(index)
         if isinstance(exc, exceptions.ActorDiedError):
+            self._died.add(index)  # not merely unavailable (a network problem): its process is gone
             return f"{where} died{call}"
         if isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
             self._unreachable.add(index)
@@ -582,6 +537,8 @@ class RayWorkerGroup:
         from ray.util.placement_group import placement_group
 
         self._ray = ray
+        # Where the agents reach us: this process's address as Ray knows it (127.0.0.1 on the local mode).
+        self._inbox = Inbox(ray.util.get_node_ip_address(), self._token)
         gpu = self._config.cluster.device == "gpu"
         bundle = {"CPU": self._per_node, "GPU": self._per_node} if gpu else {"CPU": self._per_node}
         # STRICT_SPREAD: every bundle on its own Ray node, or none at all.
@@ -597,8 +554,6 @@ class RayWorkerGroup:
             ) from None
         self._agents = [self._new_agent(index) for index in range(self._num_bundles)]
         self._nodes = ray.get([a.node_info.remote() for a in self._agents], timeout=_PLACEMENT_TIMEOUT_S)
-        self._keepalive = threading.Thread(target=self._keep_leases, name="leases", daemon=True)
-        self._keepalive.start()
 
     def _home(self, rank: int) -> int:
         """The agent that hosts ``rank``: its node slot's."""
@@ -624,11 +579,15 @@ class RayWorkerGroup:
         """The agent for bundle ``index``: it holds the whole bundle (the node's CPUs, and GPUs)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from orchestrator.agent.node_agent import NodeAgent
+        from orchestrator.agent.node_agent import NodeAgent, UplinkSettings
 
         gpu = self._config.cluster.device == "gpu"
-        self._acked[index] = 0  # a new agent numbers its answers from 1
-        self._pending.pop(index, None)
+        incarnation = next(self._incarnations)
+        self._inbox.expect(index, incarnation)
+        self._died.discard(index)
+        host, port = self._inbox.address
+        uplink = UplinkSettings(host=host, port=port, token=self._token, incarnation=incarnation,
+                                heartbeat_s=self._heartbeat_s)
         return (
             self._ray.remote(NodeAgent)
             .options(
@@ -638,7 +597,7 @@ class RayWorkerGroup:
                     placement_group=self._pg, placement_group_bundle_index=index
                 ),
             )
-            .remote(index, str(self._run_dir / "logs"), self._lease_s)
+            .remote(index, str(self._run_dir / "logs"), self._lease_s, uplink)
         )
 
     def replace_lost(self, allow_missing: bool) -> list[int]:
@@ -723,8 +682,7 @@ class RayWorkerGroup:
         deadline = time.monotonic() + max(wait_s, 1.0)
         while True:
             self._ray.kill(self._agents[bundle], no_restart=True)
-            with self._replacing:
-                self._agents[bundle] = self._new_agent(bundle)
+            self._agents[bundle] = self._new_agent(bundle)
             try:
                 infos = self._answers_when_placed([self._agents[bundle].node_info.remote()], deadline, watch)
             except self._ray.exceptions.RayActorError:

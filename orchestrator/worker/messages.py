@@ -12,8 +12,9 @@ so a typo on either side is an error at once, not a message silently lost.
     zygote -> agent     Forked, Exited
 
 Reports carry ``at``: when the agent received them, on the node's clock (the worker group moves it
-onto the controller's). The agent answers a poll with a :class:`PollAnswer`: a
-:class:`RankStatus` per rank it hosts.
+onto the controller's). The agent pushes a :class:`NodeStatus` to the controller: a
+:class:`RankStatus` per rank it hosts that has news; on that line it travels as
+:func:`encode_status`'s JSON form.
 """
 
 from __future__ import annotations
@@ -292,14 +293,17 @@ class RankStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PollAnswer:
-    """A node agent's answer to a poll: its ranks' statuses, its node's warm spare (pid, once warm),
-    the answer's number (the lease protocol, ``agent/node_agent.py``) and the node's clock when it was made."""
+class NodeStatus:
+    """What a node agent pushes to the controller (``agent/uplink.py``): its ranks' statuses (only
+    those with news), its node's warm spare (pid, once warm), the push's ``number`` (the lease
+    protocol, ``agent/node_agent.py``), the last request of the controller it answers (``asked``)
+    and the node's clock when it was made."""
 
     ranks: dict[int, RankStatus]
     warm_spare: int | None
-    answer: int
+    number: int
     now: float
+    asked: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,3 +347,29 @@ def decode(data: Any) -> Message:
         return kind(**fields)
     except TypeError as exc:
         raise MalformedMessage(f"malformed {kind.type!r} message: {exc}") from None
+
+
+def encode_status(status: NodeStatus) -> dict[str, Any]:
+    """The JSON-ready form of a node's status (rank numbers become strings, as JSON keys must)."""
+    ranks = {}
+    for rank, rs in status.ranks.items():
+        fields = {f.name: getattr(rs, f.name) for f in dataclasses.fields(rs)}
+        fields["reports"] = [encode(r) for r in rs.reports]
+        ranks[str(rank)] = fields
+    return {"ranks": ranks, "warm_spare": status.warm_spare, "number": status.number, "now": status.now,
+            "asked": status.asked}
+
+
+def decode_status(data: Any) -> NodeStatus:
+    """The :class:`NodeStatus` ``data`` encodes; :class:`MalformedMessage` names what is wrong with it."""
+    try:
+        ranks = {}
+        for rank, fields in data["ranks"].items():
+            reports = [decode(r) for r in fields["reports"]]
+            if not all(isinstance(r, Report) for r in reports):
+                raise MalformedMessage(f"rank {rank}'s status carries a message that is not a report")
+            ranks[int(rank)] = RankStatus(**{**fields, "reports": reports})
+        return NodeStatus(ranks=ranks, warm_spare=data["warm_spare"], number=data["number"], now=data["now"],
+                          asked=data["asked"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedMessage(f"malformed node status: {exc!r}") from None

@@ -1,0 +1,232 @@
+"""The controller's end of the node agents' uplinks (``agent/uplink.py``): one listening socket,
+one thread that reads every agent's pushes, acknowledges each at once and keeps them for the
+controller's next look.
+
+Acknowledging on this thread, not in the controller's loop, is what keeps leases alive while the
+controller is busy elsewhere (placing nodes, converting a checkpoint): a node's ranks stop only
+when the node cannot reach this process.
+
+A connection is accepted only with the run's token and the incarnation the worker group expects
+for that agent index: a replaced agent's late pushes are dropped, never credited to its successor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import selectors
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.worker.messages import MalformedMessage, NodeStatus, decode_status
+
+_SELECT_S = 0.2
+_HELLO_TIMEOUT_S = 10.0
+_MAX_LINE = 64 * 2**20  # a status with every rank's log tail stays far below this
+# Writes to an agent (acknowledgements, requests) are tiny; one that cannot go out within this long
+# means the agent stopped reading: its connection is dropped (it reconnects, or its lease ends).
+_SEND_TIMEOUT_S = 1.0
+
+
+@dataclass(kw_only=True)
+class _Connection:
+    sock: socket.socket
+    opened: float
+    index: int | None = None  # set by the hello
+    incarnation: int = 0
+    buffer: bytearray = field(default_factory=bytearray)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Received:
+    """What the agents pushed since the last :meth:`Inbox.take`: each agent's statuses in order,
+    when its latest arrived (monotonic), and the agents whose connection closed."""
+
+    statuses: dict[int, list[NodeStatus]]
+    arrived: dict[int, float]
+    closed: set[int]
+
+
+class Inbox:
+    """Listens on ``host`` (a free port: :attr:`address`) for the agents of one run."""
+
+    def __init__(self, host: str, token: str) -> None:
+        self._token = token.encode()
+        self._server = socket.create_server((host, 0), backlog=4096)
+        self._server.setblocking(False)
+        self.address: tuple[str, int] = self._server.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._server, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._expected: dict[int, int] = {}  # agent index -> the incarnation whose pushes count
+        self._current: dict[int, _Connection] = {}  # agent index -> its connection
+        self._last: dict[int, int] = {}  # agent index -> the last push number taken (its incarnation's)
+        self._statuses: dict[int, list[NodeStatus]] = {}
+        self._arrived: dict[int, float] = {}
+        self._closed: set[int] = set()
+        self._requests = 0
+        self._retired: list[_Connection] = []
+        self._hellos_checked_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="inbox", daemon=True)
+        self._thread.start()
+
+    def expect(self, index: int, incarnation: int) -> None:
+        """From now on agent ``index`` is incarnation ``incarnation``: pushes of any other are dropped."""
+        with self._lock:
+            self._expected[index] = incarnation
+            self._last.pop(index, None)
+            self._statuses.pop(index, None)
+            self._arrived.pop(index, None)
+            self._closed.discard(index)
+            old = self._current.pop(index, None)
+            if old is not None:
+                self._retired.append(old)  # closed by the reading thread, which owns the selector
+
+    def ask(self, indexes: list[int]) -> int:
+        """Ask these agents to push their status now. Returns the request's number: a status with
+        ``asked`` at least this number was made after the request."""
+        with self._lock:
+            self._requests += 1
+            request = self._requests
+            conns = [c for i in indexes if (c := self._current.get(i)) is not None]
+        line = (json.dumps({"ask": request}) + "\n").encode()
+        for conn in conns:
+            self._send(conn, line)
+        return request
+
+    def take(self) -> Received:
+        """Everything pushed since the last call."""
+        with self._lock:
+            received = Received(statuses=self._statuses, arrived=dict(self._arrived), closed=self._closed)
+            self._statuses, self._closed = {}, set()
+        return received
+
+    def close(self) -> None:
+        """Stop reading and close every connection and the listening socket."""
+        self._stop.set()
+        self._thread.join(timeout=5 * _SELECT_S)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=_SELECT_S):
+                if key.fileobj is self._server:
+                    self._accept()
+                else:
+                    self._read(key.data)
+            with self._lock:
+                retired, self._retired = self._retired, []
+            for conn in retired:
+                self._drop(conn)
+            self._expire_hellos()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: the agent tries again
+                print(f"inbox: cannot accept an agent's connection: {exc}", file=sys.stderr, flush=True)
+                return
+            sock.settimeout(_SEND_TIMEOUT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._selector.register(sock, selectors.EVENT_READ, _Connection(sock=sock, opened=time.monotonic()))
+
+    def _read(self, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn, closed=True)
+            return
+        conn.buffer += data
+        end = conn.buffer.rfind(b"\n")
+        if end < 0:
+            if len(conn.buffer) > _MAX_LINE:
+                self._drop(conn)
+            return
+        lines, conn.buffer = bytes(conn.buffer[:end]), conn.buffer[end + 1:]
+        for line in lines.split(b"\n"):
+            if not self._line(conn, line):
+                self._drop(conn)
+                return
+
+    def _line(self, conn: _Connection, line: bytes) -> bool:
+        """Take one line; False if the connection must be dropped (a bad hello, a stale or broken agent)."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return False
+        if conn.index is None:
+            return self._hello(conn, message)
+        try:
+            status = decode_status(message)
+        except MalformedMessage as exc:
+            print(f"inbox: agent {conn.index} sent {exc}; dropping its connection", file=sys.stderr, flush=True)
+            return False
+        with self._lock:
+            if self._current.get(conn.index) is not conn:
+                return False  # replaced meanwhile
+            if status.number > self._last.get(conn.index, 0):  # not one sent again after a reconnection
+                self._last[conn.index] = status.number
+                self._statuses.setdefault(conn.index, []).append(status)
+                self._arrived[conn.index] = time.monotonic()
+        self._send(conn, b'{"ack":%d}\n' % status.number)
+        return True
+
+    def _hello(self, conn: _Connection, message: object) -> bool:
+        if not isinstance(message, dict) or not hmac.compare_digest(str(message.get("token", "")).encode(), self._token):
+            return False
+        index, incarnation = message.get("index"), message.get("incarnation")
+        with self._lock:
+            if not isinstance(index, int) or self._expected.get(index) != incarnation:
+                return False
+            conn.index, conn.incarnation = index, incarnation
+            old, self._current[index] = self._current.get(index), conn
+        if old is not None and old is not conn:
+            self._drop(old)  # the same agent connected again: its old connection is dead to it
+        return True
+
+    def _expire_hellos(self) -> None:
+        """Connections that never said who they are (a port scan, a stuck client) are closed."""
+        now = time.monotonic()
+        if now - self._hellos_checked_at < 1.0:
+            return
+        self._hellos_checked_at = now
+        for key in list(self._selector.get_map().values()):
+            conn = key.data
+            if conn is not None and conn.index is None and now - conn.opened > _HELLO_TIMEOUT_S:
+                self._drop(conn)
+
+    def _send(self, conn: _Connection, line: bytes) -> None:
+        try:
+            with conn.send_lock:
+                conn.sock.sendall(line)
+        except OSError:
+            # The reading thread sees the connection end, and drops it.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def _drop(self, conn: _Connection, closed: bool = False) -> None:
+        """Close ``conn``; with ``closed`` (the agent closed it) the worker group hears of it."""
+        with self._lock:
+            current = conn.index is not None and self._current.get(conn.index) is conn
+            if current:
+                del self._current[conn.index]
+                if closed:
+                    self._closed.add(conn.index)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
