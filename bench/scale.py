@@ -248,7 +248,9 @@ class SimAgent:
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
         self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
         self.job.interrupt(interrupt)
-        return [StartedRank(rank=s.rank, pid=100_000 + s.rank, forked=True) for s in starts]
+        for spec in starts:
+            self.job.ranks[spec.rank].pid = 10_000_000 * (spec.attempt + 1) + spec.rank
+        return [StartedRank(rank=s.rank, pid=self.job.ranks[s.rank].pid, forked=True) for s in starts]
 
     def _kill(self, ranks: list[int]) -> None:
         self.job.kill(ranks)
@@ -278,6 +280,7 @@ class SimAgent:
 
 @dataclass
 class RankState:
+    pid: int  # a replaced rank's new process has a new pid; a survivor keeps its own
     reported: int = 0  # last step reported
     exited_at: float | None = None
     error_at: float | None = None
@@ -387,16 +390,17 @@ class SimJob:
 
     def begin(self, spec: Any, node: int) -> None:
         """The first start_attempt call of a new attempt resets the job."""
+        if spec.attempt != self.attempt:
+            # Before the node takes its slot: the uplinks' thread reads the ranks of the nodes with one.
+            first_step = store.step_of(spec.resume_tag) if spec.resume_tag else 0
+            pids = [state.pid for state in self.ranks] or [0] * self.world
+            self.ranks = [RankState(pid=pid, reported=first_step) for pid in pids]
+            self.first_step, self.told_step = first_step, first_step
+            self.started = time.time() + self.startup_s
+            self.frozen_at, self.hung = math.inf, None
+            self.attempt = spec.attempt
         self.slot_of[node] = spec.rank // PER_NODE
         self.agent_of_slot[spec.rank // PER_NODE] = node
-        if spec.attempt == self.attempt:
-            return
-        self.attempt = spec.attempt
-        self.first_step = store.step_of(spec.resume_tag) if spec.resume_tag else 0
-        self.started = time.time() + self.startup_s
-        self.frozen_at, self.hung = math.inf, None
-        self.ranks = [RankState(reported=self.first_step) for _ in range(self.world)]
-        self.told_step = self.first_step
 
     def news(self, rank: int, at: float) -> None:
         if self.uplinks is not None:
@@ -428,7 +432,7 @@ class SimJob:
             state = self.ranks[rank]
             reports: list[Any] = []
             if state.exited_at is not None and state.exited_at <= now:
-                statuses[rank] = RankStatus(pid=100_000 + rank, reports=[], returncode=-9, alive_at=state.exited_at,
+                statuses[rank] = RankStatus(pid=state.pid, reports=[], returncode=-9, alive_at=state.exited_at,
                                             where="", in_collective=False, moved_at=state.exited_at,
                                             exited_at=state.exited_at)
                 continue
@@ -437,16 +441,16 @@ class SimJob:
                 at = self.started + (step - self.first_step) * self.step_s
                 if rank == 0 or step == current:
                     reports.append(Step(step=step, loss=2.0 + 1.0 / step if rank == 0 else None,
-                                        step_time_s=self.step_s, tokens=8192, at=at))
+                                        step_time_s=self.step_s, tokens=8192, at=at, attempt=self.attempt))
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
                     reports.append(self._saved(step, at))
             state.reported = max(state.reported, current)
             if state.error is not None and not state.told_error and state.error_at <= now:
-                reports += [state.error, Ready(at=state.error_at)]
+                reports += [state.error, Ready(at=state.error_at, attempt=state.error.attempt)]
                 state.told_error = True
             waiting = now >= self.frozen_at and rank != self.hung
             where = ".../torch/distributed/distributed_c10d.py:2501 in all_reduce" if waiting else "train.py:42 in step"
-            statuses[rank] = RankStatus(pid=100_000 + rank, reports=reports, returncode=None, alive_at=now,
+            statuses[rank] = RankStatus(pid=state.pid, reports=reports, returncode=None, alive_at=now,
                                         where=where, in_collective=waiting, moved_at=now if not waiting else self.frozen_at)
         return statuses
 
@@ -475,8 +479,9 @@ class SimJob:
                 when = at + rng.uniform(*peers_within)
                 state.error_at, state.told_error = when, False
                 self.news(peer, when)
-                state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
-                                    traceback="", interrupted=False, step=self.step_now(at), at=when, collective=True)
+                state.error = Error(exc_type="DistBackendError", message="Connection reset by peer", traceback="",
+                                    interrupted=False, step=self.step_now(at), at=when, collective=True,
+                                    attempt=self.attempt)
 
     def hang(self, rank: int | None, at: float) -> None:
         """Training stops at ``at``: ``rank`` (if any) is stuck in its own code, the rest wait for it."""
@@ -487,7 +492,7 @@ class SimJob:
         now = time.time()
         for rank in ranks:
             self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller", traceback="",
-                                           interrupted=True, step=self.first_step, at=now)
+                                           interrupted=True, step=self.first_step, at=now, attempt=self.attempt - 1)
             self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
             self.news(rank, now)
 
@@ -620,7 +625,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
         # Each a bug of its own: the same exception at the same step twice is not retried (the policy).
         message = f"bug number {next(bugs)}"
         return Error(exc_type="RuntimeError", message=message, traceback=f"Traceback\nRuntimeError: {message}\n",
-                     interrupted=False, step=job.step_now(at), at=at)
+                     interrupted=False, step=job.step_now(at), at=at, attempt=job.attempt)
 
     scenarios = {
         "exit": lambda at: job.fail(rng.randrange(ranks), at, None, (0.05, 0.3), rng),

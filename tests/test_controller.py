@@ -76,8 +76,8 @@ class FakeGroup:
             self.script.insert(0, [
                 RankUpdate(rank=r, alive_at=self.clock.now, reports=[
                     Error(exc_type="Interrupted", message="stopped", traceback="", interrupted=True, step=0,
-                          at=self.clock.now),
-                    Ready(at=self.clock.now)]) if r in interrupt else RankUpdate(rank=r, alive_at=self.clock.now)
+                          at=self.clock.now, attempt=attempt - 1),
+                    Ready(at=self.clock.now, attempt=attempt - 1)]) if r in interrupt else RankUpdate(rank=r, alive_at=self.clock.now)
                 for r in range(self.world_size)
             ])
         new = [r for r in range(self.world_size) if r not in rejoin]
@@ -357,7 +357,23 @@ def test_live_survivor_is_interrupted_as_it_rejoins_and_how_it_left_is_not_a_new
     assert group.interrupted == [0]
     assert isinstance(current, Running) and group.starts[-1]["rejoin"] == [0]
     ctl.step()  # the survivor's report of leaving the last attempt arrives
-    assert not ctl._views[0].left_training and not ctl._views[0].unwinding
+    assert not ctl._views[0].left_training
+    assert len([e for e in read_events(run.events) if e["event"] == "failure_detected"]) == 1
+
+
+def test_a_report_of_the_last_attempt_read_in_this_one_is_not_a_failure(tmp_path: Path) -> None:
+    """A status made before an attempt began may be read after: a peer's collective error in it
+    belongs to the attempt that failed, not to the one that just started."""
+    ctl, group, run, clock = make(tmp_path)
+    ctl.step()
+    group.script = [[RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
+    ctl.step()  # -> RECOVERING
+    ctl.step()  # -> RUNNING, attempt 1
+    stale = Error(exc_type="DistBackendError", message="Connection reset by peer", traceback="", interrupted=False,
+                  step=3, at=clock.now, attempt=0, collective=True)
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now, reports=[stale])]]
+    ctl.step()
+    assert ctl.attempt == 1 and ctl._views[0].error is None
     assert len([e for e in read_events(run.events) if e["event"] == "failure_detected"]) == 1
 
 

@@ -59,6 +59,34 @@ def test_at_travels_only_once_stamped() -> None:
     assert encode(Step(step=1, loss=1.0, step_time_s=0.1, at=3.0))["at"] == 3.0
 
 
+def test_a_channel_stamps_each_report_with_the_attempt_it_is_in_unless_the_report_names_its_own() -> None:
+    import socket
+
+    from orchestrator.worker.channel import Channel
+
+    mine, theirs = socket.socketpair()
+    sender, receiver = Channel(mine), Channel(theirs)
+    sender.send(messages.Ready())  # a spare's warm-up: in no attempt yet
+    sender.attempt = 2
+    sender.send(messages.Ready())
+    sender.send(messages.CheckpointSkipped(step=4, attempt=1))  # a save of the attempt before
+    sender.send(messages.Interrupt())  # not a report: nothing to stamp
+    sender.close()
+    got = list(receiver.messages())
+    assert [getattr(m, "attempt", None) for m in got] == [-1, 2, 1, None]
+    receiver.close()
+
+
+def test_a_node_status_round_trips_through_json() -> None:
+    status = messages.NodeStatus(ranks={3: messages.RankStatus(pid=5, reports=[EXAMPLES[-3]], returncode=None,
+                                                                alive_at=1.0, where="x.py:3", in_collective=True)},
+                                 warm_spare=9, number=4, now=2.0, asked=1)
+    assert messages.decode_status(json.loads(json.dumps(messages.encode_status(status)))) == status
+    with pytest.raises(MalformedMessage, match="not a report"):
+        messages.decode_status({**messages.encode_status(status), "ranks": {"3": {
+            **messages.encode_status(status)["ranks"]["3"], "reports": [encode(messages.Interrupt())]}}})
+
+
 @pytest.mark.parametrize(("data", "problem"), [
     ({"type": "stepp", "step": 1}, "unknown message type"),
     ({"step": 1}, "unknown message type"),

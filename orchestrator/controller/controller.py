@@ -84,7 +84,6 @@ class RankView:
     failed: bool = False
     lost: bool = False
     running: bool = True
-    unwinding: bool = False  # interrupted as this attempt began: its error and readiness belong to the last one
 
     @property
     def left_training(self) -> bool:
@@ -370,7 +369,7 @@ class Controller:
             restarts_left=self.config.fault_tolerance.max_restarts - len(self.history),
         )
         infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors, interrupt=unwinding)
-        self._begin_attempt(infos, unwinding)
+        self._begin_attempt(infos)
         # A script resumes from checkpoints of its own: where, it says when it reports (if it does).
         resumed = None if self.config.train.is_script else store.step_of(self.resume_tag) if self.resume_tag else 0
         self._pending = PendingRecovery(
@@ -421,10 +420,10 @@ class Controller:
 
     # --- bookkeeping --------------------------------------------------------
 
-    def _begin_attempt(self, infos: list[WorkerInfo], unwinding: list[int] = ()) -> None:
+    def _begin_attempt(self, infos: list[WorkerInfo]) -> None:
         now = self._attempt_started_at = self._clock()
         old = self._views
-        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None, unwinding=r in unwinding)
+        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None)
                        for r in range(self.group.world_size)}
         self._report_networks()
         self._show_layout()
@@ -473,9 +472,8 @@ class Controller:
         return failure
 
     def _on_report(self, rank: int, view: RankView, report: Report) -> None:
-        if view.unwinding and isinstance(report, (Error, Ready)):
-            view.unwinding = not isinstance(report, Ready)  # how it left the last attempt
-            return
+        if 0 <= report.attempt != self.attempt:
+            return  # of another attempt: how a survivor left the last one, or made before this one began
         match report:
             case Step() | Resumed():
                 view.step, view.progress_at, view.started_up = report.step, report.at, True

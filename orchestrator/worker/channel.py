@@ -8,21 +8,27 @@ control messages (the start spec) flow down; both are the dataclasses of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
 import threading
 from collections.abc import Iterator
 
-from orchestrator.worker.messages import Message, decode, encode
+from orchestrator.worker.messages import Message, Report, decode, encode
 
 CONTROL_FD_ENV = "ORCH_CONTROL_FD"
 
 
 class Channel:
-    """One end of the socket; ``send`` is thread-safe, ``messages`` is for one reader."""
+    """One end of the socket; ``send`` is thread-safe, ``messages`` is for one reader.
+
+    A training process sets :attr:`attempt` as it enters each attempt: every report it sends from
+    then on is stamped with it (unless it names its attempt itself: a checkpoint's save may outlive
+    the attempt that made it)."""
 
     def __init__(self, sock: socket.socket) -> None:
+        self.attempt: int | None = None
         self._sock = sock
         self._send_lock = threading.Lock()
         self._reader = sock.makefile("r", encoding="utf-8")
@@ -34,6 +40,8 @@ class Channel:
         return cls(socket.socket(fileno=fd))
 
     def send(self, message: Message) -> None:
+        if self.attempt is not None and isinstance(message, Report) and message.attempt < 0:
+            message = dataclasses.replace(message, attempt=self.attempt)
         data = _line(message)
         with self._send_lock:
             self._sock.sendall(data)

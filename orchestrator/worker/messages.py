@@ -33,9 +33,13 @@ class Message:
 
 @dataclass(frozen=True, kw_only=True)
 class Report(Message):
-    """A message the controller reads: stamped ``at`` by the agent on receipt."""
+    """A message the controller reads: stamped ``at`` by the agent on receipt, and with the ``attempt``
+    it belongs to by the process's channel as it is sent (-1: none yet, a spare's warm-up). The
+    controller takes only the current attempt's: a survivor's word on how it left the last one, or a
+    status made before an attempt began and read after, is not news of this one."""
 
     at: float = 0.0
+    attempt: int = -1
 
 
 # --- agent -> process (and zygote) ---------------------------------------------------------------

@@ -123,6 +123,7 @@ class Runtime:
             self.channel.send(Warm())
             message = self._next_message(timeout=None)
         while isinstance(message, Start):  # or Rejoin
+            self.channel.attempt = message.attempt
             config = self._enter(message)
             if config.train.is_script:
                 return self._run_script(message, config)
