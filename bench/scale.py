@@ -68,6 +68,7 @@ from orchestrator.run_dir import RunDir
 from orchestrator.worker.messages import (
     CheckpointSaved,
     Error,
+    NodeBeat,
     NodeStatus,
     RankStatus,
     Ready,
@@ -79,9 +80,11 @@ from orchestrator.worker.messages import (
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "cluster_configs" / "local.yaml"
 PER_NODE = 8
-# A lost node's peers wait in collectives: they must not look hung before the node is found lost.
-HANG_TIMEOUT_S = 8.0
-NODE_TIMEOUT_S = 4.0
+# fault_tolerance.node_timeout_s as shipped: it sets the heartbeat (a quarter of it), and so the
+# steady-state cost. A lost node's peers wait in collectives: they must not look hung before the
+# node is found lost.
+NODE_TIMEOUT_S = 10.0
+HANG_TIMEOUT_S = 14.0
 _SCENARIO_TIMEOUT_S = 120.0
 _SHA_OF_X = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
 
@@ -240,16 +243,18 @@ class SimAgent:
         return call
 
     def status(self) -> NodeStatus:
-        """What the real agent pushes (every rank's status: a little more than it sends on news)."""
+        """What the real agent pushes: its ranks with news, and every rank's beat."""
         self._answers += 1
-        ranks = self.job.node_ranks(self.index) if self.index in self.job.slot_of else {}
-        return NodeStatus(ranks=ranks, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked)
+        ranks, columns = self.job.node_status(self.index) if self.index in self.job.slot_of else ({}, None)
+        return NodeStatus(ranks=ranks, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked,
+                          beat=columns)
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
-        self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
-        self.job.interrupt(interrupt)
-        for spec in starts:
-            self.job.ranks[spec.rank].pid = 10_000_000 * (spec.attempt + 1) + spec.rank
+        with self.job.lock:
+            self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
+            self.job.interrupt(interrupt)
+            for spec in starts:
+                self.job.ranks[spec.rank].pid = 10_000_000 * (spec.attempt + 1) + spec.rank
         return [StartedRank(rank=s.rank, pid=self.job.ranks[s.rank].pid, forked=True) for s in starts]
 
     def _kill(self, ranks: list[int]) -> None:
@@ -338,10 +343,10 @@ class SimUplinks:
                 _, index = heapq.heappop(self._beats)
                 heapq.heappush(self._beats, (now + self._heartbeat_s, index))
                 due.add(index)
+            self._job.step_news()
             with self._lock:
                 while self._due and self._due[0][0] <= now:
                     due.add(heapq.heappop(self._due)[1])
-            self._job.step_news()
             for index in due:
                 agent = self._agents[index]
                 if agent.silent(now):
@@ -368,6 +373,13 @@ class SimUplinks:
                 self.news(agent.index, time.time())
 
 
+def _locked(method: Any) -> Any:
+    def locked(self: SimJob, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 @dataclass
 class SimJob:
     """Synchronous training on every rank: a step every ``step_s`` after ``startup_s``; failures on cue."""
@@ -386,8 +398,11 @@ class SimJob:
     slot_of: dict[int, int] = field(default_factory=dict)  # agent -> node slot
     agent_of_slot: dict[int, int] = field(default_factory=dict)
     uplinks: SimUplinks | None = None
+    # The uplinks' thread reads the job while the controller's calls change it: one at a time.
+    lock: threading.RLock = field(default_factory=threading.RLock)
     told_step: int = 0  # the last step the news of which went out (rank 0's step, checkpoint saves)
 
+    @_locked
     def begin(self, spec: Any, node: int) -> None:
         """The first start_attempt call of a new attempt resets the job."""
         if spec.attempt != self.attempt:
@@ -406,13 +421,16 @@ class SimJob:
         if self.uplinks is not None:
             self.uplinks.news(self.agent_of_slot[rank // PER_NODE], at)
 
+    @_locked
     def step_news(self) -> None:
-        """Rank 0's new step is news for its node; a checkpoint step, for every node."""
+        """Rank 0's new step is news for its node; the first step of an attempt (every rank started
+        training) and a checkpoint step, for every node."""
         step = self.step_now(time.time())
         if self.attempt < 0 or step <= self.told_step:
             return
         at = time.time()
-        if any(self.checkpoint_every and s % self.checkpoint_every == 0 for s in range(self.told_step + 1, step + 1)):
+        if self.told_step == self.first_step or any(
+                self.checkpoint_every and s % self.checkpoint_every == 0 for s in range(self.told_step + 1, step + 1)):
             for rank in range(0, self.world, PER_NODE):
                 self.news(rank, at)
         else:
@@ -423,11 +441,15 @@ class SimJob:
         done = math.floor((min(now, self.frozen_at) - self.started) / self.step_s)
         return self.first_step + max(0, done)
 
-    def node_ranks(self, agent: int) -> dict[int, RankStatus]:
+    @_locked
+    def node_status(self, agent: int) -> tuple[dict[int, RankStatus], NodeBeat]:
+        """What the real agent sends for its ranks: a status for each with news (every step of rank 0;
+        checkpoints, errors, exits of every rank) and every rank's beat."""
         now = time.time()
         slot = self.slot_of[agent]
         current = self.step_now(now)
         statuses = {}
+        columns: dict[str, list[Any]] = {name: [] for name in NodeBeat.__dataclass_fields__}
         for rank in range(slot * PER_NODE, (slot + 1) * PER_NODE):
             state = self.ranks[rank]
             reports: list[Any] = []
@@ -436,12 +458,11 @@ class SimJob:
                                             where="", in_collective=False, moved_at=state.exited_at,
                                             exited_at=state.exited_at)
                 continue
-            # What the agent sends: every step of rank 0, the latest of the others (and every checkpoint).
             for step in range(state.reported + 1, current + 1):
                 at = self.started + (step - self.first_step) * self.step_s
-                if rank == 0 or step == current:
-                    reports.append(Step(step=step, loss=2.0 + 1.0 / step if rank == 0 else None,
-                                        step_time_s=self.step_s, tokens=8192, at=at, attempt=self.attempt))
+                if rank == 0:
+                    reports.append(Step(step=step, loss=2.0 + 1.0 / step, step_time_s=self.step_s, tokens=8192,
+                                        at=at, attempt=self.attempt))
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
                     reports.append(self._saved(step, at))
             state.reported = max(state.reported, current)
@@ -450,9 +471,18 @@ class SimJob:
                 state.told_error = True
             waiting = now >= self.frozen_at and rank != self.hung
             where = ".../torch/distributed/distributed_c10d.py:2501 in all_reduce" if waiting else "train.py:42 in step"
-            statuses[rank] = RankStatus(pid=state.pid, reports=reports, returncode=None, alive_at=now,
-                                        where=where, in_collective=waiting, moved_at=now if not waiting else self.frozen_at)
-        return statuses
+            moved_at = now if not waiting else self.frozen_at
+            if reports:
+                statuses[rank] = RankStatus(pid=state.pid, reports=reports, returncode=None, alive_at=now,
+                                            where=where, in_collective=waiting, moved_at=moved_at)
+            stepped = state.reported > self.first_step
+            for name, value in (("ranks", rank), ("pid", state.pid), ("alive_at", now), ("moved_at", moved_at),
+                                    ("where", where), ("in_collective", waiting),
+                                    ("step", state.reported if stepped else None),
+                                    ("step_at", self.started + (state.reported - self.first_step) * self.step_s),
+                                ("step_time_s", self.step_s), ("step_attempt", self.attempt if stepped else -1)):
+                columns[name].append(value)
+        return statuses, NodeBeat(**columns)
 
     def _saved(self, step: int, at: float) -> CheckpointSaved:
         staged = store.staging_dir(self.checkpoints, self.attempt) / store.tag_for(step)
@@ -462,6 +492,7 @@ class SimJob:
         return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=self.attempt, blocked_s=0.01, write_s=0.1,
                                files={"shard.pt": {"size": 1, "sha256": _SHA_OF_X}}, at=at)
 
+    @_locked
     def fail(self, rank: int, at: float, error: Error | None, peers_within: tuple[float, float] | None,
              rng: random.Random) -> None:
         """Training stops at ``at``: ``rank`` exits (``error`` None) or raises; its peers report
@@ -483,10 +514,12 @@ class SimJob:
                                     interrupted=False, step=self.step_now(at), at=when, collective=True,
                                     attempt=self.attempt)
 
+    @_locked
     def hang(self, rank: int | None, at: float) -> None:
         """Training stops at ``at``: ``rank`` (if any) is stuck in its own code, the rest wait for it."""
         self.frozen_at, self.hung = at, rank
 
+    @_locked
     def interrupt(self, ranks: list[int]) -> None:
         """Interrupted survivors of the last attempt say, early in this one, how they left that one."""
         now = time.time()
@@ -496,6 +529,7 @@ class SimJob:
             self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
             self.news(rank, now)
 
+    @_locked
     def kill(self, ranks: list[int]) -> None:
         now = time.time()
         for rank in ranks:

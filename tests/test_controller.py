@@ -377,6 +377,19 @@ def test_a_report_of_the_last_attempt_read_in_this_one_is_not_a_failure(tmp_path
     assert len([e for e in read_events(run.events) if e["event"] == "failure_detected"]) == 1
 
 
+def test_a_heartbeats_step_is_progress_only_in_its_own_attempt(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path)
+    ctl.step()
+    clock.now += 1
+    stepped = clock.now
+    group.script = [[RankUpdate(rank=1, alive_at=clock.now, step=5, step_at=stepped, step_time_s=0.2, step_attempt=0),
+                     RankUpdate(rank=0, alive_at=clock.now, step=9, step_at=clock.now, step_time_s=0.2,
+                                step_attempt=-1)]]
+    ctl.step()
+    assert (ctl._views[1].step, ctl._views[1].progress_at, ctl._views[1].started_up) == (5, stepped, True)
+    assert ctl._views[0].step is None and not ctl._views[0].started_up, "a step of no known attempt is not progress"
+
+
 def test_budget_spent_fails_the_run(tmp_path: Path) -> None:
     ctl, group, run, clock = make(tmp_path, "fault_tolerance.max_restarts=0")
     ctl.step()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -136,22 +137,52 @@ def test_a_connection_that_never_says_who_it_is_or_sends_garbage_is_closed(inbox
     assert inbox.take().statuses == {}
 
 
-def test_a_status_carries_every_step_of_rank_0_and_the_latest_of_the_others(tmp_path: Path) -> None:
-    """Rank 0's steps become events; of the others' the controller needs the latest (progress, step time)."""
+def test_a_status_carries_every_step_of_rank_0_and_the_beat_the_latest_of_every_rank(tmp_path: Path) -> None:
+    """Rank 0's steps become events; of the others' the controller needs the latest (progress, step
+    time), which the heartbeat's columns carry: no status per rank for a step alone."""
     from types import SimpleNamespace
 
     from orchestrator.worker.messages import CheckpointSaved, RankStatus, Step
 
-    def proc(reports: list) -> SimpleNamespace:
-        status = RankStatus(pid=1, reports=reports, returncode=None, alive_at=0.0, where="", in_collective=False)
-        return SimpleNamespace(inbox=reports, eof_at=None, exit_reported=False, status=lambda: status)
+    def proc(pid: int, reports: list) -> SimpleNamespace:
+        status = RankStatus(pid=pid, reports=reports, returncode=None, alive_at=5.0, where="x.py:1",
+                            in_collective=False)
+        return SimpleNamespace(inbox=list(reports), eof_at=None, exit_reported=False, status=lambda: status, pid=pid,
+                               alive_at=5.0, moved_at=4.0, where="x.py:1", in_collective=False, latest_step=None)
 
     def step(n: int) -> Step:
-        return Step(step=n, loss=None, step_time_s=0.1)
+        return Step(step=n, loss=None, step_time_s=0.1 * n, at=float(n), attempt=2)
 
-    saved = CheckpointSaved(step=2, tag="step_2", attempt=0, blocked_s=0.0, write_s=0.0, files={})
+    saved = CheckpointSaved(step=2, tag="step_2", attempt=2, blocked_s=0.0, write_s=0.0, files={})
     agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)
-    agent._procs = {0: proc([step(1), step(2), step(3)]), 1: proc([step(1), step(2), saved, step(3)])}
-    status = agent.status(every_rank=False)
+    agent._procs = {0: proc(10, [step(1), step(2), step(3)]), 1: proc(11, [step(1), step(2), saved, step(3)]),
+                    2: proc(12, [step(1), step(2)])}
+    status = agent.status()
     assert [r.step for r in status.ranks[0].reports] == [1, 2, 3]
-    assert status.ranks[1].reports == [saved, step(3)]
+    assert status.ranks[1].reports == [saved], "a checkpoint is news; rank 1's steps are in the beat"
+    assert 2 not in status.ranks, "steps alone are no news of rank 2"
+    beat = status.beat
+    assert (beat.ranks, beat.pid, beat.step, beat.step_attempt) == ([0, 1, 2], [10, 11, 12], [3, 3, 2], [2, 2, 2])
+    assert beat.step_time_s == [pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.2)]
+
+
+def test_a_ranks_first_step_in_an_attempt_is_news_and_its_later_ones_are_not(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.worker.messages import Saving, Step
+
+    agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)
+    rank0, rank1 = SimpleNamespace(stepping_in=None), SimpleNamespace(stepping_in=None)
+    agent._procs = {0: rank0, 1: rank1}
+
+    def news(proc: SimpleNamespace, report: object) -> bool:
+        agent._news.clear()
+        agent._heard_from(proc, report)
+        return agent._news.is_set()
+
+    step = Step(step=1, loss=None, step_time_s=0.1, attempt=0)
+    assert news(rank1, step), "it started training: a step late is a hang from now on"
+    assert not news(rank1, dataclasses.replace(step, step=2)), "the heartbeat carries the rest"
+    assert news(rank1, dataclasses.replace(step, step=3, attempt=1)), "its first step in the next attempt"
+    assert news(rank0, step) and news(rank0, dataclasses.replace(step, step=2)), "every step of rank 0"
+    assert not news(rank1, Saving()) and news(rank1, None), "still saving is no news; a closed channel is"

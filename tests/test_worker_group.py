@@ -177,6 +177,24 @@ def test_a_status_of_a_process_the_rank_no_longer_runs_in_is_not_the_ranks(tmp_p
     assert group.poll() == []
 
 
+def test_a_beat_is_every_ranks_liveness_and_latest_step_of_the_process_it_runs_in(tmp_path: Path) -> None:
+    from orchestrator.worker.messages import NodeBeat
+
+    group = _group(tmp_path, ["cluster.workers_per_node=2"], [("node-a", "127.0.0.1")])
+    group._pids = {0: 10, 1: 11}
+    now = time.time()
+    beat = NodeBeat(ranks=[0, 1], pid=[10, 99], alive_at=[now, now], moved_at=[now, now], where=["a.py:1", "b.py:2"],
+                    in_collective=[True, False], step=[7, 7], step_at=[now - 1, now - 1], step_time_s=[0.5, 0.5],
+                    step_attempt=[3, 3])
+    group._inbox.received.statuses[0] = [NodeStatus(ranks={}, warm_spare=None, number=1, now=now, beat=beat)]
+    group._inbox.received.arrived[0] = time.monotonic()
+    updates = {u.rank: u for u in group.poll()}
+    assert list(updates) == [0], "rank 1's process is not pid 99"
+    update = updates[0]
+    assert (update.step, update.step_attempt, update.step_time_s, update.where, update.in_collective) == (
+        7, 3, 0.5, "a.py:1", True)
+
+
 def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
     """Ranks of one machine are ordered on one clock: a slow answer must not shift one agent's times."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)

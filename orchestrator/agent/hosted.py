@@ -37,6 +37,7 @@ from orchestrator.worker.messages import (
     Ready,
     Report,
     Start,
+    Step,
 )
 from orchestrator.worker.process import PARENT_PID_ENV
 
@@ -104,6 +105,8 @@ class HostedProcess:
         self.exit_reported = False  # a status has carried its exit status
         self.channel = Channel(parent_end)
         self.inbox: collections.deque[Report] = collections.deque()
+        self.latest_step: Step | None = None  # what the node's beat says of its progress
+        self.stepping_in: int | None = None  # the attempt of the last step it sent
         self.alive_at = time.time()
         self.where = ""
         self.in_collective = False

@@ -33,6 +33,7 @@ from orchestrator.run_dir import append_fd
 from orchestrator.worker.env import local_cpu_count
 from orchestrator.worker.messages import (
     Interrupt,
+    NodeBeat,
     NodeStatus,
     Prepare,
     RankStatus,
@@ -263,17 +264,15 @@ class NodeAgent:
 
     def _push(self, uplink: Uplink, heartbeat_s: float) -> None:
         """Push the node's status: at once on news, a short while after a process closed its channel
-        (until its exit status is known), and otherwise every ``heartbeat_s`` with every rank's liveness."""
+        (until its exit status is known), and otherwise ``heartbeat_s`` after the last."""
         beat_at = time.monotonic() - heartbeat_s  # the first status goes out at once
         exiting = False
         while True:
             wait_s = _EXIT_CHECK_S if exiting else max(0.0, beat_at + heartbeat_s - time.monotonic())
             self._news.wait(wait_s)
             self._news.clear()
-            beat = time.monotonic() >= beat_at + heartbeat_s
-            if beat:
-                beat_at = time.monotonic()
-            uplink.push(self.status(every_rank=beat))
+            beat_at = time.monotonic()
+            uplink.push(self.status())
             exiting = any(p.eof_at is not None and not p.exit_reported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:
@@ -336,9 +335,9 @@ class NodeAgent:
             if proc is not None:
                 proc.signal(signal.SIGKILL)
 
-    def status(self, every_rank: bool = True) -> NodeStatus:
-        """The node's status, numbered for the lease: new reports and exits of the hosted ranks (with
-        ``every_rank``, every rank's liveness too), and the pid of the spare once it is warm."""
+    def status(self) -> NodeStatus:
+        """The node's status, numbered for the lease: the hosted ranks' new reports and exits (steps
+        but rank 0's folded into the beat), every rank's beat, and the pid of the spare once it is warm."""
         asked = self._asked
         with self._lease_lock:
             self._pushes += 1
@@ -346,12 +345,13 @@ class NodeAgent:
             self._pushed_at[number] = time.monotonic()
         # The spare thread adds the spare concurrently: work on a snapshot, remove only what we saw.
         procs = dict(self._procs)
+        hosted = sorted((rank, proc) for rank, proc in procs.items() if rank != SPARE)
         ranks = {}
-        for rank, proc in procs.items():
-            if rank == SPARE or not (every_rank or proc.inbox or proc.eof_at is not None and not proc.exit_reported):
-                continue
-            status = proc.status()
-            ranks[rank] = status if rank == 0 else _latest_step_only(status)
+        for rank, proc in hosted:
+            if proc.inbox or proc.eof_at is not None and not proc.exit_reported:
+                status = _fold_steps(rank, proc, proc.status())
+                if status.reports or status.returncode is not None:
+                    ranks[rank] = status
         spare = procs.get(SPARE)
         if spare is not None and spare.poll_exit() is not None:
             spare.stop(0)
@@ -361,12 +361,17 @@ class NodeAgent:
         if spare is not None and not spare.warm:
             spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
         return NodeStatus(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
-                          number=number, now=time.time(), asked=asked)
+                          number=number, now=time.time(), asked=asked, beat=_beat(hosted))
 
     def _heard_from(self, proc: HostedProcess, report: Report | None) -> None:
         """A hosted process sent ``report`` (None: it closed its channel). Anything but a step or a
-        "still saving" is pushed at once, and so is rank 0's step (the job's progress)."""
-        if report is None or not isinstance(report, (Step, Saving)) or isinstance(report, Step) and self._procs.get(0) is proc:
+        "still saving" is pushed at once, and so is a rank's first step in an attempt (it started
+        training: from now on a step late is a hang) and every step of rank 0 (the job's progress)."""
+        if isinstance(report, Step):
+            first, proc.stepping_in = proc.stepping_in != report.attempt, report.attempt
+            if first or self._procs.get(0) is proc:
+                self._news.set()
+        elif not isinstance(report, Saving):
             self._news.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -391,11 +396,30 @@ class NodeAgent:
         return self._log_dir / f"rank{rank}.log"
 
 
-def _latest_step_only(status: RankStatus) -> RankStatus:
-    """The status with only its latest step: of a rank's steps the controller needs the latest (its
-    progress, its step time); rank 0's all become events."""
-    steps = [i for i, r in enumerate(status.reports) if isinstance(r, Step)]
-    if len(steps) < 2:
+def _fold_steps(rank: int, proc: HostedProcess, status: RankStatus) -> RankStatus:
+    """Remember the process's latest step for the beat; of a rank other than 0 the controller needs
+    no more than that (its progress, its step time), so its steps leave the reports. Rank 0's all
+    become events."""
+    steps = [r for r in status.reports if isinstance(r, Step)]
+    if not steps:
         return status
-    drop = set(steps[:-1])
-    return dataclasses.replace(status, reports=[r for i, r in enumerate(status.reports) if i not in drop])
+    proc.latest_step = steps[-1]
+    if rank == 0:
+        return status
+    return dataclasses.replace(status, reports=[r for r in status.reports if not isinstance(r, Step)])
+
+
+def _beat(hosted: list[tuple[int, HostedProcess]]) -> NodeBeat:
+    steps = [proc.latest_step for _, proc in hosted]
+    return NodeBeat(
+        ranks=[rank for rank, _ in hosted],
+        pid=[proc.pid for _, proc in hosted],
+        alive_at=[proc.alive_at for _, proc in hosted],
+        moved_at=[proc.moved_at for _, proc in hosted],
+        where=[proc.where for _, proc in hosted],
+        in_collective=[proc.in_collective for _, proc in hosted],
+        step=[None if s is None else s.step for s in steps],
+        step_at=[0.0 if s is None else s.at for s in steps],
+        step_time_s=[0.0 if s is None else s.step_time_s for s in steps],
+        step_attempt=[-1 if s is None else s.attempt for s in steps],
+    )

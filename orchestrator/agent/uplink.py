@@ -42,6 +42,7 @@ class Uplink:
         self._lock = threading.Lock()  # the connection and the unacknowledged pushes
         self._sock: socket.socket | None = None
         self._closed = False
+        self._unreachable_since: float | None = None  # said once per outage, not once per try
 
     def push(self, status: NodeStatus) -> None:
         """Send ``status``; it is sent again on the next connection until the controller acknowledges it."""
@@ -74,10 +75,16 @@ class Uplink:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            print(f"cannot reach the controller at {self._address[0]}:{self._address[1]}: {exc}", file=sys.stderr,
-                  flush=True)
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
+                print(f"cannot reach the controller at {self._address[0]}:{self._address[1]}: {exc}; trying again",
+                      file=sys.stderr, flush=True)
             time.sleep(_RECONNECT_PAUSE_S)
             return None
+        if self._unreachable_since is not None:
+            print(f"reached the controller again after {time.monotonic() - self._unreachable_since:.1f}s",
+                  file=sys.stderr, flush=True)
+            self._unreachable_since = None
         with self._lock:
             if self._closed or self._sock is not None:
                 _close(sock)

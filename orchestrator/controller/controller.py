@@ -448,6 +448,10 @@ class Controller:
         if update.alive_at is not None:
             view.alive_at, view.where, view.in_collective = update.alive_at, update.where, update.in_collective
             view.moved_at = update.moved_at
+        if update.step is not None and update.step_attempt == self.attempt:
+            # A fast node's first steps may finish before every node's start was answered.
+            view.step, view.step_time_s, view.started_up = update.step, update.step_time_s, True
+            view.progress_at = max(view.progress_at, update.step_at)
         for report in update.reports:
             self._on_report(update.rank, view, report)
         if update.returncode is not None:

@@ -143,7 +143,7 @@ class Inbox:
 
     def _read(self, conn: _Connection) -> None:
         try:
-            data = conn.sock.recv(1 << 20)
+            data = conn.sock.recv(1 << 16)
         except (BlockingIOError, InterruptedError, TimeoutError):
             return
         except OSError:
@@ -158,33 +158,38 @@ class Inbox:
                 self._drop(conn)
             return
         lines, conn.buffer = bytes(conn.buffer[:end]), conn.buffer[end + 1:]
+        acked = 0
         for line in lines.split(b"\n"):
-            if not self._line(conn, line):
+            number = self._line(conn, line)
+            if number is None:
                 self._drop(conn)
                 return
+            acked = max(acked, number)
+        if acked:  # one acknowledgement for all: the agent takes it for every push up to it
+            self._send(conn, b'{"ack":%d}\n' % acked)
 
-    def _line(self, conn: _Connection, line: bytes) -> bool:
-        """Take one line; False if the connection must be dropped (a bad hello, a stale or broken agent)."""
+    def _line(self, conn: _Connection, line: bytes) -> int | None:
+        """Take one line: the status number to acknowledge (0: none), or None if the connection must be
+        dropped (a bad hello, a stale or broken agent)."""
         try:
             message = json.loads(line)
         except ValueError:
-            return False
+            return None
         if conn.index is None:
-            return self._hello(conn, message)
+            return 0 if self._hello(conn, message) else None
         try:
             status = decode_status(message)
         except MalformedMessage as exc:
             print(f"inbox: agent {conn.index} sent {exc}; dropping its connection", file=sys.stderr, flush=True)
-            return False
+            return None
         with self._lock:
             if self._current.get(conn.index) is not conn:
-                return False  # replaced meanwhile
+                return None  # replaced meanwhile
             if status.number > self._last.get(conn.index, 0):  # not one sent again after a reconnection
                 self._last[conn.index] = status.number
                 self._statuses.setdefault(conn.index, []).append(status)
                 self._arrived[conn.index] = time.monotonic()
-        self._send(conn, b'{"ack":%d}\n' % status.number)
-        return True
+        return status.number
 
     def _hello(self, conn: _Connection, message: object) -> bool:
         if not isinstance(message, dict) or not hmac.compare_digest(str(message.get("token", "")).encode(), self._token):

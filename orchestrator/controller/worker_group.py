@@ -71,6 +71,8 @@ class RankUpdate:
     of life (any report, or the liveness beat every second), ``where`` the
     main thread's innermost frame then, ``in_collective`` whether it was
     waiting in a collective, ``moved_at`` when its call stack last changed.
+    ``step`` is its latest step as a heartbeat says (finished at ``step_at``,
+    in attempt ``step_attempt``), for ranks whose steps are not reports.
     """
 
     rank: int
@@ -84,6 +86,10 @@ class RankUpdate:
     where: str = ""
     in_collective: bool = False
     moved_at: float | None = None
+    step: int | None = None
+    step_at: float = 0.0
+    step_time_s: float = 0.0
+    step_attempt: int = -1
 
     @classmethod
     def of(cls, rank: int, status: RankStatus) -> RankUpdate:
@@ -291,6 +297,20 @@ class RayWorkerGroup:
             if earlier is not None:
                 update.reports = earlier.reports + update.reports
             by_rank[rank] = update
+        beat = status.beat
+        if beat is not None:
+            if skew:
+                beat = beat.moved(skew)
+            for i, rank in enumerate(beat.ranks):
+                if rank not in mine or beat.pid[i] != self._pids.get(rank):
+                    continue
+                update = by_rank.get(rank)
+                if update is None:
+                    update = by_rank[rank] = RankUpdate(rank=rank, pid=beat.pid[i])
+                update.alive_at, update.moved_at = beat.alive_at[i], beat.moved_at[i]
+                update.where, update.in_collective = beat.where[i], beat.in_collective[i]
+                update.step, update.step_at = beat.step[i], beat.step_at[i]
+                update.step_time_s, update.step_attempt = beat.step_time_s[i], beat.step_attempt[i]
         node_id = self._nodes[index]["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)

@@ -297,9 +297,34 @@ class RankStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NodeBeat:
+    """A heartbeat's word on every rank of a node, as columns (entry ``i`` is rank ``ranks[i]``'s):
+    its process, liveness (as in :class:`RankStatus`) and latest step (``step`` None: none yet;
+    ``step_attempt``: the attempt that step belongs to). Columns, not a status per rank: a
+    controller reads thousands of these a second."""
+
+    ranks: list[int]
+    pid: list[int]
+    alive_at: list[float]
+    moved_at: list[float]
+    where: list[str]
+    in_collective: list[bool]
+    step: list[int | None]
+    step_at: list[float]
+    step_time_s: list[float]
+    step_attempt: list[int]
+
+    def moved(self, skew: float) -> NodeBeat:
+        """The same beat with its node-clock times moved by ``skew`` onto the controller's clock."""
+        return dataclasses.replace(self, alive_at=[t + skew for t in self.alive_at],
+                                   moved_at=[t + skew for t in self.moved_at], step_at=[t + skew for t in self.step_at])
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeStatus:
-    """What a node agent pushes to the controller (``agent/uplink.py``): its ranks' statuses (only
-    those with news), its node's warm spare (pid, once warm), the push's ``number`` (the lease
+    """What a node agent pushes to the controller (``agent/uplink.py``): the statuses of its ranks
+    with news (reports other than a step of a rank but 0, an exit), every rank's :class:`NodeBeat`,
+    its node's warm spare (pid, once warm), the push's ``number`` (the lease
     protocol, ``agent/node_agent.py``), the last request of the controller it answers (``asked``)
     and the node's clock when it was made."""
 
@@ -308,6 +333,7 @@ class NodeStatus:
     number: int
     now: float
     asked: int = 0
+    beat: NodeBeat | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,8 +386,9 @@ def encode_status(status: NodeStatus) -> dict[str, Any]:
         fields = {f.name: getattr(rs, f.name) for f in dataclasses.fields(rs)}
         fields["reports"] = [encode(r) for r in rs.reports]
         ranks[str(rank)] = fields
+    beat = None if status.beat is None else {f.name: getattr(status.beat, f.name) for f in dataclasses.fields(NodeBeat)}
     return {"ranks": ranks, "warm_spare": status.warm_spare, "number": status.number, "now": status.now,
-            "asked": status.asked}
+            "asked": status.asked, "beat": beat}
 
 
 def decode_status(data: Any) -> NodeStatus:
@@ -373,7 +400,10 @@ def decode_status(data: Any) -> NodeStatus:
             if not all(isinstance(r, Report) for r in reports):
                 raise MalformedMessage(f"rank {rank}'s status carries a message that is not a report")
             ranks[int(rank)] = RankStatus(**{**fields, "reports": reports})
+        beat = None if data["beat"] is None else NodeBeat(**data["beat"])
+        if beat is not None and len({len(getattr(beat, f.name)) for f in dataclasses.fields(NodeBeat)}) != 1:
+            raise MalformedMessage("a beat's columns differ in length")
         return NodeStatus(ranks=ranks, warm_spare=data["warm_spare"], number=data["number"], now=data["now"],
-                          asked=data["asked"])
+                          asked=data["asked"], beat=beat)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(f"malformed node status: {exc!r}") from None
