@@ -604,7 +604,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     group._inbox = Inbox("127.0.0.1", group._token)
     for index in range(nodes + spares):
         group._inbox.expect(index, 1)
-    uplinks = job.uplinks = SimUplinks(agents, job, group._inbox.address, group._token, group._heartbeat_s, accounting)
+    uplinks = job.uplinks = SimUplinks(agents, job, group._inbox.address, group._token, group.heartbeat_s, accounting)
     uplinks.start()
     events = EventLog(run.events)
     metrics = JobMetrics(per_rank_limit=config.metrics.per_rank_limit)

@@ -50,6 +50,8 @@ class Clock:
 class FakeGroup:
     """Scripted polls: each ``poll`` returns the next scripted list (then quiet, alive ranks)."""
 
+    heartbeat_s = 0.0
+
     def __init__(self, clock: Clock, world_size: int = 2) -> None:
         self.clock = clock
         self.world_size = world_size
@@ -437,6 +439,21 @@ def test_frozen_rank_is_the_hang_culprit_not_the_peer_waiting_for_it(tmp_path: P
     assert group.killed[:1] == [1], "the hung rank is killed at detection"
     hang = root_cause(current.failures)
     assert (hang.rank, hang.reason) == (1, "hang") and "no sign of life" in hang.message
+    assert [f.rank for f in current.failures] == [1]
+
+
+def test_a_peer_heard_a_heartbeat_ago_is_not_frozen(tmp_path: Path) -> None:
+    """Liveness arrives with the node's heartbeat: a peer waiting in the collective, last heard a
+    heartbeat ago, is alive; the frozen rank is the culprit, alone."""
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    group.heartbeat_s = 2.5
+    _started(ctl, group, clock)
+    frozen_since = clock.now
+    clock.now += 9
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now - 4.0, in_collective=True, where="gloo wait"),
+                     RankUpdate(rank=1, alive_at=frozen_since)]]
+    _, current = ctl.step()
+    assert isinstance(current, Recovering)
     assert [f.rank for f in current.failures] == [1]
 
 

@@ -271,7 +271,8 @@ class FaultToleranceConfig(_Section):
     )
     node_timeout_s: Annotated[float, Field(gt=0)] = Field(
         10.0,
-        description="A node whose agent answers no poll for this long is lost (also how long its ranks keep "
+        description="A node whose agent sends the controller nothing for this long is lost (agents send their "
+        "status at least every quarter of it; also how long its ranks keep "
         "training without the controller before they stop themselves: half of it).",
     )
     node_wait_s: Annotated[float, Field(ge=0)] = Field(

@@ -48,7 +48,8 @@ POLL_INTERVAL_S = 0.2
 FAST_POLL_INTERVAL_S = 0.02
 # After the first failure, keep listening this long for its consequences (peers' collective errors).
 SETTLE_S = 0.5
-# No sign of life (not even the once-a-second liveness beat) for this long: the process is frozen.
+# No sign of life (not even the once-a-second liveness beat) for this long beyond the node's
+# heartbeat (which brings it): the process is frozen.
 FROZEN_AFTER_S = 3.0
 # A script that reports nothing is back after a restart once every rank has run this long, its call
 # stack still moving (changed within SCRIPT_MOVING_S): a restart that stalls is not a recovery.
@@ -555,7 +556,7 @@ class Controller:
             return []
 
         def frozen(v: RankView) -> bool:
-            return silent(v) > FROZEN_AFTER_S
+            return silent(v) > FROZEN_AFTER_S + self.group.heartbeat_s
 
         # A rank waiting in a collective is waiting for the stuck one, which becomes stale a moment
         # later (it stopped moving after they started waiting). Only when every rank waits, and nothing

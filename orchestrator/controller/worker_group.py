@@ -111,6 +111,9 @@ class WorkerGroup(Protocol):
     """All ranks of the job, as the controller drives them."""
 
     world_size: int
+    # Each node's status arrives at least this often: a live rank's liveness, as the controller
+    # sees it, is up to this old (plus delivery).
+    heartbeat_s: float
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
@@ -207,7 +210,7 @@ class RayWorkerGroup:
         self._lease_s = ft.node_timeout_s / 2
         # ...so a rank of a lost node is replaced only once its lease has certainly run out.
         self._fenced_at = 0.0
-        self._heartbeat_s = ft.node_timeout_s / _HEARTBEATS_PER_TIMEOUT
+        self.heartbeat_s = ft.node_timeout_s / _HEARTBEATS_PER_TIMEOUT
         self._inbox: Inbox | None = None
         self._token = secrets.token_hex(16)  # agents present it to the inbox
         self._incarnations = itertools.count(1)  # a new agent's pushes are told from its predecessor's
@@ -607,7 +610,7 @@ class RayWorkerGroup:
         self._died.discard(index)
         host, port = self._inbox.address
         uplink = UplinkSettings(host=host, port=port, token=self._token, incarnation=incarnation,
-                                heartbeat_s=self._heartbeat_s)
+                                heartbeat_s=self.heartbeat_s)
         return (
             self._ray.remote(NodeAgent)
             .options(
