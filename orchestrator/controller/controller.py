@@ -555,8 +555,12 @@ class Controller:
         if not stale:
             return []
 
+        # Silent past hang_timeout_s is frozen whatever the heartbeat; a user who sets it below
+        # FROZEN_AFTER_S + heartbeat trusts liveness to arrive sooner than that.
+        frozen_after = min(FROZEN_AFTER_S + self.group.heartbeat_s, ft.hang_timeout_s)
+
         def frozen(v: RankView) -> bool:
-            return silent(v) > FROZEN_AFTER_S + self.group.heartbeat_s
+            return silent(v) > frozen_after
 
         # A rank waiting in a collective is waiting for the stuck one, which becomes stale a moment
         # later (it stopped moving after they started waiting). Only when every rank waits, and nothing
