@@ -723,11 +723,11 @@ def test_a_lost_node_is_one_line_naming_its_address_and_ranks(tmp_path: Path) ->
     ctl, group, _, clock = make(tmp_path, *TWO_NODES)
     _started(ctl, group, clock)
     group.script = [[RankUpdate(rank=r, alive_at=clock.now, in_collective=True) for r in (0, 1)]
-                    + [RankUpdate(rank=r, lost="node 10.0.0.2 lost: its node agent answered nothing") for r in (2, 3)]]
+                    + [RankUpdate(rank=r, lost="node 10.0.0.2 lost: its node agent sent nothing") for r in (2, 3)]]
     ctl.step()
     lines = [n for n in ctl.display.notes if "lost" in n]
     assert len(lines) == 1 and lines[0].startswith(
-        "node 10.0.0.2 lost with ranks 2-3: its node agent answered nothing; retrying"), lines
+        "node 10.0.0.2 lost with ranks 2-3: its node agent sent nothing; retrying"), lines
 
 
 def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> None:
@@ -741,7 +741,7 @@ def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> No
     _started(ctl, group, clock)
     assert "nodes: 10.0.0.1 (ranks 0-3); spare nodes: 10.0.0.9" in ctl.display.notes
     assert ctl.metrics.spare_nodes._value.get() == 1 and ctl.metrics.spare_nodes_configured._value.get() == 1
-    group.spares, group.spares_lost = [], [("10.0.0.9", "node 10.0.0.9 lost: its node agent answered nothing")]
+    group.spares, group.spares_lost = [], [("10.0.0.9", "node 10.0.0.9 lost: its node agent sent nothing")]
     ctl.step()
     lost = of_kind(read_events(run.events), "spare_node_lost")
     assert [(e["node_ip"], e["spare_nodes"], e["spare_nodes_configured"]) for e in lost] == [("10.0.0.9", 0, 1)]
@@ -764,7 +764,7 @@ def test_collective_errors_alone_wait_for_every_agent_until_a_silent_node_is_fou
                   step=1, at=t + 0.1, collective=collective)
     group.script = [[RankUpdate(rank=0, reports=[error, Ready(at=t + 0.1)])],
                     *[[RankUpdate(rank=0, alive_at=t)]] * 60,
-                    [RankUpdate(rank=1, lost="node 10.0.0.2 lost: its node agent answered nothing")]]
+                    [RankUpdate(rank=1, lost="node 10.0.0.2 lost: its node agent sent nothing")]]
     group.unheard_script = [[1]] * 200  # rank 1's agent stays silent until it is found lost
     _, current = ctl.step()
     cause = root_cause(current.failures)
