@@ -147,7 +147,7 @@ def test_a_status_carries_every_step_of_rank_0_and_the_beat_the_latest_of_every_
     def proc(pid: int, reports: list) -> SimpleNamespace:
         status = RankStatus(pid=pid, reports=reports, returncode=None, alive_at=5.0, where="x.py:1",
                             in_collective=False)
-        return SimpleNamespace(inbox=list(reports), eof_at=None, exit_reported=False, status=lambda: status, pid=pid,
+        return SimpleNamespace(inbox=list(reports), exit_unreported=False, status=lambda: status, pid=pid,
                                alive_at=5.0, moved_at=4.0, where="x.py:1", in_collective=False, latest_step=None)
 
     def step(n: int) -> Step:

@@ -144,6 +144,11 @@ class HostedProcess:
         was last told to train)."""
         return self.left_at is not None and self.left_at >= (self.training_from if since is None else since)
 
+    @property
+    def exit_unreported(self) -> bool:
+        """It closed its channel, and no status has carried its exit status yet."""
+        return self.eof_at is not None and not self.exit_reported
+
     def status(self) -> RankStatus:
         """New reports, liveness, and the exit status once the process has ended."""
         reports = [self.inbox.popleft() for _ in range(len(self.inbox))]

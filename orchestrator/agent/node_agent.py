@@ -273,7 +273,7 @@ class NodeAgent:
             self._news.clear()
             beat_at = time.monotonic()
             uplink.push(self.status())
-            exiting = any(p.eof_at is not None and not p.exit_reported for r, p in list(self._procs.items()) if r != SPARE)
+            exiting = any(p.exit_unreported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:
         while True:
@@ -348,7 +348,7 @@ class NodeAgent:
         hosted = sorted((rank, proc) for rank, proc in procs.items() if rank != SPARE)
         ranks = {}
         for rank, proc in hosted:
-            if proc.inbox or proc.eof_at is not None and not proc.exit_reported:
+            if proc.inbox or proc.exit_unreported:
                 status = _fold_steps(rank, proc, proc.status())
                 if status.reports or status.returncode is not None:
                     ranks[rank] = status

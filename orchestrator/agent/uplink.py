@@ -51,8 +51,8 @@ class Uplink:
             self._unacked[status.number] = line
             sock = self._sock
         if sock is None:
-            sock = self._connect()
-            return  # a new connection sends every unacknowledged push, this one included
+            self._connect()  # a new connection sends every unacknowledged push, this one included
+            return
         try:
             sock.sendall(line)
         except OSError:

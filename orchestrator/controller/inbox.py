@@ -37,7 +37,6 @@ class _Connection:
     sock: socket.socket
     opened: float
     index: int | None = None  # set by the hello
-    incarnation: int = 0
     buffer: bytearray = field(default_factory=bytearray)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -198,7 +197,7 @@ class Inbox:
         with self._lock:
             if not isinstance(index, int) or self._expected.get(index) != incarnation:
                 return False
-            conn.index, conn.incarnation = index, incarnation
+            conn.index = index
             old, self._current[index] = self._current.get(index), conn
         if old is not None and old is not conn:
             self._drop(old)  # the same agent connected again: its old connection is dead to it

@@ -292,8 +292,11 @@ class RayWorkerGroup:
         """Record one status of agent ``index`` (node slot ranks ``mine``), merged into ``by_rank``."""
         self._heard[index] = max(self._heard.get(index, 0), status.asked)
         skew = self._skew(index, time.time() - status.now)
+        def ours(rank: int, pid: int) -> bool:
+            return rank in mine and pid == self._pids.get(rank)
+
         for rank, rank_status in status.ranks.items():
-            if rank not in mine or rank_status.pid != self._pids.get(rank):
+            if not ours(rank, rank_status.pid):
                 continue
             update = RankUpdate.of(rank, rank_status.moved(skew) if skew else rank_status)
             earlier = by_rank.get(rank)
@@ -305,7 +308,7 @@ class RayWorkerGroup:
             if skew:
                 beat = beat.moved(skew)
             for i, rank in enumerate(beat.ranks):
-                if rank not in mine or beat.pid[i] != self._pids.get(rank):
+                if not ours(rank, beat.pid[i]):
                     continue
                 update = by_rank.get(rank)
                 if update is None:
