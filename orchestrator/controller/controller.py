@@ -61,6 +61,9 @@ SPARES_AFTER_S = 30.0
 GPU_INTERVAL_S = 5.0
 # How often every rank is checked for a hang: the limits are seconds long, and the check visits every rank.
 HANG_CHECK_S = 0.5
+# How long a hang's verdict waits for the suspects' agents to answer (they answer at once; one that
+# does not is on a node being lost, which its own timeout decides).
+CONFIRM_S = 1.0
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
@@ -103,6 +106,15 @@ class PendingRecovery:
     detected_at: float
     started_at: float
     replaced: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confirming:
+    """Hung ranks' agents asked (request ``mark``) for fresh statuses before the verdict."""
+
+    mark: int
+    ranks: set[int]
+    asked_at: float
 
 
 class Controller:
@@ -156,6 +168,7 @@ class Controller:
         self.metrics = metrics
         self._gpus_read_at = float("-inf")
         self._hangs_checked_at = float("-inf")
+        self._confirming: Confirming | None = None  # hung ranks whose fresh statuses are awaited
         if metrics is not None:
             events.subscribe(metrics.on_event)
             metrics.watch_ranks(self._rank_samples)
@@ -211,7 +224,7 @@ class Controller:
             failure = self._absorb(update)
             if failure is not None:
                 failures.append(failure)
-        if self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
+        if self._confirming is not None or self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
             self._hangs_checked_at = self._clock()
             failures += self._hangs()
         failures += self._checkpoint_failures
@@ -553,6 +566,7 @@ class Controller:
         stale = [r for r in training if idle(self._views[r]) > limit(self._views[r])
                  or silent(self._views[r]) > ft.hang_timeout_s]
         if not stale:
+            self._confirming = None
             return []
 
         # Silent past hang_timeout_s is frozen whatever the heartbeat; a user who sets it below
@@ -568,6 +582,8 @@ class Controller:
         culprits = [r for r in stale if frozen(self._views[r]) or not self._views[r].in_collective]
         if not culprits and stale == training and not any(v.failed for v in self._views.values()):
             culprits = stale
+        if not self._confirmed(culprits, now):
+            return []
         failures = []
         for rank in culprits:
             view = self._views[rank]
@@ -582,6 +598,21 @@ class Controller:
             failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=message))
         self.group.kill(culprits)
         return failures
+
+    def _confirmed(self, culprits: list[int], now: float) -> bool:
+        """Whether hung ``culprits`` may be killed: a rank's liveness and (but for rank 0's) its steps
+        arrive with its node's heartbeat, seconds old, so the verdict waits until their agents have
+        answered a request for fresh statuses (at once), or ``CONFIRM_S`` at most."""
+        if not culprits:
+            self._confirming = None
+            return False
+        if self._confirming is None or not set(culprits) <= self._confirming.ranks:
+            self._confirming = Confirming(mark=self.group.poll_mark(culprits), ranks=set(culprits), asked_at=now)
+            return False
+        if self.group.unheard(self._confirming.mark, culprits) and now - self._confirming.asked_at < CONFIRM_S:
+            return False
+        self._confirming = None
+        return True
 
     def _check_quiet_script(self) -> None:
         """For a script that has reported no step in this run: start the spares once it has run a while,

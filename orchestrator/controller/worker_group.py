@@ -129,8 +129,9 @@ class WorkerGroup(Protocol):
     def poll(self) -> list[RankUpdate]:
         """An update for each rank this poll learned something about (its node's agent sent its status, or was lost)."""
 
-    def poll_mark(self) -> int:
-        """Ask every node's agent for its status now; the request is the mark for :meth:`unheard`."""
+    def poll_mark(self, ranks: Collection[int] | None = None) -> int:
+        """Ask the agents of ``ranks`` (every node's agent by default) for their status now; the
+        request is the mark for :meth:`unheard`."""
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
         """Those of ``ranks`` whose node's agent has not answered request ``mark`` (and is not known
@@ -333,8 +334,8 @@ class RayWorkerGroup:
         best = self._skews[node] = min(self._skews.get(node, sample), sample)
         return best if abs(best) > _SKEW_TOLERANCE_S else 0.0
 
-    def poll_mark(self) -> int:
-        return self._inbox.ask(self._live_agents())
+    def poll_mark(self, ranks: Collection[int] | None = None) -> int:
+        return self._inbox.ask(self._live_agents() if ranks is None else sorted(self._by_agent(ranks)))
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
         return sorted(rank for rank in ranks if (index := self._home(rank)) not in self._dead
