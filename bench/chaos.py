@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.controller.reaper import marked_pids, pids_running_from, ray_temp_dir  # noqa: E402
-from orchestrator.monitor.events import read_events  # noqa: E402
+from orchestrator.events import read_events  # noqa: E402
 
 CONFIG = REPO / "cluster_configs" / "local.yaml"
 KINDS = ("sigkill", "sigstop", "raise", "kill_during_save", "kill_spare", "kill_zygote", "kill_actor",

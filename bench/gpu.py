@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.monitor.events import read_events  # noqa: E402
+from orchestrator.events import read_events  # noqa: E402
 from orchestrator.monitor.metrics import PEAK_FLOPS  # noqa: E402
 
 CONFIG = REPO / "cluster_configs" / "local.yaml"

@@ -22,8 +22,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from orchestrator.monitor.events import read_events
-from orchestrator.worker.env import with_interpreter_tools
+from orchestrator.events import read_events
+from orchestrator.installation import with_interpreter_tools
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import load_config
-from orchestrator.monitor.events import read_events
-from orchestrator.worker.env import local_cpu_count, with_interpreter_tools
+from orchestrator.events import read_events
+from orchestrator.installation import with_interpreter_tools
+from orchestrator.worker.env import local_cpu_count
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "cluster_configs" / "local.yaml"

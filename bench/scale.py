@@ -62,10 +62,8 @@ from orchestrator.config import load_config
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.inbox import Inbox
 from orchestrator.controller.worker_group import RayWorkerGroup
-from orchestrator.monitor.events import EventLog
-from orchestrator.monitor.metrics import JobMetrics
-from orchestrator.run_dir import RunDir
-from orchestrator.worker.messages import (
+from orchestrator.events import EventLog
+from orchestrator.messages import (
     CheckpointSaved,
     Error,
     NodeBeat,
@@ -76,6 +74,8 @@ from orchestrator.worker.messages import (
     Step,
     encode_status,
 )
+from orchestrator.monitor.metrics import JobMetrics
+from orchestrator.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "cluster_configs" / "local.yaml"

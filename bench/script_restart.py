@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.monitor.events import read_events  # noqa: E402
-from orchestrator.worker.env import local_cpu_count, with_interpreter_tools  # noqa: E402
+from orchestrator.events import read_events  # noqa: E402
+from orchestrator.installation import with_interpreter_tools  # noqa: E402
+from orchestrator.worker.env import local_cpu_count  # noqa: E402
 from tests.helpers import descendants  # noqa: E402
 
 SCRIPT = REPO / "tests" / "scripts" / "hf_clm.py"

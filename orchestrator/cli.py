@@ -449,7 +449,7 @@ def parse_fault(text: str, world_size: int) -> dict[str, Any]:
 def _launch(args: argparse.Namespace) -> int:
     config = _load(args)
     if config.cluster.device == "cpu":
-        from orchestrator.worker.env import cpu_op_problem
+        from orchestrator.installation import cpu_op_problem
 
         problem = cpu_op_problem()
         if problem is not None:
@@ -536,7 +536,7 @@ def _summary(step: int | None, loss: float | None) -> str:
 
 def _open_events(path: Path) -> Any:
     """The run's event log, opened for appending; a path that is not a plain file is a user error."""
-    from orchestrator.monitor.events import EventLog
+    from orchestrator.events import EventLog
 
     try:
         return EventLog(path)
@@ -560,7 +560,7 @@ def _serve_metrics(config: Config, prediction: dict[str, Any] | None) -> tuple[A
 
 def _metrics(args: argparse.Namespace) -> int:
     """Print a run's metrics endpoint and a Prometheus scrape config for it."""
-    from orchestrator.monitor.events import read_events
+    from orchestrator.events import read_events
     from orchestrator.monitor.exporter import scrape_config
     from orchestrator.run_dir import RunDir
 

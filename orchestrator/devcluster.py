@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.controller.reaper import sweep
+from orchestrator.dev_clusters import state_root
 from orchestrator.errors import ClusterError, ConfigError
 
 NODE_MARK_ENV = "ORCH_DEV_NODE"
@@ -53,10 +54,6 @@ _RAY_FAILURE_SETTINGS = {
     "RAY_health_check_failure_threshold": "3",
     "RAY_gcs_rpc_server_reconnect_timeout_s": "10",
 }
-
-
-def state_root() -> Path:
-    return Path(os.environ.get("ORCH_DEV_CLUSTER_DIR", "/tmp/orch-dc"))
 
 
 @dataclass(kw_only=True)
@@ -182,18 +179,6 @@ def partition(name: str, index: int) -> None:
     if not cluster.namespaces:
         raise ConfigError(f"dev cluster {name} runs on 127.0.0.1 (no network namespaces): a node cannot be partitioned")
     _ip("link", "set", node.veth, "down")
-
-
-def token_for(address: str) -> Path | None:
-    """The Ray token of the dev cluster at ``address``, if one of ours runs there."""
-    for path in state_root().glob("*/cluster.json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("address") == address:
-            return path.parent / "token"
-    return None
 
 
 def namespaces_available() -> bool:

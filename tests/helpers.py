@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest
-from orchestrator.monitor.events import read_events
+from orchestrator.events import read_events
 from orchestrator.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.monitor.events import EventLog
+from orchestrator.events import EventLog
 from orchestrator.run_dir import RunDir
 from tests.helpers import LOCAL_CONFIG, cli, commit_for_test, launch_args
 

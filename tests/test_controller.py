@@ -18,13 +18,13 @@ from orchestrator.controller.states import (
     Recovering,
     Running,
     Starting,
+    State,
     Succeeded,
 )
 from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
-from orchestrator.monitor.events import EventLog, read_events
-from orchestrator.run_dir import RunDir
-from orchestrator.worker.messages import (
+from orchestrator.events import EventLog, read_events
+from orchestrator.messages import (
     CheckpointFailed,
     CheckpointSaved,
     Error,
@@ -34,6 +34,7 @@ from orchestrator.worker.messages import (
     Resumed,
     Step,
 )
+from orchestrator.run_dir import RunDir
 from tests.helpers import LOCAL_CONFIG, commit_for_test, failed_ranks, of_kind
 
 
@@ -64,7 +65,6 @@ class FakeGroup:
         self.on_interrupt: dict[int, dict] = {}
         self.unheard_script: list[list[int]] = []  # overrides what the polls' answers say
         self.polls = 0
-        self.last_scripted: list[RankUpdate] = []
         self.heard: dict[int, int] = {}  # rank -> the poll its actor last answered
         self.lost: set[int] = set()
         self.missing: list[int] = []  # node slots the next replace_lost finds no place for
@@ -90,7 +90,7 @@ class FakeGroup:
     def poll(self):
         self.polls += 1
         if self.script:
-            updates = self.last_scripted = self.script.pop(0)
+            updates = self.script.pop(0)
         else:
             updates = [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
         for update in updates:
@@ -101,11 +101,6 @@ class FakeGroup:
         return updates
 
     def poll_mark(self, ranks=None):
-        # Agents asked about suspects answer at once with their ranks as they are: as last
-        # scripted, reports aside.
-        if ranks is not None and self.last_scripted and not self.script:
-            self.script.insert(0, [dataclasses.replace(u, reports=[]) for u in self.last_scripted
-                                   if u.lost is None and u.returncode is None])
         return self.polls
 
     def unheard(self, mark, ranks):
@@ -435,7 +430,10 @@ def _started(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
 
 
 def _verdict(ctl: Controller, group: FakeGroup) -> State:
-    """One look finds hang suspects and asks their agents for fresh statuses; the next judges on them."""
+    """One look finds hang suspects and asks their agents for fresh statuses; the next judges on them
+    (unless scripted otherwise, the agents answer with their ranks as they were)."""
+    if len(group.script) == 1:
+        group.script.append([dataclasses.replace(u, reports=[]) for u in group.script[0]])
     _, current = ctl.step()
     assert isinstance(current, Running) and not group.killed, "nobody is judged on heartbeat-old statuses"
     return ctl.step()[1]

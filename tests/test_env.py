@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.config import load_config
-from orchestrator.worker.env import RankPlacement, rank_env, with_interpreter_tools
+from orchestrator.installation import with_interpreter_tools
+from orchestrator.worker.env import RankPlacement, rank_env
 from tests.helpers import LOCAL_CONFIG, cli, launch_args
 
 
@@ -40,7 +41,7 @@ def test_training_processes_use_this_interpreters_tools() -> None:
 
 
 def test_a_launch_never_compiles_deepspeeds_cpu_ops_and_names_a_stale_lock(tmp_path: Path) -> None:
-    from orchestrator.worker.env import CPU_OPS, cpu_op_problem
+    from orchestrator.installation import CPU_OPS, cpu_op_problem
 
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
     assert "deepspeed_shm_comm, fused_adam, cpu_adam are not built in" in cpu_op_problem(env)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.worker import messages
+from orchestrator import messages
 from orchestrator.agent.hosted import HostedProcess
-from orchestrator.worker.messages import MalformedMessage, Step, decode, encode
+from orchestrator.messages import MalformedMessage, Step, decode, encode
 
 EXAMPLES = [
     messages.Prepare(config={"train": {"steps": 3}}),

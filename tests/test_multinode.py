@@ -21,6 +21,7 @@ import pytest
 
 from orchestrator import devcluster
 from orchestrator.controller.reaper import marked_pids
+from orchestrator.dev_clusters import state_root
 from tests.helpers import (
     FOUR_RANKS,
     FOUR_RANKS_TRAINING,
@@ -55,7 +56,7 @@ def _up(nodes: int) -> dict[str, Any]:
 def _down(cluster: dict[str, Any]) -> None:
     result = cli("dev-cluster", "down", cluster["name"], timeout=120)
     assert result.returncode == 0, result.stderr
-    assert not (devcluster.state_root() / cluster["name"]).exists()
+    assert not (state_root() / cluster["name"]).exists()
     assert not any(marked_pids(f"{cluster['name']}:{n['index']}", set(), env=devcluster.NODE_MARK_ENV)
                    for n in cluster["nodes"]), "dev-cluster down left a process behind"
 

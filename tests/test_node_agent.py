@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.agent.hosted import HostedProcess
 from orchestrator.agent.node_agent import NodeAgent
-from orchestrator.worker.messages import Rejoin
+from orchestrator.messages import Rejoin
 
 
 def _rejoin(rank: int) -> Rejoin:

@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.loader import load_config
-from orchestrator.monitor.events import EventLog
+from orchestrator.events import EventLog
 from orchestrator.scaling import law
 from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, non_embedding_params, tokens_per_step
 from orchestrator.scaling.predict import points_of
 from orchestrator.scaling.sweep import sweep_dir
 from tests.helpers import (
-    LOCAL_CONFIG, cli, descendants, events, interrupt, of_kind, start_cli, wait_for_event, wait_gone,
+    LOCAL_CONFIG,
+    cli,
+    descendants,
+    events,
+    interrupt,
+    of_kind,
+    start_cli,
+    wait_for_event,
+    wait_gone,
 )
 
 # One rank per run, so that two runs share the machine's two cores; evaluation along the way for L(N, D).

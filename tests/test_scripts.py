@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.worker.env import with_interpreter_tools
+from orchestrator.installation import with_interpreter_tools
 from tests.helpers import (
     REPO,
     cli,

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.agent.node_agent import NodeAgent, UplinkSettings
 from orchestrator.agent.uplink import Uplink
 from orchestrator.controller.inbox import Inbox, Received
-from orchestrator.worker.messages import NodeStatus
+from orchestrator.messages import NodeStatus
 
 TOKEN = "t0ken"
 
@@ -142,7 +142,7 @@ def test_a_status_carries_every_step_of_rank_0_and_the_beat_the_latest_of_every_
     time), which the heartbeat's columns carry: no status per rank for a step alone."""
     from types import SimpleNamespace
 
-    from orchestrator.worker.messages import CheckpointSaved, RankStatus, Step
+    from orchestrator.messages import CheckpointSaved, RankStatus, Step
 
     def proc(pid: int, reports: list) -> SimpleNamespace:
         status = RankStatus(pid=pid, reports=reports, returncode=None, alive_at=5.0, where="x.py:1",
@@ -169,7 +169,7 @@ def test_a_status_carries_every_step_of_rank_0_and_the_beat_the_latest_of_every_
 def test_a_ranks_first_step_in_an_attempt_is_news_and_its_later_ones_are_not(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from orchestrator.worker.messages import Saving, Step
+    from orchestrator.messages import Saving, Step
 
     agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)
     rank0, rank1 = SimpleNamespace(stepping_in=None), SimpleNamespace(stepping_in=None)

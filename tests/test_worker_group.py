@@ -12,7 +12,7 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.controller.inbox import Received
 from orchestrator.controller.worker_group import RayWorkerGroup
-from orchestrator.worker.messages import Error, NodeStatus, RankStatus, Step
+from orchestrator.messages import Error, NodeStatus, RankStatus, Step
 from tests.helpers import LOCAL_CONFIG
 
 
@@ -178,7 +178,7 @@ def test_a_status_of_a_process_the_rank_no_longer_runs_in_is_not_the_ranks(tmp_p
 
 
 def test_a_beat_is_every_ranks_liveness_and_latest_step_of_the_process_it_runs_in(tmp_path: Path) -> None:
-    from orchestrator.worker.messages import NodeBeat
+    from orchestrator.messages import NodeBeat
 
     group = _group(tmp_path, ["cluster.workers_per_node=2"], [("node-a", "127.0.0.1")])
     group._pids = {0: 10, 1: 11}

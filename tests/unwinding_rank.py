@@ -4,8 +4,8 @@ ready) with ``UNWIND=leave``, or never with ``UNWIND=stay``; with ``UNWIND=left`
 
 import os
 
+from orchestrator.messages import Ready
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.messages import Ready
 
 channel = Channel.from_fd(int(os.environ[CONTROL_FD_ENV]))
 if os.environ["UNWIND"] == "left":

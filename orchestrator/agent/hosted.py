@@ -21,10 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.run_dir import append_fd
-from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.env import with_interpreter_tools
-from orchestrator.worker.messages import (
+from orchestrator.installation import with_interpreter_tools
+from orchestrator.messages import (
     Alive,
     Exited,
     Fork,
@@ -39,6 +37,8 @@ from orchestrator.worker.messages import (
     Start,
     Step,
 )
+from orchestrator.run_dir import append_fd
+from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.process import PARENT_PID_ENV
 
 _LOG_TAIL_BYTES = 8192

@@ -15,23 +15,19 @@ controller acts on it through Ray calls. A slow controller cannot stall training
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import signal
 import socket
 import sys
 import threading
 import time
-import os
 from pathlib import Path
 from typing import Any
 
 from orchestrator.agent.hosted import HostedProcess, Zygote, ZygoteUnavailable
 from orchestrator.agent.uplink import Uplink
-from orchestrator.monitor.gpu import GpuCollector, GpuReading
-from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
-from orchestrator.run_dir import append_fd
-from orchestrator.worker.env import local_cpu_count
-from orchestrator.worker.messages import (
+from orchestrator.messages import (
     Interrupt,
     NodeBeat,
     NodeStatus,
@@ -45,6 +41,10 @@ from orchestrator.worker.messages import (
     Step,
     Warm,
 )
+from orchestrator.monitor.gpu import GpuCollector, GpuReading
+from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
+from orchestrator.run_dir import append_fd
+from orchestrator.worker.env import local_cpu_count
 
 SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s

@@ -8,7 +8,7 @@ the controller asks, and otherwise once a heartbeat; the controller reads every 
 thread and answers each with an acknowledgement, which renews the agent's lease.
 
 The wire: JSON lines. The agent's first line is its hello (run token, agent index, incarnation);
-then one :func:`~orchestrator.worker.messages.encode_status` per push. The controller sends
+then one :func:`~orchestrator.messages.encode_status` per push. The controller sends
 ``{"ack": n}`` (push ``n`` received) and ``{"ask": k}`` (request ``k``: push now). A push not yet
 acknowledged is sent again after a reconnection; the controller drops numbers it has seen.
 """
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.worker.messages import NodeStatus, encode_status
+from orchestrator.messages import NodeStatus, encode_status
 
 _RECONNECT_PAUSE_S = 0.2
 _CONNECT_TIMEOUT_S = 5.0

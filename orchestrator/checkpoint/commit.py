@@ -24,8 +24,8 @@ from pathlib import Path
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, fsync_dir
 from orchestrator.config.schema import Config
-from orchestrator.monitor.events import EventLog
-from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved
+from orchestrator.events import EventLog
+from orchestrator.messages import CheckpointFailed, CheckpointSaved
 
 
 @dataclass(frozen=True, kw_only=True)

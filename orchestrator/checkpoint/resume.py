@@ -22,8 +22,8 @@ from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import Manifest, verify
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
-from orchestrator.monitor.events import EventLog
-from orchestrator.worker.env import with_interpreter_tools
+from orchestrator.events import EventLog
+from orchestrator.installation import with_interpreter_tools
 
 CONVERSION_TIMEOUT_S = 3600.0
 

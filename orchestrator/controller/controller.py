@@ -23,11 +23,8 @@ from orchestrator.controller.failures import Failure, failure_from, one_per_rank
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
 from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerGroup, WorkerInfo
-from orchestrator.monitor.events import EventLog
-from orchestrator.monitor.metrics import JobMetrics, RankSample
-from orchestrator.monitor.progress import ProgressDisplay
-from orchestrator.run_dir import RunDir
-from orchestrator.worker.messages import (
+from orchestrator.events import EventLog
+from orchestrator.messages import (
     CheckpointFailed,
     CheckpointSaved,
     CheckpointSkipped,
@@ -41,6 +38,9 @@ from orchestrator.worker.messages import (
     ScriptCheckpoint,
     Step,
 )
+from orchestrator.monitor.metrics import JobMetrics, RankSample
+from orchestrator.monitor.progress import ProgressDisplay
+from orchestrator.run_dir import RunDir
 
 # Steady state: every poll costs the agents and Ray CPU that training could use. While a
 # failure is being handled, poll fast.
@@ -295,24 +295,28 @@ class Controller:
         errors are all there is, their cause is not seen yet (a node gone at once, agent and all):
         then every node's agent must answer again, or be found lost.
         """
-        mark = self.group.poll_mark()
+        def unexplained() -> bool:
+            return all(f.reason == "exception" and f.collective for f in failures)
+
+        # Only the agents whose answer is awaited are asked: at 2,048 nodes, asking all is a burst
+        # of 2,048 statuses to read while the decision waits.
         suspects = {f.rank for f in failures if f.reason != "exception"}
+        everyone = range(self.group.world_size)
+        mark = self.group.poll_mark(everyone if unexplained() else suspects)
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
-        everyone = range(self.group.world_size)
         while self._clock() < give_up:
             settled = all(v.failed or v.ready or not v.running for v in self._views.values())
-            unexplained = all(f.reason == "exception" and f.collective for f in failures)
-            if (not self.group.unheard(mark, everyone if unexplained else suspects)
+            if (not self.group.unheard(mark, everyone if unexplained() else suspects)
                     and (settled or self._clock() >= start + SETTLE_S)):
                 break
             self.wait(fast=True)
             new = self.observe()
+            failures = failures + new
             signs = {f.rank for f in new if f.reason != "exception"}
             if signs:
-                mark = self.group.poll_mark()
                 suspects |= signs
-            failures = failures + new
+                mark = self.group.poll_mark(suspects)
         return one_per_rank(failures)
 
     def decide(self, failures: list[Failure]) -> Decision:

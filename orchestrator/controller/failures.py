@@ -10,16 +10,14 @@ from __future__ import annotations
 import signal as signals
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from orchestrator.controller.worker_group import RankUpdate
-from orchestrator.worker.messages import Error
+from orchestrator.messages import Error
+from orchestrator.types import Reason
 
 # Lines of the rank's traceback or log that travel with its failure_detected event.
 _TAIL_LINES = 20
-
-Reason = Literal["exit", "signal", "hang", "node_lost", "exception", "checkpoint"]
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Failure:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.worker.messages import MalformedMessage, NodeStatus, decode_status
+from orchestrator.messages import MalformedMessage, NodeStatus, decode_status
 
 _SELECT_S = 0.2
 _HELLO_TIMEOUT_S = 10.0

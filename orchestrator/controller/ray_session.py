@@ -25,6 +25,7 @@ from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.controller.reaper import RUN_TOKEN_ENV, pids_running_from, ray_temp_dir
+from orchestrator.dev_clusters import token_for
 from orchestrator.errors import ClusterError
 from orchestrator.worker.env import local_cpu_count
 
@@ -133,9 +134,7 @@ def _signal_handlers_kept() -> Iterator[None]:
 
 def _use_dev_cluster_token(address: str) -> None:
     """A dev cluster of this machine (``orchestrator dev-cluster``) keeps its token in its state directory."""
-    from orchestrator import devcluster
-
-    token = devcluster.token_for(address)
+    token = token_for(address)
     if token is not None and "RAY_AUTH_TOKEN" not in os.environ:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))

@@ -30,9 +30,9 @@ from typing import Any, Protocol
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
+from orchestrator.messages import NodeStatus, RankStatus, Rejoin, Report, Start
 from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
-from orchestrator.worker.messages import NodeStatus, RankStatus, Rejoin, Report, Start
 
 _PLACEMENT_TIMEOUT_S = 120.0
 _FENCE_MARGIN_S = 0.5

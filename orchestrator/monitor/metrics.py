@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.controller.failures import Reason
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
 from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
+from orchestrator.types import Reason
 
 # Dense fp32 peak FLOP/s by a part of NVML's model name, most specific first (training runs in
 # fp32); for model FLOPs utilisation. Other devices get no MFU.

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
-from orchestrator.monitor.events import read_events
+from orchestrator.events import read_events
 from orchestrator.scaling import law
 from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, non_embedding_params, tokens_per_step
 from orchestrator.scaling.sweep import status, sweep_dir

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.monitor.events import read_events
+from orchestrator.events import read_events
 from orchestrator.scaling.plan import Plan, PlannedRun, as_set
 
 # How often the progress view reads the runs' event logs.

@@ -15,7 +15,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from orchestrator.worker.messages import Message, Report, decode, encode
+from orchestrator.messages import Message, Report, decode, encode
 
 CONTROL_FD_ENV = "ORCH_CONTROL_FD"
 

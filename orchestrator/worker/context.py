@@ -15,10 +15,10 @@ from typing import Any
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
+from orchestrator.installation import use_prebuilt_cpu_op
+from orchestrator.messages import CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
 from orchestrator.worker import rendezvous
 from orchestrator.worker.channel import Channel
-from orchestrator.worker.env import use_prebuilt_cpu_op
-from orchestrator.worker.messages import CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
 from orchestrator.worker.reporter import Reporter
 
 # While a save is being written, the rank tells the controller it is busy, not hung, this often.

@@ -44,13 +44,8 @@ from typing import Any, NoReturn
 from orchestrator.checkpoint.writer import BackgroundWriter
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
-from orchestrator.run_dir import append_fd
-from orchestrator.worker import rendezvous, reporter, script
-from orchestrator.worker.abort import AttemptConnections
-from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.env import use_prebuilt_cpu_op
-from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
-from orchestrator.worker.messages import (
+from orchestrator.installation import use_prebuilt_cpu_op
+from orchestrator.messages import (
     Alive,
     Error,
     Finished,
@@ -62,7 +57,12 @@ from orchestrator.worker.messages import (
     Start,
     Warm,
 )
+from orchestrator.run_dir import append_fd
+from orchestrator.worker import rendezvous, reporter, script
+from orchestrator.worker.abort import AttemptConnections
+from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.context import TrainContext
+from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
 from orchestrator.worker.teardown import tear_down
 
 PARENT_PID_ENV = "ORCH_PARENT_PID"

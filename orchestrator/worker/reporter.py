@@ -12,9 +12,9 @@ import threading
 import time
 from typing import Any
 
+from orchestrator.messages import FaultInjected, Resumed, Saving, ScriptCheckpoint, Step
 from orchestrator.worker import faults as fault_injection
 from orchestrator.worker.channel import Channel
-from orchestrator.worker.messages import FaultInjected, Resumed, Saving, ScriptCheckpoint, Step
 
 _STEP_METRICS = ("tokens", "lr", "grad_norm", "flops")
 

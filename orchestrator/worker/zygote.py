@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.messages import Exited, Fork, Forked, Message, Prepare, Prepared, decode, encode
 from orchestrator.worker.channel import CONTROL_FD_ENV
-from orchestrator.worker.messages import Exited, Fork, Forked, Message, Prepare, Prepared, decode, encode
 
 _REAP_INTERVAL_S = 0.2
 _THREADS_EXIT_S = 2.0
