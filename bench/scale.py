@@ -610,7 +610,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     metrics = JobMetrics(per_rank_limit=config.metrics.per_rank_limit)
     ctl = Controller(config, run, group, events, _NullDisplay(), metrics=metrics)
     seen: list[dict[str, Any]] = []
-    events.subscribe(lambda e: seen.append(e) if e["event"] in (
+    events.subscribe(lambda e: seen.append(e.record()) if e.event in (
         "recovery_started", "recovery_finished", "failure_detected", "step") else None)
 
     def run_until(done: Any, timeout: float = _SCENARIO_TIMEOUT_S) -> None:

@@ -466,6 +466,7 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.controller.reaper import Reaper
     from orchestrator.controller.states import Failed
     from orchestrator.controller.worker_group import RayWorkerGroup
+    from orchestrator.events import MetricsStarted
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
@@ -484,7 +485,7 @@ def _launch(args: argparse.Namespace) -> int:
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
     display = make_progress()
     if server is not None:
-        events.emit("metrics_started", url=server.url, target=server.target)
+        events.emit(MetricsStarted(url=server.url, target=server.target))
         display.note(f"metrics: {server.url}")
     group = RayWorkerGroup(config, run.path, run_id=run.run_id)
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics)
@@ -560,21 +561,21 @@ def _serve_metrics(config: Config, prediction: dict[str, Any] | None) -> tuple[A
 
 def _metrics(args: argparse.Namespace) -> int:
     """Print a run's metrics endpoint and a Prometheus scrape config for it."""
-    from orchestrator.events import read_events
+    from orchestrator.events import MetricsStarted, RunFinished, read_typed
     from orchestrator.monitor.exporter import scrape_config
     from orchestrator.run_dir import RunDir
 
     path = Path(args.run_dir)
     if not (path / "events.jsonl").exists():
         raise ConfigError(f"RUN_DIR {path}: no events.jsonl; is it a run directory?")
-    evs = read_events(path / "events.jsonl")
-    started = [e for e in evs if e["event"] == "metrics_started"]
+    evs = read_typed(path / "events.jsonl")
+    started = [e for e in evs if isinstance(e, MetricsStarted)]
     if not started:
         raise ConfigError(f"RUN_DIR {path}: this run never served metrics (metrics.enabled=false?)")
     last = started[-1]
-    running = not any(e["event"] == "run_finished" and e["ts"] >= last["ts"] for e in evs)
-    print(f"endpoint: {last['url']} ({'running' if running else 'run finished; endpoint closed'})")
-    print(scrape_config(last["target"], RunDir.read_id(path)), end="")
+    running = not any(isinstance(e, RunFinished) and e.ts >= last.ts for e in evs)
+    print(f"endpoint: {last.url} ({'running' if running else 'run finished; endpoint closed'})")
+    print(scrape_config(last.target, RunDir.read_id(path)), end="")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import events as ev
 from orchestrator.events import EventLog
 from orchestrator.run_dir import RunDir
 from tests.helpers import LOCAL_CONFIG, cli, commit_for_test, launch_args
@@ -125,8 +126,9 @@ def existing_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory as a finished run leaves it: run id, events, logs, two committed checkpoints."""
     run = RunDir.open(tmp_path_factory.mktemp("existing") / "run")
     events = EventLog(run.events)
-    events.emit("run_started", run_id=run.run_id, world_size=2, resumed_from_step=0)
-    events.emit("run_finished", status="succeeded", final_loss=2.5)
+    events.emit(ev.RunStarted(run_id=run.run_id, world_size=2, resumed_from_step=0, config={}))
+    events.emit(ev.RunFinished(status="succeeded", step=20, final_loss=2.5, restarts=0, restarts_by_reason={},
+                               failures_by_reason={}))
     events.close()
     (run.logs / "rank0.log").write_text("step 20\n")
     for step in (10, 20):

@@ -1,4 +1,5 @@
-"""The docs stay true to the code: every config key documented with its default; README commands."""
+"""The docs stay true to the code: every config key documented with its default, every event with its
+fields; README commands; the module map."""
 
 from __future__ import annotations
 
@@ -82,14 +83,15 @@ def test_every_module_is_in_the_architecture_map() -> None:
     assert not named - modules, f"docs/architecture.md's module map names files that do not exist: {sorted(named - modules)}"
 
 
-def test_every_emitted_event_is_documented() -> None:
-    text = (REPO / "docs" / "events.md").read_text()
+def test_every_event_record_is_written_somewhere() -> None:
+    from orchestrator.events import EVENTS
+
     emitted = set()
     for path in (REPO / "orchestrator").rglob("*.py"):
-        emitted |= set(re.findall(r'\.emit\(\s*"(\w+)"', path.read_text()))
+        emitted |= set(re.findall(r"\.emit\(\s*(?:ev\.)?(\w+)\(", path.read_text()))
     assert emitted, "no emit() calls found: the pattern is stale"
-    missing = sorted(e for e in emitted if f"## `{e}`" not in text)
-    assert not missing, f"docs/events.md has no section for {missing}"
+    unused = sorted(cls.__name__ for cls in EVENTS.values() if cls.__name__ not in emitted)
+    assert not unused, f"event records nothing writes: {unused}"
 
 
 def test_docs_link_nothing_outside_the_repository() -> None:
@@ -99,3 +101,27 @@ def test_docs_link_nothing_outside_the_repository() -> None:
                 continue
             assert (path.parent / target).resolve().is_relative_to(REPO), f"{path.name} links {target}"
         assert "../shared" not in path.read_text(), f"{path.name} cites a file outside the repository"
+
+
+def _documented_fields(section: str) -> set[str]:
+    """The field names in the first column of a docs/events.md section's table."""
+    fields = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            fields |= set(re.findall(r"`(\w+)`", line.split("|")[1]))
+    return fields
+
+
+def test_every_event_record_has_the_fields_the_docs_list_both_ways() -> None:
+    import dataclasses
+
+    from orchestrator.events import EVENTS
+
+    text = (REPO / "docs" / "events.md").read_text()
+    sections = {m.group(1): m.group(2) for m in re.finditer(r"^## `(\w+)`\n(.*?)(?=^## |\Z)", text, re.S | re.M)}
+    assert set(sections) == set(EVENTS), "one section per event record, and one record per section"
+    for name, cls in EVENTS.items():
+        fields = {f.name for f in dataclasses.fields(cls)} - {"ts", "extra"}
+        documented = _documented_fields(sections[name])
+        assert fields == documented, (f"{name}: docs/events.md lists {sorted(documented - fields)} that the record "
+                                      f"lacks, and lacks {sorted(fields - documented)}")

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pynvml
 import pytest
 
+from orchestrator.events import Step, WorkerStarted
 from orchestrator.monitor.gpu import FIELDS, GpuCollector
 from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.simulated_nvml import (
@@ -20,7 +21,6 @@ from orchestrator.monitor.simulated_nvml import (
     simulated_gpu,
 )
 from tests.helpers import REPO
-
 
 
 def _gpu(**overrides) -> dict:
@@ -150,13 +150,13 @@ def test_exposition_uses_dcgm_names_with_the_rank_and_node_of_each_gpu() -> None
     reading = GpuCollector(indices=[0], nvml=SimulatedNVML({0: _gpu()}), hostname="n").collect()
     metrics.update_gpus([replace(reading, ranks={"0": "0"}, node="10.0.0.2")])
     metrics.watch_ranks(lambda: [RankSample(0, True, 0.1, 1, 0.1)])
-    metrics.on_event({"event": "worker_started", "ts": 1.0, "rank": 0, "pid": 1, "node_ip": "10.0.0.2"})
+    metrics.on_event(_worker(1.0, "10.0.0.2"))
     text = _exposition(metrics)
     assert ('DCGM_FI_DEV_GPU_UTIL{DCGM_FI_DRIVER_VERSION="550.90.07",Hostname="n",UUID="GPU-0000",device="nvidia0",'
             'gpu="0",instance="10.0.0.2",modelName="NVIDIA H100 80GB HBM3",node="10.0.0.2",'
             'pci_bus_id="00000000:18:00.0",rank="0"} 87.0') in text
     assert 'orchestrator_rank_info{node="10.0.0.2",rank="0"} 1.0' in text
-    metrics.on_event({"event": "worker_started", "ts": 2.0, "rank": 0, "pid": 2, "node_ip": "10.0.0.3"})
+    metrics.on_event(_worker(2.0, "10.0.0.3"))
     text = _exposition(metrics)
     assert 'orchestrator_rank_info{node="10.0.0.3",rank="0"} 1.0' in text
     assert 'orchestrator_rank_info{node="10.0.0.2"' not in text, "a rank that moved is on its new node only"
@@ -174,7 +174,7 @@ def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) ->
     # One node's reading of both GPUs, each used by its local rank.
     metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
                                  ranks={"0": "0", "1": "1"})])
-    metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 2 * peak * 0.5 * 0.4})
+    metrics.on_event(Step(ts=1.0, step=1, loss=2.0, step_time_s=0.5, tokens_per_s=None, flops=2 * peak * 0.5 * 0.4))
     assert "orchestrator_model_flops_utilization 0.4" in _exposition(metrics)
 
 
@@ -184,8 +184,13 @@ def test_no_mfu_when_one_gpu_model_has_no_known_peak() -> None:
     # One node's reading of both GPUs, each used by its local rank.
     metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
                                  ranks={"0": "0", "1": "1"})])
-    metrics.on_event({"event": "step", "ts": 1.0, "step": 1, "loss": 2.0, "step_time_s": 0.5, "flops": 1e12})
+    metrics.on_event(Step(ts=1.0, step=1, loss=2.0, step_time_s=0.5, tokens_per_s=None, flops=1e12))
     assert "orchestrator_model_flops_utilization" not in _exposition(metrics)
+
+
+def _worker(ts: float, node_ip: str) -> WorkerStarted:
+    return WorkerStarted(ts=ts, rank=0, pid=1, node="n", node_ip=node_ip, node_id="id", attempt=0, spare=False,
+                         forked=False)
 
 
 def _exposition(metrics: JobMetrics) -> str:

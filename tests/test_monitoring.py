@@ -6,6 +6,7 @@ apt-get can run as root); without it these tests skip and say so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator import events as ev
 from orchestrator.monitor.goodput import GoodputTracker
 from orchestrator.monitor.metrics import JobMetrics, RankSample
 from tests.helpers import (
@@ -140,22 +142,49 @@ def test_taken_port_is_a_clear_error_before_anything_starts(tmp_path: Path) -> N
     assert not (tmp_path / "run").exists()
 
 
-def _event(kind: str, ts: float, **fields: Any) -> dict[str, Any]:
-    return {"event": kind, "ts": ts, **fields}
+CONFIG = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
+
+
+def _step(ts: float, step: int, step_time_s: float, loss: float | None = None, **fields: Any) -> ev.Step:
+    return ev.Step(ts=ts, step=step, loss=loss, step_time_s=step_time_s, tokens_per_s=fields.pop("tokens_per_s", None),
+                   **fields)
+
+
+def _started(ts: float, world_size: int = 2) -> ev.RunStarted:
+    return ev.RunStarted(ts=ts, run_id="r1", world_size=world_size, resumed_from_step=0, config=CONFIG)
+
+
+def _worker(ts: float, rank: int, node_ip: str) -> ev.WorkerStarted:
+    return ev.WorkerStarted(ts=ts, rank=rank, pid=rank, node="n", node_ip=node_ip, node_id="id", attempt=0,
+                            spare=False, forked=False)
+
+
+def _failed(ts: float, rank: int, reason: str, root_cause: bool = True) -> ev.FailureDetected:
+    return ev.FailureDetected(ts=ts, rank=rank, reason=reason, message="", attempt=0, detection_s=0.2 if root_cause else 0.01,
+                              root_cause=root_cause)
+
+
+def _committed(ts: float, step: int, blocked_s: float, seconds: float = 0.3, size: int = 1234) -> ev.CheckpointCommitted:
+    return ev.CheckpointCommitted(ts=ts, step=step, path="p", seconds=seconds, blocked_s=blocked_s, bytes=size)
+
+
+def _finished(ts: float) -> ev.RunFinished:
+    return ev.RunFinished(ts=ts, status="succeeded", step=4, final_loss=None, restarts=1, restarts_by_reason={},
+                          failures_by_reason={})
 
 
 def test_goodput_splits_wall_time_by_cause() -> None:
     tracker = GoodputTracker()
     for event in [
-        _event("run_started", 100.0, resumed_from_step=0),
-        _event("step", 110.0, step=1, step_time_s=1.0),            # startup 9 s
-        _event("step", 111.0, step=2, step_time_s=1.0),
-        _event("checkpoint_committed", 111.5, blocked_s=0.5),
-        _event("step", 113.0, step=3, step_time_s=1.0),
-        _event("failure_detected", 114.0, root_cause=True, detection_s=0.25),
-        _event("step", 116.0, step=3, step_time_s=1.0),            # recomputed: lost work; recovery 1 s
-        _event("step", 117.0, step=4, step_time_s=1.0),
-        _event("run_finished", 120.0),
+        _started(100.0),
+        _step(110.0, step=1, step_time_s=1.0),            # startup 9 s
+        _step(111.0, step=2, step_time_s=1.0),
+        _committed(111.5, step=2, blocked_s=0.5),
+        _step(113.0, step=3, step_time_s=1.0),
+        dataclasses.replace(_failed(114.0, 1, "signal"), detection_s=0.25),
+        _step(116.0, step=3, step_time_s=1.0),            # recomputed: lost work; recovery 1 s
+        _step(117.0, step=4, step_time_s=1.0),
+        _finished(120.0),
     ]:
         tracker.on_event(event)
     report = tracker.report(now=500.0)
@@ -168,15 +197,15 @@ def test_job_metrics_follow_the_event_log() -> None:
     from prometheus_client import generate_latest
 
     metrics = JobMetrics(clock=lambda: 130.0)
-    config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
     for event in [
-        _event("run_started", 100.0, run_id="r1", world_size=2, resumed_from_step=0, config=config),
-        _event("step", 110.0, step=7, loss=2.5, step_time_s=0.1, tokens_per_s=1000.0, lr=0.003, grad_norm=0.4),
-        _event("failure_detected", 111.0, rank=1, reason="signal", root_cause=True, detection_s=0.2),
-        _event("failure_detected", 111.0, rank=0, reason="exception", root_cause=False, detection_s=0.01),
-        _event("recovery_started", 111.5, reason="signal", attempt=1),
-        _event("checkpoint_committed", 112.0, step=10, seconds=0.3, blocked_s=0.02, bytes=1234),
-        _event("checkpoint_failed", 113.0, step=20, rank=0),
+        _started(100.0),
+        _step(110.0, step=7, loss=2.5, step_time_s=0.1, tokens_per_s=1000.0, lr=0.003, grad_norm=0.4),
+        _failed(111.0, rank=1, reason="signal"),
+        _failed(111.0, rank=0, reason="exception", root_cause=False),  # as older logs have them
+        ev.RecoveryStarted(ts=111.5, attempt=1, reason="signal", mode="in_place", replaced=[1], rejoined=[0],
+                           resume_from=None, restarts_left=2),
+        _committed(112.0, step=10, blocked_s=0.02),
+        ev.CheckpointFailed(ts=113.0, step=20, rank=0, path="p", error="No space left on device", message="m"),
     ]:
         metrics.on_event(event)
     metrics.watch_ranks(lambda: [RankSample(0, True, 0.5, 7, 0.1), RankSample(1, False, 4.0, 6, 0.3)])
@@ -199,14 +228,13 @@ def test_a_shrunk_job_has_no_series_for_the_ranks_it_dropped() -> None:
     from prometheus_client import generate_latest
 
     metrics = JobMetrics(clock=lambda: 130.0)
-    config = {"parallel": {"zero_stage": 2, "tensor_parallel": 1}}
-    metrics.on_event(_event("run_started", 100.0, run_id="r1", world_size=4, resumed_from_step=0, config=config))
+    metrics.on_event(_started(100.0, world_size=4))
     world = [RankSample(r, True, 0.5, 7, 0.1) for r in range(4)]
     metrics.watch_ranks(lambda: world)
     for r in range(4):
-        metrics.on_event(_event("worker_started", 101.0, rank=r, pid=r, node_ip=f"10.0.0.{r // 2}"))
-    metrics.on_event(_event("world_shrunk", 120.0, world_size=2, world_size_before=4, nodes=1, nodes_before=2,
-                            lost_node_slots=[1], global_batch=32, accumulation_steps=2))
+        metrics.on_event(_worker(101.0, r, f"10.0.0.{r // 2}"))
+    metrics.on_event(ev.WorldShrunk(ts=120.0, world_size=2, world_size_before=4, nodes=1, nodes_before=2,
+                                    lost_node_slots=[1], global_batch=32, accumulation_steps=2))
     del world[2:]  # the controller's view of the ranks after the shrink
     text = generate_latest(metrics.registry).decode()
     assert 'orchestrator_run_info{run_id="r1",tensor_parallel="1",world_size="2",zero_stage="2"} 1.0' in text
@@ -222,7 +250,7 @@ def test_above_the_per_rank_limit_ranks_are_served_per_node_with_quantiles_and_t
 
     metrics = JobMetrics(per_rank_limit=8)
     for r in range(16):
-        metrics.on_event(_event("worker_started", 1.0, rank=r, pid=r, node_ip=f"10.0.0.{r // 4}"))
+        metrics.on_event(_worker(1.0, r, f"10.0.0.{r // 4}"))
     samples = [RankSample(r, r != 5, 0.5 + r, 100 - r, 1.0 + r / 100) for r in range(16)]
     metrics.watch_ranks(lambda: samples)
     text = generate_latest(metrics.registry).decode()
@@ -250,12 +278,12 @@ def test_the_prediction_follows_the_evaluated_steps_and_a_mismatched_one_is_refu
     overrides = ["train.steps=1001", "evaluation.heldout_bytes=262144"]
     path = _prediction_for(overrides, tmp_path / "prediction.json")
     metrics = JobMetrics(prediction=load(path))
-    metrics.on_event(_event("step", 1.0, step=251, loss=3.0, step_time_s=0.1, heldout_loss=3.2))
+    metrics.on_event(_step(1.0, step=251, loss=3.0, step_time_s=0.1, heldout_loss=3.2))
     text = generate_latest(metrics.registry).decode()
     for line in ['orchestrator_predicted_final_loss{bound="point"} 2.0', 'orchestrator_predicted_final_loss{bound="high"} 2.1',
                  'orchestrator_heldout_loss 3.2', 'orchestrator_predicted_heldout_loss{bound="point"} 3.125']:
         assert line in text, line  # step 251: a quarter of the way from 3.5 (step 1) to 2.0 (step 1001)
-    metrics.on_event(_event("step", 2.0, step=252, loss=3.0, step_time_s=0.1))
+    metrics.on_event(_step(2.0, step=252, loss=3.0, step_time_s=0.1))
     assert 'orchestrator_predicted_heldout_loss{bound="point"} 3.125' in generate_latest(metrics.registry).decode(), \
         "the prediction moves only with an evaluation, so that the two compare the same step"
     assert for_run(path, load_config(REPO / "cluster_configs" / "local.yaml", overrides))["target"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import events as ev
 from orchestrator.config.loader import load_config
 from orchestrator.events import EventLog
 from orchestrator.scaling import law
@@ -106,8 +107,9 @@ def _finished_runs(plan: Plan, plan_path: Path, largest_off: float = 1.0) -> Non
         (sweep_dir(plan_path) / run.name).mkdir(parents=True)
         log = EventLog(sweep_dir(plan_path) / run.name / "events.jsonl")
         heldout = float(TRUE_LAW(run.compute_flops)) * noise * (largest_off if run is plan.runs[-1] else 1.0)
-        log.emit("step", step=steps, loss=9.9, heldout_loss=heldout)
-        log.emit("run_finished", status="succeeded", step=steps, heldout_loss=heldout)
+        log.emit(ev.Step(step=steps, loss=9.9, step_time_s=1.0, tokens_per_s=None, heldout_loss=heldout))
+        log.emit(ev.RunFinished(status="succeeded", step=steps, final_loss=9.9, heldout_loss=heldout, restarts=0,
+                                restarts_by_reason={}, failures_by_reason={}))
         log.close()
 
 

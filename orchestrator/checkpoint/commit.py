@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import events as ev
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, fsync_dir
 from orchestrator.config.schema import Config
@@ -65,19 +66,18 @@ class CommitTracker:
             manifest = self._commit(tag, reports)
         except OSError as exc:
             return self._fail(tag, report.step, None, exc.filename or str(self._checkpoints), _reason(exc))
-        self._events.emit(
-            "checkpoint_committed",
+        self._events.emit(ev.CheckpointCommitted(
             step=manifest.step,
             path=str(self._checkpoints / tag),
             seconds=max(r.blocked_s + r.write_s for r in reports.values()),
             blocked_s=max(r.blocked_s for r in reports.values()),
             bytes=manifest.total_bytes,
-        )
+        ))
         try:
             store.prune(self._checkpoints, self._config.checkpoint.keep_last, protect={tag, self.in_use or tag})
         except OSError as exc:  # the commit stands; an old checkpoint is kept a while longer
-            self._events.emit("warning", message=f"could not remove an old checkpoint in {self._checkpoints}: "
-                              f"{exc.strerror or exc} ({exc.filename or ''}); it is kept, remove it by hand")
+            self._events.emit(ev.RunWarning(message=f"could not remove an old checkpoint in {self._checkpoints}: "
+                                            f"{exc.strerror or exc} ({exc.filename or ''}); it is kept, remove it by hand"))
         return CommitOutcome(tag=tag, committed=True)
 
     def failed(self, rank: int, report: CheckpointFailed) -> CommitOutcome | None:
@@ -132,7 +132,7 @@ class CommitTracker:
         store.discard(store.staging_dir(self._checkpoints, self.attempt) / tag, self._checkpoints)
         where = f"rank {rank}" if rank is not None else "the controller"
         message = f"checkpoint {tag} not saved: {where} could not write {path}: {reason}"
-        self._events.emit("checkpoint_failed", step=step, rank=rank, path=path, error=reason, message=message)
+        self._events.emit(ev.CheckpointFailed(step=step, rank=rank, path=path, error=reason, message=message))
         return CommitOutcome(tag=tag, committed=False, message=message)
 
 

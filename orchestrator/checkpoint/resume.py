@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator import events as ev
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import Manifest, verify
 from orchestrator.config.schema import Config
@@ -81,15 +82,14 @@ def prepare(checkpoints: Path, manifest: Manifest, config: Config, events: Event
     target = store.universal_dir(checkpoints) / manifest.tag
     if not target.is_dir():  # renamed into place only once complete
         seconds = convert(checkpoints / manifest.tag, target, manifest.zero_stage)
-        events.emit("checkpoint_converted", step=manifest.step, path=str(target), seconds=seconds,
-                    saved_layout=list(manifest.layout), layout=list(layout))
+        events.emit(ev.CheckpointConverted(step=manifest.step, path=str(target), seconds=seconds,
+                                           saved_layout=list(manifest.layout), layout=list(layout)))
     global_batch = config.global_batch
     if global_batch != manifest.global_batch:
-        events.emit(
-            "warning",
+        events.emit(ev.RunWarning(
             message=f"the global batch changes from {manifest.global_batch} to {global_batch} sequences; "
             f"set train.micro_batch_size={manifest.global_batch // layout[0]} to continue the same optimisation",
-        )
+        ))
 
 
 def convert(source: Path, target: Path, zero_stage: int) -> float:

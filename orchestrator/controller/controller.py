@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator import events as ev
 from orchestrator.checkpoint import resume, store
 from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.checkpoint.manifest import Manifest
@@ -67,7 +68,7 @@ CONFIRM_S = 1.0
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
-_STEP_FIELDS = frozenset({"ts", "event", "step", "loss", "step_time_s", "tokens_per_s", "lr", "grad_norm", "flops"})
+_STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(ev.Step)) | {"event"}
 
 
 @dataclass(kw_only=True)
@@ -186,18 +187,17 @@ class Controller:
         checkpoints = self.run_dir.checkpoints
         manifest, rejected = resume.select(checkpoints)
         self.last_step = manifest.step if manifest else None
-        self.events.emit(
-            "run_started",
+        self.events.emit(ev.RunStarted(
             run_id=self.run_dir.run_id,
             world_size=self.group.world_size,
             resumed_from_step=self.last_step or 0,
             config=self.config.redacted_dump(),
-        )
+        ))
         for damaged in rejected:
             message = f"checkpoint {damaged.tag} is damaged, not used (moved to {damaged.moved_to}): {damaged.problems[0]}"
-            self.events.emit("checkpoint_invalid", step=store.step_of(damaged.tag),
-                             path=str(checkpoints / damaged.tag), moved_to=str(damaged.moved_to),
-                             problems=damaged.problems, message=message)
+            self.events.emit(ev.CheckpointInvalid(step=store.step_of(damaged.tag),
+                                                  path=str(checkpoints / damaged.tag), moved_to=str(damaged.moved_to),
+                                                  problems=damaged.problems, message=message))
             self.display.note(message)
         if manifest is not None:
             resume.prepare(checkpoints, manifest, self.config, self.events)
@@ -253,7 +253,7 @@ class Controller:
         warm = self.group.warm_spares()
         for node, pid in warm.items():
             if self._warm_spares.get(node) != pid:
-                self.events.emit("spare_ready", node=node, pid=pid)
+                self.events.emit(ev.SpareReady(node=node, pid=pid))
         self._warm_spares = warm
         for address, why in self.group.lost_spares():
             self._spare_node_lost(address, why)
@@ -262,8 +262,8 @@ class Controller:
         """A spare node went away while waiting: said at once, not found out when a node fails."""
         left, configured = len(self.group.layout().spares), self.config.cluster.spare_nodes
         ft = self.config.fault_tolerance
-        self.events.emit("spare_node_lost", node_ip=address, message=why, spare_nodes=left,
-                         spare_nodes_configured=configured)
+        self.events.emit(ev.SpareNodeLost(node_ip=address, message=why, spare_nodes=left,
+                                          spare_nodes_configured=configured))
         if left:
             then = ""
         elif ft.allow_shrink:
@@ -324,8 +324,8 @@ class Controller:
         cause = root_cause(failures)
         now = self._clock()
         self.failures_by_reason.update(f.reason for f in failures)
-        self.events.emit("failure_detected", root_cause=True, attempt=self.attempt,
-                         detection_s=max(0.0, now - cause.at), **cause.event_fields())
+        self.events.emit(ev.FailureDetected(attempt=self.attempt, detection_s=max(0.0, now - cause.at),
+                                            **cause.event_fields()))
         others = [f for f in failures if f is not cause]
         if others:
             # The rest, however many ranks: one event with its ranks in compact form (and one message
@@ -333,11 +333,13 @@ class Controller:
             by_reason: dict[str, list[Failure]] = {}
             for failure in others:
                 by_reason.setdefault(failure.reason, []).append(failure)
-            self.events.emit("failure_consequences", attempt=self.attempt, root_rank=cause.rank, count=len(others),
-                             ranks=rank_ranges([f.rank for f in others]),
-                             by_reason={reason: rank_ranges([f.rank for f in group]) for reason, group in by_reason.items()},
-                             messages={reason: group[0].message for reason, group in by_reason.items()},
-                             detection_s=max(0.0, now - min(f.at for f in others)))
+            self.events.emit(ev.FailureConsequences(
+                attempt=self.attempt, root_rank=cause.rank, count=len(others),
+                ranks=rank_ranges([f.rank for f in others]),
+                by_reason={reason: rank_ranges([f.rank for f in group]) for reason, group in by_reason.items()},
+                messages={reason: group[0].message for reason, group in by_reason.items()},
+                detection_s=max(0.0, now - min(f.at for f in others)),
+            ))
         decision = self.policy.decide(cause, self.history)
         if cause.reason == "node_lost":
             # One line for the node, whatever Ray said about each of its ranks.
@@ -376,8 +378,7 @@ class Controller:
         self.resume_tag = self._commits.in_use = self._commits.last_committed
         self.restarts_by_reason[cause.reason] += 1
         self.history.append(Attempt(cause=cause, mode=mode, progressed=False))
-        self.events.emit(
-            "recovery_started",
+        self.events.emit(ev.RecoveryStarted(
             attempt=self.attempt,
             reason=cause.reason,
             mode=mode,
@@ -385,7 +386,7 @@ class Controller:
             rejoined=survivors,
             resume_from=self.resume_tag,
             restarts_left=self.config.fault_tolerance.max_restarts - len(self.history),
-        )
+        ))
         infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors, interrupt=unwinding)
         self._begin_attempt(infos)
         # A script resumes from checkpoints of its own: where, it says when it reports (if it does).
@@ -409,8 +410,7 @@ class Controller:
         if self._commits.last_committed is not None:
             manifest = Manifest.read(self.run_dir.checkpoints / self._commits.last_committed)
             resume.prepare(self.run_dir.checkpoints, manifest, config, self.events)
-        self.events.emit(
-            "world_shrunk",
+        self.events.emit(ev.WorldShrunk(
             lost_node_slots=sorted(slots),
             nodes=config.cluster.nodes,
             nodes_before=before.cluster.nodes,
@@ -418,7 +418,7 @@ class Controller:
             world_size_before=before.cluster.world_size,
             global_batch=config.global_batch,
             accumulation_steps=config.accumulation_steps(config.data_parallel_size),
-        )
+        ))
         self.display.note(
             f"going on with {config.cluster.nodes} node(s), {config.cluster.world_size} ranks "
             f"(fault_tolerance.allow_shrink); global batch {config.global_batch} kept by "
@@ -433,8 +433,7 @@ class Controller:
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
-        extra = {"message": message} if message else {}
-        self.events.emit("run_finished", status="failed", reason=reason, **self._totals(), **extra)
+        self.events.emit(ev.RunFinished(status="failed", reason=reason, message=message or None, **self._totals()))
 
     # --- bookkeeping --------------------------------------------------------
 
@@ -446,10 +445,10 @@ class Controller:
         self._report_networks()
         self._show_layout()
         for info in infos:
-            self.events.emit(
-                "worker_started", rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
+            self.events.emit(ev.WorkerStarted(
+                rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
                 node_id=info.node_id, attempt=info.attempt, spare=info.spare, forked=info.forked,
-            )
+            ))
 
     def _report_networks(self) -> None:
         """``network_configured`` once per node (again if what it detected changed), and one line each."""
@@ -458,7 +457,7 @@ class Controller:
                 continue
             self._networks_reported[node_id] = found
             fields = {k: v for k, v in found.items() if k != "summary"}
-            self.events.emit("network_configured", node_id=node_id, **fields)
+            self.events.emit(ev.NetworkConfigured(node_id=node_id, **fields))
             self.display.note(f"network on {node_id[:8]}: {found['summary']}")
 
     def _absorb(self, update: RankUpdate) -> Failure | None:
@@ -512,7 +511,7 @@ class Controller:
             case ScriptCheckpoint():
                 view.progress_at = report.at
                 if rank == 0:
-                    self.events.emit("checkpoint_saved", step=report.step, path=report.path, by="script")
+                    self.events.emit(ev.CheckpointSaved(step=report.step, path=report.path, by="script"))
                     self.display.note(f"the script saved a checkpoint at step {report.step}: {report.path}")
             case CheckpointSaved():
                 view.progress_at = report.at
@@ -522,7 +521,7 @@ class Controller:
                 self._on_checkpoint(rank, self._commits.failed(rank, report))
             case CheckpointSkipped():
                 if rank == 0:
-                    self.events.emit("checkpoint_skipped", step=report.step, reason="previous save still writing")
+                    self.events.emit(ev.CheckpointSkipped(step=report.step, reason="previous save still writing"))
             case Saving():
                 view.progress_at = report.at  # busy writing a checkpoint, not hung
             case Error():
@@ -534,7 +533,7 @@ class Controller:
             case FaultInjected():
                 fired = {"kind": report.kind, "rank": report.rank, "step": report.step}
                 self.faults = [f for f in self.faults if f != fired]
-                self.events.emit("fault_injected", **fired)
+                self.events.emit(ev.FaultInjected(**fired))
 
     def _on_checkpoint(self, rank: int, outcome: CommitOutcome | None) -> None:
         if outcome is None:
@@ -648,9 +647,11 @@ class Controller:
     def _record_step(self, report: Step) -> None:
         step, loss, seconds = report.step, report.loss, report.step_time_s
         rate = report.tokens / seconds if report.tokens and seconds > 0 else None
-        extra = {k: v for k in ("lr", "grad_norm", "flops") if (v := getattr(report, k)) is not None}
-        self.events.emit("step", step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, **extra,
-                         **{k: v for k, v in report.extra.items() if k not in _STEP_FIELDS})
+        self.events.emit(ev.Step(
+            step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, lr=report.lr, grad_norm=report.grad_norm,
+            flops=report.flops, heldout_loss=report.extra.get("heldout_loss"),
+            extra={k: v for k, v in report.extra.items() if k not in _STEP_FIELDS},
+        ))
         self._steps_reported = True
         self.last_step = step
         if loss is not None:
@@ -672,15 +673,14 @@ class Controller:
         that reports nothing); ``resumed_at``: the step training went on from, as that showed it."""
         seconds = self._clock() - pending.detected_at
         resumed = pending.resumed_from_step if pending.resumed_from_step is not None else resumed_at
-        self.events.emit(
-            "recovery_finished",
+        self.events.emit(ev.RecoveryFinished(
             attempt=pending.attempt,
             resumed_from_step=resumed,
             mode=pending.mode,
             seconds=seconds,
             replaced=pending.replaced,
             signal=signal,
-        )
+        ))
         where = f"from step {resumed}" if resumed is not None else "(the script did not say from which step)"
         self.display.note(f"recovered ({pending.mode}, attempt {pending.attempt}) {where} in {seconds:.2f}s")
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
@@ -689,11 +689,10 @@ class Controller:
         self.group.ensure_spares()
 
     def _totals(self) -> dict[str, Any]:
-        evaluated = {} if self.last_heldout_loss is None else {"heldout_loss": self.last_heldout_loss}
         return {
             "step": self.last_step,
             "final_loss": self.last_loss,
-            **evaluated,
+            "heldout_loss": self.last_heldout_loss,
             "restarts": sum(self.restarts_by_reason.values()),
             "restarts_by_reason": dict(self.restarts_by_reason),
             "failures_by_reason": dict(self.failures_by_reason),
@@ -701,10 +700,10 @@ class Controller:
 
     def _finish(self, state: State) -> None:
         if isinstance(state, Succeeded):
-            self.events.emit("run_finished", status="succeeded", **self._totals())
+            self.events.emit(ev.RunFinished(status="succeeded", **self._totals()))
             return
         assert isinstance(state, Failed)
-        self.events.emit(
-            "run_finished", status="failed", reason=state.reason,
-            root_cause=root_cause(state.failures).event_fields(), **self._totals(),
-        )
+        self.events.emit(ev.RunFinished(
+            status="failed", reason=state.reason, root_cause=root_cause(state.failures).event_fields(),
+            **self._totals(),
+        ))

@@ -156,7 +156,7 @@ class WorkerGroup(Protocol):
         """Start a warm spare on every node that has none."""
 
     def warm_spares(self) -> dict[str, int]:
-        """Node host name -> pid of its warm spare, for nodes that have one (as of the last poll)."""
+        """Ray node id -> pid of its warm spare, for nodes that have one (as of the last status)."""
 
     def node_networks(self) -> dict[str, dict[str, Any]]:
         """Ray node id -> what was detected there for the current rendezvous address (``network_configured``)."""

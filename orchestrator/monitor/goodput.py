@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+
+from orchestrator.events import CheckpointCommitted, Event, FailureDetected, RunFinished, RunStarted, Step
 
 CAUSES = ("startup", "checkpoint", "failure_detection", "recovery", "lost_work", "other")
 
@@ -46,32 +47,33 @@ class GoodputTracker:
         self._waiting_first_step = True
         self._recovering_since: float | None = None
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind, ts = event["event"], event["ts"]
-        if kind == "run_started":
-            self._start, self._end = ts, None
-            self._high_water = max(self._high_water, event.get("resumed_from_step", 0))
-            self._waiting_first_step = True
-        elif kind == "step":
-            began = ts - event["step_time_s"]
-            if self._waiting_first_step and self._start is not None:
-                self._badput["startup"] += max(0.0, began - self._start)
-                self._waiting_first_step = False
-            if self._recovering_since is not None:
-                self._badput["recovery"] += max(0.0, began - self._recovering_since)
-                self._recovering_since = None
-            if event["step"] > self._high_water:
-                self._productive += event["step_time_s"]
-                self._high_water = event["step"]
-            else:
-                self._badput["lost_work"] += event["step_time_s"]
-        elif kind == "checkpoint_committed":
-            self._badput["checkpoint"] += event.get("blocked_s", 0.0)
-        elif kind == "failure_detected" and event.get("root_cause"):
-            self._badput["failure_detection"] += max(0.0, event.get("detection_s", 0.0))
-            self._recovering_since = ts
-        elif kind == "run_finished":
-            self._end = ts
+    def on_event(self, event: Event) -> None:
+        ts = event.ts
+        match event:
+            case RunStarted():
+                self._start, self._end = ts, None
+                self._high_water = max(self._high_water, event.resumed_from_step)
+                self._waiting_first_step = True
+            case Step():
+                began = ts - event.step_time_s
+                if self._waiting_first_step and self._start is not None:
+                    self._badput["startup"] += max(0.0, began - self._start)
+                    self._waiting_first_step = False
+                if self._recovering_since is not None:
+                    self._badput["recovery"] += max(0.0, began - self._recovering_since)
+                    self._recovering_since = None
+                if event.step > self._high_water:
+                    self._productive += event.step_time_s
+                    self._high_water = event.step
+                else:
+                    self._badput["lost_work"] += event.step_time_s
+            case CheckpointCommitted():
+                self._badput["checkpoint"] += event.blocked_s
+            case FailureDetected(root_cause=True):
+                self._badput["failure_detection"] += max(0.0, event.detection_s)
+                self._recovering_since = ts
+            case RunFinished():
+                self._end = ts
 
     def report(self, now: float) -> GoodputReport:
         if self._start is None:

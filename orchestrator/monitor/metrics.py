@@ -22,6 +22,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from orchestrator.events import (
+    CheckpointCommitted,
+    CheckpointFailed,
+    Event,
+    FailureDetected,
+    RecoveryStarted,
+    RunStarted,
+    Step,
+    WorkerStarted,
+    WorldShrunk,
+)
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
 from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
 from orchestrator.types import Reason
@@ -128,47 +139,47 @@ class JobMetrics:
         self._flops_per_step: float | None = None
         self._info: dict[str, str] = {}
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: Event) -> None:
         """Update from one event of the run's event log (the controller calls this for each)."""
-        kind = event["event"]
         with self._lock:
             self._goodput.on_event(event)
-        if kind == "run_started":
-            cfg = event["config"]
-            self._info = {"run_id": event["run_id"], "world_size": str(event["world_size"]),
-                          "zero_stage": str(cfg["parallel"]["zero_stage"]),
-                          "tensor_parallel": str(cfg["parallel"]["tensor_parallel"])}
-            self.info.labels(**self._info).set(1)
-        elif kind == "world_shrunk":
-            self.info.clear()
-            self._info["world_size"] = str(event["world_size"])
-            self.info.labels(**self._info).set(1)
-        elif kind == "worker_started" and event.get("node_ip"):
-            self._rank_nodes[event["rank"]] = event["node_ip"]
-        elif kind == "step":
-            self.step.set(event["step"])
-            if event["loss"] is not None:
-                self.loss.set(event["loss"])
-            self.step_time.set(event["step_time_s"])
-            for key, (name, documentation) in _REPORTED.items():
-                if event.get(key) is not None:
-                    if key not in self._reported:
-                        self._reported[key] = Gauge(name, documentation, registry=self.registry)
-                    self._reported[key].set(event[key])
-            self._update_mfu(event)
-            if self._prediction is not None and "heldout_loss" in event:
-                self._update_prediction(event["step"])
-        elif kind == "checkpoint_committed":
-            self.ckpt_duration.observe(event["seconds"])
-            self.ckpt_blocked.observe(event.get("blocked_s", 0.0))
-            self.ckpt_bytes.set(event.get("bytes", 0))
-            self.ckpt_step.set(event["step"])
-        elif kind == "checkpoint_failed":
-            self.ckpt_failures.inc()
-        elif kind == "failure_detected" and event["root_cause"]:
-            self.failures.labels(reason=event["reason"]).inc()
-        elif kind == "recovery_started":
-            self.restarts.labels(reason=event["reason"]).inc()
+        match event:
+            case RunStarted():
+                parallel = event.config["parallel"]
+                self._info = {"run_id": event.run_id, "world_size": str(event.world_size),
+                              "zero_stage": str(parallel["zero_stage"]),
+                              "tensor_parallel": str(parallel["tensor_parallel"])}
+                self.info.labels(**self._info).set(1)
+            case WorldShrunk():
+                self.info.clear()
+                self._info["world_size"] = str(event.world_size)
+                self.info.labels(**self._info).set(1)
+            case WorkerStarted():
+                self._rank_nodes[event.rank] = event.node_ip
+            case Step():
+                self.step.set(event.step)
+                if event.loss is not None:
+                    self.loss.set(event.loss)
+                self.step_time.set(event.step_time_s)
+                for key, (name, documentation) in _REPORTED.items():
+                    if (value := getattr(event, key)) is not None:
+                        if key not in self._reported:
+                            self._reported[key] = Gauge(name, documentation, registry=self.registry)
+                        self._reported[key].set(value)
+                self._update_mfu(event)
+                if self._prediction is not None and event.heldout_loss is not None:
+                    self._update_prediction(event.step)
+            case CheckpointCommitted():
+                self.ckpt_duration.observe(event.seconds)
+                self.ckpt_blocked.observe(event.blocked_s)
+                self.ckpt_bytes.set(event.bytes)
+                self.ckpt_step.set(event.step)
+            case CheckpointFailed():
+                self.ckpt_failures.inc()
+            case FailureDetected(root_cause=True):
+                self.failures.labels(reason=event.reason).inc()
+            case RecoveryStarted():
+                self.restarts.labels(reason=event.reason).inc()
 
     def _update_prediction(self, step: int) -> None:
         from orchestrator.scaling.predict import predicted_at
@@ -194,15 +205,14 @@ class JobMetrics:
         with self._lock:
             return self._goodput.report(self._clock())
 
-    def _update_mfu(self, event: dict[str, Any]) -> None:
-        flops = event.get("flops")
+    def _update_mfu(self, event: Step) -> None:
         peak = self.gpus.peak_flops()
-        if flops and peak and event["step_time_s"] > 0:
+        if event.flops and peak and event.step_time_s > 0:
             if self.mfu is None:
                 self.mfu = Gauge("orchestrator_model_flops_utilization",
                                  "Model FLOPs of the last step / (step time x summed fp32 peak FLOP/s of "
                                  "the job's GPUs); only where every GPU's peak is known.", registry=self.registry)
-            self.mfu.set(flops / event["step_time_s"] / peak)
+            self.mfu.set(event.flops / event.step_time_s / peak)
 
 
 class _GpuFamilies(Collector):

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
-from orchestrator.events import read_events
+from orchestrator.events import Step, read_typed
 from orchestrator.scaling import law
 from orchestrator.scaling.plan import Plan, PlannedRun, flops_per_token, non_embedding_params, tokens_per_step
 from orchestrator.scaling.sweep import status, sweep_dir
@@ -32,8 +32,8 @@ def points_of(plan: Plan, plan_path: Path, run: PlannedRun) -> list[law.Point]:
     config = plan.run_config(run)
     step_tokens, per_token = tokens_per_step(config), flops_per_token(config.model, plan.compute)
     path = sweep_dir(plan_path) / run.name / "events.jsonl"
-    by_step = {e["step"]: e["heldout_loss"] for e in (read_events(path) if path.exists() else [])
-               if e["event"] == "step" and e.get("heldout_loss") is not None}
+    by_step = {e.step: e.heldout_loss for e in (read_typed(path) if path.exists() else [])
+               if isinstance(e, Step) and e.heldout_loss is not None}
     return [law.Point(run=run.name, params=run.params, tokens=step * step_tokens, compute=per_token * step * step_tokens,
                       loss=loss) for step, loss in sorted(by_step.items())]
 

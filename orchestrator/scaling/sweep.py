@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.events import read_events
+from orchestrator.events import RunFinished, Step, read_typed
 from orchestrator.scaling.plan import Plan, PlannedRun, as_set
 
 # How often the progress view reads the runs' event logs.
@@ -45,11 +45,11 @@ def status(plan: Plan, plan_path: Path, run: PlannedRun) -> RunStatus:
     """What ``run``'s run directory says about it."""
     run_dir = sweep_dir(plan_path) / run.name
     steps = plan.run_config(run).train.steps
-    evs = read_events(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
-    last = max((e["step"] for e in evs if e["event"] == "step"), default=0)
-    finished = [e for e in evs if e["event"] == "run_finished"]
-    done = bool(finished) and finished[-1]["status"] == "succeeded" and finished[-1].get("step") == steps
-    heldout = finished[-1].get("heldout_loss") if done else None
+    evs = read_typed(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+    last = max((e.step for e in evs if isinstance(e, Step)), default=0)
+    finished = [e for e in evs if isinstance(e, RunFinished)]
+    done = bool(finished) and finished[-1].status == "succeeded" and finished[-1].step == steps
+    heldout = finished[-1].heldout_loss if done else None
     return RunStatus(run=run, run_dir=run_dir, done=done, step=last, heldout_loss=heldout)
 
 
