@@ -21,6 +21,7 @@ from orchestrator.controller.states import (
     State,
     Succeeded,
 )
+from orchestrator.controller.views import Move, Phase, Process, RankView
 from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerInfo
 from orchestrator.errors import ClusterError
 from orchestrator.events import EventLog, read_events
@@ -390,8 +391,8 @@ def test_a_heartbeats_step_is_progress_only_in_its_own_attempt(tmp_path: Path) -
                      RankUpdate(rank=0, alive_at=clock.now, step=9, step_at=clock.now, step_time_s=0.2,
                                 step_attempt=-1)]]
     ctl.step()
-    assert (ctl._views[1].step, ctl._views[1].progress_at, ctl._views[1].started_up) == (5, stepped, True)
-    assert ctl._views[0].step is None and not ctl._views[0].started_up, "a step of no known attempt is not progress"
+    assert (ctl._views[1].step, ctl._views[1].progress_at, ctl._views[1].phase) == (5, stepped, Phase.TRAINING)
+    assert ctl._views[0].step is None and ctl._views[0].phase is Phase.STARTING, "a step of no known attempt is not progress"
 
 
 def test_budget_spent_fails_the_run(tmp_path: Path) -> None:
@@ -802,3 +803,20 @@ def test_collective_errors_alone_wait_for_every_agent_until_a_silent_node_is_fou
         assert (cause.rank, cause.reason) == (1, "node_lost") and clock.now - t > 1.0
     else:
         assert (cause.rank, cause.reason) == (0, "exception") and clock.now - t < 1.0
+
+
+def test_a_ranks_phase_moves_only_forward_and_ends_at_finished_or_failed() -> None:
+    view = RankView(progress_at=0.0)
+    view.advance(Move.LEFT)
+    view.advance(Move.STEPPED)  # a heartbeat's step, older than the news that it left
+    assert view.phase is Phase.LEFT and not view.training
+    view.advance(Move.FAILED)
+    for move in Move:
+        view.advance(move)
+    assert view.phase is Phase.FAILED and view.ended, "a failure stands whatever comes after it"
+    view.process_ended(lost=True)
+    view.process_ended(lost=False)
+    assert view.process is Process.LOST and not view.running
+    fresh = RankView(progress_at=0.0)
+    fresh.advance(Move.STEPPED)
+    assert fresh.phase is Phase.TRAINING and fresh.training and not fresh.left_training

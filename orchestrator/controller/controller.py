@@ -20,9 +20,11 @@ from orchestrator.checkpoint import resume, store
 from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
+from orchestrator.controller import hangs
 from orchestrator.controller.failures import Failure, failure_from, one_per_rank, rank_ranges, root_cause
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
+from orchestrator.controller.views import Move, Phase, Process, RankView
 from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.events import EventLog
 from orchestrator.messages import (
@@ -49,9 +51,6 @@ POLL_INTERVAL_S = 0.2
 FAST_POLL_INTERVAL_S = 0.02
 # After the first failure, keep listening this long for its consequences (peers' collective errors).
 SETTLE_S = 0.5
-# No sign of life (not even the once-a-second liveness beat) for this long beyond the node's
-# heartbeat (which brings it): the process is frozen.
-FROZEN_AFTER_S = 3.0
 # A script that reports nothing is back after a restart once every rank has run this long, its call
 # stack still moving (changed within SCRIPT_MOVING_S): a restart that stalls is not a recovery.
 SCRIPT_UP_S = 10.0
@@ -69,32 +68,6 @@ CONFIRM_S = 1.0
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
 _STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(ev.Step)) | {"event"}
-
-
-@dataclass(kw_only=True)
-class RankView:
-    """What the controller knows about one rank in the current attempt."""
-
-    progress_at: float
-    started_up: bool = False
-    step: int | None = None
-    step_time_s: float | None = None
-    alive_at: float | None = None
-    moved_at: float | None = None
-    where: str = ""
-    in_collective: bool = False
-    error: Error | None = None
-    ready: bool = False
-    finished: bool = False
-    failed: bool = False
-    lost: bool = False
-    running: bool = True
-
-    @property
-    def left_training(self) -> bool:
-        """It left its training function: it reported why (it is tearing down, then waits for the
-        decision, which may be sent to it meanwhile) or is already waiting."""
-        return self.ready or self.error is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,7 +212,7 @@ class Controller:
     def _rank_samples(self) -> list[RankSample]:
         """The ranks for a scrape (on the exporter's thread: the views of the moment, never changed here)."""
         now = self._clock()
-        return [RankSample(rank=rank, running=v.running and not v.finished, age_s=now - v.progress_at,
+        return [RankSample(rank=rank, running=v.running and v.phase is not Phase.FINISHED, age_s=now - v.progress_at,
                            step=v.step or 0, step_time_s=v.step_time_s) for rank, v in list(self._views.items())]
 
     def _update_metrics(self) -> None:
@@ -306,7 +279,7 @@ class Controller:
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         while self._clock() < give_up:
-            settled = all(v.failed or v.ready or not v.running for v in self._views.values())
+            settled = all(v.phase in (Phase.FAILED, Phase.LEFT) or not v.running for v in self._views.values())
             if (not self.group.unheard(mark, everyone if unexplained() else suspects)
                     and (settled or self._clock() >= start + SETTLE_S)):
                 break
@@ -426,7 +399,7 @@ class Controller:
         )
 
     def all_finished(self) -> bool:
-        return all(view.finished for view in self._views.values())
+        return all(view.phase is Phase.FINISHED for view in self._views.values())
 
     def wait(self, fast: bool = False) -> None:
         self._sleep(FAST_POLL_INTERVAL_S if fast else POLL_INTERVAL_S)
@@ -467,29 +440,29 @@ class Controller:
             view.moved_at = update.moved_at
         if update.step is not None and update.step_attempt == self.attempt:
             # A fast node's first steps may finish before every node's start was answered.
-            view.step, view.step_time_s, view.started_up = update.step, update.step_time_s, True
+            view.step, view.step_time_s = update.step, update.step_time_s
+            view.advance(Move.STEPPED)
             view.progress_at = max(view.progress_at, update.step_at)
         for report in update.reports:
             self._on_report(update.rank, view, report)
         if update.returncode is not None:
-            view.running = False
+            view.process_ended(lost=False)
             if update.returncode == 0:
-                view.finished = True
+                view.advance(Move.FINISHED)
         if update.lost is not None:
-            view.running = False
-            if view.failed and not view.lost and not view.finished:
+            already_lost = view.process is Process.LOST
+            view.process_ended(lost=True)
+            if view.phase is Phase.FAILED and not already_lost:
                 # It died with its node: the node, not the process, is the failure.
-                view.lost = True
                 return failure_from(update, view.error, view.step, last_seen=view.alive_at)
-            view.lost = True
-        if view.failed or view.finished:
+        if view.ended:
             return None
         error = view.error if view.error and not view.error.interrupted else None
         if update.returncode is None and update.lost is None and error is None:
             return None
         failure = failure_from(update, error, view.step, last_seen=view.alive_at)
         if failure is not None:
-            view.failed = True
+            view.advance(Move.FAILED)
         return failure
 
     def _on_report(self, rank: int, view: RankView, report: Report) -> None:
@@ -497,7 +470,8 @@ class Controller:
             return  # of another attempt: how a survivor left the last one, or made before this one began
         match report:
             case Step() | Resumed():
-                view.step, view.progress_at, view.started_up = report.step, report.at, True
+                view.step, view.progress_at = report.step, report.at
+                view.advance(Move.STEPPED)
                 if isinstance(report, Step):
                     view.step_time_s = report.step_time_s
                     if rank == 0:
@@ -526,10 +500,11 @@ class Controller:
                 view.progress_at = report.at  # busy writing a checkpoint, not hung
             case Error():
                 view.error = report
+                view.advance(Move.LEFT)
             case Ready():
-                view.ready = True
+                view.advance(Move.LEFT)
             case Finished():
-                view.finished = True
+                view.advance(Move.FINISHED)
             case FaultInjected():
                 fired = {"kind": report.kind, "rank": report.rank, "step": report.step}
                 self.faults = [f for f in self.faults if f != fired]
@@ -549,56 +524,19 @@ class Controller:
             )
 
     def _hangs(self) -> list[Failure]:
-        """Hung ranks (killed here): no step for ``hang_timeout_s`` once one was reported; before that
-        (starting up, or a script that reports none), a call stack that has not changed for
-        ``stuck_timeout_s``; and, either way, no sign of life at all for ``hang_timeout_s``."""
+        """Hung ranks (``controller/hangs.py``), killed here once their agents' fresh statuses confirm it."""
         now = self._clock()
         ft = self.config.fault_tolerance
-
-        def limit(v: RankView) -> float:
-            return ft.hang_timeout_s if v.started_up else max(ft.hang_timeout_s, ft.stuck_timeout_s)
-
-        def idle(v: RankView) -> float:
-            moved = v.progress_at if v.started_up else max(v.progress_at, v.moved_at or 0.0)
-            return now - moved
-
-        def silent(v: RankView) -> float:
-            return now - (v.alive_at if v.alive_at is not None else v.progress_at)
-
-        training = [r for r, v in self._views.items() if v.running and not (v.failed or v.finished or v.ready)]
-        stale = [r for r in training if idle(self._views[r]) > limit(self._views[r])
-                 or silent(self._views[r]) > ft.hang_timeout_s]
-        if not stale:
-            self._confirming = None
-            return []
-
-        # Silent past hang_timeout_s is frozen whatever the heartbeat; a user who sets it below
-        # FROZEN_AFTER_S + heartbeat trusts liveness to arrive sooner than that.
-        frozen_after = min(FROZEN_AFTER_S + self.group.heartbeat_s, ft.hang_timeout_s)
-
-        def frozen(v: RankView) -> bool:
-            return silent(v) > frozen_after
-
-        # A rank waiting in a collective is waiting for the stuck one, which becomes stale a moment
-        # later (it stopped moving after they started waiting). Only when every rank waits, and nothing
-        # else failed that they could be waiting for, are all suspect.
-        culprits = [r for r in stale if frozen(self._views[r]) or not self._views[r].in_collective]
-        if not culprits and stale == training and not any(v.failed for v in self._views.values()):
-            culprits = stale
+        limits = hangs.Limits(hang_timeout_s=ft.hang_timeout_s, stuck_timeout_s=ft.stuck_timeout_s,
+                              heartbeat_s=self.group.heartbeat_s)
+        culprits = hangs.culprits(self._views, now, limits)
         if not self._confirmed(culprits, now):
             return []
         failures = []
         for rank in culprits:
             view = self._views[rank]
-            view.failed = True
-            if frozen(view):
-                message = f"no sign of life for {silent(view):.1f}s (stopped or frozen)"
-            elif view.started_up:
-                message = f"no step for {idle(view):.1f}s (limit {limit(view):g}s); main thread at {view.where}"
-            else:
-                message = (f"its main thread has been blocked for {idle(view):.1f}s (call stack unchanged, no CPU "
-                           f"used; limit {limit(view):g}s, before any reported step); main thread at {view.where}")
-            failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=message))
+            failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=hangs.why(view, now, limits)))
+            view.advance(Move.FAILED)
         self.group.kill(culprits)
         return failures
 
@@ -624,7 +562,7 @@ class Controller:
             return
         now = self._clock()
         up_s = now - self._attempt_started_at
-        if not all(v.running and not v.failed for v in self._views.values()):
+        if not all(v.running and v.phase is not Phase.FAILED for v in self._views.values()):
             return
         moving = all(v.moved_at is not None and now - v.moved_at <= SCRIPT_MOVING_S for v in self._views.values())
         if self._pending is not None and up_s >= SCRIPT_UP_S and moving:

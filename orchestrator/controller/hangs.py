@@ -1,0 +1,70 @@
+"""Which ranks hang: a pure function of the ranks' views and the time now.
+
+A rank is stale when it makes no progress: no step for ``hang_timeout_s`` once it reported one;
+before that (starting up, or a script that reports none), a call stack unchanged for
+``stuck_timeout_s``; and, either way, no sign of life at all for ``hang_timeout_s``. Of the stale
+ranks, the culprits are those that are frozen (no sign of life: SIGSTOP, a stuck interpreter) or
+not waiting in a collective (stuck in their own code): a rank waiting in a collective waits for
+the culprit, which becomes stale a moment later (it stopped moving after they started waiting).
+Only when every rank waits, and nothing else failed that they could be waiting for, are all suspect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.controller.views import Phase, RankView
+
+# No sign of life (not even the once-a-second liveness beat) for this long beyond the node's
+# heartbeat (which brings it): the process is frozen.
+FROZEN_AFTER_S = 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    hang_timeout_s: float
+    stuck_timeout_s: float
+    heartbeat_s: float  # how old a live rank's liveness may be when it reaches the controller
+
+    @property
+    def frozen_after_s(self) -> float:
+        # Silent past hang_timeout_s is frozen whatever the heartbeat; a user who sets it below
+        # FROZEN_AFTER_S + heartbeat trusts liveness to arrive sooner than that.
+        return min(FROZEN_AFTER_S + self.heartbeat_s, self.hang_timeout_s)
+
+    def of(self, view: RankView) -> float:
+        """How long ``view`` may go without progress."""
+        return self.hang_timeout_s if view.phase is Phase.TRAINING else max(self.hang_timeout_s, self.stuck_timeout_s)
+
+
+def idle_s(view: RankView, now: float) -> float:
+    """Since its last progress: a step (or save), or before its first, its call stack moving."""
+    moved = view.progress_at if view.phase is Phase.TRAINING else max(view.progress_at, view.moved_at or 0.0)
+    return now - moved
+
+
+def silent_s(view: RankView, now: float) -> float:
+    """Since its last sign of life of any kind."""
+    return now - (view.alive_at if view.alive_at is not None else view.progress_at)
+
+
+def culprits(views: Mapping[int, RankView], now: float, limits: Limits) -> list[int]:
+    """The hung ranks to kill, in rank order (none while only ranks waiting for a peer are stale)."""
+    training = [r for r, v in views.items() if v.training]
+    stale = [r for r in training if idle_s(views[r], now) > limits.of(views[r])
+             or silent_s(views[r], now) > limits.hang_timeout_s]
+    found = [r for r in stale if silent_s(views[r], now) > limits.frozen_after_s or not views[r].in_collective]
+    if not found and stale and stale == training and not any(v.phase is Phase.FAILED for v in views.values()):
+        found = stale
+    return found
+
+
+def why(view: RankView, now: float, limits: Limits) -> str:
+    """The failure message of a culprit."""
+    if silent_s(view, now) > limits.frozen_after_s:
+        return f"no sign of life for {silent_s(view, now):.1f}s (stopped or frozen)"
+    if view.phase is Phase.TRAINING:
+        return f"no step for {idle_s(view, now):.1f}s (limit {limits.of(view):g}s); main thread at {view.where}"
+    return (f"its main thread has been blocked for {idle_s(view, now):.1f}s (call stack unchanged, no CPU used; "
+            f"limit {limits.of(view):g}s, before any reported step); main thread at {view.where}")
