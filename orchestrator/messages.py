@@ -401,7 +401,7 @@ def decode_status(data: Any) -> NodeStatus:
                 raise MalformedMessage(f"rank {rank}'s status carries a message that is not a report")
             ranks[int(rank)] = RankStatus(**{**fields, "reports": reports})
         beat = None if data["beat"] is None else NodeBeat(**data["beat"])
-        if beat is not None and len({len(getattr(beat, f.name)) for f in dataclasses.fields(NodeBeat)}) != 1:
+        if beat is not None and len({len(column) for column in data["beat"].values()}) != 1:
             raise MalformedMessage("a beat's columns differ in length")
         return NodeStatus(ranks=ranks, warm_spare=data["warm_spare"], number=data["number"], now=data["now"],
                           asked=data["asked"], beat=beat)

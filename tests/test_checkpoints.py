@@ -94,7 +94,9 @@ def _staged(checkpoints: Path) -> list[Path]:
 
 
 def _moments(checkpoints: Path) -> list[tuple[str, Callable[[], bool]]]:
-    """Ten points inside the save-and-commit sequence, each seen from outside by polling the disk."""
+    """Six points inside the save-and-commit sequence, each seen from outside by polling the disk: the
+    ranks' files being written (the first, a few), the manifest being written, the commit renamed in
+    but not yet ``latest``, and two moments by the clock (each a relaunch: ~25 s on 2 cores)."""
 
     def newer_than_latest() -> bool:
         latest = store.latest_tag(checkpoints)
@@ -118,14 +120,10 @@ def _moments(checkpoints: Path) -> list[tuple[str, Callable[[], bool]]]:
 
     return [
         ("first staged file", staged_at_least(1)),
-        ("two staged files", staged_at_least(2)),
         ("three staged files", staged_at_least(3)),
-        ("five staged files", staged_at_least(5)),
         ("manifest being written", manifest_staged),
         ("renamed, latest not yet replaced", newer_than_latest),
-        ("10 ms into a save", after(0.01)),
         ("30 ms into a save", after(0.03)),
-        ("60 ms into a save", after(0.06)),
         ("120 ms into a save", after(0.12)),
     ]
 
@@ -156,7 +154,7 @@ def test_sigkill_of_every_process_during_saves_never_loses_a_checkpoint(
     result = cli(*args, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     starts = of_kind(events(run_dir), "run_started")
-    assert len(starts) == 11 and starts[-1]["resumed_from_step"] > 0
+    assert len(starts) == 7 and starts[-1]["resumed_from_step"] > 0
     resumed = losses_by_step(_last_attempt(run_dir))
     assert resumed and all(resumed[s] == clean_big[s] for s in resumed), "the resumed run diverged from the clean one"
     assert resumed[BIG_STEPS] == clean_big[BIG_STEPS]

@@ -11,6 +11,7 @@ a node twice, once cut off and once killed.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from tests.helpers import (
     of_kind,
     running_cli,
     wait_for_event,
+    wait_gone,
 )
 from tests.prometheus import PROMETHEUS, Prometheus, needs_prometheus, run_scrape_config
 
@@ -197,6 +199,48 @@ def _lose_rank2s_node(cluster: dict[str, Any], run_dir: Path, proc: Any, fault: 
     return {"ip": ip, "ranks": lost, "pids": pids, "died": died}
 
 
+def _run_processes(cluster: dict[str, Any], timeout: float = 0.0) -> list[tuple[int, str]]:
+    """The run's processes (node agents, training processes, zygotes) on any of the cluster's nodes
+    still alive after ``timeout``; the cluster's own Ray daemons are not the run's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for node in cluster["nodes"]:
+            for pid in marked_pids(f"{cluster['name']}:{node['index']}", set(), env=devcluster.NODE_MARK_ENV):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                if "NodeAgent" in cmdline or "orchestrator.worker" in cmdline:
+                    found.append((pid, cmdline))
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_signalled_controller_leaves_nothing_of_the_run_on_any_node(
+    two_nodes: dict[str, Any], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A scheduler's SIGTERM stops every rank on every node (exit 143, ``run_finished`` interrupted, no
+    dump from Ray's handler); after a SIGKILL, Ray ends the job's agents and their ranks die with
+    them. Either way, 15 s later nothing of the run is left on any node."""
+    run_dir = tmp_path / "run"
+    with running_cli(*launch_args(run_dir, *_on_cluster(two_nodes, "train.steps=2000"))) as proc:
+        wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 300, proc)
+        pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
+        assert len({w["node_ip"] for w in of_kind(events(run_dir), "worker_started")}) == 2
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, out
+        assert "SIGTERM: stopping every rank" in out and "SIGTERM received" not in out, out
+        last = events(run_dir)[-1]
+        assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+    assert wait_gone(pids) == [], "training processes outlived their controller"
+    assert _run_processes(two_nodes, timeout=15) == [], "the run's agents or processes outlived the controller"
+
+
 @pytest.fixture(scope="module")
 def shrunk_run(two_nodes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """A run on the shared 2-node cluster that loses rank 2's node at step 25 and, with no spare,
@@ -291,16 +335,6 @@ def test_lost_nodes_move_to_spare_nodes_bit_exact(clean: dict[int, float], tmp_p
         assert lost_nodes[0]["ip"] != lost_nodes[1]["ip"]
         final = of_kind(evs, "run_finished")[-1]
         assert final["status"] == "succeeded" and final["final_loss"] == clean[STEPS]
-        # Nothing of the run is left on any node: no actor, training process or zygote.
-        leftovers = []
-        for node in cluster["nodes"]:
-            for pid in marked_pids(f"{cluster['name']}:{node['index']}", set(), env=devcluster.NODE_MARK_ENV):
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                if "NodeAgent" in cmdline or "orchestrator.worker" in cmdline:
-                    leftovers.append((pid, cmdline))
-        assert not leftovers, leftovers
+        assert _run_processes(cluster) == [], "nothing of the run is left on any node"
     finally:
         _down(cluster)

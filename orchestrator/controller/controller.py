@@ -217,7 +217,6 @@ class Controller:
 
     def _update_metrics(self) -> None:
         now = self._clock()
-        self.metrics.update_spare_nodes(len(self.group.layout().spares), self.config.cluster.spare_nodes)
         if now - self._gpus_read_at >= GPU_INTERVAL_S:
             self._gpus_read_at = now
             self.metrics.update_gpus(self.group.gpu_metrics())
@@ -234,6 +233,8 @@ class Controller:
     def _spare_node_lost(self, address: str, why: str) -> None:
         """A spare node went away while waiting: said at once, not found out when a node fails."""
         left, configured = len(self.group.layout().spares), self.config.cluster.spare_nodes
+        if self.metrics is not None:
+            self.metrics.update_spare_nodes(left, configured)
         ft = self.config.fault_tolerance
         self.events.emit(ev.SpareNodeLost(node_ip=address, message=why, spare_nodes=left,
                                           spare_nodes_configured=configured))
@@ -249,6 +250,8 @@ class Controller:
     def _show_layout(self) -> None:
         """One line naming the nodes that hold ranks and the spare nodes, whenever that changes."""
         layout = self.group.layout()
+        if self.metrics is not None:  # spare nodes are taken (or found lost) only here and when lost
+            self.metrics.update_spare_nodes(len(layout.spares), self.config.cluster.spare_nodes)
         if layout == self._layout_shown or (len(layout.ranks) < 2 and not self.config.cluster.spare_nodes):
             return
         self._layout_shown = layout

@@ -160,6 +160,11 @@ def disconnect() -> None:
     import ray
 
     if ray.is_initialized():
+        node = getattr(ray._private.worker, "_global_node", None)
+        if _temp_dir is not None and node is not None:
+            # The embedded Ray's autoscaler monitor ignores SIGTERM: Ray's graceful stop waits a second
+            # for it, on every launch. It holds no state of ours.
+            node.kill_monitor(check_alive=False)
         ray.shutdown()
     _remove_temp_dir()
 
