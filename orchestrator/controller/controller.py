@@ -283,8 +283,11 @@ class Controller:
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         while self._clock() < give_up:
             settled = all(v.phase in (Phase.FAILED, Phase.LEFT) or not v.running for v in self._views.values())
+            # A hang was judged on its agent's fresh answer: its node lives, and its peers, waiting for
+            # it, fail only once it is killed (their errors belong to the attempt that ends now).
+            hangs_only = all(f.reason == "hang" for f in failures)
             if (not self.group.unheard(mark, everyone if unexplained() else suspects)
-                    and (settled or self._clock() >= start + SETTLE_S)):
+                    and (settled or hangs_only or self._clock() >= start + SETTLE_S)):
                 break
             self.wait(fast=True)
             new = self.observe()
@@ -405,7 +408,8 @@ class Controller:
         return all(view.phase is Phase.FINISHED for view in self._views.values())
 
     def wait(self, fast: bool = False) -> None:
-        self._sleep(FAST_POLL_INTERVAL_S if fast else POLL_INTERVAL_S)
+        """Until the next look: sooner while a failure is handled or a hang awaits its confirmation."""
+        self._sleep(FAST_POLL_INTERVAL_S if fast or self._confirming is not None else POLL_INTERVAL_S)
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
