@@ -64,9 +64,9 @@ HANG_CHECK_S = 0.5
 # How long a hang's verdict waits for the suspects' agents to answer (they answer at once; one that
 # does not is on a node being lost, which its own timeout decides).
 CONFIRM_S = 1.0
-# A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
+# A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 _STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(ev.Step)) | {"event"}
 
 
