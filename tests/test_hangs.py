@@ -29,3 +29,12 @@ def test_a_frozen_rank_is_a_culprit_even_in_a_collective_and_all_waiting_ranks_a
     views[1].advance(Move.FAILED)
     assert views[1].phase is Phase.FAILED and hangs.culprits(views, 10.0, LIMITS) == [], \
         "a failed rank is what the others wait for"
+
+
+def test_before_its_first_step_a_rank_is_stuck_only_past_the_stuck_limit_its_stack_still() -> None:
+    starting = RankView(progress_at=0.0, alive_at=99.5, moved_at=30.0, where="train.py:9 in load")
+    views = {0: starting}
+    assert hangs.culprits(views, 89.0, LIMITS) == [], "59 s still: under stuck_timeout_s"
+    assert hangs.culprits(views, 91.0, LIMITS) == [0]
+    assert hangs.why(starting, 91.0, LIMITS).startswith("its main thread has been blocked for 61.0s")
+    assert hangs.idle_s(starting, 91.0) == 61.0 and LIMITS.of(starting) == 60.0

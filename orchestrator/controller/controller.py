@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,14 +271,16 @@ class Controller:
         errors are all there is, their cause is not seen yet (a node gone at once, agent and all):
         then every node's agent must answer again, or be found lost.
         """
-        def unexplained() -> bool:
-            return all(f.reason == "exception" and f.collective for f in failures)
+        suspects = {f.rank for f in failures if f.reason != "exception"}
+
+        def awaited() -> Collection[int]:
+            """Whose agents must answer: every rank's while collective errors are all there is."""
+            unexplained = all(f.reason == "exception" and f.collective for f in failures)
+            return range(self.group.world_size) if unexplained else suspects
 
         # Only the agents whose answer is awaited are asked: at 2,048 nodes, asking all is a burst
         # of 2,048 statuses to read while the decision waits.
-        suspects = {f.rank for f in failures if f.reason != "exception"}
-        everyone = range(self.group.world_size)
-        mark = self.group.poll_mark(everyone if unexplained() else suspects)
+        mark = self.group.poll_mark(awaited())
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         while self._clock() < give_up:
@@ -286,7 +288,7 @@ class Controller:
             # A hang was judged on its agent's fresh answer: its node lives, and its peers, waiting for
             # it, fail only once it is killed (their errors belong to the attempt that ends now).
             hangs_only = all(f.reason == "hang" for f in failures)
-            if (not self.group.unheard(mark, everyone if unexplained() else suspects)
+            if (not self.group.unheard(mark, awaited())
                     and (settled or hangs_only or self._clock() >= start + SETTLE_S)):
                 break
             self.wait(fast=True)

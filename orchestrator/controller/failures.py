@@ -19,6 +19,7 @@ from orchestrator.types import Reason
 # Lines of the rank's traceback or log that travel with its failure_detected event.
 _TAIL_LINES = 20
 
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Failure:
     """One rank's failure."""
