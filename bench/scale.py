@@ -218,7 +218,7 @@ class SimAgent:
         self.killed = False
         self._answers = 0
         self.asked = 0
-        for name in ("start_attempt", "kill", "start_spare", "network", "free_port",
+        for name in ("start_attempt", "kill", "prepare", "start_spare", "network", "free_port",
                      "gpu_metrics", "node_info", "stop"):
             setattr(self, name, _Method(self, getattr(self, f"_{name}"), acts=name in ("start_attempt", "kill")))
 
@@ -259,6 +259,9 @@ class SimAgent:
 
     def _kill(self, ranks: list[int]) -> None:
         self.job.kill(ranks)
+
+    def _prepare(self, config: dict[str, Any], env: dict[str, str]) -> None:
+        return None
 
     def _start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
         return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.controller.reaper import marked_pids
 from tests.helpers import (
     REFERENCE,
     SECRET,
@@ -85,16 +86,16 @@ def test_controller_sigkill_then_resume_is_bitwise(clean_run: tuple[Path, str, s
     run_dir = tmp_path / "run"
     with running_cli(*launch_args(run_dir, *SHORT)) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_committed" and e["step"] == 20, 120, proc)
-        pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
-        for rank, pid in enumerate(pids):
-            # worker_started names the real training process, with the rank's environment.
-            environ = dict(
-                item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
-            )
-            assert environ["RANK"] == str(rank) and environ["WORLD_SIZE"] == "2"
-            assert environ["MASTER_ADDR"] == "127.0.0.1" and int(environ["MASTER_PORT"]) > 0
-            assert "orchestrator.worker.process" in Path(f"/proc/{pid}/cmdline").read_text()
+        started = of_kind(events(run_dir), "worker_started")
+        pids = [w["pid"] for w in started]
         token = run_token(proc.pid)
+        for rank, pid in enumerate(pids):
+            # worker_started names the real training process: forked from the node's zygote, which
+            # started before the ranks (its initial environment, /proc/PID/environ, is the zygote's).
+            assert started[rank]["forked"], "the local mode's ranks are forked from the zygote"
+            zygote = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert "orchestrator.worker.zygote" in Path(f"/proc/{zygote}/cmdline").read_text()
+            assert pid in marked_pids(token, exclude=set()), "a process of this run"
         os.kill(proc.pid, signal.SIGKILL)  # the controller only; the reaper must do the rest
         proc.wait(timeout=10)
     assert wait_gone(pids) == [], "training processes outlived their controller"

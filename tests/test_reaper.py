@@ -6,8 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import textwrap
+import time
 
 from orchestrator.controller.reaper import RUN_TOKEN_ENV, marked_pids, sweep
 from tests.helpers import wait_gone
@@ -110,7 +110,11 @@ def test_a_run_killed_with_its_reaper_leaves_a_ray_directory_the_next_run_remove
     for path in (stale, busy, fresh):
         path.mkdir()
     # Running before its directory looks old: any run starting meanwhile (a test's) sees it busy.
-    still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={busy}/s"])
+    still_running = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)", f"--session-dir={busy}/s"],
+        stdout=subprocess.PIPE, text=True)
+    # Until it has exec'd, its command line is this test's: the sweep must see the one it runs from.
+    assert still_running.stdout.readline() == "up\n"
     for path in (stale, busy):
         os.utime(path, (0, 0))  # long ago
     try:
@@ -120,6 +124,6 @@ def test_a_run_killed_with_its_reaper_leaves_a_ray_directory_the_next_run_remove
         assert fresh.exists(), "a run that is just starting: kept"
     finally:
         still_running.kill()
-        still_running.wait()
+        still_running.communicate(timeout=10)
         for path in (busy, fresh):
             path.rmdir()

@@ -31,7 +31,7 @@ from tests.helpers import (
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(420)]
 
-# Long enough for the node's warm spare to be ready (the zygote starts with the first step).
+# Long enough for the node's warm spare to be ready (forked from the zygote after the first step).
 BASE = REFERENCE_TRAINING
 LAST = 100
 

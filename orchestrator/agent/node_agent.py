@@ -49,6 +49,9 @@ from orchestrator.worker.env import local_cpu_count
 SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
+# An attempt's start waits this long at most for a zygote still doing its imports (then its ranks
+# start as fresh processes): under the controller's timeout for the call (worker_group._CALL_TIMEOUT_S).
+_ZYGOTE_WAIT_S = 20.0
 # An interrupted survivor gets this long to leave its training function; then it is killed (and the
 # attempt it was to rejoin sees it fail, and replaces it).
 UNWIND_TIMEOUT_S = 10.0
@@ -93,12 +96,13 @@ class NodeAgent:
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
         self._zygote: Zygote | None = None
+        self._zygote_settled: threading.Event | None = None  # set once a prepared zygote can fork, or cannot
         self._gpu_thread: threading.Thread | None = None
         self._gpu_reading: GpuReading | None = None
         # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
         # imports, which must not block polls; and the kernel's parent-death signal fires when
         # the *thread* that forked a child exits, so that thread must live as long as the agent.
-        self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str]]] = queue.Queue()
+        self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str], bool]] = queue.Queue()
         threading.Thread(target=self._make_spares, name="spares", daemon=True).start()
         self.unwind_timeout_s = UNWIND_TIMEOUT_S
         if uplink is not None:
@@ -177,6 +181,10 @@ class NodeAgent:
             threading.Thread(target=self._unwind_or_kill, args=(unwinding, since), name="unwind", daemon=True).start()
         for spec in rejoins:
             self.send(spec.rank, spec)  # one already gone fails the attempt through its exit status
+        settled = self._zygote_settled
+        if starts and settled is not None and not settled.wait(_ZYGOTE_WAIT_S):
+            print(f"the zygote's imports took over {_ZYGOTE_WAIT_S:g}s: starting ranks as fresh processes",
+                  file=sys.stderr, flush=True)
         started = []
         for spec in starts:
             pid = self._promote_spare(spec)
@@ -246,9 +254,17 @@ class NodeAgent:
         self._procs[rank] = spare
         return spare.pid
 
+    def prepare(self, config: dict[str, Any], env: dict[str, str]) -> None:
+        """Start this node's zygote now, in the background: the next attempt's ranks are forked from
+        it, so that the node pays the imports once, not once per rank on the same cores (a start
+        waits for it, at most ``_ZYGOTE_WAIT_S``)."""
+        if self._zygote_settled is None:
+            self._zygote_settled = threading.Event()
+            self._spare_requests.put((config, env, False))
+
     def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
         """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
-        self._spare_requests.put((config, env))
+        self._spare_requests.put((config, env, True))
 
     def _acknowledged(self, number: int) -> None:
         """The controller received our status ``number``: the lease runs from when it was made."""
@@ -293,7 +309,11 @@ class NodeAgent:
 
     def _make_spares(self) -> None:
         while True:
-            config, env = self._spare_requests.get()
+            config, env, spare_wanted = self._spare_requests.get()
+            if not spare_wanted:  # the zygote alone (prepare)
+                self._fit_zygote(config, env)
+                self._zygote_settled.set()
+                continue
             spare = self._procs.get(SPARE)
             if spare is not None and spare.poll_exit() is None:
                 continue

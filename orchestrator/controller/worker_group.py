@@ -230,6 +230,7 @@ class RayWorkerGroup:
         self._gpu_readings: dict[int, GpuReading] = {}  # agent -> its latest reading
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
+        self._zygotes_asked: set[int] = set()  # agents told to prepare their node's zygote (this incarnation)
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
@@ -240,6 +241,8 @@ class RayWorkerGroup:
         rejoin, interrupt = set(rejoin), set(interrupt)  # asked of every rank: at 16,384 ranks, lists cost seconds
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
+        self._prepare_zygotes([b for slot, b in enumerate(self._slot_bundle)
+                               if any(r not in rejoin for r in self._slot_ranks(slot))])
         calls = {}
         for slot, bundle in enumerate(self._slot_bundle):
             ranks = self._slot_ranks(slot)
@@ -414,13 +417,25 @@ class RayWorkerGroup:
         self._send({index: self._agents[index].kill.remote(on) for index, on in self._by_agent(ranks).items()}, "kill")
 
     def ensure_spares(self) -> None:
-        calls = {}
-        for index in self._live_agents():
-            # The node's shared settings (threads, devices, network, cluster.env); the rank's own come at promotion.
-            placement = self._placement(index, local_rank=0, master_port=0)
-            env = {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
-            calls[index] = self._agents[index].start_spare.remote(self._config_dict, env)
+        calls = {index: self._agents[index].start_spare.remote(self._config_dict, self._node_env(index))
+                 for index in self._live_agents()}
         self._send(calls, "start_spare")
+
+    def _prepare_zygotes(self, bundles: list[int]) -> None:
+        """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:
+        the ranks are forked from it, the imports paid once per node. Not on GPU nodes, whose zygote
+        cannot fork yet (docs/fault-tolerance.md): waiting for it would only delay fresh processes."""
+        if self._config.cluster.device != "cpu":
+            return
+        todo = [b for b in bundles if b not in self._zygotes_asked and b not in self._dead]
+        self._send({b: self._agents[b].prepare.remote(self._config_dict, self._node_env(b)) for b in todo}, "prepare")
+        self._zygotes_asked.update(todo)
+
+    def _node_env(self, index: int) -> dict[str, str]:
+        """Agent ``index``'s node's shared settings (threads, devices, network, cluster.env), for its zygote
+        and spare; a rank's own come with its start."""
+        placement = self._placement(index, local_rank=0, master_port=0)
+        return {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
 
     def stop(self) -> None:
         refs = [agent.stop.remote(_STOP_TIMEOUT_S) for index, agent in enumerate(self._agents)
@@ -613,6 +628,7 @@ class RayWorkerGroup:
         incarnation = next(self._incarnations)
         self._inbox.expect(index, incarnation)
         self._died.discard(index)
+        self._zygotes_asked.discard(index)
         host, port = self._inbox.address
         uplink = UplinkSettings(host=host, port=port, token=self._token, incarnation=incarnation,
                                 heartbeat_s=self.heartbeat_s)
