@@ -85,6 +85,8 @@ def test_a_sweep_stops_on_ctrl_c_resumes_its_interrupted_run_and_skips_finished_
         [finished] = [e for e in of_kind(events(sweep_dir(plan_path) / run.name), "run_finished")
                       if e["status"] == "succeeded"]
         assert finished["step"] == run.overrides["train.steps"] and finished["heldout_loss"] > 0, finished
+        # One rank on the node's two cores: still forked from the zygote, which imports single-threaded.
+        assert all(w["forked"] for w in of_kind(events(sweep_dir(plan_path) / run.name), "worker_started"))
         # What the fit reads: a held-out loss every 10 steps, the last one the final one.
         points = points_of(plan, plan_path, run)
         assert [p.tokens for p in points] == [s * 1024 for s in range(10, run.overrides["train.steps"] + 1, 10)]

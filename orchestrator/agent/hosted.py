@@ -261,7 +261,10 @@ class Zygote:
         # torch.cuda.is_available() (which DeepSpeed's import calls) asks NVML instead of initialising
         # CUDA, which no child forked afterwards could use. NVML starts a thread of its own, though
         # (driver 580 on an H100), so on such GPU nodes the zygote says it cannot fork.
-        env = {**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        # One OpenMP thread: with more, an import starts OpenMP's pool, and a process with threads
+        # cannot fork safely. Each child takes its share of the node's cores when it becomes a rank
+        # (torch.set_num_threads, process.py).
+        env = {**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1", "OMP_NUM_THREADS": "1"}
         self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
                                   on_message=self._on_message)
         self.proc.send(Prepare(config=config))
