@@ -12,7 +12,7 @@ synchronously (a step every ``--step-s``), beat once a second, save a checkpoint
 
 What one call to a real Ray actor costs its caller is measured once, from a real embedded Ray on
 this machine (caller CPU per call, submission to result), and charged for every simulated call
-(the actions: start, kill, spare requests, GPU readings); the pushes cost the controller what
+(the actions: start, kill, spare requests); the pushes cost the controller what
 they cost (the inbox's thread is the controller's CPU).
 
 Reported per N:
@@ -219,7 +219,7 @@ class SimAgent:
         self._answers = 0
         self.asked = 0
         for name in ("start_attempt", "kill", "prepare", "start_spare", "network", "free_port",
-                     "gpu_metrics", "node_info", "stop"):
+                     "node_info", "stop"):
             setattr(self, name, _Method(self, getattr(self, f"_{name}"), acts=name in ("start_attempt", "kill")))
 
     def latency(self) -> float:
@@ -272,9 +272,6 @@ class SimAgent:
 
     def _free_port(self, host: str) -> int:
         return 29500
-
-    def _gpu_metrics(self, simulated: int) -> None:
-        return None
 
     def _node_info(self) -> dict[str, Any]:
         return self.node
@@ -771,8 +768,8 @@ def main() -> int:
             started = time.monotonic()
             result = measure(n, args, cost, Path(tmp))
             base = results[0] if results else result
-            result.ratios = {k: getattr(result, k) / getattr(base, k) if getattr(base, k) else math.nan
-                             for k in RATIO_KEYS}
+            # A figure that is 0 at the first N (no Ray calls in steady state) has no ratio.
+            result.ratios = {k: getattr(result, k) / getattr(base, k) for k in RATIO_KEYS if getattr(base, k)}
             results.append(result)
             _print(result, time.monotonic() - started)
     if args.json is not None:
@@ -789,7 +786,7 @@ def _print(r: Scale, took_s: float) -> None:
           f"{d['exit']['p95']:.2f}s raise {d['raise']['p50']:.2f}/{d['raise']['p95']:.2f}s hang "
           f"{d['hang']['p50']:.2f}/{d['hang']['p95']:.2f}s; node loss {r.node_loss_episodes} episode(s), "
           f"{r.node_loss_root_causes} root cause(s), decided {r.node_loss_to_decision_s:.2f}s "
-          f"(cpu x{r.ratios['controller_cpu_fraction']:.1f}, calls x{r.ratios['ray_calls_per_s']:.1f} vs the first N) "
+          f"(cpu x{r.ratios['controller_cpu_fraction']:.1f} vs the first N) "
           f"[{took_s:.0f}s]", flush=True)
 
 

@@ -467,6 +467,7 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.controller.states import Failed
     from orchestrator.controller.worker_group import RayWorkerGroup
     from orchestrator.events import MetricsStarted
+    from orchestrator.monitor.gpu_endpoint import GPU_TARGETS, TargetsFile
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
@@ -488,7 +489,8 @@ def _launch(args: argparse.Namespace) -> int:
         events.emit(MetricsStarted(url=server.url, target=server.target))
         display.note(f"metrics: {server.url}")
     group = RayWorkerGroup(config, run.path, run_id=run.run_id)
-    controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics)
+    targets = TargetsFile(run.path / GPU_TARGETS, run.run_id) if metrics is not None else None
+    controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics, gpu_targets=targets)
     display.note(f"run {run.run_id}: {_describe(config)} -> {run.path}")
     started = time.monotonic()
     try:
@@ -518,6 +520,8 @@ def _launch(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        if targets is not None:
+            targets.update([])  # the agents' endpoints closed with them
         events.close()
         reaper.release()
     if isinstance(state, Failed):
@@ -563,6 +567,7 @@ def _metrics(args: argparse.Namespace) -> int:
     """Print a run's metrics endpoint and a Prometheus scrape config for it."""
     from orchestrator.events import MetricsStarted, RunFinished, read_typed
     from orchestrator.monitor.exporter import scrape_config
+    from orchestrator.monitor.gpu_endpoint import GPU_TARGETS
     from orchestrator.run_dir import RunDir
 
     path = Path(args.run_dir)
@@ -575,7 +580,7 @@ def _metrics(args: argparse.Namespace) -> int:
     last = started[-1]
     running = not any(isinstance(e, RunFinished) and e.ts >= last.ts for e in evs)
     print(f"endpoint: {last.url} ({'running' if running else 'run finished; endpoint closed'})")
-    print(scrape_config(last.target, RunDir.read_id(path)), end="")
+    print(scrape_config(last.target, RunDir.read_id(path), path / GPU_TARGETS), end="")
     return EXIT_OK
 
 

@@ -1,5 +1,6 @@
 """A real Prometheus for tests: Debian's ``prometheus`` on a free loopback port, scraping a run's
-endpoint every second with the scrape config ``orchestrator metrics RUN_DIR`` prints, stopped after."""
+endpoints (the controller's and its nodes' GPU endpoints) every second with the scrape config
+``orchestrator metrics RUN_DIR`` prints, stopped after."""
 
 from __future__ import annotations
 
@@ -27,23 +28,24 @@ needs_prometheus = pytest.mark.skipif(
 )
 
 
-def run_scrape_config(run_dir: Path) -> dict[str, Any]:
-    """The scrape config ``orchestrator metrics RUN_DIR`` prints for a running run, every second."""
+def run_scrape_config(run_dir: Path) -> list[dict[str, Any]]:
+    """The scrape configs ``orchestrator metrics RUN_DIR`` prints for a running run, every second."""
     shown = cli("metrics", str(run_dir))
     assert shown.returncode == 0, shown.stdout + shown.stderr
-    scrape = yaml.safe_load(shown.stdout.split("\n", 1)[1])["scrape_configs"][0]
-    scrape["scrape_interval"] = "1s"
-    return scrape
+    scrapes = yaml.safe_load(shown.stdout.split("\n", 1)[1])["scrape_configs"]
+    for scrape in scrapes:
+        scrape["scrape_interval"] = "1s"
+    return scrapes
 
 
 class Prometheus:
-    """``with Prometheus(tmp, scrape, rules) as prom``: serving at ``prom.api`` inside the block."""
+    """``with Prometheus(tmp, scrapes, rules) as prom``: serving at ``prom.api`` inside the block."""
 
-    def __init__(self, tmp: Path, scrape: dict[str, Any], rule_files: list[Path] = ()) -> None:
+    def __init__(self, tmp: Path, scrapes: list[dict[str, Any]], rule_files: list[Path] = ()) -> None:
         self._tmp = tmp
         self._log = tmp / "prometheus.log"
         config = {"global": {"evaluation_interval": "1s"}, "rule_files": [str(p) for p in rule_files],
-                  "scrape_configs": [scrape]}
+                  "scrape_configs": scrapes}
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

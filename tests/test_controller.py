@@ -125,7 +125,10 @@ class FakeGroup:
     def ensure_spares(self):
         self.spare_requests += 1
 
-    def gpu_metrics(self) -> list:
+    def gpu_endpoints(self) -> list[str]:
+        return []
+
+    def gpu_models(self) -> list[str]:
         return []
 
     def warm_spares(self):

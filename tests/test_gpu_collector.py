@@ -3,13 +3,14 @@ normal values, GPM ratios, rates of running totals, unsupported queries, lost GP
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
 
 import pynvml
 import pytest
 
 from orchestrator.events import Step, WorkerStarted
-from orchestrator.monitor.gpu import FIELDS, GpuCollector
+from orchestrator.monitor.gpu import FIELDS, GpuCollector, GpuReading
+from orchestrator.monitor.gpu_endpoint import GpuFamilies, TargetsFile, listen_address, serve
 from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.simulated_nvml import (
     GPM_DRAM,
@@ -139,22 +140,28 @@ def test_no_nvml_is_one_metric_and_one_log_line(caplog: pytest.LogCaptureFixture
     readings = [collector.collect(), collector.collect()]
     assert all(not r.available and "NVML" in r.reason and r.gpus == [] for r in readings)
     assert len([r for r in caplog.records if "GPU metrics off" in r.getMessage()]) == 1
-    metrics = JobMetrics()
-    metrics.update_gpus(readings[:1])
-    text = _exposition(metrics)
-    assert 'orchestrator_gpu_collector_available{Hostname="cpu-box"' in text and "DCGM_FI" not in text
+    text = _gpu_exposition(readings[0], {}, "10.0.0.9")
+    assert ('orchestrator_gpu_collector_available{Hostname="cpu-box",node="10.0.0.9",rank="",reason='
+            in text) and "DCGM_FI" not in text
 
 
-def test_exposition_uses_dcgm_names_with_the_rank_and_node_of_each_gpu() -> None:
+def test_a_nodes_endpoint_uses_dcgm_names_with_the_rank_and_node_of_each_gpu() -> None:
+    reading = GpuCollector(indices=[0, 1], nvml=SimulatedNVML({0: _gpu(), 1: _gpu()}), hostname="n").collect()
+    text = _gpu_exposition(reading, {"1": "5"}, "10.0.0.2")  # rank 5 uses GPU 1; GPU 0 is nobody's
+    assert ('DCGM_FI_DEV_GPU_UTIL{DCGM_FI_DRIVER_VERSION="550.90.07",Hostname="n",UUID="GPU-0001",device="nvidia1",'
+            'gpu="1",modelName="NVIDIA H100 80GB HBM3",node="10.0.0.2",pci_bus_id="00000000:19:00.0",rank="5"} 87.0'
+            ) in text
+    assert 'gpu="0",modelName="NVIDIA H100 80GB HBM3",node="10.0.0.2",pci_bus_id="00000000:18:00.0",rank=""' in text
+    assert "instance=" not in text, "Prometheus sets instance: the node's endpoint, as dcgm-exporter's"
+    assert 'orchestrator_gpu_collector_available{Hostname="n",node="10.0.0.2",rank="5",reason=""} 1.0' in text
+
+
+def test_the_job_endpoint_has_no_gpu_series_and_joins_ranks_to_nodes() -> None:
     metrics = JobMetrics()
-    reading = GpuCollector(indices=[0], nvml=SimulatedNVML({0: _gpu()}), hostname="n").collect()
-    metrics.update_gpus([replace(reading, ranks={"0": "0"}, node="10.0.0.2")])
     metrics.watch_ranks(lambda: [RankSample(0, True, 0.1, 1, 0.1)])
     metrics.on_event(_worker(1.0, "10.0.0.2"))
     text = _exposition(metrics)
-    assert ('DCGM_FI_DEV_GPU_UTIL{DCGM_FI_DRIVER_VERSION="550.90.07",Hostname="n",UUID="GPU-0000",device="nvidia0",'
-            'gpu="0",instance="10.0.0.2",modelName="NVIDIA H100 80GB HBM3",node="10.0.0.2",'
-            'pci_bus_id="00000000:18:00.0",rank="0"} 87.0') in text
+    assert "DCGM_FI" not in text and "orchestrator_gpu_collector_available" not in text
     assert 'orchestrator_rank_info{node="10.0.0.2",rank="0"} 1.0' in text
     metrics.on_event(_worker(2.0, "10.0.0.3"))
     text = _exposition(metrics)
@@ -170,22 +177,52 @@ def test_the_docs_list_every_exported_field() -> None:
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 67e12), ("NVIDIA H100 PCIe", 51e12)])
 def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) -> None:
     metrics = JobMetrics()
-    nvml = SimulatedNVML({0: _gpu(name=name), 1: _gpu(name=name)})
-    # One node's reading of both GPUs, each used by its local rank.
-    metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
-                                 ranks={"0": "0", "1": "1"})])
+    metrics.set_gpu_models([name, name])  # one node's two GPUs, each used by its local rank
     metrics.on_event(Step(ts=1.0, step=1, loss=2.0, step_time_s=0.5, tokens_per_s=None, flops=2 * peak * 0.5 * 0.4))
     assert "orchestrator_model_flops_utilization 0.4" in _exposition(metrics)
 
 
 def test_no_mfu_when_one_gpu_model_has_no_known_peak() -> None:
     metrics = JobMetrics()
-    nvml = SimulatedNVML({0: _gpu(), 1: _gpu(name="Tesla T4")})
-    # One node's reading of both GPUs, each used by its local rank.
-    metrics.update_gpus([replace(GpuCollector(indices=[0, 1], nvml=nvml, hostname="n").collect(),
-                                 ranks={"0": "0", "1": "1"})])
+    metrics.set_gpu_models(["NVIDIA H100 80GB HBM3", "Tesla T4"])
     metrics.on_event(Step(ts=1.0, step=1, loss=2.0, step_time_s=0.5, tokens_per_s=None, flops=1e12))
     assert "orchestrator_model_flops_utilization" not in _exposition(metrics)
+
+
+def test_a_gpu_endpoint_listens_where_metrics_host_says_and_is_reached_at_the_node() -> None:
+    assert listen_address("127.0.0.1", "10.0.0.2") == ("127.0.0.1", "127.0.0.1"), "loopback stays loopback"
+    assert listen_address("0.0.0.0", "10.0.0.2") == ("0.0.0.0", "10.0.0.2")
+    assert listen_address("10.0.0.1", "10.0.0.2") == ("10.0.0.2", "10.0.0.2"), "the controller's address: the node's"
+    assert listen_address("head.example", "10.0.0.2") == ("10.0.0.2", "10.0.0.2")
+
+
+def test_a_gpu_endpoint_serves_the_latest_reading_over_http() -> None:
+    import urllib.request
+
+    readings = [GpuReading(hostname="n", available=False, reason="no NVML")]
+    server = serve(GpuFamilies(lambda: readings[-1], dict, node="127.0.0.1"), "127.0.0.1", 0)
+    try:
+        def scrape() -> str:
+            with urllib.request.urlopen(server.url, timeout=10) as response:
+                return response.read().decode()
+        assert 'orchestrator_gpu_collector_available{Hostname="n",node="127.0.0.1",rank="",reason="no NVML"} 0.0' \
+            in scrape()
+        readings.append(GpuCollector(indices=[0], nvml=SimulatedNVML({0: _gpu()}), hostname="n").collect())
+        assert 'DCGM_FI_DEV_GPU_TEMP{' in scrape()
+    finally:
+        server.close()
+
+
+def test_the_targets_file_lists_the_endpoints_and_changes_only_with_them(tmp_path) -> None:
+    path = tmp_path / "prometheus" / "gpu-targets.json"
+    targets = TargetsFile(path, "run1")
+    assert json.loads(path.read_text()) == [{"targets": [], "labels": {"run_id": "run1"}}], "there before any node"
+    targets.update(["10.0.0.3:9400", "10.0.0.2:9400"])
+    assert json.loads(path.read_text())[0]["targets"] == ["10.0.0.2:9400", "10.0.0.3:9400"]
+    written = path.stat().st_mtime_ns
+    targets.update(["10.0.0.2:9400", "10.0.0.3:9400"])
+    assert path.stat().st_mtime_ns == written, "the same endpoints: not written again"
+    assert [p.name for p in path.parent.iterdir()] == ["gpu-targets.json"], "written whole, through a rename"
 
 
 def _worker(ts: float, node_ip: str) -> WorkerStarted:
@@ -197,3 +234,11 @@ def _exposition(metrics: JobMetrics) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(metrics.registry).decode()
+
+
+def _gpu_exposition(reading: GpuReading, ranks: dict[str, str], node: str) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GpuFamilies(lambda: reading, lambda: ranks, node=node))
+    return generate_latest(registry).decode()

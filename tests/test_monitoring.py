@@ -120,6 +120,11 @@ def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates
             assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
             run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
             assert all(r["metric"]["run_id"] == run_id for r in ranks)
+            # The GPU series come from the node agent's endpoint, found through the targets file.
+            tensor = prom.query("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE")["data"]["result"]
+            assert {(r["metric"]["job"], r["metric"]["rank"], r["metric"]["run_id"]) for r in tensor} == {
+                ("orchestrator-gpus", "0", run_id), ("orchestrator-gpus", "1", run_id)}, tensor
+            assert {r["metric"]["instance"] for r in tensor} != {started["target"]}
             # Each simulated GPU joins its rank: the rank's step time beside its GPU's utilization.
             joined = prom.query("DCGM_FI_DEV_GPU_UTIL * on(rank) group_left(node) "
                                 "(orchestrator_rank_info * on(rank) group_left orchestrator_rank_step_time_seconds)")
@@ -129,6 +134,8 @@ def test_prometheus_scrapes_a_running_job_and_every_shipped_expression_evaluates
             job.send_signal(signal.SIGINT)
             job.wait(timeout=60)
     assert of_kind(events(run_dir), "run_finished")[-1]["reason"] == "interrupted"
+    targets = json.loads((run_dir / "prometheus" / "gpu-targets.json").read_text())
+    assert targets == [{"targets": [], "labels": {"run_id": run_id}}], "a finished run's endpoints are gone"
 
 
 def test_taken_port_is_a_clear_error_before_anything_starts(tmp_path: Path) -> None:

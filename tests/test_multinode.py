@@ -120,8 +120,9 @@ def tp2_run(two_nodes: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("tp2")
     run_dir = tmp / "run"
     # Half the data-parallel ranks: the same global batch (32) takes two micro-batches a step.
+    # metrics.host 0.0.0.0: each node's GPU endpoint listens on its address, where Prometheus (here) reaches it.
     args = _on_cluster(two_nodes, "parallel.tensor_parallel=2", "train.global_batch_size=32",
-                       "metrics.simulated_gpus=true")
+                       "metrics.simulated_gpus=true", "metrics.host=0.0.0.0")
     dashboard = None
     with running_cli(*launch_args(run_dir, *args)) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "metrics_started", 120, proc)
@@ -151,15 +152,18 @@ def test_the_stock_dcgm_dashboard_picks_each_node_and_shows_its_gpus(
 ) -> None:
     shown = tp2_run["dashboard"]
     nodes = sorted(n["address"] for n in two_nodes["nodes"])
-    assert sorted(shown["instance"]) == nodes and sorted(shown["gpu"]) == ["0", "1"], shown
-    expected = {"all": [(node, gpu) for node in nodes for gpu in ("0", "1")],
-                **{node: [(node, "0"), (node, "1")] for node in nodes}}
+    # One instance per node: its agent's GPU endpoint (address:port), as one dcgm-exporter per node.
+    instances = sorted(shown["instance"])
+    assert [i.rsplit(":", 1)[0] for i in instances] == nodes and sorted(shown["gpu"]) == ["0", "1"], shown
+    expected = {"all": [(i, gpu) for i in instances for gpu in ("0", "1")],
+                **{i: [(i, "0"), (i, "1")] for i in instances}}
     for picked, panels in [("all", shown["all"]), *shown["per_node"].items()]:
         assert len(panels) == 8
         for title, series in panels.items():
             assert series, f"panel {title!r} shows nothing for {picked}"
             if "gpu" in series[0]["metric"]:  # one line per GPU
                 assert sorted((s["metric"]["instance"], s["metric"]["gpu"]) for s in series) == expected[picked], title
+                assert all(s["metric"]["node"] == s["metric"]["instance"].rsplit(":", 1)[0] for s in series), title
             else:  # a gauge over the picked GPUs (avg, sum)
                 assert len(series) == 1, title
     total = float(shown["all"]["GPU Power Total"][0]["value"][1])

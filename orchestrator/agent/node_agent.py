@@ -3,8 +3,9 @@
 It starts its node's ranks for an attempt in one call (promoting the node's
 warm spare, forking from the node's zygote, or starting fresh processes),
 relays their reports, interrupts, kills, stops and reaps them, keeps the
-node's zygote and warm spare, and reads the node's GPUs. The controller's cost
-therefore grows with nodes, not ranks: one status, one start, one kill per node.
+node's zygote and warm spare, and reads and serves the node's GPU metrics (one
+Prometheus target per node). The controller's cost therefore grows with nodes,
+not ranks: one status, one start, one kill per node, and no GPU reading at all.
 
 The agent is deliberately light (it never imports torch). It pushes its node's
 status to the controller (``uplink.py``) when something happened that the
@@ -27,6 +28,7 @@ from typing import Any
 
 from orchestrator.agent.hosted import HostedProcess, Zygote, ZygoteUnavailable
 from orchestrator.agent.uplink import Uplink
+from orchestrator.errors import ConfigError
 from orchestrator.messages import (
     Interrupt,
     NodeBeat,
@@ -42,12 +44,15 @@ from orchestrator.messages import (
     Warm,
 )
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
+from orchestrator.monitor.gpu_endpoint import GpuFamilies, listen_address, serve
 from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.env import local_cpu_count
 
 SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
+# node_info waits this long at most for the first reading of the GPUs (their models give the MFU).
+_FIRST_READING_S = 10.0
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
 # An attempt's start waits this long at most for a zygote still doing its imports (then its ranks
 # start as fresh processes): under the controller's timeout for the call (worker_group._CALL_TIMEOUT_S).
@@ -72,11 +77,24 @@ class UplinkSettings:
     heartbeat_s: float
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuServing:
+    """How an agent serves its node's GPUs (``monitor/gpu_endpoint.py``): ``metrics.host`` (the endpoint
+    listens where ``listen_address`` says), ``metrics.gpu_port`` (0: a free one), and ``simulated``
+    stand-in GPUs, indexes 0..simulated-1 (``metrics.simulated_gpus``: one per rank), else Ray's."""
+
+    host: str
+    port: int
+    simulated: int
+
+
 class NodeAgent:
     """Hosts a node's rank processes, its zygote and warm spare. Wrapped with ``ray.remote`` by the worker group."""
 
-    def __init__(self, index: int, log_dir: str, lease_s: float = 5.0, uplink: UplinkSettings | None = None) -> None:
-        """``uplink``: where to push this node's status (none: the status is only read by calling :meth:`status`)."""
+    def __init__(self, index: int, log_dir: str, lease_s: float = 5.0, uplink: UplinkSettings | None = None,
+                 gpus: GpuServing | None = None) -> None:
+        """``uplink``: where to push this node's status (none: the status is only read by calling :meth:`status`);
+        ``gpus``: how to serve the node's GPU metrics (none: not at all)."""
         self.index = index
         self._log_dir = Path(log_dir)
         # Fencing: every status pushed is numbered, and the controller acknowledges each number it
@@ -99,6 +117,10 @@ class NodeAgent:
         self._zygote_settled: threading.Event | None = None  # set once a prepared zygote can fork, or cannot
         self._gpu_thread: threading.Thread | None = None
         self._gpu_reading: GpuReading | None = None
+        self._gpu_read = threading.Event()  # the first reading is in
+        self._gpu_ids: list[str] = []  # the node's GPUs by local rank (their gpu label)
+        self._gpu_ranks: dict[str, str] = {}  # GPU (its gpu label) -> the rank that uses it now
+        self._gpu_endpoint = ""  # where Prometheus scrapes the node's GPUs ("": nowhere)
         # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
         # imports, which must not block polls; and the kernel's parent-death signal fires when
         # the *thread* that forked a child exits, so that thread must live as long as the agent.
@@ -109,17 +131,25 @@ class NodeAgent:
             hello = {"token": uplink.token, "index": index, "incarnation": uplink.incarnation}
             line = Uplink((uplink.host, uplink.port), hello, on_ack=self._acknowledged, on_ask=self._on_ask)
             threading.Thread(target=self._push, args=(line, uplink.heartbeat_s), name="push", daemon=True).start()
+        if gpus is not None:
+            self._serve_gpus(gpus)
 
     def node_info(self) -> dict[str, Any]:
-        """Where this agent landed: host name, IP, Ray node id, the node's GPUs Ray gave it, usable CPUs."""
+        """Where this agent landed: host name, IP, Ray node id, the node's GPUs Ray gave it, usable CPUs;
+        where its GPU metrics are served and the models of the GPUs read there."""
         import ray
 
+        if self._gpu_thread is not None:
+            self._gpu_read.wait(_FIRST_READING_S)
+        reading = self._gpu_reading
         return {
             "hostname": socket.gethostname(),
             "ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cpus": local_cpu_count(),
+            "gpu_endpoint": self._gpu_endpoint,
+            "gpu_models": [g.labels["modelName"] for g in reading.gpus] if reading is not None else [],
         }
 
     def network(self, config: dict[str, Any], head_addr: str) -> dict[str, Any]:
@@ -130,22 +160,31 @@ class NodeAgent:
         found = configure(Config.model_validate(config), head_addr)
         return {**found.as_event(), "summary": found.summary()}
 
-    def gpu_metrics(self, simulated: int = 0) -> GpuReading | None:
-        """The latest reading of the node's GPUs Ray gave this agent, or of ``simulated`` stand-in GPUs
-        (``metrics.simulated_gpus``: one per rank, indexes 0..simulated-1); None before the first.
-        Read by a thread of its own every ``GPU_READ_INTERVAL_S``: a hung NVML call must not stall
-        this agent's polls."""
-        if self._gpu_thread is None:
-            import ray
+    def _serve_gpus(self, gpus: GpuServing) -> None:
+        """Read the node's GPUs on a thread of their own every ``GPU_READ_INTERVAL_S`` (a hung NVML call
+        must not stall this agent) and serve the latest reading; a taken ``metrics.gpu_port`` gives
+        way to a free port (Prometheus finds it in the targets file either way)."""
+        import ray
 
-            if not simulated:
-                collector = GpuCollector([int(g) for g in ray.get_gpu_ids()])
-            else:
-                nvml = SimulatedNVML({i: simulated_gpu(i) for i in range(simulated)})
-                collector = GpuCollector(list(range(simulated)), nvml=nvml)
-            self._gpu_thread = threading.Thread(target=self._read_gpus, args=(collector,), name="gpus", daemon=True)
-            self._gpu_thread.start()
-        return self._gpu_reading
+        ip = ray.util.get_node_ip_address()
+        if gpus.simulated:
+            self._gpu_ids = [str(i) for i in range(gpus.simulated)]
+            nvml = SimulatedNVML({i: simulated_gpu(i) for i in range(gpus.simulated)})
+        else:
+            self._gpu_ids, nvml = [str(g) for g in ray.get_gpu_ids()], None
+        collector = GpuCollector([int(g) for g in self._gpu_ids], nvml=nvml)
+        self._gpu_thread = threading.Thread(target=self._read_gpus, args=(collector,), name="gpus", daemon=True)
+        self._gpu_thread.start()
+        families = GpuFamilies(lambda: self._gpu_reading, lambda: self._gpu_ranks, node=ip)
+        host, advertised = listen_address(gpus.host, ip)
+        for port in dict.fromkeys((gpus.port, 0)):
+            try:
+                server = serve(families, host, port)
+            except ConfigError as exc:
+                print(f"cannot serve the GPU metrics: {exc}", file=sys.stderr, flush=True)
+                continue
+            self._gpu_endpoint = f"[{advertised}]:{server.port}" if ":" in advertised else f"{advertised}:{server.port}"
+            return
 
     def _read_gpus(self, collector: GpuCollector) -> None:
         while True:
@@ -153,6 +192,7 @@ class NodeAgent:
                 self._gpu_reading = collector.collect()
             except Exception as exc:  # noqa: BLE001 - a failing read is a missing reading, not a dead agent
                 print(f"reading the GPUs failed: {exc!r}", file=sys.stderr, flush=True)
+            self._gpu_read.set()
             time.sleep(GPU_READ_INTERVAL_S)
 
     def free_port(self, host: str) -> int:
@@ -170,6 +210,8 @@ class NodeAgent:
         first; each reads its rejoin once it has left, and one that has not left within
         ``unwind_timeout_s`` is killed here: the new attempt sees it fail. The controller never waits."""
         keep = {spec.rank for spec in starts} | {spec.rank for spec in rejoins}
+        self._gpu_ranks = {self._gpu_ids[spec.local_rank]: str(spec.rank) for spec in [*starts, *rejoins]
+                           if spec.local_rank < len(self._gpu_ids)}
         for rank in [r for r in self._procs if r != SPARE and r not in keep]:
             self._forget(rank)
         # One that already left (its report not yet seen by the controller) is not waited for: it
@@ -398,6 +440,7 @@ class NodeAgent:
         """Stop and reap every hosted process (ranks, the spare, the zygote): all are asked to stop at
         once, so the node's stop takes one ``timeout_s`` at most, not one per rank."""
         procs = [self._procs.pop(key) for key in list(self._procs)]
+        self._gpu_ranks = {}
         for proc in procs:
             proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s

@@ -297,6 +297,11 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = Field(
         9464, description="Port of the metrics endpoint; 0 picks a free one."
     )
+    gpu_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        0,
+        description="Port of each node agent's GPU endpoint (DCGM names); 0 picks a free one. Prometheus finds "
+        "the endpoints in RUN_DIR/prometheus/gpu-targets.json (file-based service discovery).",
+    )
     per_rank_limit: Annotated[int, Field(ge=0)] = Field(
         1024,
         description="Jobs of up to this many ranks get per-rank series (orchestrator_rank_*); larger ones get "

@@ -41,6 +41,7 @@ from orchestrator.messages import (
     ScriptCheckpoint,
     Step,
 )
+from orchestrator.monitor.gpu_endpoint import TargetsFile
 from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.progress import ProgressDisplay
 from orchestrator.run_dir import RunDir
@@ -57,8 +58,8 @@ SCRIPT_UP_S = 10.0
 SCRIPT_MOVING_S = 2.0
 # Spares start after the first reported step; for a script that reports nothing, this long after its start.
 SPARES_AFTER_S = 30.0
-# How often the nodes' GPUs are read for the metrics endpoint (dcgm-exporter's default is 30 s).
-GPU_INTERVAL_S = 5.0
+# How often the file that lists the nodes' GPU endpoints for Prometheus is brought up to date.
+TARGETS_INTERVAL_S = 5.0
 # How often every rank is checked for a hang: the limits are seconds long, and the check visits every rank.
 HANG_CHECK_S = 0.5
 # How long a hang's verdict waits for the suspects' agents to answer (they answer at once; one that
@@ -104,6 +105,7 @@ class Controller:
         *,
         faults: list[dict[str, Any]] | None = None,
         metrics: JobMetrics | None = None,
+        gpu_targets: TargetsFile | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -140,7 +142,8 @@ class Controller:
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
-        self._gpus_read_at = float("-inf")
+        self._gpu_targets = gpu_targets
+        self._targets_written_at = float("-inf")
         self._hangs_checked_at = float("-inf")
         self._confirming: Confirming | None = None  # hung ranks whose fresh statuses are awaited
         if metrics is not None:
@@ -217,9 +220,9 @@ class Controller:
 
     def _update_metrics(self) -> None:
         now = self._clock()
-        if now - self._gpus_read_at >= GPU_INTERVAL_S:
-            self._gpus_read_at = now
-            self.metrics.update_gpus(self.group.gpu_metrics())
+        if self._gpu_targets is not None and now - self._targets_written_at >= TARGETS_INTERVAL_S:
+            self._targets_written_at = now
+            self._gpu_targets.update(self.group.gpu_endpoints())
 
     def _note_spares(self) -> None:
         warm = self.group.warm_spares()
@@ -426,6 +429,8 @@ class Controller:
                        for r in range(self.group.world_size)}
         self._report_networks()
         self._show_layout()
+        if self.metrics is not None:
+            self.metrics.set_gpu_models(self.group.gpu_models())
         for info in infos:
             self.events.emit(ev.WorkerStarted(
                 rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,

@@ -23,7 +23,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,6 @@ from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
 from orchestrator.messages import NodeStatus, RankStatus, Rejoin, Report, Start
-from orchestrator.monitor.gpu import GpuReading
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
@@ -149,8 +148,11 @@ class WorkerGroup(Protocol):
     def kill(self, ranks: Collection[int]) -> None:
         """SIGKILL these ranks' processes."""
 
-    def gpu_metrics(self) -> list[GpuReading]:
-        """Read every rank's GPUs (on its actor, off the training loop)."""
+    def gpu_endpoints(self) -> list[str]:
+        """Where each live node's agent serves its GPU metrics (``host:port``), for Prometheus."""
+
+    def gpu_models(self) -> list[str]:
+        """The models of the GPUs the ranks use (NVML's names; none on CPU nodes)."""
 
     def ensure_spares(self) -> None:
         """Start a warm spare on every node that has none."""
@@ -226,8 +228,6 @@ class RayWorkerGroup:
         # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
         self._unreachable: set[int] = set()
         self._sent: list[tuple[int, Any, Any, str, float]] = []  # (index, agent, call, what, when): not waited for
-        self._gpu_calls: dict[int, Any] = {}  # agent -> its gpu_metrics call in flight
-        self._gpu_readings: dict[int, GpuReading] = {}  # agent -> its latest reading
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
         self._zygotes_asked: set[int] = set()  # agents told to prepare their node's zygote (this incarnation)
@@ -384,33 +384,11 @@ class RayWorkerGroup:
         head = self._head_ip()
         return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
 
-    def gpu_metrics(self) -> list[GpuReading]:
-        """The latest reading of every live node's GPUs. Never waits: the answers to the previous
-        call are collected, and a new call goes to every agent without one in flight."""
-        if self._gpu_calls:
-            ready, _ = self._ray.wait(list(self._gpu_calls.values()), num_returns=len(self._gpu_calls), timeout=0)
-            for index, ref in list(self._gpu_calls.items()):
-                if ref not in ready:
-                    continue
-                del self._gpu_calls[index]
-                try:
-                    reading = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-                except self._ray.exceptions.RayError:
-                    continue  # a lost agent is reported by poll(); its GPUs are missing from this reading
-                if reading is not None:
-                    self._gpu_readings[index] = reading
-        simulated = self._per_node if self._config.metrics.simulated_gpus else 0
-        slots = self._slot_of()
-        readings = []
-        for index in self._live_agents():
-            if index not in self._gpu_calls:
-                self._gpu_calls[index] = self._agents[index].gpu_metrics.remote(simulated)
-            if index in self._gpu_readings:
-                # Who uses each GPU now: the rank of its local slot (none on a spare node).
-                node_gpus = [str(i) for i in range(simulated)] if simulated else self._nodes[index]["gpu_ids"]
-                ranks = dict(zip(node_gpus, map(str, self._slot_ranks(slots[index])))) if index in slots else {}
-                readings.append(replace(self._gpu_readings[index], ranks=ranks, node=self._nodes[index]["ip"]))
-        return readings
+    def gpu_endpoints(self) -> list[str]:
+        return [endpoint for index in self._live_agents() if (endpoint := self._nodes[index].get("gpu_endpoint"))]
+
+    def gpu_models(self) -> list[str]:
+        return [model for bundle in self._slot_bundle for model in self._nodes[bundle].get("gpu_models", [])]
 
     def kill(self, ranks: Collection[int]) -> None:
         # A lost node's ranks are not asked: gone, or fenced (their lease stops them).
@@ -622,7 +600,7 @@ class RayWorkerGroup:
         """The agent for bundle ``index``: it holds the whole bundle (the node's CPUs, and GPUs)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from orchestrator.agent.node_agent import NodeAgent, UplinkSettings
+        from orchestrator.agent.node_agent import GpuServing, NodeAgent, UplinkSettings
 
         gpu = self._config.cluster.device == "gpu"
         incarnation = next(self._incarnations)
@@ -632,6 +610,9 @@ class RayWorkerGroup:
         host, port = self._inbox.address
         uplink = UplinkSettings(host=host, port=port, token=self._token, incarnation=incarnation,
                                 heartbeat_s=self.heartbeat_s)
+        metrics = self._config.metrics
+        gpus = GpuServing(host=metrics.host, port=metrics.gpu_port,
+                          simulated=self._per_node if metrics.simulated_gpus else 0) if metrics.enabled else None
         return (
             self._ray.remote(NodeAgent)
             .options(
@@ -641,7 +622,7 @@ class RayWorkerGroup:
                     placement_group=self._pg, placement_group_bundle_index=index
                 ),
             )
-            .remote(index, str(self._run_dir / "logs"), self._lease_s, uplink)
+            .remote(index, str(self._run_dir / "logs"), self._lease_s, uplink, gpus)
         )
 
     def replace_lost(self, allow_missing: bool) -> list[int]:

@@ -2,8 +2,8 @@
 
 One :class:`GpuCollector` per node agent reads the GPUs of its node (the
 agent process, not the training processes: collecting never touches the
-training loop). Samples travel to the controller as plain data and are
-exposed there, so a multi-node job is one scrape target.
+training loop); the agent serves them on its own endpoint (``gpu_endpoint.py``),
+one scrape target per node as dcgm-exporter is.
 
 Names and units follow dcgm-exporter's default counters, so NVIDIA's stock
 Grafana dashboard works unchanged; every GPU also carries the ``rank`` that
@@ -58,10 +58,10 @@ FIELDS: dict[str, str] = {
     "DCGM_FI_DEV_ROW_REMAP_FAILURE": "Whether remapping of rows has failed.",
 }
 # A GPU's own labels (dcgm-exporter's, DCGM_FI_DRIVER_VERSION included), then where it is: the
-# node's host name, the rank using it, and the node's address as ``node`` and ``instance`` (one
-# "instance" per node, as with one dcgm-exporter per node; the scrape needs honor_labels: true).
+# node's host name, the rank using it, and the node's address as ``node`` (``instance`` is the
+# node's endpoint, set by Prometheus as for one dcgm-exporter per node).
 DEVICE_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "DCGM_FI_DRIVER_VERSION")
-LABELS = (*DEVICE_LABELS, "Hostname", "rank", "node", "instance")
+LABELS = (*DEVICE_LABELS, "Hostname", "rank", "node")
 # DCGM's profiling ratios on GPUs with GPM (Hopper and later), as DCGM reads them: NVML's GPM
 # percentage between two samples, divided by 100.
 _GPM_METRICS = {
@@ -82,17 +82,12 @@ class GpuSample:
 
 @dataclass
 class GpuReading:
-    """One scrape of a node's GPUs: ``available`` False (with ``reason``) where NVML is missing.
-
-    ``ranks`` (GPU index, as its ``gpu`` label -> the rank using it; empty on a spare node) and
-    ``node`` (the node's address) are filled in by the controller, which knows them."""
+    """One scrape of a node's GPUs: ``available`` False (with ``reason``) where NVML is missing."""
 
     hostname: str
     available: bool
     reason: str = ""
     gpus: list[GpuSample] = field(default_factory=list)
-    ranks: dict[str, str] = field(default_factory=dict)
-    node: str = ""
 
 
 def _load_nvml() -> ModuleType:

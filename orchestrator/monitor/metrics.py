@@ -1,8 +1,9 @@
-"""The run's Prometheus metrics: job metrics (``orchestrator_*``) and the nodes' GPU metrics (``DCGM_FI_*``).
+"""The run's Prometheus metrics on the controller's endpoint: the job's (``orchestrator_*``). The nodes'
+GPU metrics (``DCGM_FI_*``) are served by their agents (``gpu_endpoint.py``).
 
 :class:`JobMetrics` owns one ``CollectorRegistry``. The controller feeds it
-every event it emits (:meth:`on_event`) and the GPU readings of its node agents
-(:meth:`update_gpus`), and lends it a view of its ranks (:meth:`watch_ranks`),
+every event it emits (:meth:`on_event`) and the models of the job's GPUs
+(:meth:`set_gpu_models`, for MFU), and lends it a view of its ranks (:meth:`watch_ranks`),
 read only when the exporter's HTTP thread renders a scrape: per rank up to
 ``metrics.per_rank_limit`` ranks, per node above it, so that neither the
 controller's loop nor a scrape grows with thousands of ranks.
@@ -34,7 +35,6 @@ from orchestrator.events import (
     WorldShrunk,
 )
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
-from orchestrator.monitor.gpu import FIELDS, LABELS, GpuReading
 from orchestrator.types import Reason
 
 # Dense fp32 peak FLOP/s by a part of NVML's model name, most specific first (training runs in
@@ -116,7 +116,7 @@ class JobMetrics:
         for reason in get_args(Reason):
             self.restarts.labels(reason=reason)
             self.failures.labels(reason=reason)
-        self.gpus = _GpuFamilies()
+        self._peak_flops = 0.0
         self._prediction = prediction
         if prediction is not None:
             self.predicted_final = Gauge("orchestrator_predicted_final_loss",
@@ -128,7 +128,6 @@ class JobMetrics:
             low, high = prediction["prediction"]["interval"]
             for bound, value in (("point", prediction["prediction"]["final_loss"]), ("low", low), ("high", high)):
                 self.predicted_final.labels(bound=bound).set(value)
-        r.register(self.gpus)
         r.register(self.ranks)
         self.goodput.set_function(lambda: self._goodput_report().ratio)
         self.productive.set_function(lambda: self._goodput_report().productive_s)
@@ -198,65 +197,24 @@ class JobMetrics:
         self.spare_nodes.set(available)
         self.spare_nodes_configured.set(configured)
 
-    def update_gpus(self, collections: list[GpuReading]) -> None:
-        self.gpus.update(collections)
+    def set_gpu_models(self, models: list[str]) -> None:
+        """The models of the GPUs the ranks use (NVML's names): MFU is counted against their summed
+        peak, and not at all where one has no known peak (or there are none)."""
+        peaks = [next((p for name, p in PEAK_FLOPS if name in model), 0.0) for model in models]
+        self._peak_flops = sum(peaks) if peaks and all(peaks) else 0.0
 
     def _goodput_report(self) -> Any:
         with self._lock:
             return self._goodput.report(self._clock())
 
     def _update_mfu(self, event: Step) -> None:
-        peak = self.gpus.peak_flops()
+        peak = self._peak_flops
         if event.flops and peak and event.step_time_s > 0:
             if self.mfu is None:
                 self.mfu = Gauge("orchestrator_model_flops_utilization",
                                  "Model FLOPs of the last step / (step time x summed fp32 peak FLOP/s of "
                                  "the job's GPUs); only where every GPU's peak is known.", registry=self.registry)
             self.mfu.set(event.flops / event.step_time_s / peak)
-
-
-class _GpuFamilies(Collector):
-    """The latest GPU collections, rendered as DCGM-named gauge families on each scrape."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._collections: list[GpuReading] = []
-
-    def update(self, collections: list[GpuReading]) -> None:
-        with self._lock:
-            self._collections = list(collections)
-
-    def peak_flops(self) -> float:
-        """Summed peak FLOP/s of the job's GPUs (those a rank uses), 0 when any model is unknown or there are none."""
-        with self._lock:
-            models = [g.labels["modelName"] for c in self._collections for g in c.gpus if g.labels["gpu"] in c.ranks]
-        peaks = [next((p for name, p in PEAK_FLOPS if name in m), 0.0) for m in models]
-        return sum(peaks) if peaks and all(peaks) else 0.0
-
-    def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            collections = list(self._collections)
-        available = GaugeMetricFamily("orchestrator_gpu_collector_available",
-                                      "1 where NVML answered on the rank's node, 0 where it is missing "
-                                      "(see the reason label).", labels=["rank", "node", "Hostname", "reason"])
-        # Typed gauge, counters included: prometheus-client would add "_total" to a counter's name,
-        # and these keep DCGM's names (docs/monitoring.md).
-        families = {name: GaugeMetricFamily(name, text, labels=list(LABELS)) for name, text in FIELDS.items()}
-        for collection in collections:
-            for rank in sorted(set(collection.ranks.values()), key=int) or [""]:
-                available.add_metric([rank, collection.node, collection.hostname, collection.reason],
-                                     1 if collection.available else 0)
-            where = {"Hostname": collection.hostname, "node": collection.node, "instance": collection.node}
-            for gpu in collection.gpus:
-                merged = {**gpu.labels, **where, "rank": collection.ranks.get(gpu.labels["gpu"], "")}
-                labels = [merged[k] for k in LABELS]
-                for name, value in gpu.values.items():
-                    if not math.isnan(value):
-                        families[name].add_metric(labels, value)
-        yield available
-        for family in families.values():
-            if family.samples:
-                yield family
 
 
 class _RankFamilies(Collector):
