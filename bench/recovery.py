@@ -15,6 +15,10 @@ same with or without a failure and only adds noise, so it is left out. The
 steady-state step time of the clean runs is shown too.
 
     .venv/bin/python bench/recovery.py [--steps 120] [--interval 20] [--kill-step 70] [--ranks 2] [--repeats 1]
+                                       [--kill-rank 1] [--ray-address ADDR --nodes N]
+
+With ``--ray-address`` (a dev-cluster's, ``orchestrator dev-cluster up --nodes N``) the orchestrator
+runs on that Ray cluster, ``--ranks`` on each of ``--nodes`` nodes, and torchrun is not run.
 
 torchrun runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it, its
 restarts hang or fail on this stack (see ../shared/STACK-NOTES.md).
@@ -68,9 +72,9 @@ def _jsonl(path: Path) -> list[dict]:
     return read_events(path) if path.exists() else []
 
 
-def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step: int | None,
+def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step: int | None,
          decided_at=lambda: None) -> Run:
-    """Run ``cmd``; optionally SIGKILL rank 1 once ``kill_step`` is reached.
+    """Run ``cmd``; optionally SIGKILL the victim rank once ``kill_step`` is reached.
 
     ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed
     step after the kill is the first logged step whose number is not above the last one
@@ -83,7 +87,7 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step:
     try:
         if kill_step is not None:
             _wait(lambda: any(s >= kill_step for _, s, _ in steps_of()), proc, _RUN_TIMEOUT_S)
-            os.kill(pid_of_rank1(), signal.SIGKILL)
+            os.kill(pid_of_victim(), signal.SIGKILL)
             killed_at = time.time()
         proc.wait(timeout=_RUN_TIMEOUT_S)
     finally:
@@ -114,7 +118,7 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_rank1, kill_step:
     )
 
 
-def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None) -> Run:
+def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1) -> Run:
     run_dir = workdir / "run"
     cmd = [sys.executable, "-m", "orchestrator", "launch", str(CONFIG), "--run-dir", str(run_dir), "--set", "metrics.port=0"]
     for item in overrides:
@@ -124,25 +128,25 @@ def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None)
     def steps_of():
         return [(e["ts"], e["step"], e["loss"]) for e in _jsonl(events) if e["event"] == "step"]
 
-    def pid_of_rank1():
-        return [e["pid"] for e in _jsonl(events) if e["event"] == "worker_started" and e["rank"] == 1][-1]
+    def pid_of_victim():
+        return [e["pid"] for e in _jsonl(events) if e["event"] == "worker_started" and e["rank"] == victim][-1]
 
     def decided_at():
         return next((e["ts"] for e in _jsonl(events) if e["event"] == "recovery_started"), None)
 
-    return _run(cmd, dict(os.environ), steps_of, pid_of_rank1, kill_step, decided_at)
+    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at)
 
 
-def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None) -> Run:
+def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1) -> Run:
     cmd, env = torchrun_command(workdir, overrides)
 
     def steps_of():
         return [(r["ts"], r["step"], r["loss"]) for r in _jsonl(workdir / "steps.jsonl")]
 
-    def pid_of_rank1():
-        return [r["pid"] for r in _jsonl(workdir / "pids.jsonl") if r["rank"] == 1][-1]
+    def pid_of_victim():
+        return [r["pid"] for r in _jsonl(workdir / "pids.jsonl") if r["rank"] == victim][-1]
 
-    return _run(cmd, env, steps_of, pid_of_rank1, kill_step)
+    return _run(cmd, env, steps_of, pid_of_victim, kill_step)
 
 
 def torchrun_command(workdir: Path, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -171,19 +175,25 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--interval", type=int, default=20)
     parser.add_argument("--kill-step", type=int, default=70)
-    parser.add_argument("--ranks", type=int, default=2, help="ranks on the one node (cluster.workers_per_node)")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks on each node (cluster.workers_per_node)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--kill-rank", type=int, default=1)
+    parser.add_argument("--ray-address", help="run the orchestrator alone on this Ray cluster (a dev-cluster's)")
+    parser.add_argument("--nodes", type=int, default=1, help="cluster.nodes, with --ray-address")
     args = parser.parse_args()
     overrides = [f"train.steps={args.steps}", f"checkpoint.interval_steps={args.interval}",
                  f"cluster.workers_per_node={args.ranks}"]
     systems = {"orchestrator (in place)": orchestrator_run, "torchrun --max-restarts": torchrun_run}
+    if args.ray_address:
+        overrides += [f"cluster.ray_address={args.ray_address}", f"cluster.nodes={args.nodes}"]
+        del systems["torchrun --max-restarts"]
     rows = {}
     for name, runner in systems.items():
         extras, recoveries, decisions, matches, step_times = [], [], [], [], []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as clean_dir, tempfile.TemporaryDirectory() as fault_dir:
                 clean = runner(Path(clean_dir), overrides, None)
-                faulted = runner(Path(fault_dir), overrides, args.kill_step)
+                faulted = runner(Path(fault_dir), overrides, args.kill_step, args.kill_rank)
             extras.append(faulted.training_s - clean.training_s)
             recoveries.append(faulted.kill_to_next_step_s)
             decisions.append(faulted.kill_to_decision_s)
@@ -197,8 +207,9 @@ def main() -> int:
         rows[name] = (decision, statistics.median(recoveries), statistics.median(extras), all(matches),
                       statistics.median(step_times))
 
-    print(f"\nkill rank 1 after step {args.kill_step} of {args.steps} (checkpoint every {args.interval}), "
-          f"{args.ranks} CPU ranks, ZeRO-2, median of {args.repeats}:\n")
+    layout = f"{args.nodes} nodes x {args.ranks}" if args.ray_address else f"{args.ranks}"
+    print(f"\nkill rank {args.kill_rank} after step {args.kill_step} of {args.steps} (checkpoint every "
+          f"{args.interval}), {layout} CPU ranks, ZeRO-2, median of {args.repeats}:\n")
     print("| system | kill -> decision (s) | kill -> next step (s) | extra wall time (s) | final loss = clean run "
           "| clean step time (s) |")
     print("|---|---|---|---|---|---|")
@@ -206,6 +217,8 @@ def main() -> int:
         decided = "-" if decision is None else f"{decision:.2f}"
         print(f"| {name} | {decided} | {recovery:.2f} | {extra:.2f} | {'yes, bit for bit' if match else 'NO'} "
               f"| {step_s:.3f} |")
+    if args.ray_address:  # no baseline on a Ray cluster
+        return 0 if all(r[3] for r in rows.values()) else 1
     ours, theirs = (rows[name][2] for name in systems)
     ratio = ours / theirs if theirs > 0 else float("inf")
     print(f"\nextra wall time, orchestrator / torchrun: {ratio:.2f} (target <= 0.33)")

@@ -13,7 +13,11 @@ synchronously (a step every ``--step-s``), beat once a second, save a checkpoint
 What one call to a real Ray actor costs its caller is measured once, from a real embedded Ray on
 this machine (caller CPU per call, submission to result), and charged for every simulated call
 (the actions: start, kill, spare requests); the pushes cost the controller what
-they cost (the inbox's thread is the controller's CPU).
+they cost (the inbox's thread is the controller's CPU). The simulated agents run in a process of
+their own (``SimProcess``), as real agents do, so that their work takes neither the controller's
+CPU nor its interpreter lock; that one process serves every agent's pushes in the order they fall
+due, so a burst (every node's errors after a failure) reaches the controller later than 2,048
+real agents would send it.
 
 Reported per N:
 - ``controller_cpu_fraction``: of one core, steady state: the controller process's CPU (its inbox
@@ -194,6 +198,7 @@ class SimRay:
 
     def kill(self, agent: SimAgent, no_restart: bool = True) -> None:
         agent.killed = True
+        agent.job.agent_silent(agent.index, time.monotonic())
 
 
 class _Method:
@@ -250,15 +255,16 @@ class SimAgent:
                           beat=columns)
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
+        first = starts[0] if starts else rejoins[0]
+        now = time.time()
         with self.job.lock:
-            self.job.begin(starts[0] if starts else rejoins[0], node=self.index)
-            self.job.interrupt(interrupt)
-            for spec in starts:
-                self.job.ranks[spec.rank].pid = 10_000_000 * (spec.attempt + 1) + spec.rank
+            self.job.begin(first.attempt, first.resume_tag, first.rank, self.index, now)
+            self.job.interrupt(list(interrupt), now)
+            self.job.set_pids({s.rank: 10_000_000 * (s.attempt + 1) + s.rank for s in starts})
         return [StartedRank(rank=s.rank, pid=self.job.ranks[s.rank].pid, forked=True) for s in starts]
 
     def _kill(self, ranks: list[int]) -> None:
-        self.job.kill(ranks)
+        self.job.kill(list(ranks), time.time())
 
     def _prepare(self, config: dict[str, Any], env: dict[str, str]) -> None:
         return None
@@ -294,16 +300,16 @@ class RankState:
 
 
 class SimUplinks:
-    """Every simulated agent's uplink: one real TCP connection each to the real inbox, served by one
-    thread whose CPU is the simulation's. An agent pushes ``latency()`` after news, after a request,
-    and every heartbeat (staggered); a silent or killed one never."""
+    """Every simulated agent's uplink: one real TCP connection each to the real inbox, served by the
+    agents' process (``SimProcess``), which applies the controller process's changes of the job
+    (``commands``) as they come. An agent pushes ``latency()`` after news, after a request, and
+    every heartbeat (staggered); a silent or killed one never."""
 
     def __init__(self, agents: list[SimAgent], job: SimJob, address: tuple[str, int], token: str,
-                 heartbeat_s: float, accounting: _Accounting) -> None:
-        self._agents, self._job, self._heartbeat_s, self._accounting = agents, job, heartbeat_s, accounting
+                 heartbeat_s: float, commands: Any) -> None:
+        self.agents, self._job, self._heartbeat_s, self._commands = agents, job, heartbeat_s, commands
         self._due: list[tuple[float, int]] = []  # (monotonic, agent)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._socks = []
         for agent in agents:
@@ -316,47 +322,46 @@ class SimUplinks:
         self._beats = [(now + heartbeat_s * i / len(agents), i) for i in range(len(agents))]
         heapq.heapify(self._beats)
         self._buffers: dict[int, bytes] = {}
-        self._thread = threading.Thread(target=self._run, name="sim-uplinks", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        for sock in self._socks:
-            sock.close()
-        self._selector.close()
 
     def news(self, agent: int, at: float) -> None:
         """Agent ``agent`` has news at wall-clock time ``at``: it pushes a latency later."""
-        when = time.monotonic() + max(0.0, at - time.time()) + self._agents[agent].latency()
+        when = time.monotonic() + max(0.0, at - time.time()) + self.agents[agent].latency()
         with self._lock:
             heapq.heappush(self._due, (when, agent))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            start = time.thread_time()
+    def run(self) -> None:
+        """Push, answer and apply the job's changes until told to stop."""
+        while True:
+            while self._commands.poll():
+                name, args = self._commands.recv()
+                if name == "stop":
+                    for sock in self._socks:
+                        sock.close()
+                    self._selector.close()
+                    return
+                getattr(self._job, name)(*args)
+            for key, _ in self._selector.select(timeout=0):  # the controller's requests, before the pushes
+                self._read(key.data)
             now = time.monotonic()
-            due = set()
+            due: dict[int, float] = {}  # agent -> when its push was due
             while self._beats and self._beats[0][0] <= now:
-                _, index = heapq.heappop(self._beats)
+                when, index = heapq.heappop(self._beats)
                 heapq.heappush(self._beats, (now + self._heartbeat_s, index))
-                due.add(index)
+                due[index] = when
             self._job.step_news()
             with self._lock:
                 while self._due and self._due[0][0] <= now:
-                    due.add(heapq.heappop(self._due)[1])
-            for index in due:
-                agent = self._agents[index]
+                    when, index = heapq.heappop(self._due)
+                    due.setdefault(index, when)
+            # In the order they were due: a burst (every node's errors after a failure) that this one
+            # process encodes in a second must not hold back the push that was due first.
+            for index in sorted(due, key=due.__getitem__):
+                agent = self.agents[index]
                 if agent.silent(now):
                     continue
                 line = (json.dumps(encode_status(agent.status()), separators=(",", ":")) + "\n").encode()
                 with contextlib.suppress(BlockingIOError):
                     self._socks[index].sendall(line)
-            for key, _ in self._selector.select(timeout=0):
-                self._read(key.data)
-            self._accounting.charge(time.thread_time() - start)
             time.sleep(0.005)
 
     def _read(self, agent: SimAgent) -> None:
@@ -373,11 +378,60 @@ class SimUplinks:
                 self.news(agent.index, time.time())
 
 
+class SimProcess:
+    """The simulated agents in a process of their own, as real agents are: their pushes (encoding
+    thousands of statuses in a burst after a failure) neither take the controller's interpreter
+    lock nor count as its CPU, and a slow one never delays another's answer behind the controller's
+    work. The controller's process keeps a copy of the job (``SimJob``) whose every change is sent
+    here and made the same (``_mirrored``)."""
+
+    def __init__(self, job: SimJob, infos: list[dict[str, Any]], stragglers: set[int], address: tuple[str, int],
+                 token: str, heartbeat_s: float) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # not a fork of a process with threads
+        ours, theirs = context.Pipe()
+        spec = {"world": job.world, "step_s": job.step_s, "startup_s": job.startup_s,
+                "checkpoint_every": job.checkpoint_every, "checkpoints": job.checkpoints}
+        self._process = context.Process(target=_agents_main, name="sim-agents", daemon=True,
+                                        args=(spec, infos, sorted(stragglers), address, token, heartbeat_s, theirs))
+        self._process.start()
+        theirs.close()
+        job.mirror = self._commands = ours
+
+    def stop(self) -> None:
+        self._commands.send(("stop", ()))
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=10)
+        self._commands.close()
+
+
+def _agents_main(spec: dict[str, Any], infos: list[dict[str, Any]], stragglers: list[int], address: tuple[str, int],
+                 token: str, heartbeat_s: float, commands: Any) -> None:
+    job = SimJob(**spec)
+    agents = [SimAgent(i, infos[i], job, _Accounting(), i in stragglers, random.Random(i)) for i in range(len(infos))]
+    job.uplinks = SimUplinks(agents, job, address, token, heartbeat_s, commands)
+    job.uplinks.run()
+
+
 def _locked(method: Any) -> Any:
     def locked(self: SimJob, *args: Any, **kwargs: Any) -> Any:
         with self.lock:
             return method(self, *args, **kwargs)
     return locked
+
+
+def _mirrored(method: Any) -> Any:
+    """A change of the job, made the same in the agents' process (``SimProcess``), which pushes what
+    follows from it: its arguments carry every time and random draw, so both copies agree."""
+    def mirrored(self: SimJob, *args: Any) -> Any:
+        with self.lock:
+            if self.mirror is not None:
+                self.mirror.send((method.__name__, args))
+            return method(self, *args)
+    return mirrored
 
 
 @dataclass
@@ -397,25 +451,30 @@ class SimJob:
     ranks: list[RankState] = field(default_factory=list)
     slot_of: dict[int, int] = field(default_factory=dict)  # agent -> node slot
     agent_of_slot: dict[int, int] = field(default_factory=dict)
-    uplinks: SimUplinks | None = None
-    # The uplinks' thread reads the job while the controller's calls change it: one at a time.
+    uplinks: SimUplinks | None = None  # in the agents' process
+    mirror: Any = None  # in the controller's process: where its changes go (a Connection to the agents' process)
     lock: threading.RLock = field(default_factory=threading.RLock)
     told_step: int = 0  # the last step the news of which went out (rank 0's step, checkpoint saves)
 
-    @_locked
-    def begin(self, spec: Any, node: int) -> None:
+    @_mirrored
+    def begin(self, attempt: int, resume_tag: str | None, rank: int, node: int, now: float) -> None:
         """The first start_attempt call of a new attempt resets the job."""
-        if spec.attempt != self.attempt:
-            # Before the node takes its slot: the uplinks' thread reads the ranks of the nodes with one.
-            first_step = store.step_of(spec.resume_tag) if spec.resume_tag else 0
+        if attempt != self.attempt:
+            # Before the node takes its slot: the uplinks read the ranks of the nodes with one.
+            first_step = store.step_of(resume_tag) if resume_tag else 0
             pids = [state.pid for state in self.ranks] or [0] * self.world
             self.ranks = [RankState(pid=pid, reported=first_step) for pid in pids]
             self.first_step, self.told_step = first_step, first_step
-            self.started = time.time() + self.startup_s
+            self.started = now + self.startup_s
             self.frozen_at, self.hung = math.inf, None
-            self.attempt = spec.attempt
-        self.slot_of[node] = spec.rank // PER_NODE
-        self.agent_of_slot[spec.rank // PER_NODE] = node
+            self.attempt = attempt
+        self.slot_of[node] = rank // PER_NODE
+        self.agent_of_slot[rank // PER_NODE] = node
+
+    @_mirrored
+    def set_pids(self, pids: dict[int, int]) -> None:
+        for rank, pid in pids.items():
+            self.ranks[rank].pid = pid
 
     def news(self, rank: int, at: float) -> None:
         if self.uplinks is not None:
@@ -492,46 +551,49 @@ class SimJob:
         return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=self.attempt, blocked_s=0.01, write_s=0.1,
                                files={"shard.pt": {"size": 1, "sha256": _SHA_OF_X}}, at=at)
 
-    @_locked
-    def fail(self, rank: int, at: float, error: Error | None, peers_within: tuple[float, float] | None,
-             rng: random.Random) -> None:
+    @_mirrored
+    def fail(self, rank: int, at: float, error: Error | None, peers_at: list[float] | None) -> None:
         """Training stops at ``at``: ``rank`` exits (``error`` None) or raises; its peers report
-        collective errors spread over ``peers_within`` (seconds after ``at``), or wait (None)."""
+        collective errors at ``peers_at`` (one time per rank, the failed one's unused), or wait (None)."""
         self.frozen_at = at
         if error is None:
             self.ranks[rank].exited_at = at
         else:
             self.ranks[rank].error, self.ranks[rank].error_at, self.ranks[rank].told_error = error, at, False
         self.news(rank, at)
-        if peers_within is None:
+        if peers_at is None:
             return
         for peer, state in enumerate(self.ranks):
             if peer != rank:
-                when = at + rng.uniform(*peers_within)
+                when = peers_at[peer]
                 state.error_at, state.told_error = when, False
                 self.news(peer, when)
                 state.error = Error(exc_type="DistBackendError", message="Connection reset by peer", traceback="",
                                     interrupted=False, step=self.step_now(at), at=when, collective=True,
                                     attempt=self.attempt)
 
-    @_locked
+    @_mirrored
     def hang(self, rank: int | None, at: float) -> None:
         """Training stops at ``at``: ``rank`` (if any) is stuck in its own code, the rest wait for it."""
         self.frozen_at, self.hung = at, rank
 
-    @_locked
-    def interrupt(self, ranks: list[int]) -> None:
+    @_mirrored
+    def interrupt(self, ranks: list[int], now: float) -> None:
         """Interrupted survivors of the last attempt say, early in this one, how they left that one."""
-        now = time.time()
         for rank in ranks:
             self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller", traceback="",
                                            interrupted=True, step=self.first_step, at=now, attempt=self.attempt - 1)
             self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
             self.news(rank, now)
 
-    @_locked
-    def kill(self, ranks: list[int]) -> None:
-        now = time.time()
+    @_mirrored
+    def agent_silent(self, agent: int, from_monotonic: float) -> None:
+        """Agent ``agent`` answers nothing from then on (its node is lost, or its actor killed)."""
+        if self.uplinks is not None:
+            self.uplinks.agents[agent].silent_from = from_monotonic
+
+    @_mirrored
+    def kill(self, ranks: list[int], now: float) -> None:
         for rank in ranks:
             if self.ranks[rank].exited_at is None:
                 self.ranks[rank].exited_at = now
@@ -604,8 +666,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     group._inbox = Inbox("127.0.0.1", group._token)
     for index in range(nodes + spares):
         group._inbox.expect(index, 1)
-    uplinks = job.uplinks = SimUplinks(agents, job, group._inbox.address, group._token, group.heartbeat_s, accounting)
-    uplinks.start()
+    sim = SimProcess(job, infos, stragglers, group._inbox.address, group._token, group.heartbeat_s)
     events = EventLog(run.events)
     metrics = JobMetrics(per_rank_limit=config.metrics.per_rank_limit)
     ctl = Controller(config, run, group, events, _NullDisplay(), metrics=metrics)
@@ -661,9 +722,13 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
         return Error(exc_type="RuntimeError", message=message, traceback=f"Traceback\nRuntimeError: {message}\n",
                      interrupted=False, step=job.step_now(at), at=at, attempt=job.attempt)
 
+    def peers_at(at: float, low: float, high: float) -> list[float]:
+        """When each peer's collective error comes, ``low`` to ``high`` seconds after ``at``."""
+        return [at + rng.uniform(low, high) for _ in range(ranks)]
+
     scenarios = {
-        "exit": lambda at: job.fail(rng.randrange(ranks), at, None, (0.05, 0.3), rng),
-        "raise": lambda at: job.fail(rng.randrange(ranks), at, user_bug(at), (0.0, 2.0), rng),
+        "exit": lambda at: job.fail(rng.randrange(ranks), at, None, peers_at(at, 0.05, 0.3)),
+        "raise": lambda at: job.fail(rng.randrange(ranks), at, user_bug(at), peers_at(at, 0.0, 2.0)),
         "hang": lambda at: job.hang(rng.randrange(ranks), at),
     }
     decisions: dict[str, dict[str, float]] = {}
@@ -679,12 +744,16 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     mark = len(seen)
     lost_slot = rng.randrange(nodes)
     lost_agent = group._slot_bundle[lost_slot]
-    node_loss_s, _ = incident(lambda at: (setattr(agents[lost_agent], "silent_from", time.monotonic()),
-                                          job.hang(None, at)))
+    def lose_node(at: float) -> None:
+        agents[lost_agent].silent_from = time.monotonic()
+        job.agent_silent(lost_agent, agents[lost_agent].silent_from)
+        job.hang(None, at)
+
+    node_loss_s, _ = incident(lose_node)
     late = time.monotonic() + 1.0  # a second more for late consequences of the loss
     run_until(lambda: time.monotonic() >= late)
     episode = seen[mark:]
-    uplinks.stop()
+    sim.stop()
     group._inbox.close()
     events.close()
     return Scale(

@@ -125,6 +125,9 @@ class FakeGroup:
     def ensure_spares(self):
         self.spare_requests += 1
 
+    def wait(self, timeout_s, soonest_s):
+        self.clock.sleep(timeout_s)
+
     def gpu_endpoints(self) -> list[str]:
         return []
 

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.agent.node_agent import NodeAgent, UplinkSettings
 from orchestrator.agent.uplink import Uplink
 from orchestrator.controller.inbox import Inbox, Received
-from orchestrator.messages import NodeStatus
+from orchestrator.messages import Error, NodeStatus, RankStatus, Step
 
 TOKEN = "t0ken"
 
@@ -186,3 +186,36 @@ def test_a_ranks_first_step_in_an_attempt_is_news_and_its_later_ones_are_not(tmp
     assert news(rank1, dataclasses.replace(step, step=3, attempt=1)), "its first step in the next attempt"
     assert news(rank0, step) and news(rank0, dataclasses.replace(step, step=2)), "every step of rank 0"
     assert not news(rank1, Saving()) and news(rank1, None), "still saving is no news; a closed channel is"
+
+
+def test_the_controller_is_woken_by_a_failure_or_an_answer_not_by_progress(inbox: Inbox) -> None:
+    """Its look comes at once (``soonest_s`` after the last) when a rank exits or raises, or an agent
+    answers a request; steps and heartbeats wait for the next regular look (``timeout_s``)."""
+    acks: list[int] = []
+    line = Uplink(inbox.address, {"token": TOKEN, "index": 0, "incarnation": 1}, on_ack=acks.append,
+                  on_ask=lambda k: None)
+    inbox.expect(0, 1)
+
+    def woken_after(status: NodeStatus) -> float:
+        inbox.take()
+        line.push(status)
+        assert _until(lambda: status.number in acks)
+        started = time.monotonic()
+        inbox.wait(timeout_s=1.0, soonest_s=0.0)
+        return time.monotonic() - started
+
+    def rank(reports: list, returncode: int | None = None) -> dict[int, RankStatus]:
+        return {1: RankStatus(pid=7, reports=reports, returncode=returncode, alive_at=time.time(), where="",
+                              in_collective=False)}
+
+    step = Step(step=3, loss=1.0, step_time_s=0.1, at=time.time(), attempt=0)
+    error = Error(exc_type="RuntimeError", message="bug", traceback="", interrupted=False, step=3, at=time.time())
+    try:
+        assert woken_after(_status(1)) > 0.9, "a heartbeat"
+        assert woken_after(dataclasses.replace(_status(2), ranks=rank([step]))) > 0.9, "a step"
+        assert woken_after(dataclasses.replace(_status(3), ranks=rank([error]))) < 0.5, "an error"
+        assert woken_after(dataclasses.replace(_status(4), ranks=rank([], returncode=-9))) < 0.5, "an exit"
+        assert woken_after(_status(5, asked=1)) < 0.5, "an answer to a request"
+        assert woken_after(_status(6, asked=1)) > 0.9, "the same request's answer is not news again"
+    finally:
+        line.close()

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.messages import MalformedMessage, NodeStatus, decode_status
+from orchestrator.messages import Error, MalformedMessage, NodeStatus, decode_status
 
 _SELECT_S = 0.2
 _HELLO_TIMEOUT_S = 10.0
@@ -69,6 +69,10 @@ class Inbox:
         self._arrived: dict[int, float] = {}
         self._closed: set[int] = set()
         self._requests = 0
+        self._answered: dict[int, int] = {}  # agent index -> the latest request a status of it answered
+        # Set by what the controller decides on: a failure (an exit, an error), an answer to a request,
+        # a connection closed; not by steps, saves or heartbeats, which wait for its next look.
+        self._news = threading.Event()
         self._retired: list[_Connection] = []
         self._hellos_checked_at = 0.0
         self._stop = threading.Event()
@@ -98,6 +102,12 @@ class Inbox:
         for conn in conns:
             self._send(conn, line)
         return request
+
+    def wait(self, timeout_s: float, soonest_s: float) -> None:
+        """Until news arrives (``_news``), but not before ``soonest_s``, or until ``timeout_s``."""
+        time.sleep(soonest_s)
+        if self._news.wait(max(0.0, timeout_s - soonest_s)):
+            self._news.clear()  # before take(): news arriving after it sets it again
 
     def take(self) -> Received:
         """Everything pushed since the last call."""
@@ -188,6 +198,11 @@ class Inbox:
                 self._last[conn.index] = status.number
                 self._statuses.setdefault(conn.index, []).append(status)
                 self._arrived[conn.index] = time.monotonic()
+                answers = status.asked > self._answered.get(conn.index, 0)
+                if answers:
+                    self._answered[conn.index] = status.asked
+                if answers or _fails(status):
+                    self._news.set()
         return status.number
 
     def _hello(self, conn: _Connection, message: object) -> bool:
@@ -231,6 +246,13 @@ class Inbox:
                 del self._current[conn.index]
                 if closed:
                     self._closed.add(conn.index)
+                    self._news.set()
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
+
+
+def _fails(status: NodeStatus) -> bool:
+    """Whether ``status`` tells of a rank that exited or raised."""
+    return any(rank.returncode is not None or any(isinstance(r, Error) for r in rank.reports)
+               for rank in status.ranks.values())

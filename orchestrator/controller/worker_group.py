@@ -128,6 +128,10 @@ class WorkerGroup(Protocol):
     def poll(self) -> list[RankUpdate]:
         """An update for each rank this poll learned something about (its node's agent sent its status, or was lost)."""
 
+    def wait(self, timeout_s: float, soonest_s: float) -> None:
+        """Until an agent tells of a failure (an exit, an error), answers a request or closes its
+        connection, but not before ``soonest_s``; or until ``timeout_s``."""
+
     def poll_mark(self, ranks: Collection[int] | None = None) -> int:
         """Ask the agents of ``ranks`` (every node's agent by default) for their status now; the
         request is the mark for :meth:`unheard`."""
@@ -337,6 +341,12 @@ class RayWorkerGroup:
         node = self._nodes[index]["node_id"]
         best = self._skews[node] = min(self._skews.get(node, sample), sample)
         return best if abs(best) > _SKEW_TOLERANCE_S else 0.0
+
+    def wait(self, timeout_s: float, soonest_s: float) -> None:
+        if self._inbox is None:  # before the agents are placed
+            time.sleep(timeout_s)
+        else:
+            self._inbox.wait(timeout_s, soonest_s)
 
     def poll_mark(self, ranks: Collection[int] | None = None) -> int:
         return self._inbox.ask(self._live_agents() if ranks is None else sorted(self._by_agent(ranks)))
