@@ -693,8 +693,9 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     # Steady state.
     cpu0, sim0, calls0, wall0 = time.process_time(), accounting.sim_cpu_s, accounting.calls, time.monotonic()
     size0 = run.events.stat().st_size
-    steady_until = time.monotonic() + args.steady_s
-    run_until(lambda: time.monotonic() >= steady_until, timeout=args.steady_s + 60)
+    steady_s = args.steady_s if args.steady_s is not None else args.checkpoint_every * args.step_s
+    steady_until = time.monotonic() + steady_s
+    run_until(lambda: time.monotonic() >= steady_until, timeout=steady_s + 60)
     wall = time.monotonic() - wall0
     calls = accounting.calls - calls0
     cpu = (time.process_time() - cpu0) - (accounting.sim_cpu_s - sim0) + calls * call_cost_s
@@ -817,7 +818,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 512, 4096, 16384])
     parser.add_argument("--stragglers", type=float, default=0.01, help="fraction of agents answering in 0.5-3 s")
-    parser.add_argument("--steady-s", type=float, default=10.0, help="steady-state window per N (seconds)")
+    parser.add_argument("--steady-s", type=float, default=None,
+                        help="steady-state window per N (seconds; default: one checkpoint interval, so that every "
+                        "window holds one burst of saves from every node, and the figure does not depend on "
+                        "whether it fell in)")
     parser.add_argument("--repeats", type=int, default=3, help="failures of each kind per N (and spare nodes)")
     parser.add_argument("--step-s", type=float, default=1.0, help="simulated step time")
     parser.add_argument("--checkpoint-every", type=int, default=20, help="simulated checkpoint interval (steps)")
