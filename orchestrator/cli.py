@@ -467,7 +467,7 @@ def _launch(args: argparse.Namespace) -> int:
     from orchestrator.controller.states import Failed
     from orchestrator.controller.worker_group import RayWorkerGroup
     from orchestrator.events import MetricsStarted
-    from orchestrator.monitor.gpu_endpoint import GPU_TARGETS, TargetsFile
+    from orchestrator.monitor.gpu_endpoint import GPU_TARGETS, TargetsFile, is_loopback
     from orchestrator.monitor.progress import make_progress
     from orchestrator.run_dir import RunDir
 
@@ -488,6 +488,10 @@ def _launch(args: argparse.Namespace) -> int:
     if server is not None:
         events.emit(MetricsStarted(url=server.url, target=server.target))
         display.note(f"metrics: {server.url}")
+        if config.cluster.ray_address is not None and is_loopback(config.metrics.host):
+            display.note(f"metrics: each node's GPU endpoint listens on that node's loopback (metrics.host "
+                         f"{config.metrics.host}), so Prometheus here finds this machine's only; set "
+                         "metrics.host: 0.0.0.0 to scrape every node")
     group = RayWorkerGroup(config, run.path, run_id=run.run_id)
     targets = TargetsFile(run.path / GPU_TARGETS, run.run_id) if metrics is not None else None
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics, gpu_targets=targets)

@@ -194,6 +194,7 @@ def test_a_gpu_endpoint_listens_where_metrics_host_says_and_is_reached_at_the_no
     assert listen_address("0.0.0.0", "10.0.0.2") == ("0.0.0.0", "10.0.0.2")
     assert listen_address("10.0.0.1", "10.0.0.2") == ("10.0.0.2", "10.0.0.2"), "the controller's address: the node's"
     assert listen_address("head.example", "10.0.0.2") == ("10.0.0.2", "10.0.0.2")
+    assert listen_address("::1", "10.0.0.2") == ("::1", "::1") and listen_address("::", "10.0.0.2") == ("::", "10.0.0.2")
 
 
 def test_a_gpu_endpoint_serves_the_latest_reading_over_http() -> None:

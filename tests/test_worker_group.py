@@ -295,3 +295,16 @@ def test_an_agent_whose_connection_closed_is_asked_through_ray_and_lost_in_a_few
         assert updates[1].lost == "node agent 1 on 10.0.0.2 died (a call after its connection closed)"
         assert group._fenced_at == 0.0, "its ranks died with it: no lease to wait for"
     assert 0 not in updates
+
+
+def test_the_gpu_targets_leave_out_other_machines_loopback_endpoints(tmp_path: Path) -> None:
+    """With metrics.host 127.0.0.1 each agent listens on its own machine's loopback: only the
+    controller's machine's endpoint can be scraped from here; another's address would name a port
+    of this machine."""
+    group = _group(tmp_path, ["cluster.nodes=2", "cluster.workers_per_node=1"],
+                   [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")])
+    group._inbox.address = ("10.0.0.1", 4000)  # the controller runs on node-a
+    group._nodes[0]["gpu_endpoint"], group._nodes[1]["gpu_endpoint"] = "127.0.0.1:9400", "127.0.0.1:9401"
+    assert group.gpu_endpoints() == ["127.0.0.1:9400"]
+    group._nodes[0]["gpu_endpoint"], group._nodes[1]["gpu_endpoint"] = "10.0.0.1:9400", "10.0.0.2:9400"
+    assert group.gpu_endpoints() == ["10.0.0.1:9400", "10.0.0.2:9400"], "metrics.host 0.0.0.0: every node's"

@@ -31,6 +31,7 @@ from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
 from orchestrator.messages import NodeStatus, RankStatus, Rejoin, Report, Start
+from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
@@ -153,7 +154,8 @@ class WorkerGroup(Protocol):
         """SIGKILL these ranks' processes."""
 
     def gpu_endpoints(self) -> list[str]:
-        """Where each live node's agent serves its GPU metrics (``host:port``), for Prometheus."""
+        """Where each live node's agent serves its GPU metrics (``host:port``), for Prometheus: those
+        this machine reaches (with a loopback ``metrics.host``, only its own node's)."""
 
     def gpu_models(self) -> list[str]:
         """The models of the GPUs the ranks use (NVML's names; none on CPU nodes)."""
@@ -395,7 +397,11 @@ class RayWorkerGroup:
         return {node_id: found for (node_id, addr), found in self._networks.items() if addr == head}
 
     def gpu_endpoints(self) -> list[str]:
-        return [endpoint for index in self._live_agents() if (endpoint := self._nodes[index].get("gpu_endpoint"))]
+        # A loopback endpoint (metrics.host 127.0.0.1) is reachable on its own machine only: another
+        # node's, listed here, would be read as whatever listens on that port on this one.
+        here = self._inbox.address[0]
+        return [endpoint for index in self._live_agents() if (endpoint := self._nodes[index].get("gpu_endpoint"))
+                and (self._nodes[index]["ip"] == here or not is_loopback(endpoint.rpartition(":")[0]))]
 
     def gpu_models(self) -> list[str]:
         return [model for bundle in self._slot_bundle for model in self._nodes[bundle].get("gpu_models", [])]

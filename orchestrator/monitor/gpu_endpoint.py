@@ -62,20 +62,26 @@ class GpuFamilies(Collector):
         yield from (family for family in families.values() if family.samples)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, bracketed or not, or a name) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def listen_address(metrics_host: str, node_ip: str) -> tuple[str, str]:
     """Where a node's GPU endpoint listens, and the address Prometheus reaches it at, from
     ``metrics.host``: a loopback address stays loopback (only a Prometheus on the same machine
     reaches it), a wildcard listens everywhere and is reached at the node's address, and any other
     address or name (the controller node's) becomes the node's own."""
-    try:
-        address = ipaddress.ip_address(metrics_host)
-    except ValueError:  # a host name: the controller node's, like any other specific address
-        return node_ip, node_ip
-    if address.is_loopback:
+    if is_loopback(metrics_host):
         return metrics_host, metrics_host
-    if address.is_unspecified:
-        return metrics_host, node_ip
-    return node_ip, node_ip
+    try:
+        unspecified = ipaddress.ip_address(metrics_host).is_unspecified
+    except ValueError:  # a host name: the controller node's, like any other specific address
+        unspecified = False
+    return (metrics_host, node_ip) if unspecified else (node_ip, node_ip)
 
 
 def serve(families: GpuFamilies, host: str, port: int) -> MetricsServer:
