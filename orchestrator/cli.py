@@ -490,8 +490,9 @@ def _launch(args: argparse.Namespace) -> int:
         display.note(f"metrics: {server.url}")
         if config.cluster.ray_address is not None and is_loopback(config.metrics.host):
             display.note(f"metrics: each node's GPU endpoint listens on that node's loopback (metrics.host "
-                         f"{config.metrics.host}), so Prometheus here finds this machine's only; set "
-                         "metrics.host: 0.0.0.0 to scrape every node")
+                         f"{config.metrics.host}), so Prometheus here finds this machine's only; to scrape every "
+                         "node set metrics.host to this node's address (each node's endpoint then listens on its "
+                         "own) and restrict access: the endpoints have no authentication")
     group = RayWorkerGroup(config, run.path, run_id=run.run_id)
     targets = TargetsFile(run.path / GPU_TARGETS, run.run_id) if metrics is not None else None
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics, gpu_targets=targets)

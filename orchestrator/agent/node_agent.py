@@ -43,6 +43,7 @@ from orchestrator.messages import (
     Step,
     Warm,
 )
+from orchestrator.monitor.exporter import host_port
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
 from orchestrator.monitor.gpu_endpoint import GpuFamilies, listen_address, serve
 from orchestrator.monitor.simulated_nvml import SimulatedNVML, simulated_gpu
@@ -183,7 +184,7 @@ class NodeAgent:
             except ConfigError as exc:
                 print(f"cannot serve the GPU metrics: {exc}", file=sys.stderr, flush=True)
                 continue
-            self._gpu_endpoint = f"[{advertised}]:{server.port}" if ":" in advertised else f"{advertised}:{server.port}"
+            self._gpu_endpoint = host_port(advertised, server.port)
             return
 
     def _read_gpus(self, collector: GpuCollector) -> None:

@@ -416,7 +416,7 @@ class Controller:
         """Until the next look: sooner while a failure is handled or a hang awaits its confirmation,
         and at once (``FAST_POLL_INTERVAL_S`` after the last) when an agent tells of a failure."""
         interval = FAST_POLL_INTERVAL_S if fast or self._confirming is not None else POLL_INTERVAL_S
-        self.group.wait(interval, soonest_s=min(interval, FAST_POLL_INTERVAL_S))
+        self.group.wait(interval, soonest_s=FAST_POLL_INTERVAL_S)
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""

@@ -247,15 +247,15 @@ class RayWorkerGroup:
         rejoin, interrupt = set(rejoin), set(interrupt)  # asked of every rank: at 16,384 ranks, lists cost seconds
         placements = self._placements()
         specs = {p.rank: self._spec(p, attempt, resume_tag, faults) for p in placements}
-        self._prepare_zygotes([b for slot, b in enumerate(self._slot_bundle)
-                               if any(r not in rejoin for r in self._slot_ranks(slot))])
+        starts = {bundle: [specs[r] for r in self._slot_ranks(slot) if r not in rejoin]
+                  for slot, bundle in enumerate(self._slot_bundle)}
+        self._prepare_zygotes([bundle for bundle, new in starts.items() if new])
         calls = {}
         for slot, bundle in enumerate(self._slot_bundle):
             ranks = self._slot_ranks(slot)
-            starts = [specs[r] for r in ranks if r not in rejoin]
             rejoins = [Rejoin(**vars(specs[r])) for r in ranks if r in rejoin]
             stop = [r for r in ranks if r in interrupt]
-            calls[bundle] = self._agents[bundle].start_attempt.remote(starts, rejoins, stop)
+            calls[bundle] = self._agents[bundle].start_attempt.remote(starts[bundle], rejoins, stop)
         started = []
         for bundle, result in self._gather(calls, "start").items():
             node = self._nodes[bundle]

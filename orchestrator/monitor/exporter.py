@@ -47,8 +47,7 @@ class MetricsServer:
 
     @property
     def target(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def url(self) -> str:
@@ -59,6 +58,11 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or a scrape target writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def scrape_config(target: str, run_id: str, gpu_targets: Path) -> str:
