@@ -12,7 +12,7 @@ from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import Manifest, verify
 from orchestrator.config import load_config
 from orchestrator.controller.controller import SETTLE_S, Controller
-from orchestrator.controller.failures import root_cause
+from orchestrator.controller.failures import Failure, root_cause
 from orchestrator.controller.states import (
     Failed,
     Recovering,
@@ -321,6 +321,16 @@ def _kill_rank1_then_collective_error_on_rank0(clock: Clock) -> list[list[RankUp
         [RankUpdate(rank=0, reports=[error_msg("Connection reset by peer", 50, t + 0.1), Ready(at=t + 0.2)]),
          RankUpdate(rank=1, returncode=-9, exited_at=t, log_tail="...")],
     ]
+
+
+def test_a_peers_collective_error_stamped_before_the_kill_is_not_the_root_cause() -> None:
+    """A survivor stamps its error when it raises; the killed rank's exit is stamped when its agent
+    sees the channel close, which can be a few milliseconds later (seen once in a real 4-rank run)."""
+    kill = Failure(rank=1, reason="signal", at=10.004, signal=9, message="killed")
+    peer = Failure(rank=0, reason="exception", at=10.0, message="gloo: Connection closed by peer", collective=True)
+    assert root_cause([peer, kill]) is kill
+    other = Failure(rank=2, reason="exception", at=9.9, message="gloo: Connection closed by peer", collective=True)
+    assert root_cause([peer, other]) is other, "only collective errors: the earliest of them"
 
 
 def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> None:

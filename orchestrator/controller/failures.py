@@ -1,8 +1,9 @@
 """Failures as data: what went wrong on which rank, and which failure was the root cause.
 
 When one rank dies, its peers fail moments later with collective errors
-("Connection reset by peer"). The root cause is the earliest failure by
-the time its agent saw it; the others are consequences.
+("Connection reset by peer"). The root cause is the earliest failure that
+is not such an error, by the time its agent saw it (the earliest collective
+error only where every failure is one); the others are consequences.
 """
 
 from __future__ import annotations
@@ -109,9 +110,15 @@ def one_per_rank(failures: list[Failure]) -> list[Failure]:
 
 
 def root_cause(failures: list[Failure]) -> Failure:
-    """The earliest failure; on a tie, the lowest rank."""
+    """The earliest failure that is not a collective error; on a tie, the lowest rank.
+
+    A collective error is a peer's consequence, and its time can precede the cause's by
+    milliseconds: a survivor stamps its error when it raises, while a killed rank's exit is stamped
+    when its agent sees the rank's channel close. Only where every failure is a collective error
+    (the cause went unseen) is the earliest of them chosen.
+    """
     assert failures, "root_cause needs at least one failure"
-    return min(failures, key=lambda f: (f.at, f.rank))
+    return min(failures, key=lambda f: (f.collective, f.at, f.rank))
 
 
 def _signal_name(number: int) -> str:
