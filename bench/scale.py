@@ -90,6 +90,8 @@ PER_NODE = 8
 NODE_TIMEOUT_S = 10.0
 HANG_TIMEOUT_S = 14.0
 _SCENARIO_TIMEOUT_S = 120.0
+# The simulated agents' process reads the controller's requests at least this often (seconds).
+_SLICE_S = 0.01
 _SHA_OF_X = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
 
 
@@ -322,47 +324,64 @@ class SimUplinks:
         self._beats = [(now + heartbeat_s * i / len(agents), i) for i in range(len(agents))]
         heapq.heapify(self._beats)
         self._buffers: dict[int, bytes] = {}
+        self._pushed: dict[int, float] = {}  # agent -> when its last push was made (monotonic)
 
     def news(self, agent: int, at: float) -> None:
         """Agent ``agent`` has news at wall-clock time ``at``: it pushes a latency later."""
-        when = time.monotonic() + max(0.0, at - time.time()) + self.agents[agent].latency()
-        with self._lock:
-            heapq.heappush(self._due, (when, agent))
+        self._due_at(time.monotonic() + max(0.0, at - time.time()) + self.agents[agent].latency(), agent)
 
     def run(self) -> None:
-        """Push, answer and apply the job's changes until told to stop."""
+        """Push, answer and apply the job's changes until told to stop.
+
+        Real agents encode their pushes in parallel; this one process encodes them one after another,
+        so it works in slices of ``_SLICE_S``: between two, it reads the controller's requests and the
+        job's changes, and the pushes they bring fall due among those still waiting (a burst of every
+        node's errors after a failure must not hold back an answer that falls due in its middle)."""
         while True:
-            while self._commands.poll():
-                name, args = self._commands.recv()
-                if name == "stop":
-                    for sock in self._socks:
-                        sock.close()
-                    self._selector.close()
-                    return
-                getattr(self._job, name)(*args)
+            if not self._apply_commands():
+                return
             for key, _ in self._selector.select(timeout=0):  # the controller's requests, before the pushes
                 self._read(key.data)
             now = time.monotonic()
-            due: dict[int, float] = {}  # agent -> when its push was due
             while self._beats and self._beats[0][0] <= now:
                 when, index = heapq.heappop(self._beats)
                 heapq.heappush(self._beats, (now + self._heartbeat_s, index))
-                due[index] = when
+                self._due_at(when, index)
             self._job.step_news()
+            if not self._push_due(now, until=time.monotonic() + _SLICE_S):
+                time.sleep(0.005)
+
+    def _push_due(self, now: float, until: float) -> bool:
+        """Make the pushes due by ``now``, in due order, until ``until``; True if some are left."""
+        while time.monotonic() < until:
             with self._lock:
-                while self._due and self._due[0][0] <= now:
-                    when, index = heapq.heappop(self._due)
-                    due.setdefault(index, when)
-            # In the order they were due: a burst (every node's errors after a failure) that this one
-            # process encodes in a second must not hold back the push that was due first.
-            for index in sorted(due, key=due.__getitem__):
-                agent = self.agents[index]
-                if agent.silent(now):
-                    continue
-                line = (json.dumps(encode_status(agent.status()), separators=(",", ":")) + "\n").encode()
-                with contextlib.suppress(BlockingIOError):
-                    self._socks[index].sendall(line)
-            time.sleep(0.005)
+                if not self._due or self._due[0][0] > now:
+                    return False
+                when, index = heapq.heappop(self._due)
+            agent = self.agents[index]
+            if when < self._pushed.get(index, -math.inf) or agent.silent(now):
+                continue  # a push made since it fell due carried it
+            self._pushed[index] = time.monotonic()
+            line = (json.dumps(encode_status(agent.status()), separators=(",", ":")) + "\n").encode()
+            with contextlib.suppress(BlockingIOError):
+                self._socks[index].sendall(line)
+        return True
+
+    def _due_at(self, when: float, agent: int) -> None:
+        with self._lock:
+            heapq.heappush(self._due, (when, agent))
+
+    def _apply_commands(self) -> bool:
+        """Make the controller process's changes of the job; False once told to stop."""
+        while self._commands.poll():
+            name, args = self._commands.recv()
+            if name == "stop":
+                for sock in self._socks:
+                    sock.close()
+                self._selector.close()
+                return False
+            getattr(self._job, name)(*args)
+        return True
 
     def _read(self, agent: SimAgent) -> None:
         try:
