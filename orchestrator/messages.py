@@ -319,6 +319,11 @@ class NodeBeat:
         return dataclasses.replace(self, alive_at=[t + skew for t in self.alive_at],
                                    moved_at=[t + skew for t in self.moved_at], step_at=[t + skew for t in self.step_at])
 
+    def only(self, entries: list[int]) -> NodeBeat:
+        """The same beat with only the ranks of these entries (positions in the columns)."""
+        return NodeBeat(**{name: [column[i] for i in entries]
+                           for name, column in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))})
+
 
 @dataclass(frozen=True, kw_only=True)
 class NodeStatus:

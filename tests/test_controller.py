@@ -31,6 +31,7 @@ from orchestrator.messages import (
     Error,
     FaultInjected,
     Finished,
+    NodeBeat,
     Ready,
     Resumed,
     Step,
@@ -95,7 +96,9 @@ class FakeGroup:
         else:
             updates = [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
         for update in updates:
-            if update.lost is not None:
+            if isinstance(update, NodeBeat):
+                self.heard.update(dict.fromkeys(update.ranks, self.polls))
+            elif update.lost is not None:
                 self.lost.add(update.rank)
             elif update.alive_at is not None or update.returncode is not None or update.reports:
                 self.heard[update.rank] = self.polls
@@ -403,11 +406,13 @@ def test_a_heartbeats_step_is_progress_only_in_its_own_attempt(tmp_path: Path) -
     ctl.step()
     clock.now += 1
     stepped = clock.now
-    group.script = [[RankUpdate(rank=1, alive_at=clock.now, step=5, step_at=stepped, step_time_s=0.2, step_attempt=0),
-                     RankUpdate(rank=0, alive_at=clock.now, step=9, step_at=clock.now, step_time_s=0.2,
-                                step_attempt=-1)]]
+    now = clock.now
+    group.script = [[NodeBeat(ranks=[0, 1], pid=[100, 101], alive_at=[now, now], moved_at=[now, now], where=["", ""],
+                              in_collective=[False, False], step=[9, 5], step_at=[now, stepped],
+                              step_time_s=[0.2, 0.2], step_attempt=[-1, 0])]]
     ctl.step()
     assert (ctl._views[1].step, ctl._views[1].progress_at, ctl._views[1].phase) == (5, stepped, Phase.TRAINING)
+    assert ctl._views[1].alive_at == now and ctl._views[0].alive_at == now, "liveness, whatever the attempt of the step"
     assert ctl._views[0].step is None and ctl._views[0].phase is Phase.STARTING, "a step of no known attempt is not progress"
 
 
@@ -471,6 +476,35 @@ def test_frozen_rank_is_the_hang_culprit_not_the_peer_waiting_for_it(tmp_path: P
     hang = root_cause(current.failures)
     assert (hang.rank, hang.reason) == (1, "hang") and "no sign of life" in hang.message
     assert [f.rank for f in current.failures] == [1]
+
+
+def _beat(clock: Clock, steps: list[int], step_at: list[float], in_collective: list[bool]) -> NodeBeat:
+    """Node slot 0's beat (ranks 0 and 1, the first attempt's processes), both alive now."""
+    now = clock.now
+    return NodeBeat(ranks=[0, 1], pid=[100, 101], alive_at=[now, now], moved_at=[now, now], where=["a.py:1", "b.py:2"],
+                    in_collective=in_collective, step=steps, step_at=step_at, step_time_s=[0.2, 0.2],
+                    step_attempt=[0, 0])
+
+
+def test_a_node_whose_beat_brings_one_rank_still_stepping_is_still_looked_at_for_the_other(tmp_path: Path) -> None:
+    """The hang check skips nodes whose every rank progressed within hang_timeout_s, as their beats say:
+    the node's oldest progress counts, not its newest."""
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
+    ctl.step()
+    group.script = [[_beat(clock, [1, 1], [clock.now, clock.now], [False, False])]]
+    ctl.step()
+    assert ctl._hang_candidates(clock.now, ctl._limits()) == [], "every node was just heard from"
+    stuck_since = clock.now
+    for _ in range(2):
+        clock.now += 2
+        group.script = [[_beat(clock, [2, 1], [clock.now, stuck_since], [True, False])]]
+        ctl.step()
+    assert not group.killed
+    clock.now += 2
+    group.script = [[_beat(clock, [3, 1], [clock.now, stuck_since], [True, False])]] * 2
+    current = _verdict(ctl, group)
+    assert isinstance(current, Recovering) and group.killed[:1] == [1]
+    assert root_cause(current.failures).message.startswith("no step for 6.") and "b.py:2" in current.failures[0].message
 
 
 def test_a_peer_heard_a_heartbeat_ago_is_not_frozen(tmp_path: Path) -> None:

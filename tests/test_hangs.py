@@ -38,3 +38,17 @@ def test_before_its_first_step_a_rank_is_stuck_only_past_the_stuck_limit_its_sta
     assert hangs.culprits(views, 91.0, LIMITS) == [0]
     assert hangs.why(starting, 91.0, LIMITS).startswith("its main thread has been blocked for 61.0s")
     assert hangs.idle_s(starting, 91.0) == 61.0 and LIMITS.of(starting) == 60.0
+
+
+def test_only_the_candidates_are_looked_at_but_every_rank_waiting_needs_every_rank() -> None:
+    """The controller passes the ranks of nodes not heard from within hang_timeout_s as candidates."""
+    views = {0: _training(0.0, 9.5, in_collective=False), 1: _training(0.0, 9.5, in_collective=False)}
+    assert hangs.culprits(views, 10.0, LIMITS, candidates=[1]) == [1], "rank 0 is not looked at"
+    views[1].in_collective = True
+    views[2] = _training(9.0, 9.5, in_collective=True)
+    views[2].advance(Move.LEFT)  # not watched: it left training (waits for a rejoin)
+    assert hangs.culprits(views, 10.0, LIMITS, candidates=[1]) == [0], \
+        "the candidate waits, and no culprit is among the candidates: every rank is looked at"
+    views[0].in_collective = True
+    assert hangs.culprits(views, 10.0, LIMITS, candidates=[0, 1]) == [0, 1] == hangs.culprits(views, 10.0, LIMITS), \
+        "every watched rank waits: all suspect"

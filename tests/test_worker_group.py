@@ -188,11 +188,10 @@ def test_a_beat_is_every_ranks_liveness_and_latest_step_of_the_process_it_runs_i
                     step_attempt=[3, 3])
     group._inbox.received.statuses[0] = [NodeStatus(ranks={}, warm_spare=None, number=1, now=now, beat=beat)]
     group._inbox.received.arrived[0] = time.monotonic()
-    updates = {u.rank: u for u in group.poll()}
-    assert list(updates) == [0], "rank 1's process is not pid 99"
-    update = updates[0]
-    assert (update.step, update.step_attempt, update.step_time_s, update.where, update.in_collective) == (
-        7, 3, 0.5, "a.py:1", True)
+    [taken] = group.poll()
+    assert taken.ranks == [0], "rank 1's process is not pid 99"
+    assert (taken.step, taken.step_attempt, taken.step_time_s, taken.where, taken.in_collective) == (
+        [7], [3], [0.5], ["a.py:1"], [True])
 
 
 def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:

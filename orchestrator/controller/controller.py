@@ -34,6 +34,7 @@ from orchestrator.messages import (
     Error,
     FaultInjected,
     Finished,
+    NodeBeat,
     Ready,
     Report,
     Resumed,
@@ -133,6 +134,9 @@ class Controller:
         self._sleep = sleep
         self._clock = clock
         self._views: dict[int, RankView] = {}
+        # Node slot -> a time at or before every one of its ranks' last progress and sign of life, as of
+        # its last beat (progress only moves on): the hang check skips nodes heard from since the limit.
+        self._node_heard: dict[int, float] = {}
         self._pending: PendingRecovery | None = None
         self._spares_started = False
         self._attempt_started_at = 0.0
@@ -197,8 +201,9 @@ class Controller:
         """Poll every rank once and record its reports; returns the new failures (hangs included)."""
         failures = []
         for update in self.group.poll():
-            failure = self._absorb(update)
-            if failure is not None:
+            if isinstance(update, NodeBeat):
+                self._absorb_beat(update)
+            elif (failure := self._absorb(update)) is not None:
                 failures.append(failure)
         if self._confirming is not None or self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
             self._hangs_checked_at = self._clock()
@@ -429,6 +434,7 @@ class Controller:
         old = self._views
         self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None)
                        for r in range(self.group.world_size)}
+        self._node_heard = {}
         self._report_networks()
         self._show_layout()
         if self.metrics is not None:
@@ -449,16 +455,32 @@ class Controller:
             self.events.emit(ev.NetworkConfigured(node_id=node_id, **fields))
             self.display.note(f"network on {node_id[:8]}: {found['summary']}")
 
+    def _absorb_beat(self, beat: NodeBeat) -> None:
+        """A node's beat: its ranks' liveness, and their latest steps of this attempt (a fast node's first
+        steps may finish before every node's start was answered). Thousands a second at scale: one pass,
+        which also notes the oldest progress or sign of life of the node's ranks (``_node_heard``)."""
+        views, attempt = self._views, self.attempt
+        oldest = float("inf")
+        for rank, alive_at, moved_at, where, in_collective, step, step_at, step_time_s, step_attempt in zip(
+                beat.ranks, beat.alive_at, beat.moved_at, beat.where, beat.in_collective, beat.step, beat.step_at,
+                beat.step_time_s, beat.step_attempt):
+            view = views[rank]
+            view.alive_at, view.moved_at, view.where, view.in_collective = alive_at, moved_at, where, in_collective
+            if step is not None and step_attempt == attempt:
+                view.step, view.step_time_s = step, step_time_s
+                if view.phase is Phase.STARTING:
+                    view.advance(Move.STEPPED)
+                view.progressed(step_at)
+            oldest = min(oldest, view.progress_at, alive_at)
+        per_node = self.config.cluster.workers_per_node
+        if len(beat.ranks) == per_node and beat.ranks[0] % per_node == 0:  # a whole node slot's
+            self._node_heard[beat.ranks[0] // per_node] = oldest
+
     def _absorb(self, update: RankUpdate) -> Failure | None:
         view = self._views[update.rank]
         if update.alive_at is not None:
             view.alive_at, view.where, view.in_collective = update.alive_at, update.where, update.in_collective
             view.moved_at = update.moved_at
-        if update.step is not None and update.step_attempt == self.attempt:
-            # A fast node's first steps may finish before every node's start was answered.
-            view.step, view.step_time_s = update.step, update.step_time_s
-            view.advance(Move.STEPPED)
-            view.progress_at = max(view.progress_at, update.step_at)
         for report in update.reports:
             self._on_report(update.rank, view, report)
         if update.returncode is not None:
@@ -486,7 +508,8 @@ class Controller:
             return  # of another attempt: how a survivor left the last one, or made before this one began
         match report:
             case Step() | Resumed():
-                view.step, view.progress_at = report.step, report.at
+                view.step = report.step
+                view.progressed(report.at)
                 view.advance(Move.STEPPED)
                 if isinstance(report, Step):
                     view.step_time_s = report.step_time_s
@@ -499,21 +522,21 @@ class Controller:
                         # recovery ends with its first step.
                         self._finish_recovery(self._pending, "resumed", report.step)
             case ScriptCheckpoint():
-                view.progress_at = report.at
+                view.progressed(report.at)
                 if rank == 0:
                     self.events.emit(ev.CheckpointSaved(step=report.step, path=report.path, by="script"))
                     self.display.note(f"the script saved a checkpoint at step {report.step}: {report.path}")
             case CheckpointSaved():
-                view.progress_at = report.at
+                view.progressed(report.at)
                 self._on_checkpoint(rank, self._commits.saved(rank, report))
             case CheckpointFailed():
-                view.progress_at = report.at
+                view.progressed(report.at)
                 self._on_checkpoint(rank, self._commits.failed(rank, report))
             case CheckpointSkipped():
                 if rank == 0:
                     self.events.emit(ev.CheckpointSkipped(step=report.step, reason="previous save still writing"))
             case Saving():
-                view.progress_at = report.at  # busy writing a checkpoint, not hung
+                view.progressed(report.at)  # busy writing a checkpoint, not hung
             case Error():
                 view.error = report
                 view.advance(Move.LEFT)
@@ -541,11 +564,8 @@ class Controller:
 
     def _hangs(self) -> list[Failure]:
         """Hung ranks (``controller/hangs.py``), killed here once their agents' fresh statuses confirm it."""
-        now = self._clock()
-        ft = self.config.fault_tolerance
-        limits = hangs.Limits(hang_timeout_s=ft.hang_timeout_s, stuck_timeout_s=ft.stuck_timeout_s,
-                              heartbeat_s=self.group.heartbeat_s)
-        culprits = hangs.culprits(self._views, now, limits)
+        now, limits = self._clock(), self._limits()
+        culprits = hangs.culprits(self._views, now, limits, self._hang_candidates(now, limits))
         if not self._confirmed(culprits, now):
             return []
         failures = []
@@ -555,6 +575,22 @@ class Controller:
             view.advance(Move.FAILED)
         self.group.kill(culprits)
         return failures
+
+    def _limits(self) -> hangs.Limits:
+        ft = self.config.fault_tolerance
+        return hangs.Limits(hang_timeout_s=ft.hang_timeout_s, stuck_timeout_s=ft.stuck_timeout_s,
+                            heartbeat_s=self.group.heartbeat_s)
+
+    def _hang_candidates(self, now: float, limits: hangs.Limits) -> list[int] | None:
+        """The ranks that may be stale: those of nodes not heard from within ``hang_timeout_s`` (a node
+        whose oldest progress or sign of life is newer has none); None (every rank) until every node's
+        beat came in this attempt."""
+        per_node = self.config.cluster.workers_per_node
+        if len(self._node_heard) * per_node != len(self._views):
+            return None
+        since = now - limits.hang_timeout_s
+        return [rank for slot, heard in sorted(self._node_heard.items()) if heard < since
+                for rank in range(slot * per_node, (slot + 1) * per_node)]
 
     def _confirmed(self, culprits: list[int], now: float) -> bool:
         """Whether hung ``culprits`` may be killed: a rank's liveness and (but for rank 0's) its steps

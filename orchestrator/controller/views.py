@@ -69,6 +69,12 @@ class RankView:
         ended for the rank) leaves it as it is."""
         self.phase = _NEXT.get((self.phase, move), self.phase)
 
+    def progressed(self, at: float) -> None:
+        """It made progress (a step, a save) at ``at``; progress never goes back: news that arrives late
+        (a report behind a newer beat) leaves the later time."""
+        if at > self.progress_at:
+            self.progress_at = at
+
     def process_ended(self, lost: bool) -> None:
         """Its exit status arrived (``lost``: its node did); a lost process stays lost."""
         if self.process is not Process.LOST:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
-from orchestrator.messages import NodeStatus, RankStatus, Rejoin, Report, Start
+from orchestrator.messages import NodeBeat, NodeStatus, RankStatus, Rejoin, Report, Start
 from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
@@ -71,8 +71,7 @@ class RankUpdate:
     of life (any report, or the liveness beat every second), ``where`` the
     main thread's innermost frame then, ``in_collective`` whether it was
     waiting in a collective, ``moved_at`` when its call stack last changed.
-    ``step`` is its latest step as a heartbeat says (finished at ``step_at``,
-    in attempt ``step_attempt``), for ranks whose steps are not reports.
+    The latest steps of ranks but 0 come in their node's :class:`NodeBeat`.
     """
 
     rank: int
@@ -86,10 +85,6 @@ class RankUpdate:
     where: str = ""
     in_collective: bool = False
     moved_at: float | None = None
-    step: int | None = None
-    step_at: float = 0.0
-    step_time_s: float = 0.0
-    step_attempt: int = -1
 
     @classmethod
     def of(cls, rank: int, status: RankStatus) -> RankUpdate:
@@ -126,8 +121,10 @@ class WorkerGroup(Protocol):
         their node's agent, rejoin once they have left it, and are killed there if they do not leave
         in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
-    def poll(self) -> list[RankUpdate]:
-        """An update for each rank this poll learned something about (its node's agent sent its status, or was lost)."""
+    def poll(self) -> list[NodeBeat | RankUpdate]:
+        """What this poll learned: each node's beats (every rank's liveness and latest step, as columns:
+        a controller reads thousands a second), then an update for each rank with other news (its
+        reports, its exit, its node lost). Only of the ranks' processes in this attempt."""
 
     def wait(self, timeout_s: float, soonest_s: float) -> None:
         """Until an agent tells of a failure (an exit, an error), answers a request or closes its
@@ -229,6 +226,8 @@ class RayWorkerGroup:
         # Rank -> the pid of its process in the current attempt: a status of any other process (one
         # stopped for this attempt, its status made before the attempt began) is not this rank's.
         self._pids: dict[int, int] = {}
+        # Agent -> its node slot's ranks and their pids, as a beat of this attempt's processes lists them.
+        self._beat_columns: dict[int, tuple[list[int], list[int | None]]] = {}
         self._broken: dict[int, str] = {}  # agent -> why a call to it failed (lost at the next poll)
         # Agents that stopped answering (a poll unanswered for node_timeout_s, a call timed out): their
         # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
@@ -262,15 +261,18 @@ class RayWorkerGroup:
             started += [WorkerInfo(rank=s.rank, pid=s.pid, node=node["hostname"], attempt=attempt, node_ip=node["ip"],
                                    node_id=node["node_id"], spare=s.spare, forked=s.forked) for s in result]
         self._pids = {r: p for r, p in self._pids.items() if r in rejoin} | {info.rank: info.pid for info in started}
+        self._beat_columns = {bundle: (list(self._slot_ranks(slot)), [self._pids.get(r) for r in self._slot_ranks(slot)])
+                              for slot, bundle in enumerate(self._slot_bundle)}
         return sorted(started, key=lambda info: info.rank)
 
-    def poll(self) -> list[RankUpdate]:
-        """Updates of the ranks whose node's agent pushed its status since the last poll (or was lost).
-        An agent that has sent nothing for ``fault_tolerance.node_timeout_s`` (or that Ray reports dead)
-        takes its whole node with it. Never waits."""
+    def poll(self) -> list[NodeBeat | RankUpdate]:
+        """The beats and updates of the ranks whose node's agent pushed its status since the last poll
+        (or was lost). An agent that has sent nothing for ``fault_tolerance.node_timeout_s`` (or that Ray
+        reports dead) takes its whole node with it. Never waits."""
         agents = self._live_agents()
         received = self._inbox.take()
         now = time.monotonic()
+        beats: list[NodeBeat] = []
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # agent -> why
         slots = self._slot_of()
@@ -286,7 +288,7 @@ class RayWorkerGroup:
             self._answered[index] = received.arrived[index]
             mine = set(self._slot_ranks(slots[index])) if index in slots else set()
             for status in statuses:
-                self._take(index, status, mine, by_rank)
+                self._take(index, status, mine, by_rank, beats)
         # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
         self._send({i: self._agents[i].node_info.remote() for i in received.closed if i in agents},
                    "a call after its connection closed")
@@ -297,10 +299,12 @@ class RayWorkerGroup:
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
-        return list(by_rank.values())
+        return [*beats, *by_rank.values()]
 
-    def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate]) -> None:
-        """Record one status of agent ``index`` (node slot ranks ``mine``), merged into ``by_rank``."""
+    def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
+              beats: list[NodeBeat]) -> None:
+        """Record one status of agent ``index`` (node slot ranks ``mine``): its ranks' news merged into
+        ``by_rank``, its beat (of this attempt's processes only) added to ``beats``."""
         self._heard[index] = max(self._heard.get(index, 0), status.asked)
         skew = self._skew(index, time.time() - status.now)
         def ours(rank: int, pid: int) -> bool:
@@ -316,18 +320,13 @@ class RayWorkerGroup:
             by_rank[rank] = update
         beat = status.beat
         if beat is not None:
-            if skew:
-                beat = beat.moved(skew)
-            for i, rank in enumerate(beat.ranks):
-                if not ours(rank, beat.pid[i]):
-                    continue
-                update = by_rank.get(rank)
-                if update is None:
-                    update = by_rank[rank] = RankUpdate(rank=rank, pid=beat.pid[i])
-                update.alive_at, update.moved_at = beat.alive_at[i], beat.moved_at[i]
-                update.where, update.in_collective = beat.where[i], beat.in_collective[i]
-                update.step, update.step_at = beat.step[i], beat.step_at[i]
-                update.step_time_s, update.step_attempt = beat.step_time_s[i], beat.step_attempt[i]
+            # Nearly always every rank of the node runs this attempt's process: one comparison of lists.
+            expected = self._beat_columns.get(index)
+            if expected is None or beat.ranks != expected[0] or beat.pid != expected[1]:
+                entries = [i for i, rank in enumerate(beat.ranks) if ours(rank, beat.pid[i])]
+                beat = beat.only(entries) if entries else None
+            if beat is not None:
+                beats.append(beat.moved(skew) if skew else beat)
         node_id = self._nodes[index]["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)
