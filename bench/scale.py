@@ -71,6 +71,7 @@ from orchestrator.messages import (
     CheckpointSaved,
     Error,
     NodeBeat,
+    NodeSaved,
     NodeStatus,
     RankStatus,
     Ready,
@@ -252,9 +253,9 @@ class SimAgent:
     def status(self) -> NodeStatus:
         """What the real agent pushes: its ranks with news, and every rank's beat."""
         self._answers += 1
-        ranks, columns = self.job.node_status(self.index) if self.index in self.job.slot_of else ({}, None)
+        ranks, columns, saves = self.job.node_status(self.index) if self.index in self.job.slot_of else ({}, None, [])
         return NodeStatus(ranks=ranks, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked,
-                          beat=columns)
+                          beat=columns, saved=NodeSaved.fold(saves))
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
         first = starts[0] if starts else rejoins[0]
@@ -515,18 +516,22 @@ class SimJob:
             self.news(0, at)
         self.told_step = step
 
+    def last_step_at(self, now: float) -> float:
+        """When the last step finished by ``now`` did (or training started, before the first)."""
+        return self.started + (self.step_now(now) - self.first_step) * self.step_s
+
     def step_now(self, now: float) -> int:
         done = math.floor((min(now, self.frozen_at) - self.started) / self.step_s)
         return self.first_step + max(0, done)
 
     @_locked
-    def node_status(self, agent: int) -> tuple[dict[int, RankStatus], NodeBeat]:
+    def node_status(self, agent: int) -> tuple[dict[int, RankStatus], NodeBeat, list[tuple[int, CheckpointSaved]]]:
         """What the real agent sends for its ranks: a status for each with news (every step of rank 0;
-        checkpoints, errors, exits of every rank) and every rank's beat."""
+        errors, exits of every rank), every rank's beat, and their checkpoint saves (which it folds)."""
         now = time.time()
         slot = self.slot_of[agent]
         current = self.step_now(now)
-        statuses = {}
+        statuses, saves = {}, []
         columns: dict[str, list[Any]] = {name: [] for name in NodeBeat.__dataclass_fields__}
         for rank in range(slot * PER_NODE, (slot + 1) * PER_NODE):
             state = self.ranks[rank]
@@ -542,7 +547,7 @@ class SimJob:
                     reports.append(Step(step=step, loss=2.0 + 1.0 / step, step_time_s=self.step_s, tokens=8192,
                                         at=at, attempt=self.attempt))
                 if self.checkpoint_every and step % self.checkpoint_every == 0:
-                    reports.append(self._saved(step, at))
+                    saves.append((rank, self._saved(rank, step, at)))
             state.reported = max(state.reported, current)
             if state.error is not None and not state.told_error and state.error_at <= now:
                 reports += [state.error, Ready(at=state.error_at, attempt=state.error.attempt)]
@@ -560,15 +565,18 @@ class SimJob:
                                     ("step_at", self.started + (state.reported - self.first_step) * self.step_s),
                                 ("step_time_s", self.step_s), ("step_attempt", self.attempt if stepped else -1)):
                 columns[name].append(value)
-        return statuses, NodeBeat(**columns)
+        return statuses, NodeBeat(**columns), saves
 
-    def _saved(self, step: int, at: float) -> CheckpointSaved:
+    def _saved(self, rank: int, step: int, at: float) -> CheckpointSaved:
+        """Rank ``rank``'s report: a file of its own, named as ZeRO names a rank's shard (so that the
+        controller reads and lists 16,384 entries as it would); one staged file stands for them all."""
         staged = store.staging_dir(self.checkpoints, self.attempt) / store.tag_for(step)
         if not staged.exists():
             staged.mkdir(parents=True, exist_ok=True)
             (staged / "shard.pt").write_bytes(b"x")
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
         return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=self.attempt, blocked_s=0.01, write_s=0.1,
-                               files={"shard.pt": {"size": 1, "sha256": _SHA_OF_X}}, at=at)
+                               files={name: {"size": 1, "sha256": _SHA_OF_X}}, at=at)
 
     @_mirrored
     def fail(self, rank: int, at: float, error: Error | None, peers_at: list[float] | None) -> None:
@@ -723,16 +731,18 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     series = sum(1 for line in exposition.splitlines() if line and not line.startswith(b"#"))
     memory_mb = _rss_mb() - rss_before
 
-    def incident(inject: Any, counted_from: float = 0.0) -> tuple[float, float]:
-        """Inject a failure; returns (failure to decision, KB of events the incident wrote)."""
+    def incident(inject: Any, hang: bool = False) -> tuple[float, float]:
+        """Inject a failure; returns (failure to decision, KB of events the incident wrote). A hang's
+        failure is when ``hang_timeout_s`` ran out: that long after the hung rank's last step."""
         mark, size = len(seen), run.events.stat().st_size
         at = time.time()
         inject(at)
+        failed_at = job.last_step_at(at) + HANG_TIMEOUT_S if hang else at
         run_until(lambda: any(e["event"] == "recovery_started" for e in seen[mark:]))
         decided = next(e for e in seen[mark:] if e["event"] == "recovery_started")["ts"]
         run_until(lambda: any(e["event"] == "recovery_finished" for e in seen[mark:]))
         run_until(lambda: job.step_now(time.time()) >= job.first_step + 2)
-        return decided - at - counted_from, (run.events.stat().st_size - size) / 1024
+        return decided - failed_at, (run.events.stat().st_size - size) / 1024
 
     bugs = itertools.count(1)
 
@@ -756,7 +766,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     for name, inject in scenarios.items():
         took = []
         for _ in range(args.repeats):
-            seconds, kb = incident(inject, counted_from=HANG_TIMEOUT_S if name == "hang" else 0.0)
+            seconds, kb = incident(inject, hang=name == "hang")
             took.append(seconds)
             incident_kb.append(kb)
         decisions[name] = {"p50": statistics.median(took), "p95": _p95(took)}

@@ -13,7 +13,8 @@ so a typo on either side is an error at once, not a message silently lost.
 
 Reports carry ``at``: when the agent received them, on the node's clock (the worker group moves it
 onto the controller's). The agent pushes a :class:`NodeStatus` to the controller: a
-:class:`RankStatus` per rank it hosts that has news; on that line it travels as
+:class:`RankStatus` per rank it hosts that has news, its ranks' checkpoint saves folded into one
+:class:`NodeSaved` per checkpoint, every rank's :class:`NodeBeat`; on that line it travels as
 :func:`encode_status`'s JSON form.
 """
 
@@ -326,12 +327,41 @@ class NodeBeat:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NodeSaved:
+    """Ranks ``ranks`` of one node saved their parts of checkpoint ``tag`` of ``attempt``: their
+    :class:`CheckpointSaved` reports folded into one (a controller of 2,048 nodes reads 2,048 of
+    these a checkpoint, not 16,384): the slowest rank's times, every rank's files, and when the last
+    report came (``at``)."""
+
+    ranks: list[int]
+    step: int
+    tag: str
+    attempt: int
+    blocked_s: float
+    write_s: float
+    files: dict[str, dict[str, Any]]
+    at: float
+
+    @classmethod
+    def fold(cls, saves: list[tuple[int, CheckpointSaved]]) -> list[NodeSaved]:
+        """One per checkpoint (tag and attempt) of these (rank, report) pairs."""
+        by_checkpoint: dict[tuple[str, int], list[tuple[int, CheckpointSaved]]] = {}
+        for rank, report in saves:
+            by_checkpoint.setdefault((report.tag, report.attempt), []).append((rank, report))
+        return [cls(ranks=[rank for rank, _ in group], step=group[0][1].step, tag=tag, attempt=attempt,
+                    blocked_s=max(r.blocked_s for _, r in group), write_s=max(r.write_s for _, r in group),
+                    files={name: entry for _, r in group for name, entry in r.files.items()},
+                    at=max(r.at for _, r in group))
+                for (tag, attempt), group in by_checkpoint.items()]
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeStatus:
     """What a node agent pushes to the controller (``agent/uplink.py``): the statuses of its ranks
-    with news (reports other than a step of a rank but 0, an exit), every rank's :class:`NodeBeat`,
-    its node's warm spare (pid, once warm), the push's ``number`` (the lease
-    protocol, ``agent/node_agent.py``), the last request of the controller it answers (``asked``)
-    and the node's clock when it was made."""
+    with news (reports other than a step of a rank but 0 or a checkpoint save, an exit), its ranks'
+    checkpoint saves (``saved``), every rank's :class:`NodeBeat`, its node's warm spare (pid, once
+    warm), the push's ``number`` (the lease protocol, ``agent/node_agent.py``), the last request of
+    the controller it answers (``asked``) and the node's clock when it was made."""
 
     ranks: dict[int, RankStatus]
     warm_spare: int | None
@@ -339,6 +369,7 @@ class NodeStatus:
     now: float
     asked: int = 0
     beat: NodeBeat | None = None
+    saved: list[NodeSaved] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,7 +424,7 @@ def encode_status(status: NodeStatus) -> dict[str, Any]:
         ranks[str(rank)] = fields
     beat = None if status.beat is None else {f.name: getattr(status.beat, f.name) for f in dataclasses.fields(NodeBeat)}
     return {"ranks": ranks, "warm_spare": status.warm_spare, "number": status.number, "now": status.now,
-            "asked": status.asked, "beat": beat}
+            "asked": status.asked, "beat": beat, "saved": [dataclasses.asdict(s) for s in status.saved]}
 
 
 def decode_status(data: Any) -> NodeStatus:
@@ -409,6 +440,6 @@ def decode_status(data: Any) -> NodeStatus:
         if beat is not None and len({len(column) for column in data["beat"].values()}) != 1:
             raise MalformedMessage("a beat's columns differ in length")
         return NodeStatus(ranks=ranks, warm_spare=data["warm_spare"], number=data["number"], now=data["now"],
-                          asked=data["asked"], beat=beat)
+                          asked=data["asked"], beat=beat, saved=[NodeSaved(**s) for s in data["saved"]])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(f"malformed node status: {exc!r}") from None

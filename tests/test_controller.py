@@ -27,11 +27,11 @@ from orchestrator.errors import ClusterError
 from orchestrator.events import EventLog, read_events
 from orchestrator.messages import (
     CheckpointFailed,
-    CheckpointSaved,
     Error,
     FaultInjected,
     Finished,
     NodeBeat,
+    NodeSaved,
     Ready,
     Resumed,
     Step,
@@ -96,7 +96,7 @@ class FakeGroup:
         else:
             updates = [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
         for update in updates:
-            if isinstance(update, NodeBeat):
+            if isinstance(update, (NodeBeat, NodeSaved)):
                 self.heard.update(dict.fromkeys(update.ranks, self.polls))
             elif update.lost is not None:
                 self.lost.add(update.rank)
@@ -175,9 +175,10 @@ def step_msg(step: int, loss: float, at: float = 1000.0) -> Step:
     return Step(step=step, loss=loss, step_time_s=0.1, tokens=100, at=at)
 
 
-def saved(step: int, attempt: int = 0) -> CheckpointSaved:
-    return CheckpointSaved(step=step, tag=store.tag_for(step), attempt=attempt, blocked_s=0.01, write_s=0.2,
-                           files={"shard.pt": {"size": 1, "sha256": SHA_OF_X}}, at=1000.0)
+def saved(step: int, attempt: int = 0, ranks: tuple[int, ...] = (0, 1)) -> NodeSaved:
+    """Ranks ``ranks`` (of node slot 0) saved their parts of checkpoint ``step``, as their agent reports it."""
+    return NodeSaved(ranks=list(ranks), step=step, tag=store.tag_for(step), attempt=attempt, blocked_s=0.01,
+                     write_s=0.2, files={"shard.pt": {"size": 1, "sha256": SHA_OF_X}}, at=1000.0)
 
 
 SHA_OF_X = hashlib.sha256(b"x").hexdigest()
@@ -239,8 +240,8 @@ def test_checkpoint_commits_only_when_every_rank_saved(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     stage(run, 1)
     group.script = [
-        [RankUpdate(rank=0, reports=[saved(1)]), RankUpdate(rank=1)],
-        [RankUpdate(rank=0), RankUpdate(rank=1, reports=[saved(1)])],
+        [saved(1, ranks=(0,)), RankUpdate(rank=1)],
+        [RankUpdate(rank=0), saved(1, ranks=(1,))],
     ]
     ctl.step()
     ctl.step()
@@ -263,7 +264,7 @@ def test_a_commit_stands_when_pruning_old_checkpoints_fails(tmp_path: Path, monk
 
     monkeypatch.setattr(store, "prune", refuse)
     stage(run, 1)
-    group.script = [[RankUpdate(rank=0, reports=[saved(1)]), RankUpdate(rank=1, reports=[saved(1)])]]
+    group.script = [[saved(1)]]
     ctl.step()
     ctl.step()
     assert store.latest_tag(run.checkpoints) == "global_step1"
@@ -275,7 +276,7 @@ def test_a_commit_stands_when_pruning_old_checkpoints_fails(tmp_path: Path, monk
 def test_save_of_an_abandoned_attempt_is_never_committed(tmp_path: Path) -> None:
     ctl, group, run, _ = make(tmp_path)
     ctl._commits.forget_partial(1)
-    group.script = [[RankUpdate(rank=0, reports=[saved(1, attempt=0)]), RankUpdate(rank=1, reports=[saved(1, attempt=0)])]]
+    group.script = [[saved(1, attempt=0)]]
     ctl.step()
     ctl.step()
     assert store.latest_tag(run.checkpoints) is None
@@ -287,7 +288,7 @@ def test_failed_save_is_reported_and_stops_the_run_only_when_asked(tmp_path: Pat
     for policy, expected in (("continue", Running), ("stop", Failed)):
         ctl, group, run, _ = make(tmp_path / policy, f"checkpoint.on_failure={policy}")
         stage(run, 1)
-        group.script = [[RankUpdate(rank=0, reports=[failed]), RankUpdate(rank=1, reports=[saved(1)])]]
+        group.script = [[RankUpdate(rank=0, reports=[failed]), saved(1, ranks=(1,))]]
         ctl.step()
         ctl.step()
         assert isinstance(ctl.state, expected), policy

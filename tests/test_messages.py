@@ -78,9 +78,12 @@ def test_a_channel_stamps_each_report_with_the_attempt_it_is_in_unless_the_repor
 
 
 def test_a_node_status_round_trips_through_json() -> None:
+    saved = next(m for m in EXAMPLES if isinstance(m, messages.CheckpointSaved))
     status = messages.NodeStatus(ranks={3: messages.RankStatus(pid=5, reports=[EXAMPLES[-3]], returncode=None,
                                                                 alive_at=1.0, where="x.py:3", in_collective=True)},
-                                 warm_spare=9, number=4, now=2.0, asked=1)
+                                 warm_spare=9, number=4, now=2.0, asked=1,
+                                 saved=messages.NodeSaved.fold([(3, saved), (4, saved)]))
+    assert [s.ranks for s in status.saved] == [[3, 4]]
     assert messages.decode_status(json.loads(json.dumps(messages.encode_status(status)))) == status
     with pytest.raises(MalformedMessage, match="not a report"):
         messages.decode_status({**messages.encode_status(status), "ranks": {"3": {

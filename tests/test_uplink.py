@@ -159,17 +159,17 @@ def test_a_status_carries_every_step_of_rank_0_and_the_beat_the_latest_of_every_
                     2: proc(12, [step(1), step(2)])}
     status = agent.status()
     assert [r.step for r in status.ranks[0].reports] == [1, 2, 3]
-    assert status.ranks[1].reports == [saved], "a checkpoint is news; rank 1's steps are in the beat"
-    assert 2 not in status.ranks, "steps alone are no news of rank 2"
+    assert 1 not in status.ranks and 2 not in status.ranks, "steps and saves alone are no rank's news"
+    assert [(s.ranks, s.tag, s.attempt) for s in status.saved] == [([1], "step_2", 2)], "the node's saves, folded"
     beat = status.beat
     assert (beat.ranks, beat.pid, beat.step, beat.step_attempt) == ([0, 1, 2], [10, 11, 12], [3, 3, 2], [2, 2, 2])
     assert beat.step_time_s == [pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.2)]
 
 
-def test_a_ranks_first_step_in_an_attempt_is_news_and_its_later_ones_are_not(tmp_path: Path) -> None:
+def test_news_is_a_ranks_first_step_in_an_attempt_every_step_of_rank_0_and_the_last_save_of_a_node(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from orchestrator.messages import Saving, Step
+    from orchestrator.messages import CheckpointSaved, Saving, Step
 
     agent = NodeAgent(0, str(tmp_path), lease_s=3600.0)
     rank0, rank1 = SimpleNamespace(stepping_in=None), SimpleNamespace(stepping_in=None)
@@ -186,6 +186,11 @@ def test_a_ranks_first_step_in_an_attempt_is_news_and_its_later_ones_are_not(tmp
     assert news(rank1, dataclasses.replace(step, step=3, attempt=1)), "its first step in the next attempt"
     assert news(rank0, step) and news(rank0, dataclasses.replace(step, step=2)), "every step of rank 0"
     assert not news(rank1, Saving()) and news(rank1, None), "still saving is no news; a closed channel is"
+    saved = CheckpointSaved(step=2, tag="step_2", attempt=1, blocked_s=0.0, write_s=0.0, files={})
+    rank0.pid, rank1.pid = 10, 11
+    assert not news(rank0, saved), "rank 1 has not saved its part yet: the node's saves go in one push"
+    assert news(rank1, saved), "the node's last rank saved its part"
+    assert not news(rank1, dataclasses.replace(saved, tag="step_4")), "a new checkpoint, counted afresh"
 
 
 def test_the_controller_is_woken_by_a_failure_or_an_answer_not_by_progress(inbox: Inbox) -> None:

@@ -30,8 +30,10 @@ from orchestrator.agent.hosted import HostedProcess, Zygote, ZygoteUnavailable
 from orchestrator.agent.uplink import Uplink
 from orchestrator.errors import ConfigError
 from orchestrator.messages import (
+    CheckpointSaved,
     Interrupt,
     NodeBeat,
+    NodeSaved,
     NodeStatus,
     Prepare,
     RankStatus,
@@ -111,6 +113,8 @@ class NodeAgent:
         self._lease_lock = threading.Lock()
         threading.Thread(target=self._fence, name="fence", daemon=True).start()
         self._news = threading.Event()  # something the controller must hear of before the next heartbeat
+        # Checkpoint (tag, attempt) -> the processes that reported saving their part: news once all did.
+        self._saves: dict[tuple[str, int], set[int]] = {}
         self._asked = 0  # the controller's latest request for a status
         self._procs: dict[int | str, HostedProcess] = {}
         self._spares_started = 0
@@ -211,6 +215,7 @@ class NodeAgent:
         first; each reads its rejoin once it has left, and one that has not left within
         ``unwind_timeout_s`` is killed here: the new attempt sees it fail. The controller never waits."""
         keep = {spec.rank for spec in starts} | {spec.rank for spec in rejoins}
+        self._saves.clear()  # the last attempt's checkpoints that some rank never saved: never committed
         self._gpu_ranks = {self._gpu_ids[spec.local_rank]: str(spec.rank) for spec in [*starts, *rejoins]
                            if spec.local_rank < len(self._gpu_ids)}
         for rank in [r for r in self._procs if r != SPARE and r not in keep]:
@@ -409,10 +414,14 @@ class NodeAgent:
         # The spare thread adds the spare concurrently: work on a snapshot, remove only what we saw.
         procs = dict(self._procs)
         hosted = sorted((rank, proc) for rank, proc in procs.items() if rank != SPARE)
-        ranks = {}
+        ranks, saves = {}, []
         for rank, proc in hosted:
             if proc.inbox or proc.exit_unreported:
                 status = _fold_steps(rank, proc, proc.status())
+                if any(isinstance(r, CheckpointSaved) for r in status.reports):
+                    saves += [(rank, r) for r in status.reports if isinstance(r, CheckpointSaved)]
+                    status = dataclasses.replace(
+                        status, reports=[r for r in status.reports if not isinstance(r, CheckpointSaved)])
                 if status.reports or status.returncode is not None:
                     ranks[rank] = status
         spare = procs.get(SPARE)
@@ -424,15 +433,23 @@ class NodeAgent:
         if spare is not None and not spare.warm:
             spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
         return NodeStatus(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
-                          number=number, now=time.time(), asked=asked, beat=_beat(hosted))
+                          number=number, now=time.time(), asked=asked, beat=_beat(hosted), saved=NodeSaved.fold(saves))
 
     def _heard_from(self, proc: HostedProcess, report: Report | None) -> None:
-        """A hosted process sent ``report`` (None: it closed its channel). Anything but a step or a
-        "still saving" is pushed at once, and so is a rank's first step in an attempt (it started
-        training: from now on a step late is a hang) and every step of rank 0 (the job's progress)."""
+        """A hosted process sent ``report`` (None: it closed its channel). Anything but a step, a
+        "still saving" or a checkpoint saved is pushed at once, and so is a rank's first step in an
+        attempt (it started training: from now on a step late is a hang), every step of rank 0 (the
+        job's progress) and the save of a checkpoint's part by the last of the node's ranks (the
+        node's saves go in one push; the others' go with the next heartbeat when one never saves)."""
         if isinstance(report, Step):
             first, proc.stepping_in = proc.stepping_in != report.attempt, report.attempt
             if first or self._procs.get(0) is proc:
+                self._news.set()
+        elif isinstance(report, CheckpointSaved):
+            saved = self._saves.setdefault((report.tag, report.attempt), set())
+            saved.add(proc.pid)
+            if len(saved) >= sum(1 for rank in list(self._procs) if rank != SPARE):
+                self._saves.pop((report.tag, report.attempt), None)
                 self._news.set()
         elif not isinstance(report, Saving):
             self._news.set()

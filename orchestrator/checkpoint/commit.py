@@ -2,7 +2,8 @@
 
 A rank reports ``checkpoint_saved`` (its files, sizes and checksums) when
 its background writer has fsynced them into the attempt's staging
-directory. When all ranks have reported, the controller
+directory; its node's agent folds its ranks' reports into one
+(:class:`~orchestrator.messages.NodeSaved`). When all ranks have reported, the controller
 
 1. writes ``manifest.json`` into the staged directory (temp file, fsync, rename),
 2. renames the staged directory to ``checkpoints/TAG`` and fsyncs ``checkpoints/``,
@@ -26,7 +27,7 @@ from orchestrator.checkpoint import store
 from orchestrator.checkpoint.manifest import FileEntry, Manifest, fsync_dir
 from orchestrator.config.schema import Config
 from orchestrator.events import EventLog
-from orchestrator.messages import CheckpointFailed, CheckpointSaved
+from orchestrator.messages import CheckpointFailed, NodeSaved
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,29 +40,33 @@ class CommitOutcome:
 
 
 class CommitTracker:
-    """Collects per-rank save reports for the current attempt; commits, announces and prunes."""
+    """Collects the nodes' save reports for the current attempt; commits, announces and prunes."""
 
     def __init__(self, checkpoints: Path, config: Config, world_size: int, events: EventLog) -> None:
         self._checkpoints = checkpoints
         self._config = config
         self._world_size = world_size
         self._events = events
-        self._saved: dict[str, dict[int, CheckpointSaved]] = defaultdict(dict)
+        self._saved: dict[str, list[NodeSaved]] = defaultdict(list)
+        self._ranks_saved: dict[str, set[int]] = defaultdict(set)
         self._failed: set[str] = set()
         self.attempt = 0
         self.last_committed: str | None = None
         self.in_use: str | None = None
 
-    def saved(self, rank: int, report: CheckpointSaved) -> CommitOutcome | None:
-        """Record ``rank``'s ``checkpoint_saved`` report; commits when it was the last one missing."""
+    def saved(self, report: NodeSaved) -> CommitOutcome | None:
+        """Record a node's save report (some of its ranks' parts of one checkpoint); commits when it
+        brought the last ranks missing."""
         tag = report.tag
         if report.attempt != self.attempt or tag in self._failed:
             return None  # a save of an attempt that was abandoned, or one another rank failed
-        reports = self._saved[tag]
-        reports[rank] = report
-        if len(reports) < self._world_size:
+        self._saved[tag].append(report)
+        ranks = self._ranks_saved[tag]
+        ranks.update(report.ranks)
+        if len(ranks) < self._world_size:
             return None
-        del self._saved[tag]
+        reports = self._saved.pop(tag)
+        del self._ranks_saved[tag]
         try:
             manifest = self._commit(tag, reports)
         except OSError as exc:
@@ -69,8 +74,8 @@ class CommitTracker:
         self._events.emit(ev.CheckpointCommitted(
             step=manifest.step,
             path=str(self._checkpoints / tag),
-            seconds=max(r.blocked_s + r.write_s for r in reports.values()),
-            blocked_s=max(r.blocked_s for r in reports.values()),
+            seconds=max(r.blocked_s + r.write_s for r in reports),
+            blocked_s=max(r.blocked_s for r in reports),
             bytes=manifest.total_bytes,
         ))
         try:
@@ -85,22 +90,25 @@ class CommitTracker:
         if report.attempt != self.attempt or report.tag in self._failed:
             return None
         self._saved.pop(report.tag, None)
+        self._ranks_saved.pop(report.tag, None)
         return self._fail(report.tag, report.step, rank, report.path, report.error)
 
     def resize(self, config: Config, world_size: int) -> None:
         """The job goes on as ``config`` on ``world_size`` ranks (a shrink): later commits wait for that many."""
         self._config, self._world_size = config, world_size
         self._saved.clear()
+        self._ranks_saved.clear()
 
     def forget_partial(self, next_attempt: int) -> None:
         """A new attempt starts: saves the old one did not finish will never be committed."""
         self._saved.clear()
+        self._ranks_saved.clear()
         self._failed.clear()
         self.attempt = next_attempt
 
-    def _commit(self, tag: str, reports: dict[int, CheckpointSaved]) -> Manifest:
+    def _commit(self, tag: str, reports: list[NodeSaved]) -> Manifest:
         staged = store.staging_dir(self._checkpoints, self.attempt) / tag
-        files = {name: FileEntry(**entry) for r in reports.values() for name, entry in r.files.items()}
+        files = {name: FileEntry(**entry) for r in reports for name, entry in r.files.items()}
         config = self._config
         manifest = Manifest(
             tag=tag,

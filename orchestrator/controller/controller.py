@@ -29,12 +29,12 @@ from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerG
 from orchestrator.events import EventLog
 from orchestrator.messages import (
     CheckpointFailed,
-    CheckpointSaved,
     CheckpointSkipped,
     Error,
     FaultInjected,
     Finished,
     NodeBeat,
+    NodeSaved,
     Ready,
     Report,
     Resumed,
@@ -203,6 +203,8 @@ class Controller:
         for update in self.group.poll():
             if isinstance(update, NodeBeat):
                 self._absorb_beat(update)
+            elif isinstance(update, NodeSaved):
+                self._absorb_saved(update)
             elif (failure := self._absorb(update)) is not None:
                 failures.append(failure)
         if self._confirming is not None or self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
@@ -476,6 +478,12 @@ class Controller:
         if len(beat.ranks) == per_node and beat.ranks[0] % per_node == 0:  # a whole node slot's
             self._node_heard[beat.ranks[0] // per_node] = oldest
 
+    def _absorb_saved(self, saved: NodeSaved) -> None:
+        """A node's ranks saved their parts of a checkpoint (progress: a rank saving is not hung)."""
+        for rank in saved.ranks:
+            self._views[rank].progressed(saved.at)
+        self._on_checkpoint(saved.ranks[0], self._commits.saved(saved))
+
     def _absorb(self, update: RankUpdate) -> Failure | None:
         view = self._views[update.rank]
         if update.alive_at is not None:
@@ -526,9 +534,6 @@ class Controller:
                 if rank == 0:
                     self.events.emit(ev.CheckpointSaved(step=report.step, path=report.path, by="script"))
                     self.display.note(f"the script saved a checkpoint at step {report.step}: {report.path}")
-            case CheckpointSaved():
-                view.progressed(report.at)
-                self._on_checkpoint(rank, self._commits.saved(rank, report))
             case CheckpointFailed():
                 view.progressed(report.at)
                 self._on_checkpoint(rank, self._commits.failed(rank, report))

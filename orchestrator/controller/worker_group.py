@@ -19,6 +19,7 @@ divisor of ``k``) lie inside one node and data-parallel replicas span nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 import time
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
-from orchestrator.messages import NodeBeat, NodeStatus, RankStatus, Rejoin, Report, Start
+from orchestrator.messages import NodeBeat, NodeSaved, NodeStatus, RankStatus, Rejoin, Report, Start
 from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
@@ -121,10 +122,11 @@ class WorkerGroup(Protocol):
         their node's agent, rejoin once they have left it, and are killed there if they do not leave
         in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
-    def poll(self) -> list[NodeBeat | RankUpdate]:
+    def poll(self) -> list[NodeBeat | NodeSaved | RankUpdate]:
         """What this poll learned: each node's beats (every rank's liveness and latest step, as columns:
-        a controller reads thousands a second), then an update for each rank with other news (its
-        reports, its exit, its node lost). Only of the ranks' processes in this attempt."""
+        a controller reads thousands a second) and checkpoint saves (one per node and checkpoint),
+        then an update for each rank with other news (its reports, its exit, its node lost). Only of
+        the ranks' processes in this attempt (a save: of its ranks in this attempt's node slot)."""
 
     def wait(self, timeout_s: float, soonest_s: float) -> None:
         """Until an agent tells of a failure (an exit, an error), answers a request or closes its
@@ -265,14 +267,14 @@ class RayWorkerGroup:
                               for slot, bundle in enumerate(self._slot_bundle)}
         return sorted(started, key=lambda info: info.rank)
 
-    def poll(self) -> list[NodeBeat | RankUpdate]:
-        """The beats and updates of the ranks whose node's agent pushed its status since the last poll
+    def poll(self) -> list[NodeBeat | NodeSaved | RankUpdate]:
+        """The beats, saves and updates of the ranks whose node's agent pushed its status since the last poll
         (or was lost). An agent that has sent nothing for ``fault_tolerance.node_timeout_s`` (or that Ray
         reports dead) takes its whole node with it. Never waits."""
         agents = self._live_agents()
         received = self._inbox.take()
         now = time.monotonic()
-        beats: list[NodeBeat] = []
+        of_nodes: list[NodeBeat | NodeSaved] = []
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # agent -> why
         slots = self._slot_of()
@@ -288,7 +290,7 @@ class RayWorkerGroup:
             self._answered[index] = received.arrived[index]
             mine = set(self._slot_ranks(slots[index])) if index in slots else set()
             for status in statuses:
-                self._take(index, status, mine, by_rank, beats)
+                self._take(index, status, mine, by_rank, of_nodes)
         # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
         self._send({i: self._agents[i].node_info.remote() for i in received.closed if i in agents},
                    "a call after its connection closed")
@@ -299,12 +301,12 @@ class RayWorkerGroup:
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
-        return [*beats, *by_rank.values()]
+        return [*of_nodes, *by_rank.values()]
 
     def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
-              beats: list[NodeBeat]) -> None:
+              of_nodes: list[NodeBeat | NodeSaved]) -> None:
         """Record one status of agent ``index`` (node slot ranks ``mine``): its ranks' news merged into
-        ``by_rank``, its beat (of this attempt's processes only) added to ``beats``."""
+        ``by_rank``, its beat (of this attempt's processes only) and saves added to ``of_nodes``."""
         self._heard[index] = max(self._heard.get(index, 0), status.asked)
         skew = self._skew(index, time.time() - status.now)
         def ours(rank: int, pid: int) -> bool:
@@ -326,7 +328,10 @@ class RayWorkerGroup:
                 entries = [i for i, rank in enumerate(beat.ranks) if ours(rank, beat.pid[i])]
                 beat = beat.only(entries) if entries else None
             if beat is not None:
-                beats.append(beat.moved(skew) if skew else beat)
+                of_nodes.append(beat.moved(skew) if skew else beat)
+        for saved in status.saved:
+            if ranks := [rank for rank in saved.ranks if rank in mine]:
+                of_nodes.append(dataclasses.replace(saved, ranks=ranks, at=saved.at + skew))
         node_id = self._nodes[index]["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)
