@@ -49,7 +49,7 @@ _NEXT: dict[tuple[Phase, Move], Phase] = {
 }
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class RankView:
     """One rank in the current attempt: its phase and process, its progress and liveness as last heard."""
 
