@@ -187,13 +187,14 @@ class Runtime:
         """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
         self._connections, self._interrupted = AttemptConnections(), False
         try:
-            # What exists now lives as long as the process: frozen, the collection that frees a failed
-            # attempt's engine skips it (0.85 s a rank with 8 ranks on 2 cores when it did not).
-            import_frameworks()
-            gc.freeze()
             self.ctx = _context(spec, self.channel, self.writer)
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = resolve_entrypoint(self.ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
+            if needs_frameworks(train):
+                import_frameworks()
+            # What exists now lives as long as the process: frozen, the collection that frees a failed
+            # attempt's engine skips it (0.85 s a rank with 8 ranks on 2 cores when it did not).
+            gc.freeze()
             self.in_training.set()
             try:
                 train(self.ctx)
@@ -297,6 +298,12 @@ def import_frameworks() -> None:
     import torch._dynamo  # noqa: F401
 
 
+def needs_frameworks(train: Callable[..., Any]) -> bool:
+    """Whether the training function's module needs torch and DeepSpeed imported first: all do, but
+    one that says ``FRAMEWORKS = False`` (``orchestrator/training/simulated.py``)."""
+    return getattr(sys.modules.get(train.__module__), "FRAMEWORKS", True)
+
+
 def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
     """Import ``module:function``; a missing module or name is a user error."""
     module_name, _, func_name = spec.partition(":")
@@ -314,15 +321,15 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
     """A spare pays the start-up costs before it is needed: imports (already done when forked from
     the zygote), and the entry point's ``warmup()`` or a script's installed imports."""
     config = Config.model_validate(config_dict)
-    import_frameworks()
-    if config.cluster.device == "cpu":
-        use_prebuilt_cpu_op()
-    if config.train.is_script:
+    train = None if config.train.is_script else resolve_entrypoint(config.train.entrypoint or BUILTIN_ENTRYPOINT)
+    if train is None or needs_frameworks(train):
+        import_frameworks()
+        if config.cluster.device == "cpu":
+            use_prebuilt_cpu_op()
+    if train is None:
         script.preimport(config.train)
         return
-    spec = config.train.entrypoint or BUILTIN_ENTRYPOINT
-    module = importlib.import_module(spec.partition(":")[0])
-    warmup = getattr(module, "warmup", None)
+    warmup = getattr(sys.modules[train.__module__], "warmup", None)
     if callable(warmup):
         warmup(config)
 

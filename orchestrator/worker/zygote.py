@@ -20,7 +20,6 @@ Run as ``python -m orchestrator.worker.zygote``; fd in ``ORCH_CONTROL_FD``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import select
@@ -94,20 +93,22 @@ def _prepare(config_dict: dict[str, Any]) -> str:
 
 
 def _import_everything(config_dict: dict[str, Any]) -> None:
-    """What every training process of this job would import: torch, DeepSpeed, and the entry
-    point's module and ``preload``, or the installed packages a script imports."""
+    """What every training process of this job would import: torch, DeepSpeed (unless the entry
+    point's module says ``FRAMEWORKS = False``), and the entry point's module and ``preload``, or the
+    installed packages a script imports."""
     from orchestrator.config.schema import Config
     from orchestrator.worker import script
-    from orchestrator.worker.process import BUILTIN_ENTRYPOINT, import_frameworks
+    from orchestrator.worker.process import BUILTIN_ENTRYPOINT, import_frameworks, needs_frameworks, resolve_entrypoint
 
     config = Config.model_validate(config_dict)
-    import_frameworks()
-
     if config.train.is_script:
+        import_frameworks()
         script.preimport(config.train)
         return
-    module = importlib.import_module((config.train.entrypoint or BUILTIN_ENTRYPOINT).partition(":")[0])
-    preload = getattr(module, "preload", None)
+    train = resolve_entrypoint(config.train.entrypoint or BUILTIN_ENTRYPOINT)
+    if needs_frameworks(train):
+        import_frameworks()
+    preload = getattr(sys.modules[train.__module__], "preload", None)
     if callable(preload):
         preload(config)
 
