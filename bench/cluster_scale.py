@@ -33,8 +33,8 @@ from orchestrator.events import read_events
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "cluster_configs" / "local.yaml"
-_STEP_S = 0.5
-_CHECKPOINT_EVERY = 40  # steps: a checkpoint every 20 s, as in bench/scale.py
+_STEP_S = 1.0
+_CHECKPOINT_EVERY = 20  # steps: a checkpoint every 20 s; both as in bench/scale.py
 _NODE_TIMEOUT_S = 10.0
 _TIMEOUT_S = 300.0
 
@@ -144,6 +144,9 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
         "node_loss_episodes": sum(1 for e in episode if e["event"] == "recovery_started"),
         "node_loss_root_causes": sum(1 for e in episode if e["event"] == "failure_detected" and e["root_cause"]),
         "node_loss_to_decision_s": node_loss_s,
+        "node_loss_events": [{k: e.get(k) for k in ("ts", "event", "rank", "reason", "message", "mode", "replaced")
+                              if e.get(k) is not None} for e in episode
+                             if e["event"] in ("failure_detected", "recovery_started", "recovery_finished")],
     }
 
 
@@ -153,13 +156,18 @@ def main() -> int:
     parser.add_argument("--per-node", type=int, default=64, help="simulated ranks per node")
     parser.add_argument("--repeats", type=int, default=3, help="ranks killed, one after another")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--keep", type=Path, help="keep the run directory here (default: removed)")
     args = parser.parse_args()
     cluster = json.loads(_cli("dev-cluster", "up", "--nodes", str(args.nodes + 1), "--cpus-per-node",
                               str(args.per_node), "--json"))
     started = time.monotonic()
     try:
-        with tempfile.TemporaryDirectory(prefix="cluster-scale-") as workdir:
-            result = measure(args, cluster, Path(workdir))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            result = measure(args, cluster, args.keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="cluster-scale-") as workdir:
+                result = measure(args, cluster, Path(workdir))
     finally:
         _cli("dev-cluster", "down", cluster["name"], timeout=180)
     decided = result["failure_to_decision_s"]["exit"]

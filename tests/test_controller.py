@@ -337,6 +337,19 @@ def test_a_peers_collective_error_stamped_before_the_kill_is_not_the_root_cause(
     assert root_cause([peer, other]) is other, "only collective errors: the earliest of them"
 
 
+def test_the_settle_listens_until_settle_s_after_the_failure_not_after_it_was_seen(tmp_path: Path) -> None:
+    """At 16,384 ranks a failure is seen 0.1-0.2 s after it happened; its consequences come within
+    SETTLE_S of the failure itself, and the decision does not add the delay of seeing it."""
+    ctl, group, run, clock = make(tmp_path)
+    ctl.step()
+    group.script = [[RankUpdate(rank=1, returncode=-9, exited_at=clock.now - 0.4, log_tail="..."),
+                     RankUpdate(rank=0, alive_at=clock.now, in_collective=True)]]
+    seen = clock.now
+    _, current = ctl.step()
+    assert isinstance(current, Recovering) and root_cause(current.failures).rank == 1
+    assert clock.now - seen < SETTLE_S - 0.3, "listened 0.5 s after it was seen, not after it happened"
+
+
 def test_killed_rank_is_replaced_and_the_survivor_rejoins(tmp_path: Path) -> None:
     ctl, group, run, clock = make(tmp_path, "checkpoint.interval_steps=1")
     (run.checkpoints / "global_step40").mkdir()

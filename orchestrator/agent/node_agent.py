@@ -56,6 +56,7 @@ SPARE = "spare"
 GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 # node_info waits this long at most for the first reading of the GPUs (their models give the MFU).
 _FIRST_READING_S = 10.0
+_SLOW_PUSH_S = 1.0  # a push that takes longer is said in the agent's log: the lease may be at risk
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
 # An attempt's start waits this long at most for a zygote still doing its imports (then its ranks
 # start as fresh processes): under the controller's timeout for the call (worker_group._CALL_TIMEOUT_S).
@@ -337,6 +338,9 @@ class NodeAgent:
             self._news.clear()
             beat_at = time.monotonic()
             uplink.push(self.status())
+            if (late := time.monotonic() - beat_at) > _SLOW_PUSH_S:  # a lease is a few of these
+                print(f"a status took {late:.1f}s to make and send (the lease is {self._lease_s:g}s)",
+                      file=sys.stderr, flush=True)
             exiting = any(p.exit_unreported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:

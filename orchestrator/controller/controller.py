@@ -293,13 +293,15 @@ class Controller:
         mark = self.group.poll_mark(awaited())
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
+        # Consequences come within SETTLE_S of the first failure, not of when it was seen here.
+        listened = min(start, min(f.at for f in failures)) + SETTLE_S
         while self._clock() < give_up:
             settled = all(v.phase in (Phase.FAILED, Phase.LEFT) or not v.running for v in self._views.values())
             # A hang was judged on its agent's fresh answer: its node lives, and its peers, waiting for
             # it, fail only once it is killed (their errors belong to the attempt that ends now).
             hangs_only = all(f.reason == "hang" for f in failures)
             if (not self.group.unheard(mark, awaited())
-                    and (settled or hangs_only or self._clock() >= start + SETTLE_S)):
+                    and (settled or hangs_only or self._clock() >= listened)):
                 break
             self.wait(fast=True)
             new = self.observe()

@@ -28,6 +28,8 @@ _SELECT_S = 0.2
 # The reading thread takes what arrived at most this often: a wake-up per push (thousands a second at
 # scale) costs more than the pushes' decoding; a failure's news waits this long at most.
 _BATCH_S = 0.005
+# A pass of the reading thread that starts this late is said on stderr (agents' leases depend on it).
+_LATE_S = 1.0
 _HELLO_TIMEOUT_S = 10.0
 _MAX_LINE = 64 * 2**20  # a status with every rank's log tail stays far below this
 
@@ -125,7 +127,12 @@ class Inbox:
         self._selector.close()
 
     def _serve(self) -> None:
+        last = time.monotonic()
         while not self._stop.is_set():
+            if (late := time.monotonic() - last) > _LATE_S:
+                # Nothing was read or acknowledged meanwhile: the agents' leases ran down by as much.
+                print(f"inbox: this process read no agent for {late:.1f}s (busy elsewhere)", file=sys.stderr, flush=True)
+            last = time.monotonic()
             for key, _ in self._selector.select(timeout=_SELECT_S):
                 if key.fileobj is self._server:
                     self._accept()
