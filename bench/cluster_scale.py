@@ -89,8 +89,9 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
     command = [sys.executable, "-m", "orchestrator", "launch", str(CONFIG), "--run-dir", str(run_dir)]
     for item in overrides:
         command += ["--set", item]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # The launch's terminal output (with the inbox's word on late reads) is kept beside the run.
+    with open(workdir / "launch.log", "wb") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def stepped_past(step: int, mark: int = 0) -> Any:
             return lambda evs: any(e["event"] == "step" and e["step"] >= step for e in evs[mark:])
