@@ -410,7 +410,9 @@ def _dev_cluster(args: argparse.Namespace) -> int:
                 print(f"use: --set cluster.ray_address={cluster.address} --set cluster.nodes=N")
                 print(f"stop: orchestrator dev-cluster down {cluster.name}")
         elif args.action == "down":
-            devcluster.down(args.name)
+            killed = devcluster.down(args.name)
+            print(f"dev cluster {args.name} removed: {len(killed)} processes stopped, its namespaces, bridge and "
+                  "state deleted")
         elif args.action == "kill-node":
             pids = devcluster.kill_node(args.name, args.index)
             print(f"node {args.index}: killed {len(pids)} processes")

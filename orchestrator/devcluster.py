@@ -154,15 +154,16 @@ def up(nodes: int, cpus_per_node: int) -> DevCluster:
     return cluster
 
 
-def down(name: str) -> None:
-    """Kill every process of the cluster, remove its namespaces, bridge and state."""
+def down(name: str) -> list[int]:
+    """Kill every process of the cluster, remove its namespaces, bridge and state; returns the pids killed."""
     cluster = DevCluster.load(name)
-    _kill_marked([f"{name}:{n.index}" for n in cluster.nodes] + [f"{name}:head"])
+    killed = _kill_marked([f"{name}:{n.index}" for n in cluster.nodes] + [f"{name}:head"])
     if cluster.namespaces:
         for node in cluster.nodes:
             _ip("netns", "del", node.netns, check=False)  # takes its veth pair with it
         _ip("link", "del", cluster.bridge, check=False)
     shutil.rmtree(cluster.dir, ignore_errors=True)
+    return killed
 
 
 def kill_node(name: str, index: int) -> list[int]:

@@ -58,6 +58,7 @@ def _up(nodes: int) -> dict[str, Any]:
 def _down(cluster: dict[str, Any]) -> None:
     result = cli("dev-cluster", "down", cluster["name"], timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"dev cluster {cluster['name']} removed: "), "down says what it did"
     assert not (state_root() / cluster["name"]).exists()
     assert not any(marked_pids(f"{cluster['name']}:{n['index']}", set(), env=devcluster.NODE_MARK_ENV)
                    for n in cluster["nodes"]), "dev-cluster down left a process behind"
