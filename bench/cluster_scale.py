@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.dev_clusters import state_root
 from orchestrator.events import read_events
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +152,15 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
     }
 
 
+def _keep_agent_logs(name: str, keep: Path) -> None:
+    """The agents' own words (Ray keeps an actor's stderr in its worker log, which ``down`` removes)."""
+    with open(keep / "agents.log", "w") as out:
+        for log in sorted((state_root() / name).glob("ray/session_*/logs/worker-*.err")):
+            lines = [line for line in log.read_text(errors="replace").splitlines() if not line.startswith(":")]
+            if lines:
+                out.write(f"== {log.name}\n" + "\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=8, help="nodes holding ranks (one spare node more is started)")
@@ -170,6 +180,8 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="cluster-scale-") as workdir:
                 result = measure(args, cluster, Path(workdir))
     finally:
+        if args.keep:
+            _keep_agent_logs(cluster["name"], args.keep)
         _cli("dev-cluster", "down", cluster["name"], timeout=180)
     decided = result["failure_to_decision_s"]["exit"]
     print(f"{result['ranks']:>6} simulated ranks on {args.nodes} nodes (+1 spare) of a real Ray cluster: controller "
