@@ -422,10 +422,10 @@ class NodeAgent:
         for rank, proc in hosted:
             if proc.inbox or proc.exit_unreported:
                 status = _fold_steps(rank, proc, proc.status())
-                if any(isinstance(r, CheckpointSaved) for r in status.reports):
+                others = [r for r in status.reports if not isinstance(r, CheckpointSaved)]
+                if len(others) < len(status.reports):  # its saves go in the node's NodeSaved
                     saves += [(rank, r) for r in status.reports if isinstance(r, CheckpointSaved)]
-                    status = dataclasses.replace(
-                        status, reports=[r for r in status.reports if not isinstance(r, CheckpointSaved)])
+                    status = dataclasses.replace(status, reports=others)
                 if status.reports or status.returncode is not None:
                     ranks[rank] = status
         spare = procs.get(SPARE)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator import events as ev
@@ -39,6 +39,14 @@ class CommitOutcome:
     message: str = ""
 
 
+@dataclass(kw_only=True)
+class _Saves:
+    """The nodes' save reports of one checkpoint so far, and the ranks they cover."""
+
+    reports: list[NodeSaved] = field(default_factory=list)
+    ranks: set[int] = field(default_factory=set)
+
+
 class CommitTracker:
     """Collects the nodes' save reports for the current attempt; commits, announces and prunes."""
 
@@ -47,8 +55,7 @@ class CommitTracker:
         self._config = config
         self._world_size = world_size
         self._events = events
-        self._saved: dict[str, list[NodeSaved]] = defaultdict(list)
-        self._ranks_saved: dict[str, set[int]] = defaultdict(set)
+        self._saved: dict[str, _Saves] = defaultdict(_Saves)
         self._failed: set[str] = set()
         self.attempt = 0
         self.last_committed: str | None = None
@@ -60,13 +67,12 @@ class CommitTracker:
         tag = report.tag
         if report.attempt != self.attempt or tag in self._failed:
             return None  # a save of an attempt that was abandoned, or one another rank failed
-        self._saved[tag].append(report)
-        ranks = self._ranks_saved[tag]
-        ranks.update(report.ranks)
-        if len(ranks) < self._world_size:
+        saves = self._saved[tag]
+        saves.reports.append(report)
+        saves.ranks.update(report.ranks)
+        if len(saves.ranks) < self._world_size:
             return None
-        reports = self._saved.pop(tag)
-        del self._ranks_saved[tag]
+        reports = self._saved.pop(tag).reports
         try:
             manifest = self._commit(tag, reports)
         except OSError as exc:
@@ -90,19 +96,16 @@ class CommitTracker:
         if report.attempt != self.attempt or report.tag in self._failed:
             return None
         self._saved.pop(report.tag, None)
-        self._ranks_saved.pop(report.tag, None)
         return self._fail(report.tag, report.step, rank, report.path, report.error)
 
     def resize(self, config: Config, world_size: int) -> None:
         """The job goes on as ``config`` on ``world_size`` ranks (a shrink): later commits wait for that many."""
         self._config, self._world_size = config, world_size
         self._saved.clear()
-        self._ranks_saved.clear()
 
     def forget_partial(self, next_attempt: int) -> None:
         """A new attempt starts: saves the old one did not finish will never be committed."""
         self._saved.clear()
-        self._ranks_saved.clear()
         self._failed.clear()
         self.attempt = next_attempt
 

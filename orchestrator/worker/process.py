@@ -189,9 +189,8 @@ class Runtime:
         try:
             self.ctx = _context(spec, self.channel, self.writer)
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
-            train = resolve_entrypoint(self.ctx.config.train.entrypoint or BUILTIN_ENTRYPOINT)
-            if needs_frameworks(train):
-                import_frameworks()
+            train = import_training_code(self.ctx.config)
+            assert train is not None, "a script runs in _run_script"
             # What exists now lives as long as the process: frozen, the collection that frees a failed
             # attempt's engine skips it (0.85 s a rank with 8 ranks on 2 cores when it did not).
             gc.freeze()
@@ -298,10 +297,20 @@ def import_frameworks() -> None:
     import torch._dynamo  # noqa: F401
 
 
-def needs_frameworks(train: Callable[..., Any]) -> bool:
-    """Whether the training function's module needs torch and DeepSpeed imported first: all do, but
-    one that says ``FRAMEWORKS = False`` (``orchestrator/training/simulated.py``)."""
-    return getattr(sys.modules.get(train.__module__), "FRAMEWORKS", True)
+def import_training_code(config: Config, cpu_ops: bool = False) -> Callable[[TrainContext], Any] | None:
+    """Import what a training process of this job needs before it trains; returns its training
+    function (None for a script, whose installed imports are done instead).
+
+    torch and DeepSpeed first (and, with ``cpu_ops`` on a CPU job, DeepSpeed's prebuilt CPU ops), unless
+    the entry point's module says ``FRAMEWORKS = False`` (``orchestrator/training/simulated.py``)."""
+    train = None if config.train.is_script else resolve_entrypoint(config.train.entrypoint or BUILTIN_ENTRYPOINT)
+    if train is None or getattr(sys.modules.get(train.__module__), "FRAMEWORKS", True):
+        import_frameworks()
+        if cpu_ops and config.cluster.device == "cpu":
+            use_prebuilt_cpu_op()
+    if train is None:
+        script.preimport(config.train)
+    return train
 
 
 def resolve_entrypoint(spec: str) -> Callable[[TrainContext], Any]:
@@ -321,13 +330,8 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
     """A spare pays the start-up costs before it is needed: imports (already done when forked from
     the zygote), and the entry point's ``warmup()`` or a script's installed imports."""
     config = Config.model_validate(config_dict)
-    train = None if config.train.is_script else resolve_entrypoint(config.train.entrypoint or BUILTIN_ENTRYPOINT)
-    if train is None or needs_frameworks(train):
-        import_frameworks()
-        if config.cluster.device == "cpu":
-            use_prebuilt_cpu_op()
+    train = import_training_code(config, cpu_ops=True)
     if train is None:
-        script.preimport(config.train)
         return
     warmup = getattr(sys.modules[train.__module__], "warmup", None)
     if callable(warmup):

@@ -97,17 +97,12 @@ def _import_everything(config_dict: dict[str, Any]) -> None:
     point's module says ``FRAMEWORKS = False``), and the entry point's module and ``preload``, or the
     installed packages a script imports."""
     from orchestrator.config.schema import Config
-    from orchestrator.worker import script
-    from orchestrator.worker.process import BUILTIN_ENTRYPOINT, import_frameworks, needs_frameworks, resolve_entrypoint
+    from orchestrator.worker.process import import_training_code
 
     config = Config.model_validate(config_dict)
-    if config.train.is_script:
-        import_frameworks()
-        script.preimport(config.train)
+    train = import_training_code(config)
+    if train is None:
         return
-    train = resolve_entrypoint(config.train.entrypoint or BUILTIN_ENTRYPOINT)
-    if needs_frameworks(train):
-        import_frameworks()
     preload = getattr(sys.modules[train.__module__], "preload", None)
     if callable(preload):
         preload(config)
