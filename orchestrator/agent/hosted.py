@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.agent.channels import ChannelReader
 from orchestrator.installation import with_interpreter_tools
 from orchestrator.messages import (
     Alive,
@@ -115,8 +116,8 @@ class HostedProcess:
         self.exited_at: float | None = None
         self.left_at: float | None = None  # (monotonic) when it last said it left its training function
         self.training_from = time.monotonic()  # when it was last told to train (a spare: when it was made)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self._reader = ChannelReader.shared()
+        self._reader.add(self.channel, self._on_line, self._on_close)
 
     def exited(self, returncode: int) -> None:
         """The zygote reaped this (forked) process."""
@@ -175,6 +176,7 @@ class HostedProcess:
                 self._wait(timeout_s)
         # Children the process left behind in its session die with it.
         _signal_group(self.pid, signal.SIGKILL)
+        self._reader.remove(self.channel)
         self.channel.close()
         return self.poll_exit()
 
@@ -197,36 +199,36 @@ class HostedProcess:
         if self.exited_at is None:
             self.exited_at = time.monotonic()
         # Report the exit only after its last messages were read, so "finished" precedes it.
-        if self.reader.is_alive() and time.monotonic() - self.exited_at < _DRAIN_TIMEOUT_S:
+        if self.eof_at is None and time.monotonic() - self.exited_at < _DRAIN_TIMEOUT_S:
             return None
         return code
 
-    def _read(self) -> None:
-        try:
-            for message in self.channel.messages():
-                if self._on_message is not None:
-                    self._on_message(message)
-                    continue
-                now = time.time()
-                self.alive_at = now
-                if isinstance(message, Alive):
-                    self.where, self.in_collective = message.where, message.in_collective
-                    self.moved_at = now - message.still_s
-                elif isinstance(message, Report):
-                    if isinstance(message, Ready):
-                        self.left_at = time.monotonic()
-                    self.inbox.append(dataclasses.replace(message, at=now))
-                    if self._on_report is not None:
-                        self._on_report(self, message)
-                else:
-                    raise MalformedMessage(f"{message.type!r} is not a report")
-        except MalformedMessage as exc:
+    def _on_line(self, message: Message) -> None:
+        """A message from the process (on the agent's reader thread)."""
+        if self._on_message is not None:
+            self._on_message(message)
+            return
+        now = time.time()
+        self.alive_at = now
+        if isinstance(message, Alive):
+            self.where, self.in_collective = message.where, message.in_collective
+            self.moved_at = now - message.still_s
+        elif isinstance(message, Report):
+            if isinstance(message, Ready):
+                self.left_at = time.monotonic()
+            self.inbox.append(dataclasses.replace(message, at=now))
+            if self._on_report is not None:
+                self._on_report(self, message)
+        else:
+            raise MalformedMessage(f"{message.type!r} is not a report")
+
+    def _on_close(self, error: MalformedMessage | None) -> None:
+        """The process closed its channel (it exited), or broke the protocol (``error``)."""
+        if error is not None:
             # A bug in the orchestrator itself: the rank fails, and its log (shown with the failure) says why.
             with open(append_fd(self.log_path), "a") as log:
-                log.write(f"orchestrator: protocol error from pid {self.pid}: {exc}; stopping it\n")
+                log.write(f"orchestrator: protocol error from pid {self.pid}: {error}; stopping it\n")
             self.signal(signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # channel closed under us by stop()
         self.eof_at = time.time()
         if self._on_report is not None:
             self._on_report(self, None)

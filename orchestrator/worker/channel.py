@@ -15,13 +15,15 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from orchestrator.messages import Message, Report, decode, encode
+from orchestrator.messages import MalformedMessage, Message, Report, decode, encode
 
 CONTROL_FD_ENV = "ORCH_CONTROL_FD"
+_RECV_BYTES = 65536
 
 
 class Channel:
-    """One end of the socket; ``send`` is thread-safe, ``messages`` is for one reader.
+    """One end of the socket; ``send`` is thread-safe; read with ``messages`` (blocking) or
+    ``received`` (what has arrived), one reader at a time.
 
     A training process sets :attr:`attempt` as it enters each attempt: every report it sends from
     then on is stamped with it (unless it names its attempt itself: a checkpoint's save may outlive
@@ -31,7 +33,8 @@ class Channel:
         self.attempt: int | None = None
         self._sock = sock
         self._send_lock = threading.Lock()
-        self._reader = sock.makefile("r", encoding="utf-8")
+        self._reader = sock.makefile("rb")
+        self._partial = b""  # the start of a line ``received`` has not seen the end of
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
@@ -55,7 +58,25 @@ class Channel:
     def messages(self) -> Iterator[Message]:
         """Yield messages until the peer closes its end (:class:`MalformedMessage` on one that is not ours)."""
         for line in self._reader:
-            yield decode(json.loads(line))
+            yield parse(line)
+
+    def received(self) -> list[bytes] | None:
+        """The lines (messages for :func:`parse`) that have arrived, without waiting: for a reader of
+        many channels, which calls this when the socket is readable. None once the peer has closed its end."""
+        try:
+            data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return lines
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed): a channel can be registered with a selector."""
+        return self._sock.fileno()
 
     def close(self) -> None:
         try:
@@ -64,6 +85,15 @@ class Channel:
             pass
         self._reader.close()
         self._sock.close()
+
+
+def parse(line: bytes) -> Message:
+    """The message on ``line``; :class:`MalformedMessage` if it is not one of ours."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise MalformedMessage(f"not a JSON line: {line[:200]!r}") from None
+    return decode(data)
 
 
 def _line(message: Message) -> bytes:
