@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import selectors
 import threading
+import traceback
 from collections.abc import Callable
 
 from orchestrator.messages import MalformedMessage, Message
@@ -63,17 +64,19 @@ class ChannelReader:
         with self._lock:
             try:
                 self._selector.unregister(channel)
-            except KeyError:
+            except (KeyError, ValueError):
                 pass  # its peer closed it already
 
     def _run(self) -> None:
         while True:
             for key, _ in self._selector.select(_SELECT_TIMEOUT_S):
                 with self._lock:
-                    if self._selector.get_map().get(key.fileobj) is key:  # not removed meanwhile
-                        self._read(key.data)
+                    # By descriptor: a channel removed meanwhile may be closed, and its number reused.
+                    if self._selector.get_map().get(key.fd) is key:
+                        self._read(key)
 
-    def _read(self, reading: _Reading) -> None:
+    def _read(self, key: selectors.SelectorKey) -> None:
+        reading: _Reading = key.data
         error = None
         try:
             lines = reading.channel.received()
@@ -81,6 +84,9 @@ class ChannelReader:
                 reading.on_message(parse(line))
         except MalformedMessage as exc:
             lines, error = None, exc
+        except Exception as exc:  # noqa: BLE001 - a bug handling one process must not deafen the agent to all
+            traceback.print_exc()
+            lines, error = None, MalformedMessage(f"could not be handled: {exc!r}")
         if lines is None:
-            self._selector.unregister(reading.channel)
+            self._selector.unregister(key.fd)
             reading.on_close(error)

@@ -337,10 +337,12 @@ class NodeAgent:
             self._news.wait(wait_s)
             self._news.clear()
             beat_at = time.monotonic()
-            uplink.push(self.status())
+            status = self.status()
+            made_s = time.monotonic() - beat_at
+            uplink.push(status)
             if (late := time.monotonic() - beat_at) > _SLOW_PUSH_S:  # a lease is a few of these
-                print(f"a status took {late:.1f}s to make and send (the lease is {self._lease_s:g}s)",
-                      file=sys.stderr, flush=True)
+                print(f"a status took {late:.1f}s to make ({made_s:.1f}s) and send (the lease is {self._lease_s:g}s; "
+                      f"load average {os.getloadavg()[0]:.0f})", file=sys.stderr, flush=True)
             exiting = any(p.exit_unreported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:
