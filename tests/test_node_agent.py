@@ -14,9 +14,9 @@ from orchestrator.agent.node_agent import NodeAgent
 from orchestrator.messages import Rejoin
 
 
-def _rejoin(rank: int) -> Rejoin:
-    return Rejoin(rank=rank, local_rank=rank, world_size=2, node="n", attempt=1, config={}, run_dir="", resume_tag=None,
-                  faults=[], env={})
+def _rejoin(rank: int, attempt: int = 1) -> Rejoin:
+    return Rejoin(rank=rank, local_rank=rank, world_size=2, node="n", attempt=attempt, config={}, run_dir="",
+                  resume_tag=None, faults=[], env={})
 
 
 @pytest.mark.parametrize("mode", ["leave", "stay", "left"])
@@ -28,7 +28,7 @@ def test_an_interrupted_survivor_rejoins_or_is_killed_once_the_unwind_time_is_up
     try:
         if mode == "left":  # it left before the interrupt (its report not yet seen by the controller)
             deadline = time.monotonic() + 10
-            while not proc.has_left() and time.monotonic() < deadline:
+            while not proc.has_left(None) and time.monotonic() < deadline:
                 time.sleep(0.02)
         started = time.monotonic()
         assert agent.start_attempt([], [_rejoin(0)], interrupt=[0]) == [], "no new process for a survivor"
@@ -43,7 +43,17 @@ def test_an_interrupted_survivor_rejoins_or_is_killed_once_the_unwind_time_is_up
         if mode in ("leave", "left"):
             time.sleep(agent.unwind_timeout_s + 0.5)  # past the time it would have been killed
             assert proc.poll_exit() is None, "a survivor that left in time keeps its process"
-        else:
+        if mode == "leave":
+            # The next recovery interrupts it again: it left attempt 0, and now trains in attempt 1
+            # (its rejoin went out before it had left attempt 0, so "when" cannot tell).
+            agent.start_attempt([], [_rejoin(0, attempt=2)], interrupt=[0])
+            deadline = time.monotonic() + 10
+            while log.read_text().count("got rejoin") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert log.read_text().endswith("got interrupt\ngot rejoin\n"), "interrupted again, then rejoined"
+            time.sleep(agent.unwind_timeout_s + 0.5)
+            assert proc.poll_exit() is None, "it left attempt 1 in time too"
+        if mode == "stay":
             deadline = time.monotonic() + 10
             while proc.poll_exit() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

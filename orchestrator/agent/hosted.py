@@ -114,8 +114,11 @@ class HostedProcess:
         self.moved_at = self.alive_at
         self.eof_at: float | None = None
         self.exited_at: float | None = None
-        self.left_at: float | None = None  # (monotonic) when it last said it left its training function
-        self.training_from = time.monotonic()  # when it was last told to train (a spare: when it was made)
+        # The attempt it was last told to train in (a start or a rejoin sent), and the last attempt whose
+        # training function it said it left (its report names it). By attempt, not by time: a survivor
+        # is sent its rejoin before it has left the attempt it was interrupted in.
+        self.training_in: int | None = None
+        self.left_attempt: int | None = None
         self._reader = ChannelReader.shared()
         self._reader.add(self.channel, self._on_line, self._on_close)
 
@@ -137,13 +140,12 @@ class HostedProcess:
         except OSError:
             return False  # it died; its exit will be polled
         if isinstance(message, Start):  # a rejoin too
-            self.training_from = time.monotonic()
+            self.training_in = message.attempt
         return True
 
-    def has_left(self, since: float | None = None) -> bool:
-        """Whether it said it left its training function since ``since`` (monotonic; default: since it
-        was last told to train)."""
-        return self.left_at is not None and self.left_at >= (self.training_from if since is None else since)
+    def has_left(self, attempt: int | None) -> bool:
+        """Whether it said it left its training function in ``attempt`` or later (None: in any attempt)."""
+        return self.left_attempt is not None and (attempt is None or self.left_attempt >= attempt)
 
     @property
     def exit_unreported(self) -> bool:
@@ -215,7 +217,7 @@ class HostedProcess:
             self.moved_at = now - message.still_s
         elif isinstance(message, Report):
             if isinstance(message, Ready):
-                self.left_at = time.monotonic()
+                self.left_attempt = message.attempt
             self.inbox.append(dataclasses.replace(message, at=now))
             if self._on_report is not None:
                 self._on_report(self, message)

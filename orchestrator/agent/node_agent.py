@@ -224,10 +224,10 @@ class NodeAgent:
         # One that already left (its report not yet seen by the controller) is not waited for: it
         # ignores the interrupt and reads its rejoin at once.
         unwinding = {rank: proc for rank in interrupt if (proc := self._procs.get(rank)) is not None
-                     and not proc.has_left() and proc.send(Interrupt())}
+                     and not proc.has_left(proc.training_in) and proc.send(Interrupt())}
         if unwinding:
-            since = {rank: proc.training_from for rank, proc in unwinding.items()}  # before the rejoins go out
-            threading.Thread(target=self._unwind_or_kill, args=(unwinding, since), name="unwind", daemon=True).start()
+            leaving = {rank: proc.training_in for rank, proc in unwinding.items()}  # before the rejoins go out
+            threading.Thread(target=self._unwind_or_kill, args=(unwinding, leaving), name="unwind", daemon=True).start()
         for spec in rejoins:
             self.send(spec.rank, spec)  # one already gone fails the attempt through its exit status
         settled = self._zygote_settled
@@ -247,13 +247,13 @@ class NodeAgent:
             started.append(StartedRank(rank=spec.rank, pid=self._start_fresh(spec)))
         return started
 
-    def _unwind_or_kill(self, unwinding: dict[int, HostedProcess], since: dict[int, float]) -> None:
-        """Kill those of ``unwinding`` that have not left their training function (the one they were
-        told to start at ``since``) in time."""
+    def _unwind_or_kill(self, unwinding: dict[int, HostedProcess], leaving: dict[int, int | None]) -> None:
+        """Kill those of ``unwinding`` that have not left their training function (of the attempt
+        ``leaving`` names) in time."""
         deadline = time.monotonic() + self.unwind_timeout_s
         while unwinding and time.monotonic() < deadline:
             time.sleep(0.05)
-            unwinding = {r: p for r, p in unwinding.items() if not p.has_left(since[r])}
+            unwinding = {r: p for r, p in unwinding.items() if not p.has_left(leaving[r])}
         for rank, proc in unwinding.items():
             if proc.poll_exit() is None:
                 with open(append_fd(proc.log_path), "a") as log:
