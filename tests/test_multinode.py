@@ -174,13 +174,20 @@ def test_the_stock_dcgm_dashboard_picks_each_node_and_shows_its_gpus(
 
 
 def _watch_deaths(pids: list[int], stop: threading.Event) -> dict[int, float]:
-    """When each pid stopped existing (polled from a thread until ``stop``)."""
+    """When each process exited (polled from a thread until ``stop``): gone, or a zombie (it holds
+    nothing any more; whoever adopted it reaps it when it gets to it)."""
     died: dict[int, float] = {}
+
+    def exited(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+        except OSError:
+            return True
 
     def watch() -> None:
         while not stop.is_set() and len(died) < len(pids):
             for pid in pids:
-                if pid not in died and not Path(f"/proc/{pid}").exists():
+                if pid not in died and exited(pid):
                     died[pid] = time.time()
             time.sleep(0.02)
 

@@ -346,19 +346,22 @@ class NodeAgent:
             exiting = any(p.exit_unreported for r, p in list(self._procs.items()) if r != SPARE)
 
     def _fence(self) -> None:
+        """Stop everything here the moment the lease runs out: on time, not at the next look (the
+        controller replaces this node's ranks a fixed margin after that moment)."""
         while True:
-            time.sleep(min(0.5, self._lease_s / 4))
             since = self._lease_from
-            if since is None or time.monotonic() - since <= self._lease_s:
+            left_s = self._lease_s if since is None else since + self._lease_s - time.monotonic()
+            if left_s >= 0:
+                time.sleep(min(left_s, 0.5) + 0.001)  # renewals meanwhile are seen at the next look
                 continue
             running = [k for k, p in list(self._procs.items()) if k != SPARE and p.poll_exit() is None]
-            print(f"the controller has received no answer of ours for {time.monotonic() - since:.1f}s (lease "
-                  f"{self._lease_s:g}s): stopping ranks {running} and this node's spare, and exiting",
-                  file=sys.stderr, flush=True)
             for proc in list(self._procs.values()):
                 proc.signal(signal.SIGKILL)
             if self._zygote is not None:
                 self._zygote.proc.signal(signal.SIGKILL)
+            print(f"the controller has received no answer of ours for {time.monotonic() - since:.1f}s (lease "
+                  f"{self._lease_s:g}s): stopped ranks {running} and this node's spare; exiting",
+                  file=sys.stderr, flush=True)
             os._exit(1)  # nothing may be left on a node the controller has given up on
 
     def _make_spares(self) -> None:

@@ -273,7 +273,7 @@ class FaultToleranceConfig(_Section):
         10.0,
         description="A node whose agent sends the controller nothing for this long is lost (agents send their "
         "status at least every quarter of it; also how long its ranks keep "
-        "training without the controller before they stop themselves: half of it).",
+        "training without the controller before they stop themselves: three quarters of it).",
     )
     node_wait_s: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Without a spare node, wait this long for a lost node (or a new one) to join before "

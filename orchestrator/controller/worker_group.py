@@ -36,7 +36,9 @@ from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
 _PLACEMENT_TIMEOUT_S = 120.0
-_FENCE_MARGIN_S = 0.5
+# How long after a lost node's lease ran out its ranks are surely dead: the agent's fence fires on time
+# (node_agent.py), then SIGKILLs them, on a node that may be loaded.
+_FENCE_MARGIN_S = 1.0
 _CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
@@ -44,6 +46,11 @@ _RECREATE_PAUSE_S = 0.5
 _NODE_CHECK_S = 0.5
 # Agents push their status at least this often per node_timeout_s: one missed push is no loss.
 _HEARTBEATS_PER_TIMEOUT = 4
+# An agent's lease, as a fraction of node_timeout_s: three heartbeats, so that an agent whose pushes
+# run a second or two late (seen on a loaded node during a recovery) keeps it; and short enough, with
+# _FENCE_MARGIN_S, that a silent node's ranks are replaced when it is found lost, not later (for
+# node_timeout_s of 4 s and more).
+_LEASE_FRACTION = 0.75
 _SKEW_TOLERANCE_S = 0.25
 
 
@@ -215,7 +222,7 @@ class RayWorkerGroup:
         ft = config.fault_tolerance
         self._node_timeout_s = ft.node_timeout_s
         # Ranks stop themselves after this long without a call from us (NodeAgent's lease)...
-        self._lease_s = ft.node_timeout_s / 2
+        self._lease_s = ft.node_timeout_s * _LEASE_FRACTION
         # ...so a rank of a lost node is replaced only once its lease has certainly run out.
         self._fenced_at = 0.0
         self.heartbeat_s = ft.node_timeout_s / _HEARTBEATS_PER_TIMEOUT
