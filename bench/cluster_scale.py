@@ -10,6 +10,8 @@ It brings the dev-cluster up, launches, and measures what ``bench/scale.py`` mea
   each rank on another node);
 - a node lost (``dev-cluster kill-node`` of a node holding ranks): ``node_loss_episodes``
   (recoveries it caused), ``node_loss_root_causes`` and ``node_loss_to_decision_s``;
+- ``unplanned_incidents``: root causes before the node loss that the bench did not cause (a
+  healthy node that fenced itself, say: there should be none);
 then stops the run (SIGINT) and takes the dev-cluster down. Needs root (network namespaces).
 
     .venv/bin/python bench/cluster_scale.py [--nodes 8] [--per-node 64] [--repeats 3] [--json FILE]
@@ -105,13 +107,14 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
         cpu = (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - wall0)
 
         decisions = []
-        workers = {}
+        workers, killed = {}, set()
         for repeat in range(args.repeats):
             evs = _events(run_dir)
             workers.update({w["rank"]: w for w in evs if w["event"] == "worker_started"})
             victim = workers[(repeat % args.nodes) * args.per_node + 1 + repeat]
             mark, killed_at = len(evs), time.time()
             os.kill(victim["pid"], signal.SIGKILL)
+            killed.add(victim["rank"])
             evs = _wait(run_dir, proc, lambda evs, m=mark: _after(evs, m, "recovery_finished") is not None,
                         f"the recovery of rank {victim['rank']}")
             decisions.append(_after(evs, mark, "recovery_started")["ts"] - killed_at)
@@ -129,6 +132,9 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
         node_loss_s = _after(evs, mark, "recovery_started")["ts"] - killed_at
         time.sleep(2.0)  # late consequences of the loss, if any
         episode = _events(run_dir)[mark:]
+        # Root causes the bench did not cause (a healthy node fenced for want of acknowledgements, say).
+        unplanned = [e for e in _events(run_dir)[:mark] if e["event"] == "failure_detected" and e["root_cause"]
+                     and e["rank"] not in killed]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
@@ -146,6 +152,7 @@ def measure(args: argparse.Namespace, cluster: dict[str, Any], workdir: Path) ->
         "node_loss_episodes": sum(1 for e in episode if e["event"] == "recovery_started"),
         "node_loss_root_causes": sum(1 for e in episode if e["event"] == "failure_detected" and e["root_cause"]),
         "node_loss_to_decision_s": node_loss_s,
+        "unplanned_incidents": [{k: e.get(k) for k in ("rank", "reason", "message")} for e in unplanned],
         "node_loss_events": [{k: e.get(k) for k in ("ts", "event", "rank", "reason", "message", "mode", "replaced")
                               if e.get(k) is not None} for e in episode
                              if e["event"] in ("failure_detected", "recovery_started", "recovery_finished")],
@@ -187,7 +194,8 @@ def main() -> int:
     print(f"{result['ranks']:>6} simulated ranks on {args.nodes} nodes (+1 spare) of a real Ray cluster: controller "
           f"{100 * result['controller_cpu_fraction']:5.1f}% of a core; a killed rank decided p50/max "
           f"{decided['p50']:.2f}/{decided['max']:.2f}s; node loss {result['node_loss_episodes']} episode(s), "
-          f"{result['node_loss_root_causes']} root cause(s), decided {result['node_loss_to_decision_s']:.2f}s "
+          f"{result['node_loss_root_causes']} root cause(s), decided {result['node_loss_to_decision_s']:.2f}s; "
+          f"{len(result['unplanned_incidents'])} incident(s) the bench did not cause "
           f"[{time.monotonic() - started:.0f}s]")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
