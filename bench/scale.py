@@ -78,6 +78,7 @@ from orchestrator.messages import (
     StartedRank,
     Step,
     encode_status,
+    shed_tracebacks,
 )
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.run_dir import RunDir
@@ -94,6 +95,13 @@ _SCENARIO_TIMEOUT_S = 120.0
 # The simulated agents' process reads the controller's requests at least this often (seconds).
 _SLICE_S = 0.01
 _SHA_OF_X = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+# What a peer's collective error (or an interrupted survivor) carries: a real gloo error's traceback
+# is this long. The agents shed all but what a root cause can need (messages.shed_tracebacks).
+_PEER_TRACEBACK = "Traceback (most recent call last):\n" + "".join(
+    f'  File "/usr/lib/python3/site-packages/torch/distributed/distributed_c10d.py", line {2400 + i}, in all_reduce\n'
+    "    work = group.allreduce([tensor], opts)\n" for i in range(12)) + (
+    "torch.distributed.DistBackendError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+    "[10.0.0.2]:36712: Connection reset by peer\n")
 
 
 # --- the stand-in for Ray ---------------------------------------------------------------------
@@ -565,7 +573,7 @@ class SimJob:
                                     ("step_at", self.started + (state.reported - self.first_step) * self.step_s),
                                 ("step_time_s", self.step_s), ("step_attempt", self.attempt if stepped else -1)):
                 columns[name].append(value)
-        return statuses, NodeBeat(**columns), saves
+        return shed_tracebacks(statuses), NodeBeat(**columns), saves
 
     def _saved(self, rank: int, step: int, at: float) -> CheckpointSaved:
         """Rank ``rank``'s report: a file of its own, named as ZeRO names a rank's shard (so that the
@@ -595,9 +603,9 @@ class SimJob:
                 when = peers_at[peer]
                 state.error_at, state.told_error = when, False
                 self.news(peer, when)
-                state.error = Error(exc_type="DistBackendError", message="Connection reset by peer", traceback="",
-                                    interrupted=False, step=self.step_now(at), at=when, collective=True,
-                                    attempt=self.attempt)
+                state.error = Error(exc_type="DistBackendError", message="Connection reset by peer",
+                                    traceback=_PEER_TRACEBACK, interrupted=False, step=self.step_now(at), at=when,
+                                    collective=True, attempt=self.attempt)
 
     @_mirrored
     def hang(self, rank: int | None, at: float) -> None:
@@ -608,8 +616,9 @@ class SimJob:
     def interrupt(self, ranks: list[int], now: float) -> None:
         """Interrupted survivors of the last attempt say, early in this one, how they left that one."""
         for rank in ranks:
-            self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller", traceback="",
-                                           interrupted=True, step=self.first_step, at=now, attempt=self.attempt - 1)
+            self.ranks[rank].error = Error(exc_type="Interrupted", message="stopped by the controller",
+                                           traceback=_PEER_TRACEBACK, interrupted=True, step=self.first_step, at=now,
+                                           attempt=self.attempt - 1)
             self.ranks[rank].error_at, self.ranks[rank].told_error = now, False
             self.news(rank, now)
 

@@ -372,6 +372,26 @@ class NodeStatus:
     saved: list[NodeSaved] = field(default_factory=list)
 
 
+def shed_tracebacks(ranks: dict[int, RankStatus]) -> dict[int, RankStatus]:
+    """These statuses (of one node's push) with only the tracebacks a root cause can need: of every
+    error that is not a consequence, and of the earliest collective error among them (when collective
+    errors are all there is, the earliest is the root cause). The other collective errors' and every
+    interrupted rank's (stopped for a recovery) lose theirs; their messages stay. At 16,384 ranks a
+    failure's consequences would otherwise be 16,384 tracebacks of a few kilobytes each."""
+    collective = [(report.at, rank) for rank, status in ranks.items() for report in status.reports
+                  if isinstance(report, Error) and report.collective and not report.interrupted]
+    keep = min(collective, default=None)
+
+    def shed(rank: int, report: Report) -> Report:
+        if (isinstance(report, Error) and report.traceback and (report.interrupted or report.collective)
+                and (report.at, rank) != keep):
+            return dataclasses.replace(report, traceback="")
+        return report
+
+    return {rank: dataclasses.replace(status, reports=[shed(rank, r) for r in status.reports])
+            if any(isinstance(r, Error) for r in status.reports) else status for rank, status in ranks.items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class StartedRank:
     """A rank process a node agent started for an attempt: its pid, and whether it is the node's

@@ -119,3 +119,23 @@ def test_a_process_that_breaks_the_protocol_is_stopped_and_its_log_says_why(tmp_
         assert "protocol error" in log.read_text() and "stepp" in log.read_text()
     finally:
         proc.stop(1.0)
+
+
+def test_a_push_keeps_the_tracebacks_a_root_cause_can_need_and_sheds_the_consequences() -> None:
+    def error(tb: str, at: float, collective: bool = False, interrupted: bool = False) -> messages.Error:
+        return messages.Error(exc_type="E", message=f"message {tb}", traceback=tb, interrupted=interrupted, step=3,
+                              collective=collective, at=at, attempt=0)
+
+    def status(*reports: messages.Report) -> messages.RankStatus:
+        return messages.RankStatus(pid=1, reports=list(reports), returncode=None, alive_at=0.0, where="",
+                                   in_collective=False)
+
+    quiet = status(Step(step=3, loss=1.0, step_time_s=0.1, at=1.0, attempt=0))
+    ranks = {8: status(error("own bug", 3.0)), 9: status(error("later peer", 2.0, collective=True)),
+             10: status(error("earliest peer", 1.0, collective=True)),
+             11: status(error("interrupted", 0.5, interrupted=True)), 12: quiet}
+    shed = messages.shed_tracebacks(ranks)
+    assert {rank: [r.traceback for r in s.reports if isinstance(r, messages.Error)] for rank, s in shed.items()} == {
+        8: ["own bug"], 9: [""], 10: ["earliest peer"], 11: [""], 12: []}
+    assert shed[9].reports[0].message == "message later peer", "the message stays"
+    assert shed[12] is quiet

@@ -44,6 +44,7 @@ from orchestrator.messages import (
     StartedRank,
     Step,
     Warm,
+    shed_tracebacks,
 )
 from orchestrator.monitor.exporter import host_port
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
@@ -441,8 +442,9 @@ class NodeAgent:
             spare = None
         if spare is not None and not spare.warm:
             spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
-        return NodeStatus(ranks=ranks, warm_spare=spare.pid if spare is not None and spare.warm else None,
-                          number=number, now=time.time(), asked=asked, beat=_beat(hosted), saved=NodeSaved.fold(saves))
+        warm = spare.pid if spare is not None and spare.warm else None
+        return NodeStatus(ranks=shed_tracebacks(ranks), warm_spare=warm, number=number, now=time.time(), asked=asked,
+                          beat=_beat(hosted), saved=NodeSaved.fold(saves))
 
     def _heard_from(self, proc: HostedProcess, report: Report | None) -> None:
         """A hosted process sent ``report`` (None: it closed its channel). Anything but a step, a
