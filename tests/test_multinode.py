@@ -33,6 +33,7 @@ from tests.helpers import (
     launch_args,
     losses_by_step,
     of_kind,
+    pid_alive,
     running_cli,
     wait_for_event,
     wait_gone,
@@ -178,16 +179,10 @@ def _watch_deaths(pids: list[int], stop: threading.Event) -> dict[int, float]:
     nothing any more; whoever adopted it reaps it when it gets to it)."""
     died: dict[int, float] = {}
 
-    def exited(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
-        except OSError:
-            return True
-
     def watch() -> None:
         while not stop.is_set() and len(died) < len(pids):
             for pid in pids:
-                if pid not in died and exited(pid):
+                if pid not in died and not pid_alive(pid):
                     died[pid] = time.time()
             time.sleep(0.02)
 

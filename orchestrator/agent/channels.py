@@ -17,8 +17,8 @@ from collections.abc import Callable
 from orchestrator.messages import MalformedMessage, Message
 from orchestrator.worker.channel import Channel, parse
 
-# A registration waits for no wake-up: epoll (and kqueue) see it even mid-select. The timeout only
-# bounds how long a removed channel's last readiness can be looked at.
+# A registration needs no wake-up (epoll and kqueue see it even mid-select), and a removal is checked
+# under the lock: nothing waits on this timeout, which only keeps the thread from sleeping unbounded.
 _SELECT_TIMEOUT_S = 1.0
 
 
