@@ -90,6 +90,30 @@ def test_a_node_status_round_trips_through_json() -> None:
             **messages.encode_status(status)["ranks"]["3"], "reports": [encode(messages.Interrupt())]}}})
 
 
+def test_a_beat_travels_as_one_value_per_column_where_it_can_and_times_err_early_by_at_most_a_second() -> None:
+    def beat(**columns: list) -> messages.NodeBeat:
+        plain = {"ranks": [8, 9, 10], "pid": [1, 2, 3], "alive_at": [100.0, 100.4, 100.9], "moved_at": [50.0, 99.0, 100.0],
+                 "where": ["a.py:1"] * 3, "in_collective": [False] * 3, "step": [7, 7, 7], "step_at": [90.0, 90.1, 90.2],
+                 "step_time_s": [1.0, 1.5, 1.0], "step_attempt": [0] * 3}
+        return messages.NodeBeat(**{**plain, **columns})
+
+    def round_trip(b: messages.NodeBeat) -> tuple[dict, messages.NodeBeat | None]:
+        status = messages.NodeStatus(ranks={}, warm_spare=None, number=1, now=0.0, beat=b)
+        wire = json.loads(json.dumps(messages.encode_status(status)))
+        return wire["beat"], messages.decode_status(wire).beat
+
+    wire, back = round_trip(beat())
+    assert wire["where"] == "a.py:1" and wire["step"] == 7 and wire["in_collective"] is False
+    assert wire["pid"] == [1, 2, 3] and wire["step_time_s"] == [1.0, 1.5, 1.0], "distinct values travel as they are"
+    assert wire["moved_at"] == [50.0, 99.0, 100.0], "times further apart than a second travel as they are"
+    assert back == beat(alive_at=[100.0] * 3, step_at=[90.0] * 3), "times within a second travel as the earliest"
+    assert round_trip(beat(ranks=[4], pid=[1], alive_at=[1.0], moved_at=[1.0], where=["b"], in_collective=[True],
+                           step=[None], step_at=[0.0], step_time_s=[0.0], step_attempt=[-1]))[1].step == [None]
+    with pytest.raises(MalformedMessage, match="columns differ in length"):
+        messages.decode_status({**messages.encode_status(messages.NodeStatus(ranks={}, warm_spare=None, number=1, now=0.0,
+                                                                             beat=beat())), "beat": {**wire, "pid": [1]}})
+
+
 @pytest.mark.parametrize(("data", "problem"), [
     ({"type": "stepp", "step": 1}, "unknown message type"),
     ({"step": 1}, "unknown message type"),
