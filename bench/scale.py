@@ -74,11 +74,10 @@ from orchestrator.messages import (
     NodeSaved,
     NodeStatus,
     RankStatus,
-    Ready,
     StartedRank,
     Step,
     encode_status,
-    shed_tracebacks,
+    fold_consequences,
 )
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.run_dir import RunDir
@@ -96,7 +95,7 @@ _SCENARIO_TIMEOUT_S = 120.0
 _SLICE_S = 0.01
 _SHA_OF_X = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
 # What a peer's collective error (or an interrupted survivor) carries: a real gloo error's traceback
-# is this long. The agents shed all but what a root cause can need (messages.shed_tracebacks).
+# is this long. The agents shed all but what a root cause can need (messages.fold_consequences).
 _PEER_TRACEBACK = "Traceback (most recent call last):\n" + "".join(
     f'  File "/usr/lib/python3/site-packages/torch/distributed/distributed_c10d.py", line {2400 + i}, in all_reduce\n'
     "    work = group.allreduce([tensor], opts)\n" for i in range(12)) + (
@@ -259,10 +258,12 @@ class SimAgent:
         return call
 
     def status(self) -> NodeStatus:
-        """What the real agent pushes: its ranks with news, and every rank's beat."""
+        """What the real agent pushes: its ranks with news (consequences' errors folded), every rank's
+        beat, its ranks' saves (folded)."""
         self._answers += 1
         ranks, columns, saves = self.job.node_status(self.index) if self.index in self.job.slot_of else ({}, None, [])
-        return NodeStatus(ranks=ranks, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked,
+        ranks, left = fold_consequences(ranks)
+        return NodeStatus(ranks=ranks, left=left, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked,
                           beat=columns, saved=NodeSaved.fold(saves))
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
@@ -320,6 +321,7 @@ class SimUplinks:
                  heartbeat_s: float, commands: Any) -> None:
         self.agents, self._job, self._heartbeat_s, self._commands = agents, job, heartbeat_s, commands
         self._due: list[tuple[float, int]] = []  # (monotonic, agent)
+        self._answers_due: list[tuple[float, int]] = []  # the same, for answers to the controller's requests
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._socks = []
@@ -335,17 +337,18 @@ class SimUplinks:
         self._buffers: dict[int, bytes] = {}
         self._pushed: dict[int, float] = {}  # agent -> when its last push was made (monotonic)
 
-    def news(self, agent: int, at: float) -> None:
-        """Agent ``agent`` has news at wall-clock time ``at``: it pushes a latency later."""
-        self._due_at(time.monotonic() + max(0.0, at - time.time()) + self.agents[agent].latency(), agent)
+    def news(self, agent: int, at: float, answer: bool = False) -> None:
+        """Agent ``agent`` has news at wall-clock time ``at`` (``answer``: a request): it pushes a latency later."""
+        self._due_at(time.monotonic() + max(0.0, at - time.time()) + self.agents[agent].latency(), agent, answer)
 
     def run(self) -> None:
         """Push, answer and apply the job's changes until told to stop.
 
         Real agents encode their pushes in parallel; this one process encodes them one after another,
         so it works in slices of ``_SLICE_S``: between two, it reads the controller's requests and the
-        job's changes, and the pushes they bring fall due among those still waiting (a burst of every
-        node's errors after a failure must not hold back an answer that falls due in its middle)."""
+        job's changes. An answer to a request goes before the other pushes due: a burst of every node's
+        errors after a failure, which 2,048 machines would make at once, must not hold back one node's
+        answer behind the others' pushes."""
         while True:
             if not self._apply_commands():
                 return
@@ -364,9 +367,10 @@ class SimUplinks:
         """Make the pushes due by ``now``, in due order, until ``until``; True if some are left."""
         while time.monotonic() < until:
             with self._lock:
-                if not self._due or self._due[0][0] > now:
+                due = next((queue for queue in (self._answers_due, self._due) if queue and queue[0][0] <= now), None)
+                if due is None:
                     return False
-                when, index = heapq.heappop(self._due)
+                when, index = heapq.heappop(due)
             agent = self.agents[index]
             if when < self._pushed.get(index, -math.inf) or agent.silent(now):
                 continue  # a push made since it fell due carried it
@@ -376,9 +380,9 @@ class SimUplinks:
                 self._socks[index].sendall(line)
         return True
 
-    def _due_at(self, when: float, agent: int) -> None:
+    def _due_at(self, when: float, agent: int, answer: bool = False) -> None:
         with self._lock:
-            heapq.heappush(self._due, (when, agent))
+            heapq.heappush(self._answers_due if answer else self._due, (when, agent))
 
     def _apply_commands(self) -> bool:
         """Make the controller process's changes of the job; False once told to stop."""
@@ -403,7 +407,7 @@ class SimUplinks:
         for line in lines:
             if line.startswith(b'{"ask"'):
                 agent.asked = max(agent.asked, json.loads(line)["ask"])
-                self.news(agent.index, time.time())
+                self.news(agent.index, time.time(), answer=True)
 
 
 class SimProcess:
@@ -558,7 +562,7 @@ class SimJob:
                     saves.append((rank, self._saved(rank, step, at)))
             state.reported = max(state.reported, current)
             if state.error is not None and not state.told_error and state.error_at <= now:
-                reports += [state.error, Ready(at=state.error_at, attempt=state.error.attempt)]
+                reports.append(state.error)
                 state.told_error = True
             waiting = now >= self.frozen_at and rank != self.hung
             where = ".../torch/distributed/distributed_c10d.py:2501 in all_reduce" if waiting else "train.py:42 in step"
@@ -573,7 +577,7 @@ class SimJob:
                                     ("step_at", self.started + (state.reported - self.first_step) * self.step_s),
                                 ("step_time_s", self.step_s), ("step_attempt", self.attempt if stepped else -1)):
                 columns[name].append(value)
-        return shed_tracebacks(statuses), NodeBeat(**columns), saves
+        return statuses, NodeBeat(**columns), saves
 
     def _saved(self, rank: int, step: int, at: float) -> CheckpointSaved:
         """Rank ``rank``'s report: a file of its own, named as ZeRO names a rank's shard (so that the

@@ -5,17 +5,19 @@ its fields plus ``type``. :func:`decode` refuses an unknown type and a missing o
 so a typo on either side is an error at once, not a message silently lost.
 
     agent -> process    Prepare, Start, Rejoin, Interrupt
-    process -> agent    Alive (the liveness beat, kept by the agent), Warm, and the reports the
-                        controller polls: Step, Resumed, Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped,
-                        CheckpointFailed, FaultInjected, Error, Ready, Finished
+    process -> agent    Alive (the liveness beat) and Ready (torn down after an error), kept by the
+                        agent; Warm; and the reports the controller polls: Step, Resumed, Saving,
+                        CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed,
+                        FaultInjected, Error, Finished
     agent -> zygote     Prepare, Fork (with the child's control socket attached)
     zygote -> agent     Forked, Exited
 
 Reports carry ``at``: when the agent received them, on the node's clock (the worker group moves it
 onto the controller's). The agent pushes a :class:`NodeStatus` to the controller: a
 :class:`RankStatus` per rank it hosts that has news, its ranks' checkpoint saves folded into one
-:class:`NodeSaved` per checkpoint, every rank's :class:`NodeBeat`; on that line it travels as
-:func:`encode_status`'s JSON form.
+:class:`NodeSaved` per checkpoint and their errors that are consequences into :class:`NodeLeft`,
+every rank's :class:`NodeBeat`; on that line it travels as :func:`encode_status`'s JSON form.
+``Ready`` stays with the agent: it follows every ``Error``, which tells the controller all it needs.
 """
 
 from __future__ import annotations
@@ -356,12 +358,42 @@ class NodeSaved:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NodeLeft:
+    """Ranks ``ranks`` of one node left attempt ``attempt``'s training function with errors that are
+    consequences, not causes (``collective``: raised in a collective, most likely because a peer
+    failed; ``interrupted``: stopped by the controller): their :class:`Error` reports folded into one.
+    Per rank, as columns (entry ``i`` is rank ``ranks[i]``'s): its process, when it raised, its last
+    step; said once: the type, and the message and traceback of the earliest (the traceback as
+    :func:`fold_consequences` sheds them). At 16,384 ranks a failure's consequences are 2,048 of these for
+    the controller to read, not 16,384 rank statuses."""
+
+    ranks: list[int]
+    pid: list[int]
+    at: list[float]
+    step: list[int | None]
+    exc_type: str
+    message: str
+    traceback: str
+    interrupted: bool
+    collective: bool
+    attempt: int
+
+    def errors(self) -> list[tuple[int, Error]]:
+        """Each rank's error, as it was reported (the message and traceback as the earliest's)."""
+        return [(rank, Error(exc_type=self.exc_type, message=self.message, traceback=self.traceback,
+                             interrupted=self.interrupted, step=step, collective=self.collective, at=at,
+                             attempt=self.attempt))
+                for rank, at, step in zip(self.ranks, self.at, self.step)]
+
+
+@dataclass(frozen=True, kw_only=True)
 class NodeStatus:
     """What a node agent pushes to the controller (``agent/uplink.py``): the statuses of its ranks
     with news (reports other than a step of a rank but 0 or a checkpoint save, an exit), its ranks'
-    checkpoint saves (``saved``), every rank's :class:`NodeBeat`, its node's warm spare (pid, once
-    warm), the push's ``number`` (the lease protocol, ``agent/node_agent.py``), the last request of
-    the controller it answers (``asked``) and the node's clock when it was made."""
+    checkpoint saves (``saved``) and errors that are consequences (``left``), every rank's
+    :class:`NodeBeat`, its node's warm spare (pid, once warm), the push's ``number`` (the lease
+    protocol, ``agent/node_agent.py``), the last request of the controller it answers (``asked``) and
+    the node's clock when it was made."""
 
     ranks: dict[int, RankStatus]
     warm_spare: int | None
@@ -370,17 +402,18 @@ class NodeStatus:
     asked: int = 0
     beat: NodeBeat | None = None
     saved: list[NodeSaved] = field(default_factory=list)
+    left: list[NodeLeft] = field(default_factory=list)
 
 
-def shed_tracebacks(ranks: dict[int, RankStatus]) -> dict[int, RankStatus]:
-    """These statuses (of one node's push) with only the tracebacks a root cause can need: of every
-    error that is not a consequence, and of the earliest collective error among them (when collective
-    errors are all there is, the earliest is the root cause). The other collective errors' and every
-    interrupted rank's (stopped for a recovery) lose theirs; their messages stay. At 16,384 ranks a
-    failure's consequences would otherwise be 16,384 tracebacks of a few kilobytes each."""
-    collective = [(report.at, rank) for rank, status in ranks.items() for report in status.reports
-                  if isinstance(report, Error) and report.collective and not report.interrupted]
-    keep = min(collective, default=None)
+def fold_consequences(ranks: dict[int, RankStatus]) -> tuple[dict[int, RankStatus], list[NodeLeft]]:
+    """These statuses (of one node's push) less those whose only news is an error that is a
+    consequence (collective or interrupted), folded into one :class:`NodeLeft` per attempt and kind
+    of error; and with only the tracebacks a root cause can need: of every error that is not a
+    consequence, and of the earliest collective error (when collective errors are all there is, the
+    earliest is the root cause). Other consequences keep their messages. At 16,384 ranks a failure's
+    consequences would otherwise be 16,384 statuses, each with a traceback of a few kilobytes."""
+    keep = min(((report.at, rank) for rank, status in ranks.items() for report in status.reports
+                if isinstance(report, Error) and report.collective and not report.interrupted), default=None)
 
     def shed(rank: int, report: Report) -> Report:
         if (isinstance(report, Error) and report.traceback and (report.interrupted or report.collective)
@@ -388,8 +421,26 @@ def shed_tracebacks(ranks: dict[int, RankStatus]) -> dict[int, RankStatus]:
             return dataclasses.replace(report, traceback="")
         return report
 
-    return {rank: dataclasses.replace(status, reports=[shed(rank, r) for r in status.reports])
-            if any(isinstance(r, Error) for r in status.reports) else status for rank, status in ranks.items()}
+    kept: dict[int, RankStatus] = {}
+    groups: dict[tuple[int, str, bool, bool], list[tuple[float, int, int, Error]]] = {}
+    for rank, status in ranks.items():
+        report = status.reports[0] if len(status.reports) == 1 else None
+        if isinstance(report, Error) and (report.collective or report.interrupted) and status.returncode is None:
+            key = (report.attempt, report.exc_type, report.interrupted, report.collective)
+            groups.setdefault(key, []).append((report.at, rank, status.pid, report))
+        elif any(isinstance(r, Error) for r in status.reports):
+            kept[rank] = dataclasses.replace(status, reports=[shed(rank, r) for r in status.reports])
+        else:
+            kept[rank] = status
+    left = []
+    for (attempt, exc_type, interrupted, collective), group in groups.items():
+        group.sort(key=lambda entry: entry[:2])
+        _, rank, _, earliest = group[0]
+        left.append(NodeLeft(ranks=[rank for _, rank, _, _ in group], pid=[pid for _, _, pid, _ in group],
+                             at=[at for at, _, _, _ in group], step=[error.step for _, _, _, error in group],
+                             exc_type=exc_type, message=earliest.message, traceback=shed(rank, earliest).traceback,
+                             interrupted=interrupted, collective=collective, attempt=attempt))
+    return kept, left
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -411,9 +462,14 @@ _KINDS: dict[str, type[Message]] = {
 }
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields by name, not copied (``dataclasses.asdict`` copies every nested list)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def encode(message: Message) -> dict[str, Any]:
     """The JSON-ready form: ``type`` and the fields (``at`` only once stamped)."""
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    fields = _fields(message)
     if isinstance(message, Report) and not message.at:
         del fields["at"]
     return {"type": message.type, **fields}
@@ -439,12 +495,13 @@ def encode_status(status: NodeStatus) -> dict[str, Any]:
     """The JSON-ready form of a node's status (rank numbers become strings, as JSON keys must)."""
     ranks = {}
     for rank, rs in status.ranks.items():
-        fields = {f.name: getattr(rs, f.name) for f in dataclasses.fields(rs)}
+        fields = _fields(rs)
         fields["reports"] = [encode(r) for r in rs.reports]
         ranks[str(rank)] = fields
     beat = None if status.beat is None else _beat_wire(status.beat)
     return {"ranks": ranks, "warm_spare": status.warm_spare, "number": status.number, "now": status.now,
-            "asked": status.asked, "beat": beat, "saved": [dataclasses.asdict(s) for s in status.saved]}
+            "asked": status.asked, "beat": beat, "saved": [_fields(saved) for saved in status.saved],
+            "left": [_fields(left) for left in status.left]}
 
 
 # A beat's times within this much of each other go on the wire as one: the earliest. A rank's last sign
@@ -495,6 +552,7 @@ def decode_status(data: Any) -> NodeStatus:
             ranks[int(rank)] = RankStatus(**{**fields, "reports": reports})
         beat = None if data["beat"] is None else _beat_of(data["beat"])
         return NodeStatus(ranks=ranks, warm_spare=data["warm_spare"], number=data["number"], now=data["now"],
-                          asked=data["asked"], beat=beat, saved=[NodeSaved(**s) for s in data["saved"]])
+                          asked=data["asked"], beat=beat, saved=[NodeSaved(**s) for s in data["saved"]],
+                          left=[NodeLeft(**left) for left in data["left"]])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(f"malformed node status: {exc!r}") from None

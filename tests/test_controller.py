@@ -31,8 +31,8 @@ from orchestrator.messages import (
     FaultInjected,
     Finished,
     NodeBeat,
+    NodeLeft,
     NodeSaved,
-    Ready,
     Resumed,
     Step,
 )
@@ -78,14 +78,13 @@ class FakeGroup:
         self.starts.append({"attempt": attempt, "resume_tag": resume_tag, "faults": list(faults), "rejoin": list(rejoin)})
         self.interrupted += list(interrupt)
         if interrupt:
-            # An interrupted survivor reports how it left the last attempt after this one began.
+            # An interrupted survivor reports how it left the last attempt after this one began (its agent
+            # folds its node's into one NodeLeft).
             self.script.insert(0, [
-                RankUpdate(rank=r, alive_at=self.clock.now, reports=[
-                    Error(exc_type="Interrupted", message="stopped", traceback="", interrupted=True, step=0,
-                          at=self.clock.now, attempt=attempt - 1),
-                    Ready(at=self.clock.now, attempt=attempt - 1)]) if r in interrupt else RankUpdate(rank=r, alive_at=self.clock.now)
-                for r in range(self.world_size)
-            ])
+                NodeLeft(ranks=list(interrupt), pid=[0] * len(interrupt), at=[self.clock.now] * len(interrupt),
+                         step=[0] * len(interrupt), exc_type="Interrupted", message="stopped", traceback="",
+                         interrupted=True, collective=False, attempt=attempt - 1),
+                *[RankUpdate(rank=r, alive_at=self.clock.now) for r in range(self.world_size) if r not in interrupt]])
         new = [r for r in range(self.world_size) if r not in rejoin]
         return [WorkerInfo(rank=r, pid=100 * (attempt + 1) + r, node="fake", attempt=attempt, spare=attempt > 0) for r in new]
 
@@ -96,7 +95,7 @@ class FakeGroup:
         else:
             updates = [RankUpdate(rank=r, alive_at=self.clock.now, in_collective=True) for r in range(self.world_size)]
         for update in updates:
-            if isinstance(update, (NodeBeat, NodeSaved)):
+            if isinstance(update, (NodeBeat, NodeSaved, NodeLeft)):
                 self.heard.update(dict.fromkeys(update.ranks, self.polls))
             elif update.lost is not None:
                 self.lost.add(update.rank)
@@ -322,7 +321,8 @@ def _kill_rank1_then_collective_error_on_rank0(clock: Clock) -> list[list[RankUp
     t = clock.now
     return [
         # Rank 0's collective error is polled first, but rank 1 died earlier.
-        [RankUpdate(rank=0, reports=[error_msg("Connection reset by peer", 50, t + 0.1), Ready(at=t + 0.2)]),
+        [NodeLeft(ranks=[0], pid=[100], at=[t + 0.1], step=[50], exc_type="RuntimeError", message="Connection reset by peer",
+                  traceback="Traceback ...", interrupted=False, collective=True, attempt=0),
          RankUpdate(rank=1, returncode=-9, exited_at=t, log_tail="...")],
     ]
 
@@ -445,10 +445,8 @@ def test_exception_repeating_at_the_same_step_is_not_retried(tmp_path: Path) -> 
     ctl, group, run, clock = make(tmp_path, "fault_tolerance.max_restarts=5")
     ctl.step()
     for attempt in range(2):
-        group.script = [[RankUpdate(rank=0, reports=[error_msg("bad value", 3, clock.now, "ValueError"),
-                                                      Ready(at=clock.now)]),
-                         RankUpdate(rank=1, reports=[error_msg("bad value", 3, clock.now + 0.01, "ValueError"),
-                                                      Ready(at=clock.now)])]]
+        group.script = [[RankUpdate(rank=0, reports=[error_msg("bad value", 3, clock.now, "ValueError")]),
+                         RankUpdate(rank=1, reports=[error_msg("bad value", 3, clock.now + 0.01, "ValueError")])]]
         _, current = ctl.step()
         if attempt == 0:
             assert isinstance(current, Recovering)
@@ -720,7 +718,7 @@ def test_lost_actor_is_the_root_cause_and_only_its_rank_is_replaced(tmp_path: Pa
     _started(ctl, group, clock)
     clock.now += 0.5
     # Rank 0's collective error is seen at the same poll that finds rank 1's actor gone.
-    group.script = [[RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, clock.now), Ready(at=clock.now)]),
+    group.script = [[RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, clock.now)]),
                      RankUpdate(rank=1, lost="node agent 1 died")]]
     _, current = ctl.step()
     cause = root_cause(current.failures)
@@ -740,7 +738,7 @@ def test_rank_killed_with_its_node_is_a_lost_node_not_a_signal(tmp_path: Path) -
     group.script = [
         [RankUpdate(rank=0, alive_at=t, in_collective=True), RankUpdate(rank=1, returncode=-9, exited_at=t)],
         *[quiet] * 100,
-        [RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, t + 1), Ready(at=t + 1)]),
+        [RankUpdate(rank=0, reports=[error_msg("Connection reset", 1, t + 1)]),
          RankUpdate(rank=1, lost="node 10.0.0.2 lost: node agent 1 died")],
     ]
     group.unheard_script = [[1]] * 101  # rank 1's actor stays silent until it is found lost
@@ -774,7 +772,7 @@ def test_each_new_sign_of_a_dying_node_waits_for_its_agent_to_answer_again(tmp_p
 def _lose_node_1(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
     """Ranks 2 and 3 (node slot 1 of two nodes x two ranks) are lost; no node takes their place."""
     _started(ctl, group, clock)
-    group.script = [[RankUpdate(rank=r, reports=[error_msg("Connection reset", 1, clock.now), Ready(at=clock.now)])
+    group.script = [[RankUpdate(rank=r, reports=[error_msg("Connection reset", 1, clock.now)])
                      for r in (0, 1)] + [RankUpdate(rank=r, lost="node 10.0.0.2 lost") for r in (2, 3)]]
     group.missing = [1]
     ctl.step()  # -> RECOVERING
@@ -859,7 +857,7 @@ def test_collective_errors_alone_wait_for_every_agent_until_a_silent_node_is_fou
     t = clock.now
     error = Error(exc_type="RuntimeError", message="Connection reset by peer", traceback="", interrupted=False,
                   step=1, at=t + 0.1, collective=collective)
-    group.script = [[RankUpdate(rank=0, reports=[error, Ready(at=t + 0.1)])],
+    group.script = [[RankUpdate(rank=0, reports=[error])],
                     *[[RankUpdate(rank=0, alive_at=t)]] * 60,
                     [RankUpdate(rank=1, lost="node 10.0.0.2 lost: its node agent sent nothing")]]
     group.unheard_script = [[1]] * 200  # rank 1's agent stays silent until it is found lost

@@ -145,21 +145,31 @@ def test_a_process_that_breaks_the_protocol_is_stopped_and_its_log_says_why(tmp_
         proc.stop(1.0)
 
 
-def test_a_push_keeps_the_tracebacks_a_root_cause_can_need_and_sheds_the_consequences() -> None:
-    def error(tb: str, at: float, collective: bool = False, interrupted: bool = False) -> messages.Error:
-        return messages.Error(exc_type="E", message=f"message {tb}", traceback=tb, interrupted=interrupted, step=3,
-                              collective=collective, at=at, attempt=0)
+def test_a_push_folds_the_errors_that_are_consequences_and_keeps_only_the_tracebacks_a_root_cause_needs() -> None:
+    def error(tb: str, at: float, step: int, collective: bool = False, interrupted: bool = False) -> messages.Error:
+        return messages.Error(exc_type="E", message=f"message {tb}", traceback=tb, interrupted=interrupted, step=step,
+                              collective=collective, at=at, attempt=2)
 
-    def status(*reports: messages.Report) -> messages.RankStatus:
-        return messages.RankStatus(pid=1, reports=list(reports), returncode=None, alive_at=0.0, where="",
+    def status(pid: int, *reports: messages.Report, returncode: int | None = None) -> messages.RankStatus:
+        return messages.RankStatus(pid=pid, reports=list(reports), returncode=returncode, alive_at=0.0, where="",
                                    in_collective=False)
 
-    quiet = status(Step(step=3, loss=1.0, step_time_s=0.1, at=1.0, attempt=0))
-    ranks = {8: status(error("own bug", 3.0)), 9: status(error("later peer", 2.0, collective=True)),
-             10: status(error("earliest peer", 1.0, collective=True)),
-             11: status(error("interrupted", 0.5, interrupted=True)), 12: quiet}
-    shed = messages.shed_tracebacks(ranks)
-    assert {rank: [r.traceback for r in s.reports if isinstance(r, messages.Error)] for rank, s in shed.items()} == {
-        8: ["own bug"], 9: [""], 10: ["earliest peer"], 11: [""], 12: []}
-    assert shed[9].reports[0].message == "message later peer", "the message stays"
-    assert shed[12] is quiet
+    ranks = {8: status(108, error("own bug", 3.0, 5)), 9: status(109, error("later peer", 2.0, 5, collective=True)),
+             10: status(110, error("earliest peer", 1.0, 4, collective=True)),
+             11: status(111, error("", 0.5, 5, interrupted=True)),
+             12: status(112, error("", 0.6, 5, interrupted=True)),
+             13: status(113, error("peer, then exited", 1.5, 5, collective=True), returncode=1),
+             14: status(114, Step(step=5, loss=1.0, step_time_s=0.1, at=0.9, attempt=2),
+                        error("peer after a step", 2.5, 5, collective=True))}
+    kept, left = messages.fold_consequences(ranks)
+    assert sorted(kept) == [8, 13, 14], "a cause, an exit and a status with other news stay as they are"
+    tracebacks = {rank: [r.traceback for r in s.reports if isinstance(r, messages.Error)] for rank, s in kept.items()}
+    assert tracebacks == {8: ["own bug"], 13: [""], 14: [""]}, "only what a root cause can need keeps its traceback"
+    assert kept[13].reports[0].message == "message peer, then exited", "the message stays"
+    collective, interrupted = sorted(left, key=lambda fold: fold.interrupted)
+    assert (collective.ranks, collective.pid, collective.at, collective.step) == ([10, 9], [110, 109], [1.0, 2.0], [4, 5])
+    assert (collective.message, collective.traceback, collective.attempt) == ("message earliest peer", "earliest peer", 2)
+    assert (interrupted.ranks, interrupted.interrupted, interrupted.collective) == ([11, 12], True, False)
+    assert [(rank, e.at, e.step, e.collective) for rank, e in collective.errors()] == [(10, 1.0, 4, True), (9, 2.0, 5, True)]
+    status_ = messages.NodeStatus(ranks=kept, warm_spare=None, number=1, now=0.0, left=left)
+    assert messages.decode_status(json.loads(json.dumps(messages.encode_status(status_)))) == status_

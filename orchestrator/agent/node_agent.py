@@ -37,6 +37,7 @@ from orchestrator.messages import (
     NodeStatus,
     Prepare,
     RankStatus,
+    Ready,
     Rejoin,
     Report,
     Saving,
@@ -44,7 +45,7 @@ from orchestrator.messages import (
     StartedRank,
     Step,
     Warm,
-    shed_tracebacks,
+    fold_consequences,
 )
 from orchestrator.monitor.exporter import host_port
 from orchestrator.monitor.gpu import GpuCollector, GpuReading
@@ -415,7 +416,8 @@ class NodeAgent:
 
     def status(self) -> NodeStatus:
         """The node's status, numbered for the lease: the hosted ranks' new reports and exits (steps
-        but rank 0's folded into the beat), every rank's beat, and the pid of the spare once it is warm."""
+        but rank 0's folded into the beat, saves and consequences' errors folded per node), every
+        rank's beat, and the pid of the spare once it is warm."""
         asked = self._asked
         with self._lease_lock:
             self._pushes += 1
@@ -428,8 +430,9 @@ class NodeAgent:
         for rank, proc in hosted:
             if proc.inbox or proc.exit_unreported:
                 status = _fold_steps(rank, proc, proc.status())
-                others = [r for r in status.reports if not isinstance(r, CheckpointSaved)]
-                if len(others) < len(status.reports):  # its saves go in the node's NodeSaved
+                # Its saves go in the node's NodeSaved; its Ready is ours (the Error before it told the controller).
+                others = [r for r in status.reports if not isinstance(r, (CheckpointSaved, Ready))]
+                if len(others) < len(status.reports):
                     saves += [(rank, r) for r in status.reports if isinstance(r, CheckpointSaved)]
                     status = dataclasses.replace(status, reports=others)
                 if status.reports or status.returncode is not None:
@@ -443,12 +446,13 @@ class NodeAgent:
         if spare is not None and not spare.warm:
             spare.warm = any(isinstance(m, Warm) for m in spare.status().reports)
         warm = spare.pid if spare is not None and spare.warm else None
-        return NodeStatus(ranks=shed_tracebacks(ranks), warm_spare=warm, number=number, now=time.time(), asked=asked,
-                          beat=_beat(hosted), saved=NodeSaved.fold(saves))
+        ranks, left = fold_consequences(ranks)
+        return NodeStatus(ranks=ranks, warm_spare=warm, number=number, now=time.time(), asked=asked,
+                          beat=_beat(hosted), saved=NodeSaved.fold(saves), left=left)
 
     def _heard_from(self, proc: HostedProcess, report: Report | None) -> None:
         """A hosted process sent ``report`` (None: it closed its channel). Anything but a step, a
-        "still saving" or a checkpoint saved is pushed at once, and so is a rank's first step in an
+        "still saving", a "ready" or a checkpoint saved is pushed at once, and so is a rank's first step in an
         attempt (it started training: from now on a step late is a hang), every step of rank 0 (the
         job's progress) and the save of a checkpoint's part by the last of the node's ranks (the
         node's saves go in one push; the others' go with the next heartbeat when one never saves)."""
@@ -462,7 +466,7 @@ class NodeAgent:
             if len(saved) >= sum(1 for rank in list(self._procs) if rank != SPARE):
                 self._saves.pop((report.tag, report.attempt), None)
                 self._news.set()
-        elif not isinstance(report, Saving):
+        elif not isinstance(report, (Saving, Ready)):
             self._news.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:

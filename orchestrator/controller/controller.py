@@ -34,8 +34,8 @@ from orchestrator.messages import (
     FaultInjected,
     Finished,
     NodeBeat,
+    NodeLeft,
     NodeSaved,
-    Ready,
     Report,
     Resumed,
     Saving,
@@ -205,6 +205,8 @@ class Controller:
                 self._absorb_beat(update)
             elif isinstance(update, NodeSaved):
                 self._absorb_saved(update)
+            elif isinstance(update, NodeLeft):
+                failures += self._absorb_left(update)
             elif (failure := self._absorb(update)) is not None:
                 failures.append(failure)
         if self._confirming is not None or self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
@@ -486,6 +488,23 @@ class Controller:
             self._views[rank].progressed(saved.at)
         self._on_checkpoint(saved.ranks[0], self._commits.saved(saved))
 
+    def _absorb_left(self, left: NodeLeft) -> list[Failure]:
+        """A node's ranks that left with errors that are consequences: each as its own ``Error`` report
+        would be (:meth:`_on_report`, :meth:`_absorb`), in one pass over the node's."""
+        if 0 <= left.attempt != self.attempt:
+            return []
+        failures = []
+        for rank, error in left.errors():
+            view = self._views[rank]
+            view.error = error
+            view.advance(Move.LEFT)
+            if view.ended or error.interrupted:
+                continue
+            if (failure := failure_from(RankUpdate(rank=rank), error, view.step, last_seen=view.alive_at)) is not None:
+                view.advance(Move.FAILED)
+                failures.append(failure)
+        return failures
+
     def _absorb(self, update: RankUpdate) -> Failure | None:
         view = self._views[update.rank]
         if update.alive_at is not None:
@@ -546,8 +565,6 @@ class Controller:
                 view.progressed(report.at)  # busy writing a checkpoint, not hung
             case Error():
                 view.error = report
-                view.advance(Move.LEFT)
-            case Ready():
                 view.advance(Move.LEFT)
             case Finished():
                 view.advance(Move.FINISHED)

@@ -265,6 +265,6 @@ class Inbox:
 
 
 def _fails(status: NodeStatus) -> bool:
-    """Whether ``status`` tells of a rank that exited or raised."""
+    """Whether ``status`` tells of a rank that exited or raised (not because it was interrupted)."""
     return any(rank.returncode is not None or any(isinstance(r, Error) for r in rank.reports)
-               for rank in status.ranks.values())
+               for rank in status.ranks.values()) or any(not left.interrupted for left in status.left)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from orchestrator.config.schema import RESERVED_ENV, Config
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
-from orchestrator.messages import NodeBeat, NodeSaved, NodeStatus, RankStatus, Rejoin, Report, Start
+from orchestrator.messages import NodeBeat, NodeLeft, NodeSaved, NodeStatus, RankStatus, Rejoin, Report, Start
 from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
@@ -129,11 +129,12 @@ class WorkerGroup(Protocol):
         their node's agent, rejoin once they have left it, and are killed there if they do not leave
         in time (a failure of this attempt). Their reports of leaving the last attempt come after."""
 
-    def poll(self) -> list[NodeBeat | NodeSaved | RankUpdate]:
+    def poll(self) -> list[NodeBeat | NodeSaved | NodeLeft | RankUpdate]:
         """What this poll learned: each node's beats (every rank's liveness and latest step, as columns:
-        a controller reads thousands a second) and checkpoint saves (one per node and checkpoint),
-        then an update for each rank with other news (its reports, its exit, its node lost). Only of
-        the ranks' processes in this attempt (a save: of its ranks in this attempt's node slot)."""
+        a controller reads thousands a second), checkpoint saves (one per node and checkpoint) and
+        errors that are consequences (one per node and kind), then an update for each rank with other
+        news (its reports, its exit, its node lost). Only of the ranks' processes in this attempt (a
+        save: of its ranks in this attempt's node slot)."""
 
     def wait(self, timeout_s: float, soonest_s: float) -> None:
         """Until an agent tells of a failure (an exit, an error), answers a request or closes its
@@ -274,14 +275,14 @@ class RayWorkerGroup:
                               for slot, bundle in enumerate(self._slot_bundle)}
         return sorted(started, key=lambda info: info.rank)
 
-    def poll(self) -> list[NodeBeat | NodeSaved | RankUpdate]:
+    def poll(self) -> list[NodeBeat | NodeSaved | NodeLeft | RankUpdate]:
         """The beats, saves and updates of the ranks whose node's agent pushed its status since the last poll
         (or was lost). An agent that has sent nothing for ``fault_tolerance.node_timeout_s`` (or that Ray
         reports dead) takes its whole node with it. Never waits."""
         agents = self._live_agents()
         received = self._inbox.take()
         now = time.monotonic()
-        of_nodes: list[NodeBeat | NodeSaved] = []
+        of_nodes: list[NodeBeat | NodeSaved | NodeLeft] = []
         by_rank: dict[int, RankUpdate] = {}
         lost: dict[int, str] = {}  # agent -> why
         slots = self._slot_of()
@@ -311,9 +312,10 @@ class RayWorkerGroup:
         return [*of_nodes, *by_rank.values()]
 
     def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
-              of_nodes: list[NodeBeat | NodeSaved]) -> None:
+              of_nodes: list[NodeBeat | NodeSaved | NodeLeft]) -> None:
         """Record one status of agent ``index`` (node slot ranks ``mine``): its ranks' news merged into
-        ``by_rank``, its beat (of this attempt's processes only) and saves added to ``of_nodes``."""
+        ``by_rank``, its beat and consequences' errors (of this attempt's processes only) and saves
+        added to ``of_nodes``."""
         self._heard[index] = max(self._heard.get(index, 0), status.asked)
         skew = self._skew(index, time.time() - status.now)
         def ours(rank: int, pid: int) -> bool:
@@ -339,6 +341,14 @@ class RayWorkerGroup:
         for saved in status.saved:
             if ranks := [rank for rank in saved.ranks if rank in mine]:
                 of_nodes.append(dataclasses.replace(saved, ranks=ranks, at=saved.at + skew))
+        for left in status.left:
+            entries = [i for i, rank in enumerate(left.ranks) if ours(rank, left.pid[i])]
+            if len(entries) == len(left.ranks) and not skew:
+                of_nodes.append(left)
+            elif entries:
+                of_nodes.append(dataclasses.replace(
+                    left, ranks=[left.ranks[i] for i in entries], pid=[left.pid[i] for i in entries],
+                    at=[left.at[i] + skew for i in entries], step=[left.step[i] for i in entries]))
         node_id = self._nodes[index]["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)
