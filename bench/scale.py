@@ -63,6 +63,7 @@ from prometheus_client import generate_latest
 
 from orchestrator.checkpoint import store
 from orchestrator.config import load_config
+from orchestrator.controller.agent_slots import AgentSlot
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.inbox import Inbox
 from orchestrator.controller.worker_group import RayWorkerGroup
@@ -702,7 +703,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     agents = [SimAgent(i, infos[i], job, accounting, i in stragglers, random.Random(i)) for i in range(nodes + spares)]
     group = RayWorkerGroup(config, run.path)
     group._ray = SimRay(accounting, set(), node_ids)
-    group._agents, group._nodes = agents, infos
+    group._slots = [AgentSlot(handle=agent, node=info) for agent, info in zip(agents, infos)]
     group._inbox = Inbox("127.0.0.1", group._token)
     for index in range(nodes + spares):
         group._inbox.expect(index, 1)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Received
 from orchestrator.controller.worker_group import RayWorkerGroup
 from orchestrator.messages import Error, NodeStatus, RankStatus, Step
@@ -90,14 +91,17 @@ class FakeActor:
         self.node_info = SimpleNamespace(remote=lambda: "info")
 
 
+def _standings(group: RayWorkerGroup) -> list[Standing]:
+    return [agent.standing for agent in group._slots]
+
+
 def _group(tmp_path: Path, overrides: list[str], nodes: list[tuple[str, str]]) -> RayWorkerGroup:
     """A group over the stand-in Ray and inbox, one agent on each of ``nodes`` (node id, address)."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", *overrides]), tmp_path)
     group._ray, group._inbox = FakeRay(), FakeInbox()
     group._ray.nodes = lambda: [{"NodeID": node, "Alive": True} for node, _ in nodes]
     group._ray.kill = lambda actor, no_restart: None
-    group._agents = [FakeActor() for _ in nodes]
-    group._nodes = [{"node_id": node, "ip": ip, "hostname": node} for node, ip in nodes]
+    group._slots = [AgentSlot(handle=FakeActor(), node={"node_id": node, "ip": ip, "hostname": node}) for node, ip in nodes]
     return group
 
 
@@ -106,9 +110,8 @@ def _two_nodes(tmp_path: Path) -> RayWorkerGroup:
     config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=1"])
     group = RayWorkerGroup(config, tmp_path)
     group._ray, group._inbox = FakeRay(), FakeInbox()
-    group._agents = [FakeActor(), FakeActor()]
-    group._nodes = [{"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"},
-                    {"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"}]
+    group._slots = [AgentSlot(handle=FakeActor(), node={"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}),
+                    AgentSlot(handle=FakeActor(), node={"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"})]
     group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
     return group
 
@@ -120,7 +123,7 @@ def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> 
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
     assert updates[1].lost is not None and "node agent 1 on 10.0.0.2 did not answer kill" in updates[1].lost
-    assert group._dead == {1}, "the hung agent is replaced at the next start"
+    assert _standings(group) == [Standing.LIVE, Standing.LOST], "the hung agent is replaced at the next start"
 
 
 def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
@@ -129,7 +132,7 @@ def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -
     assert list(group._gather({0: "ok", 1: "broken"}, "interrupt")) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
-    assert 0 not in updates and group._dead == {1}
+    assert 0 not in updates and _standings(group) == [Standing.LIVE, Standing.LOST]
 
 
 def test_a_node_clock_hours_off_does_not_make_its_ranks_look_frozen(tmp_path: Path) -> None:
@@ -197,19 +200,18 @@ def test_a_beat_is_every_ranks_liveness_and_latest_step_of_the_process_it_runs_i
 def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
     """Ranks of one machine are ordered on one clock: a slow answer must not shift one agent's times."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)
-    group._nodes = [{"node_id": "node-a", "ip": "127.0.0.1", "hostname": "h"}] * 2
-    assert group._skew(0, 0.002) == 0.0
-    assert group._skew(1, 0.4) == 0.0, "a 400 ms answer on the same node: latency, not skew"
-    group._nodes = [{"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"}]
-    assert group._skew(0, 3600.5) == 3600.5 and group._skew(0, 3600.1) == 3600.1 and group._skew(0, 3601.0) == 3600.1
+    assert group._skew("node-a", 0.002) == 0.0
+    assert group._skew("node-a", 0.4) == 0.0, "a 400 ms answer on the same node: latency, not skew"
+    assert (group._skew("node-b", 3600.5), group._skew("node-b", 3600.1), group._skew("node-b", 3601.0)) == (
+        3600.5, 3600.1, 3600.1)
 
 
 def test_a_spare_node_whose_agent_died_is_not_offered_again_and_costs_no_lease_wait(tmp_path: Path) -> None:
     group = _group(tmp_path, ["cluster.spare_nodes=1"], [("node-a", "10.0.0.1"), ("node-s", "10.0.0.9")])
-    group._died = {1}
+    group._slots[1].failed("died", Cause.DIED)
     lost = group._lose({1: "died"})
     assert sorted(lost) == [1]
-    assert group._spare_bundles == [] and group._lost_bundles == {1}
+    assert group._spare_bundles == [] and _standings(group) == [Standing.LIVE, Standing.RETIRED]
     assert group._fenced_at == 0.0, "its processes are gone: no lease to wait for"
 
 
@@ -224,17 +226,17 @@ def test_a_node_that_is_dying_moves_to_the_spare_once_ray_reports_it_dead(tmp_pa
     reports = iter([["node-a", "node-b", "node-s"]] * 2)  # node-b looks alive twice, then is reported dead
     ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in next(reports, ["node-a", "node-s"])]
     ray.kill = lambda actor, no_restart: None
-    group._agents = [SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")) for _ in range(3)]
-    group._nodes = [{"node_id": node, "ip": ip, "hostname": node} for node, ip in
-                    (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9"))]
+    group._slots = [AgentSlot(handle=SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")),
+                              node={"node_id": node, "ip": ip, "hostname": node})
+                    for node, ip in (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9"))]
     unplaceable = SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "hung"))
     group._new_agent = lambda index: unplaceable
-    group._dead = {1}
+    group._slots[1].advance(Move.GIVEN_UP)
 
     started = time.monotonic()
     assert group.replace_lost(allow_missing=False) == []
     assert time.monotonic() - started < 5
-    assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
+    assert group._slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
     assert (group._home(2), group._home(3)) == (2, 2), "ranks 2 and 3 now live on the spare node's agent"
 
 
@@ -254,19 +256,19 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
     assert 0 not in updates, "agent 0 pushed in time"
     group._fenced_at = 0.0  # its lease is not what this test waits for
     assert group.replace_lost(allow_missing=False) == []
-    assert group._slot_bundle == [0, 2] and group._lost_bundles == {1}
+    assert group._slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
 
 
 def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_successor(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
     died = RayActorError("The actor died unexpectedly before finishing this task.")
     group._ray.failures = {"broken": died, "old": died}
-    group._agents[0].kill = SimpleNamespace(remote=lambda ranks: "old")
-    group._agents[1].kill = SimpleNamespace(remote=lambda ranks: "broken")
+    group._slots[0].handle.kill = SimpleNamespace(remote=lambda ranks: "old")
+    group._slots[1].handle.kill = SimpleNamespace(remote=lambda ranks: "broken")
     started = time.monotonic()
     group.kill([0, 1])
     assert time.monotonic() - started < 0.1, "nobody waits for a kill"
-    group._agents[0] = FakeActor()  # agent 0 was made again meanwhile: its predecessor's failure is not its own
+    group._slots[0].remade(FakeActor())  # agent 0 was made again meanwhile: its predecessor's failure is not its own
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
     assert "a call to node agent 1 on 10.0.0.2 (kill) failed: The actor died" in updates[1].lost
@@ -282,14 +284,14 @@ def test_an_agent_whose_connection_closed_is_asked_through_ray_and_lost_in_a_few
     error = (ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")
              if why == "unreachable" else ActorDiedError("The actor died unexpectedly before finishing this task."))
     group._ray.failures = {"probe": error}
-    group._agents[1].node_info = SimpleNamespace(remote=lambda: "probe")
+    group._slots[1].handle.node_info = SimpleNamespace(remote=lambda: "probe")
     group._inbox.received.closed.add(1)
     group._inbox.push(0)
     updates = {u.rank: u for u in group.poll()}
     if why == "unreachable":
         assert updates[1].lost == ("node 10.0.0.2 lost: node agent 1 on 10.0.0.2 unreachable "
                                    "(a call after its connection closed)")
-        assert group._unreachable == {1}, "its slot moves to a spare without waiting for Ray to call it dead"
+        assert group._slots[1].cause is Cause.UNREACHABLE, "its slot moves to a spare without waiting for Ray to call it dead"
     else:
         assert updates[1].lost == "node agent 1 on 10.0.0.2 died (a call after its connection closed)"
         assert group._fenced_at == 0.0, "its ranks died with it: no lease to wait for"
@@ -303,7 +305,27 @@ def test_the_gpu_targets_leave_out_other_machines_loopback_endpoints(tmp_path: P
     group = _group(tmp_path, ["cluster.nodes=2", "cluster.workers_per_node=1"],
                    [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")])
     group._inbox.address = ("10.0.0.1", 4000)  # the controller runs on node-a
-    group._nodes[0]["gpu_endpoint"], group._nodes[1]["gpu_endpoint"] = "127.0.0.1:9400", "127.0.0.1:9401"
+    group._slots[0].node["gpu_endpoint"], group._slots[1].node["gpu_endpoint"] = "127.0.0.1:9400", "127.0.0.1:9401"
     assert group.gpu_endpoints() == ["127.0.0.1:9400"]
-    group._nodes[0]["gpu_endpoint"], group._nodes[1]["gpu_endpoint"] = "10.0.0.1:9400", "10.0.0.2:9400"
+    group._slots[0].node["gpu_endpoint"], group._slots[1].node["gpu_endpoint"] = "10.0.0.1:9400", "10.0.0.2:9400"
     assert group.gpu_endpoints() == ["10.0.0.1:9400", "10.0.0.2:9400"], "metrics.host 0.0.0.0: every node's"
+
+
+def test_an_agents_standing_moves_only_as_its_transition_function_says() -> None:
+    agent = AgentSlot(handle="first", node={"node_id": "node-a", "ip": "10.0.0.1"})
+    agent.failed("a call failed", Cause.UNREACHABLE)
+    agent.failed("its process died", Cause.DIED)
+    assert (agent.standing, agent.why, agent.cause) == (Standing.FAILING, "its process died", Cause.UNREACHABLE), (
+        "the latest words; unreachable stays unreachable")
+    agent.advance(Move.GIVEN_UP)
+    agent.failed("a late call failed")
+    assert (agent.standing, agent.why, agent.gone) == (Standing.LOST, "its process died", True), "a late failure changes nothing"
+    agent.remade("second")
+    assert (agent.standing, agent.handle, agent.cause, agent.why) == (Standing.LOST, "second", None, ""), (
+        "a new agent is not live until it answered from its node")
+    agent.advance(Move.REMADE)
+    assert agent.standing is Standing.LIVE
+    agent.advance(Move.RETIRED)
+    for move in Move:
+        agent.advance(move)
+    assert agent.standing is Standing.RETIRED, "a retired bundle is never used again"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.config.schema import RESERVED_ENV, Config
+from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
 from orchestrator.messages import NodeBeat, NodeLeft, NodeSaved, NodeStatus, RankStatus, Rejoin, Report, Start
@@ -192,9 +193,10 @@ class WorkerGroup(Protocol):
 class RayWorkerGroup:
     """Ranks hosted by one node agent per node, in one placement group. Connects to Ray on the first ``start``.
 
-    Agents are numbered by their placement-group bundle: node slot ``s`` (ranks ``s*k .. s*k+k-1``)
-    lives on bundle ``_slot_bundle[s]``; bundles past ``cluster.nodes`` are spare nodes until a lost
-    node's slot moves onto one.
+    Agents are numbered by their placement-group bundle, each known by its :class:`AgentSlot`
+    (``_slots[bundle]``): node slot ``s`` (ranks ``s*k .. s*k+k-1``) lives on bundle
+    ``_slot_bundle[s]``; bundles past ``cluster.nodes`` are spare nodes until a lost node's slot
+    moves onto one.
     """
 
     def __init__(self, config: Config, run_dir: Path, *, run_id: str | None = None, workdir: Path | None = None) -> None:
@@ -214,12 +216,9 @@ class RayWorkerGroup:
         self._ray: Any = None
         self._started_ray = False
         self._pg: Any = None
-        self._agents: list[Any] = []
-        self._nodes: list[dict[str, Any]] = []  # per agent: where it landed (NodeAgent.node_info)
-        self._dead: set[int] = set()  # agents that died (their node, or their process, is gone)
-        self._lost_bundles: set[int] = set()  # bundles whose node was lost (not used again)
+        self._slots: list[AgentSlot] = []  # per bundle
         self._spare_bundles = list(range(config.cluster.nodes, self._num_bundles))
-        self._warm: dict[str, int] = {}
+        self._warm: dict[str, int] = {}  # node id -> its warm spare's pid
         ft = config.fault_tolerance
         self._node_timeout_s = ft.node_timeout_s
         # Ranks stop themselves after this long without a call from us (NodeAgent's lease)...
@@ -230,22 +229,12 @@ class RayWorkerGroup:
         self._inbox: Inbox | None = None
         self._token = secrets.token_hex(16)  # agents present it to the inbox
         self._incarnations = itertools.count(1)  # a new agent's pushes are told from its predecessor's
-        self._answered: dict[int, float] = {}  # agent -> when its latest status arrived (monotonic)
-        self._heard: dict[int, int] = {}  # agent -> the latest request its status answered
-        self._died: set[int] = set()  # agents Ray says died (their process, not necessarily their node)
         # Rank -> the pid of its process in the current attempt: a status of any other process (one
         # stopped for this attempt, its status made before the attempt began) is not this rank's.
         self._pids: dict[int, int] = {}
-        # Agent -> its node slot's ranks and their pids, as a beat of this attempt's processes lists them.
-        self._beat_columns: dict[int, tuple[list[int], list[int | None]]] = {}
-        self._broken: dict[int, str] = {}  # agent -> why a call to it failed (lost at the next poll)
-        # Agents that stopped answering (a poll unanswered for node_timeout_s, a call timed out): their
-        # node is taken as lost, whatever Ray says of it yet (a partition shows in Ray much later).
-        self._unreachable: set[int] = set()
         self._sent: list[tuple[int, Any, Any, str, float]] = []  # (index, agent, call, what, when): not waited for
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
-        self._zygotes_asked: set[int] = set()  # agents told to prepare their node's zygote (this incarnation)
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
@@ -264,15 +253,16 @@ class RayWorkerGroup:
             ranks = self._slot_ranks(slot)
             rejoins = [Rejoin(**vars(specs[r])) for r in ranks if r in rejoin]
             stop = [r for r in ranks if r in interrupt]
-            calls[bundle] = self._agents[bundle].start_attempt.remote(starts[bundle], rejoins, stop)
+            calls[bundle] = self._slots[bundle].handle.start_attempt.remote(starts[bundle], rejoins, stop)
         started = []
         for bundle, result in self._gather(calls, "start").items():
-            node = self._nodes[bundle]
+            node = self._slots[bundle].node
             started += [WorkerInfo(rank=s.rank, pid=s.pid, node=node["hostname"], attempt=attempt, node_ip=node["ip"],
                                    node_id=node["node_id"], spare=s.spare, forked=s.forked) for s in result]
         self._pids = {r: p for r, p in self._pids.items() if r in rejoin} | {info.rank: info.pid for info in started}
-        self._beat_columns = {bundle: (list(self._slot_ranks(slot)), [self._pids.get(r) for r in self._slot_ranks(slot)])
-                              for slot, bundle in enumerate(self._slot_bundle)}
+        for slot, bundle in enumerate(self._slot_bundle):
+            ranks = self._slot_ranks(slot)
+            self._slots[bundle].beat_columns = (list(ranks), [self._pids.get(r) for r in ranks])
         return sorted(started, key=lambda info: info.rank)
 
     def poll(self) -> list[NodeBeat | NodeSaved | NodeLeft | RankUpdate]:
@@ -284,40 +274,39 @@ class RayWorkerGroup:
         now = time.monotonic()
         of_nodes: list[NodeBeat | NodeSaved | NodeLeft] = []
         by_rank: dict[int, RankUpdate] = {}
-        lost: dict[int, str] = {}  # agent -> why
         slots = self._slot_of()
         for index in agents:
+            agent = self._slots[index]
             statuses = received.statuses.get(index)
             if not statuses:
-                quiet_s = now - self._answered.setdefault(index, now)
-                if quiet_s > self._node_timeout_s:
-                    self._unreachable.add(index)
-                    lost[index] = (f"its node agent sent nothing for {quiet_s:.1f}s "
-                                   f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})")
+                if agent.answered_at is None:
+                    agent.answered_at = now
+                if (quiet_s := now - agent.answered_at) > self._node_timeout_s:
+                    agent.failed(f"its node agent sent nothing for {quiet_s:.1f}s "
+                                 f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})", Cause.UNREACHABLE)
                 continue
-            self._answered[index] = received.arrived[index]
+            agent.answered_at = received.arrived[index]
             mine = set(self._slot_ranks(slots[index])) if index in slots else set()
             for status in statuses:
-                self._take(index, status, mine, by_rank, of_nodes)
+                self._take(agent, status, mine, by_rank, of_nodes)
         # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
-        self._send({i: self._agents[i].node_info.remote() for i in received.closed if i in agents},
+        self._send({i: self._slots[i].handle.node_info.remote() for i in received.closed if i in agents},
                    "a call after its connection closed")
         self._check_sent()
-        lost.update({i: why for i, why in self._broken.items() if i not in self._dead})
-        self._broken.clear()
+        lost = {index: agent.why for index, agent in enumerate(self._slots) if agent.standing is Standing.FAILING}
         for index, why in self._lose(lost).items():
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [*of_nodes, *by_rank.values()]
 
-    def _take(self, index: int, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
+    def _take(self, agent: AgentSlot, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
               of_nodes: list[NodeBeat | NodeSaved | NodeLeft]) -> None:
-        """Record one status of agent ``index`` (node slot ranks ``mine``): its ranks' news merged into
+        """Record one status of ``agent`` (node slot ranks ``mine``): its ranks' news merged into
         ``by_rank``, its beat and consequences' errors (of this attempt's processes only) and saves
         added to ``of_nodes``."""
-        self._heard[index] = max(self._heard.get(index, 0), status.asked)
-        skew = self._skew(index, time.time() - status.now)
+        agent.heard = max(agent.heard, status.asked)
+        skew = self._skew(agent.node["node_id"], time.time() - status.now)
         def ours(rank: int, pid: int) -> bool:
             return rank in mine and pid == self._pids.get(rank)
 
@@ -332,7 +321,7 @@ class RayWorkerGroup:
         beat = status.beat
         if beat is not None:
             # Nearly always every rank of the node runs this attempt's process: one comparison of lists.
-            expected = self._beat_columns.get(index)
+            expected = agent.beat_columns
             if expected is None or beat.ranks != expected[0] or beat.pid != expected[1]:
                 entries = [i for i, rank in enumerate(beat.ranks) if ours(rank, beat.pid[i])]
                 beat = beat.only(entries) if entries else None
@@ -349,19 +338,18 @@ class RayWorkerGroup:
                 of_nodes.append(dataclasses.replace(
                     left, ranks=[left.ranks[i] for i in entries], pid=[left.pid[i] for i in entries],
                     at=[left.at[i] + skew for i in entries], step=[left.step[i] for i in entries]))
-        node_id = self._nodes[index]["node_id"]
+        node_id = agent.node["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)
         else:
             self._warm[node_id] = status.warm_spare
 
-    def _skew(self, index: int, sample: float) -> float:
+    def _skew(self, node: str, sample: float) -> float:
         """How far the clock of agent ``index``'s node is behind ours. Each answer gives our receipt
         time minus the node's send time: the skew plus the answer's latency, which varies by hundreds
         of milliseconds under load. The smallest sample is the best estimate; below a quarter second
         it is taken as no skew at all, so that ranks on one machine are compared on one clock (their
         order decides the root cause, milliseconds apart)."""
-        node = self._nodes[index]["node_id"]
         best = self._skews[node] = min(self._skews.get(node, sample), sample)
         return best if abs(best) > _SKEW_TOLERANCE_S else 0.0
 
@@ -375,8 +363,7 @@ class RayWorkerGroup:
         return self._inbox.ask(self._live_agents() if ranks is None else sorted(self._by_agent(ranks)))
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
-        return sorted(rank for rank in ranks if (index := self._home(rank)) not in self._dead
-                      and self._heard.get(index, 0) < mark)
+        return sorted(rank for rank in ranks if not (agent := self._slots[self._home(rank)]).gone and agent.heard < mark)
 
     def _lose(self, lost: dict[int, str]) -> dict[int, str]:
         """Record lost agents. Returns them, with why."""
@@ -385,15 +372,15 @@ class RayWorkerGroup:
         alive_nodes = self._alive_nodes()
         result = {}
         for index, why in lost.items():
-            node = self._nodes[index]
-            gone = index in self._unreachable or node["node_id"] not in alive_nodes
+            agent = self._slots[index]
+            node = agent.node
+            gone = agent.cause is Cause.UNREACHABLE or node["node_id"] not in alive_nodes
             result[index] = f"node {node['ip']} lost: {why}" if gone else why
-            self._dead.add(index)
+            agent.advance(Move.GIVEN_UP)
             # Its ranks may still run (a partition, a hung agent): not replaced before their lease ran
             # out. Unless its process is gone on a live node: its ranks died with it (PDEATHSIG).
-            if index not in self._died or node["node_id"] not in alive_nodes:
-                self._fenced_at = max(self._fenced_at,
-                                      self._answered.get(index, 0.0) + self._lease_s + _FENCE_MARGIN_S)
+            if agent.cause is not Cause.DIED or node["node_id"] not in alive_nodes:
+                self._fenced_at = max(self._fenced_at, (agent.answered_at or 0.0) + self._lease_s + _FENCE_MARGIN_S)
             if index in self._spare_bundles:
                 self._spare_bundles.remove(index)
                 self._lose_bundle(index)
@@ -401,10 +388,10 @@ class RayWorkerGroup:
         return result
 
     def layout(self) -> NodeLayout:
-        if not self._nodes:
+        if not self._slots:
             return NodeLayout(ranks={}, spares=[])
-        ranks = {self._nodes[bundle]["ip"]: list(self._slot_ranks(slot)) for slot, bundle in enumerate(self._slot_bundle)}
-        return NodeLayout(ranks=ranks, spares=[self._nodes[b]["ip"] for b in self._spare_bundles])
+        ranks = {self._slots[bundle].node["ip"]: list(self._slot_ranks(slot)) for slot, bundle in enumerate(self._slot_bundle)}
+        return NodeLayout(ranks=ranks, spares=[self._slots[b].node["ip"] for b in self._spare_bundles])
 
     def lost_spares(self) -> list[tuple[str, str]]:
         lost, self._spares_lost = self._spares_lost, []
@@ -421,18 +408,19 @@ class RayWorkerGroup:
         # A loopback endpoint (metrics.host 127.0.0.1) is reachable on its own machine only: another
         # node's, listed here, would be read as whatever listens on that port on this one.
         here = self._inbox.address[0]
-        return [endpoint for index in self._live_agents() if (endpoint := self._nodes[index].get("gpu_endpoint"))
-                and (self._nodes[index]["ip"] == here or not is_loopback(endpoint.rpartition(":")[0]))]
+        return [endpoint for index in self._live_agents() if (endpoint := (node := self._slots[index].node).get("gpu_endpoint"))
+                and (node["ip"] == here or not is_loopback(endpoint.rpartition(":")[0]))]
 
     def gpu_models(self) -> list[str]:
-        return [model for bundle in self._slot_bundle for model in self._nodes[bundle].get("gpu_models", [])]
+        return [model for bundle in self._slot_bundle for model in self._slots[bundle].node.get("gpu_models", [])]
 
     def kill(self, ranks: Collection[int]) -> None:
         # A lost node's ranks are not asked: gone, or fenced (their lease stops them).
-        self._send({index: self._agents[index].kill.remote(on) for index, on in self._by_agent(ranks).items()}, "kill")
+        self._send({index: self._slots[index].handle.kill.remote(on) for index, on in self._by_agent(ranks).items()},
+                   "kill")
 
     def ensure_spares(self) -> None:
-        calls = {index: self._agents[index].start_spare.remote(self._config_dict, self._node_env(index))
+        calls = {index: self._slots[index].handle.start_spare.remote(self._config_dict, self._node_env(index))
                  for index in self._live_agents()}
         self._send(calls, "start_spare")
 
@@ -442,9 +430,11 @@ class RayWorkerGroup:
         cannot fork yet (docs/fault-tolerance.md): waiting for it would only delay fresh processes."""
         if self._config.cluster.device != "cpu":
             return
-        todo = [b for b in bundles if b not in self._zygotes_asked and b not in self._dead]
-        self._send({b: self._agents[b].prepare.remote(self._config_dict, self._node_env(b)) for b in todo}, "prepare")
-        self._zygotes_asked.update(todo)
+        todo = [b for b in bundles if not self._slots[b].zygote_asked and not self._slots[b].gone]
+        self._send({b: self._slots[b].handle.prepare.remote(self._config_dict, self._node_env(b)) for b in todo},
+                   "prepare")
+        for b in todo:
+            self._slots[b].zygote_asked = True
 
     def _node_env(self, index: int) -> dict[str, str]:
         """Agent ``index``'s node's shared settings (threads, devices, network, cluster.env), for its zygote
@@ -453,8 +443,7 @@ class RayWorkerGroup:
         return {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
 
     def stop(self) -> None:
-        refs = [agent.stop.remote(_STOP_TIMEOUT_S) for index, agent in enumerate(self._agents)
-                if index not in self._dead and index not in self._lost_bundles]
+        refs = [agent.handle.stop.remote(_STOP_TIMEOUT_S) for agent in self._slots if not agent.gone]
         for ref in refs:
             try:
                 self._ray.get(ref, timeout=3 * _STOP_TIMEOUT_S)
@@ -464,12 +453,12 @@ class RayWorkerGroup:
     def close(self) -> None:
         try:
             self.stop()
-            for agent in self._agents:
-                self._ray.kill(agent)
+            for agent in self._slots:
+                self._ray.kill(agent.handle)
             if self._pg is not None:
                 self._ray.util.remove_placement_group(self._pg)
         finally:
-            self._agents, self._pg = [], None
+            self._slots, self._pg = [], None
             if self._inbox is not None:
                 self._inbox.close()
                 self._inbox = None
@@ -484,7 +473,7 @@ class RayWorkerGroup:
             rank=p.rank,
             local_rank=p.local_rank,
             world_size=self.world_size,
-            node=self._nodes[self._home(p.rank)]["hostname"],
+            node=self._slots[self._home(p.rank)].node["hostname"],
             attempt=attempt,
             config=self._config_dict,
             run_dir=str(self._run_dir),
@@ -511,37 +500,38 @@ class RayWorkerGroup:
             try:
                 answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayError as exc:
-                self._broken[index] = self._agent_failed(index, exc, what)
+                self._agent_failed(index, exc, what)
         return answers
 
-    def _agent_failed(self, index: int, exc: BaseException, what: str = "") -> str:
-        """Why a call to agent ``index`` failed, in a few words (Ray's own words are in its logs). An
+    def _agent_failed(self, index: int, exc: BaseException, what: str = "") -> None:
+        """A call to agent ``index`` failed: why, in a few words (Ray's own words are in its logs). An
         agent Ray cannot connect to is unreachable: its node is taken as lost."""
         exceptions = self._ray.exceptions
         call = f" ({what})" if what else ""
         where = self._agent_name(index)
+        agent = self._slots[index]
         if isinstance(exc, exceptions.ActorDiedError):
-            self._died.add(index)  # not merely unavailable (a network problem): its process is gone
-            return f"{where} died{call}"
-        if isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
-            self._unreachable.add(index)
-            return f"{where} unreachable{call}"
-        return f"a call to {where}{call} failed: {_first_line(exc)}"
+            # Not merely unavailable (a network problem): its process is gone.
+            agent.failed(f"{where} died{call}", Cause.DIED)
+        elif isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
+            agent.failed(f"{where} unreachable{call}", Cause.UNREACHABLE)
+        else:
+            agent.failed(f"a call to {where}{call} failed: {_first_line(exc)}")
 
     def _silent(self, index: int, what: str) -> None:
         """A call to agent ``index`` was not answered in time: its node is unreachable, lost at the next poll."""
-        self._broken[index] = f"{self._agent_name(index)} did not answer {what} within {_CALL_TIMEOUT_S:g}s"
-        self._unreachable.add(index)
+        self._slots[index].failed(f"{self._agent_name(index)} did not answer {what} within {_CALL_TIMEOUT_S:g}s",
+                                  Cause.UNREACHABLE)
 
     def _agent_name(self, index: int) -> str:
-        return f"node agent {index} on {self._nodes[index]['ip']}"
+        return f"node agent {index} on {self._slots[index].node['ip']}"
 
     def _send(self, calls: dict[int, Any], what: str) -> None:
         """Calls made to several agents at once whose answers nobody waits for: the next polls check
         them (``_check_sent``), and one that failed or did not answer in time costs its node."""
         sent_at = time.monotonic()
         for index, ref in calls.items():
-            self._sent.append((index, self._agents[index], ref, what, sent_at))
+            self._sent.append((index, self._slots[index].handle, ref, what, sent_at))
 
     def _check_sent(self) -> None:
         if not self._sent:
@@ -550,7 +540,7 @@ class RayWorkerGroup:
                                                 timeout=0)[0]}
         now, waiting = time.monotonic(), []
         for index, agent, ref, what, sent_at in self._sent:
-            if self._agents[index] is not agent or index in self._dead:
+            if self._slots[index].handle is not agent or self._slots[index].gone:
                 continue  # the call went to an agent already replaced or given up: nothing more to learn
             if id(ref) not in ready:
                 if now - sent_at <= _CALL_TIMEOUT_S:
@@ -561,12 +551,12 @@ class RayWorkerGroup:
             try:
                 self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
             except self._ray.exceptions.RayError as exc:
-                self._broken[index] = self._agent_failed(index, exc, what)
+                self._agent_failed(index, exc, what)
         self._sent = waiting
 
     def _live_agents(self) -> list[int]:
         """Agents of the job's nodes and of its spare nodes that are not known dead."""
-        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles) if i not in self._dead and i < len(self._agents))
+        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles) if i < len(self._slots) and not self._slots[i].gone)
 
     def _slot_of(self) -> dict[int, int]:
         """Agent -> the node slot it holds (spare nodes hold none)."""
@@ -580,13 +570,13 @@ class RayWorkerGroup:
         hosted: dict[int, list[int]] = {}
         for rank in sorted(ranks):
             index = self._home(rank)
-            if index not in self._dead:
+            if not self._slots[index].gone:
                 hosted.setdefault(index, []).append(rank)
         return hosted
 
     def _ensure_agents(self) -> None:
         """Connect to Ray, reserve one bundle per node, place one agent in each (once)."""
-        if self._agents:
+        if self._slots:
             return
         from orchestrator.controller import ray_session
 
@@ -610,26 +600,27 @@ class RayWorkerGroup:
                 f"its own Ray node) within {_PLACEMENT_TIMEOUT_S:.0f}s; check `ray status` for nodes and free "
                 "resources, or lower cluster.nodes/cluster.workers_per_node/cluster.spare_nodes"
             ) from None
-        self._agents = [self._new_agent(index) for index in range(self._num_bundles)]
-        self._nodes = ray.get([a.node_info.remote() for a in self._agents], timeout=_PLACEMENT_TIMEOUT_S)
+        handles = [self._new_agent(index) for index in range(self._num_bundles)]
+        nodes = ray.get([handle.node_info.remote() for handle in handles], timeout=_PLACEMENT_TIMEOUT_S)
+        self._slots = [AgentSlot(handle=handle, node=node) for handle, node in zip(handles, nodes)]
 
     def _home(self, rank: int) -> int:
         """The agent that hosts ``rank``: its node slot's."""
         return self._slot_bundle[rank // self._per_node]
 
     def _head_ip(self) -> str:
-        return self._nodes[self._home(0)]["ip"]
+        return self._slots[self._home(0)].node["ip"]
 
     def _detect_networks(self) -> None:
         """Detect each node's network for the current head address, once per node and address."""
         head = self._head_ip()
         todo = {}
         for index in self._live_agents():
-            key = (self._nodes[index]["node_id"], head)
+            key = (self._slots[index].node["node_id"], head)
             if key not in self._networks and key not in todo.values():
                 todo[index] = key
-        found = self._gather({index: self._agents[index].network.remote(self._config_dict, head) for index in todo},
-                             "network")
+        found = self._gather({index: self._slots[index].handle.network.remote(self._config_dict, head)
+                              for index in todo}, "network")
         for index, detection in found.items():
             self._networks[todo[index]] = detection
 
@@ -642,8 +633,6 @@ class RayWorkerGroup:
         gpu = self._config.cluster.device == "gpu"
         incarnation = next(self._incarnations)
         self._inbox.expect(index, incarnation)
-        self._died.discard(index)
-        self._zygotes_asked.discard(index)
         host, port = self._inbox.address
         uplink = UplinkSettings(host=host, port=port, token=self._token, incarnation=incarnation,
                                 heartbeat_s=self.heartbeat_s)
@@ -666,15 +655,16 @@ class RayWorkerGroup:
         """Give every dead agent a successor: a lost node's slot moves to a spare node; an agent that
         died on a live node is made again in its bundle (Ray moves a lost node's bundle to a node that
         joins, so without a spare a lost node's agent is made again too, within node_wait_s)."""
-        if not self._dead:
+        if not any(agent.gone for agent in self._slots):
             return []
         ft = self._config.fault_tolerance
         missing = []
         for slot, bundle in enumerate(self._slot_bundle):
-            if bundle not in self._dead:
+            agent = self._slots[bundle]
+            if not agent.gone:
                 continue
-            node_id = self._nodes[bundle]["node_id"]
-            node_lost = bundle in self._unreachable or node_id not in self._alive_nodes()
+            node_id = agent.node["node_id"]
+            node_lost = agent.cause is Cause.UNREACHABLE or node_id not in self._alive_nodes()
             wait_s, tried = ft.node_wait_s, False
             if not node_lost:
                 # The agent died on a node that answered and that Ray still lists: made again in its
@@ -692,15 +682,13 @@ class RayWorkerGroup:
             if tried or not self._recreate(bundle, wait_s):
                 if not allow_missing:
                     raise ClusterError(
-                        f"node {self._nodes[bundle]['ip']} was lost and no node took its place within "
+                        f"node {agent.node['ip']} was lost and no node took its place within "
                         f"{max(wait_s, 1.0):.0f}s (fault_tolerance.node_wait_s={ft.node_wait_s:g}); hold a spare "
                         "with cluster.spare_nodes, raise fault_tolerance.node_wait_s, or set "
                         "fault_tolerance.allow_shrink=true to go on with the nodes left"
                     )
                 self._lose_bundle(bundle)
                 missing.append(slot)
-        self._dead -= {i for i in self._dead if i not in self._lost_bundles}
-        self._unreachable &= self._dead
         # A partitioned node's ranks may still run until their lease ends: never two copies of a rank.
         delay = self._fenced_at - time.monotonic()
         if delay > 0:
@@ -730,11 +718,11 @@ class RayWorkerGroup:
 
     def _lose_bundle(self, bundle: int) -> None:
         """Never use ``bundle`` again (its node is gone); its agent is released."""
-        if bundle in self._lost_bundles:
+        agent = self._slots[bundle]
+        if agent.standing is Standing.RETIRED:
             return
-        self._lost_bundles.add(bundle)
-        self._ray.kill(self._agents[bundle], no_restart=True)
-        self._dead.add(bundle)
+        agent.advance(Move.RETIRED)
+        self._ray.kill(agent.handle, no_restart=True)
 
     def _recreate(self, bundle: int, wait_s: float, watch: str | None = None) -> bool:
         """A new agent for ``bundle``; False if none was placed within ``wait_s``, or as soon as Ray
@@ -742,11 +730,12 @@ class RayWorkerGroup:
 
         Until Ray has moved the bundle off a dead node, agents made for it die at once: made again."""
         deadline = time.monotonic() + max(wait_s, 1.0)
+        agent = self._slots[bundle]
         while True:
-            self._ray.kill(self._agents[bundle], no_restart=True)
-            self._agents[bundle] = self._new_agent(bundle)
+            self._ray.kill(agent.handle, no_restart=True)
+            agent.remade(self._new_agent(bundle))
             try:
-                infos = self._answers_when_placed([self._agents[bundle].node_info.remote()], deadline, watch)
+                infos = self._answers_when_placed([agent.handle.node_info.remote()], deadline, watch)
             except self._ray.exceptions.RayActorError:
                 if time.monotonic() + _RECREATE_PAUSE_S >= deadline:
                     return False
@@ -755,10 +744,8 @@ class RayWorkerGroup:
             if infos is None:
                 return False
             break
-        self._nodes[bundle] = infos[0]
-        self._answered[bundle] = time.monotonic()
-        self._dead.discard(bundle)
-        self._unreachable.discard(bundle)
+        agent.node, agent.answered_at = infos[0], time.monotonic()
+        agent.advance(Move.REMADE)
         return True
 
     def _placements(self) -> list[RankPlacement]:
@@ -767,13 +754,13 @@ class RayWorkerGroup:
         # A fresh port every attempt: a reused store would hand out a dead rank's address. If rank 0's
         # agent cannot answer, the next poll reports its node lost and this attempt fails with it.
         host = self._home(0)
-        port = self._gather({host: self._agents[host].free_port.remote(self._head_ip())}, "free_port").get(host, 0)
+        port = self._gather({host: self._slots[host].handle.free_port.remote(self._head_ip())}, "free_port").get(host, 0)
         return [self._placement(self._home(rank), rank=rank, local_rank=rank % self._per_node, master_port=port)
                 for rank in range(self.world_size)]
 
     def _placement(self, index: int, *, local_rank: int, master_port: int, rank: int = 0) -> RankPlacement:
         """A process on agent ``index``'s node: the node's GPUs (ordered by local rank), CPUs and network."""
-        info = self._nodes[index]
+        info = self._slots[index].node
         return RankPlacement(
             rank=rank,
             local_rank=local_rank,
