@@ -198,7 +198,8 @@ class Controller:
         self._begin_attempt(self.group.start(self.attempt, self.resume_tag, self.faults))
 
     def observe(self) -> list[Failure]:
-        """Poll every rank once and record its reports; returns the new failures (hangs included)."""
+        """Poll every rank once and record its reports; returns the new failures (hangs included: their
+        processes still run until :meth:`stop_hung`)."""
         failures = []
         for update in self.group.poll():
             if isinstance(update, NodeBeat):
@@ -307,6 +308,7 @@ class Controller:
                 break
             self.wait(fast=True)
             new = self.observe()
+            self.stop_hung(new)
             failures = failures + new
             signs = {f.rank for f in new if f.reason != "exception"}
             if signs:
@@ -587,7 +589,7 @@ class Controller:
             )
 
     def _hangs(self) -> list[Failure]:
-        """Hung ranks (``controller/hangs.py``), killed here once their agents' fresh statuses confirm it."""
+        """Hung ranks (``controller/hangs.py``), once their agents' fresh statuses confirm it."""
         now, limits = self._clock(), self._limits()
         culprits = hangs.culprits(self._views, now, limits, self._hang_candidates(now, limits))
         if not self._confirmed(culprits, now):
@@ -597,8 +599,13 @@ class Controller:
             view = self._views[rank]
             failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=hangs.why(view, now, limits)))
             view.advance(Move.FAILED)
-        self.group.kill(culprits)
         return failures
+
+    def stop_hung(self, failures: list[Failure]) -> None:
+        """Kill the processes of the hung ranks among ``failures``: their peers, waiting for them in a
+        collective, then fail at once, which the settle hears."""
+        if hung := [f.rank for f in failures if f.reason == "hang"]:
+            self.group.kill(hung)
 
     def _limits(self) -> hangs.Limits:
         ft = self.config.fault_tolerance

@@ -55,6 +55,7 @@ class Running(State):
     def step(self, ctl: Controller) -> State:
         failures = ctl.observe()
         if failures:
+            ctl.stop_hung(failures)
             failures = ctl.settle(failures)
             decision = ctl.decide(failures)
             if decision.retry:
