@@ -150,6 +150,7 @@ class Controller:
         self._targets_written_at = float("-inf")
         self._hangs_checked_at = float("-inf")
         self._confirming: Confirming | None = None  # hung ranks whose fresh statuses are awaited
+        self._verdict_mark = 0  # the request whose answers confirmed the last hang
         if metrics is not None:
             events.subscribe(metrics.on_event)
             metrics.watch_ranks(self._rank_samples)
@@ -292,8 +293,12 @@ class Controller:
             return range(self.group.world_size) if unexplained else suspects
 
         # Only the agents whose answer is awaited are asked: at 2,048 nodes, asking all is a burst
-        # of 2,048 statuses to read while the decision waits.
-        mark = self.group.poll_mark(awaited())
+        # of 2,048 statuses to read while the decision waits. A hang's agents were asked for its
+        # verdict, after it was judged: their answers prove their nodes alive as a new request would.
+        if all(f.reason == "hang" for f in failures):
+            mark = self._verdict_mark
+        else:
+            mark = self.group.poll_mark(awaited())
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         # Consequences come within SETTLE_S of the first failure, not of when it was seen here.
@@ -635,7 +640,7 @@ class Controller:
             return False
         if self.group.unheard(self._confirming.mark, culprits) and now - self._confirming.asked_at < CONFIRM_S:
             return False
-        self._confirming = None
+        self._verdict_mark, self._confirming = self._confirming.mark, None
         return True
 
     def _check_quiet_script(self) -> None:
