@@ -506,7 +506,7 @@ def encode_status(status: NodeStatus) -> dict[str, Any]:
 
 # A beat's times within this much of each other go on the wire as one: the earliest. A rank's last sign
 # of life, call stack change or step is then told up to this much earlier than it was (hang detection
-# errs by as much on the safe side: frozen is several seconds of silence, a hang minutes without a step).
+# errs by as much on the safe side: frozen is several seconds of silence, a hang 30 s without a step by default).
 BEAT_TIME_SPREAD_S = 1.0
 _BEAT_TIMES = frozenset({"alive_at", "moved_at", "step_at"})
 
