@@ -264,8 +264,8 @@ class SimAgent:
         self._answers += 1
         ranks, columns, saves = self.job.node_status(self.index) if self.index in self.job.slot_of else ({}, None, [])
         ranks, left = fold_consequences(ranks)
-        return NodeStatus(ranks=ranks, left=left, warm_spare=None, number=self._answers, now=time.time(), asked=self.asked,
-                          beat=columns, saved=NodeSaved.fold(saves))
+        return NodeStatus(ranks=ranks, left=left, warm_spare=None, number=self._answers, now=time.time(),
+                          asked=self.asked, beat=columns, saved=NodeSaved.fold(saves))
 
     def _start_attempt(self, starts: list[Any], rejoins: list[Any], interrupt: list[int]) -> list[StartedRank]:
         first = starts[0] if starts else rejoins[0]

@@ -363,7 +363,8 @@ class RayWorkerGroup:
         return self._inbox.ask(self._live_agents() if ranks is None else sorted(self._by_agent(ranks)))
 
     def unheard(self, mark: int, ranks: Collection[int]) -> list[int]:
-        return sorted(rank for rank in ranks if not (agent := self._slots[self._home(rank)]).gone and agent.heard < mark)
+        return sorted(rank for rank in ranks
+                      if not (agent := self._slots[self._home(rank)]).gone and agent.heard < mark)
 
     def _lose(self, lost: dict[int, str]) -> dict[int, str]:
         """Record lost agents. Returns them, with why."""
@@ -390,7 +391,8 @@ class RayWorkerGroup:
     def layout(self) -> NodeLayout:
         if not self._slots:
             return NodeLayout(ranks={}, spares=[])
-        ranks = {self._slots[bundle].node["ip"]: list(self._slot_ranks(slot)) for slot, bundle in enumerate(self._slot_bundle)}
+        ranks = {self._slots[bundle].node["ip"]: list(self._slot_ranks(slot))
+                 for slot, bundle in enumerate(self._slot_bundle)}
         return NodeLayout(ranks=ranks, spares=[self._slots[b].node["ip"] for b in self._spare_bundles])
 
     def lost_spares(self) -> list[tuple[str, str]]:
@@ -408,7 +410,8 @@ class RayWorkerGroup:
         # A loopback endpoint (metrics.host 127.0.0.1) is reachable on its own machine only: another
         # node's, listed here, would be read as whatever listens on that port on this one.
         here = self._inbox.address[0]
-        return [endpoint for index in self._live_agents() if (endpoint := (node := self._slots[index].node).get("gpu_endpoint"))
+        nodes = [self._slots[index].node for index in self._live_agents()]
+        return [endpoint for node in nodes if (endpoint := node.get("gpu_endpoint"))
                 and (node["ip"] == here or not is_loopback(endpoint.rpartition(":")[0]))]
 
     def gpu_models(self) -> list[str]:
@@ -556,7 +559,8 @@ class RayWorkerGroup:
 
     def _live_agents(self) -> list[int]:
         """Agents of the job's nodes and of its spare nodes that are not known dead."""
-        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles) if i < len(self._slots) and not self._slots[i].gone)
+        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles)
+                      if i < len(self._slots) and not self._slots[i].gone)
 
     def _slot_of(self) -> dict[int, int]:
         """Agent -> the node slot it holds (spare nodes hold none)."""
