@@ -62,8 +62,9 @@ SCRIPT_MOVING_S = 2.0
 SPARES_AFTER_S = 30.0
 # How often the file that lists the nodes' GPU endpoints for Prometheus is brought up to date.
 TARGETS_INTERVAL_S = 5.0
-# How often every rank is checked for a hang: the limits are seconds long, and the check visits every rank.
-HANG_CHECK_S = 0.5
+# How often the ranks are checked for a hang: with every steady look. The check visits only the ranks of
+# nodes not heard from within hang_timeout_s (none, mostly): 0.3 ms at 16,384 ranks.
+HANG_CHECK_S = POLL_INTERVAL_S
 # How long a hang's verdict waits for the suspects' agents to answer (they answer at once; one that
 # does not is on a node being lost, which its own timeout decides).
 CONFIRM_S = 1.0
