@@ -503,21 +503,11 @@ class Controller:
         self._on_checkpoint(saved.ranks[0], self._commits.saved(saved))
 
     def _absorb_left(self, left: NodeLeft) -> list[Failure]:
-        """A node's ranks that left with errors that are consequences: each as its own ``Error`` report
-        would be (:meth:`_on_report`, :meth:`_absorb`), in one pass over the node's."""
+        """A node's ranks that left with errors that are consequences: each as its own ``Error`` report."""
         if 0 <= left.attempt != self.attempt:
             return []
-        failures = []
-        for rank, error in left.errors():
-            view = self._views[rank]
-            view.error = error
-            view.advance(Move.LEFT)
-            if view.ended or error.interrupted:
-                continue
-            if (failure := failure_from(RankUpdate(rank=rank), error, view.step, last_seen=view.alive_at)) is not None:
-                view.advance(Move.FAILED)
-                failures.append(failure)
-        return failures
+        return [failure for rank, error in left.errors()
+                if (failure := self._absorb(RankUpdate(rank=rank, reports=[error]))) is not None]
 
     def _absorb(self, update: RankUpdate) -> Failure | None:
         view = self._views[update.rank]
