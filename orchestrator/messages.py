@@ -378,6 +378,15 @@ class NodeLeft:
     collective: bool
     attempt: int
 
+    def moved(self, skew: float) -> NodeLeft:
+        """The same report with its node-clock times moved by ``skew`` onto the controller's clock."""
+        return dataclasses.replace(self, at=[t + skew for t in self.at])
+
+    def only(self, entries: list[int]) -> NodeLeft:
+        """The same report with only the ranks of these entries (positions in the columns)."""
+        return dataclasses.replace(self, ranks=[self.ranks[i] for i in entries], pid=[self.pid[i] for i in entries],
+                                   at=[self.at[i] for i in entries], step=[self.step[i] for i in entries])
+
     def errors(self) -> list[tuple[int, Error]]:
         """Each rank's error, as it was reported (the message and traceback as the earliest's)."""
         return [(rank, Error(exc_type=self.exc_type, message=self.message, traceback=self.traceback,

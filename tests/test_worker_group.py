@@ -197,6 +197,23 @@ def test_a_beat_is_every_ranks_liveness_and_latest_step_of_the_process_it_runs_i
         [7], [3], [0.5], ["a.py:1"], [True])
 
 
+def test_a_nodes_folded_errors_are_of_the_process_each_rank_runs_in_and_on_the_controllers_clock(tmp_path: Path) -> None:
+    from orchestrator.messages import NodeLeft
+
+    behind = 3600.0
+    group = _group(tmp_path, ["cluster.workers_per_node=2"], [("node-b", "10.0.0.2")])
+    group._pids = {0: 10, 1: 11}
+    node_time = time.time() - behind - 0.5
+    left = NodeLeft(ranks=[0, 1], pid=[10, 99], at=[node_time, node_time], step=[3, 3], exc_type="DistBackendError",
+                    message="Connection reset by peer", traceback="", interrupted=False, collective=True, attempt=0)
+    group._inbox.received.statuses[0] = [NodeStatus(ranks={}, warm_spare=None, number=1, now=time.time() - behind,
+                                                    left=[left])]
+    group._inbox.received.arrived[0] = time.monotonic()
+    [taken] = group.poll()
+    assert (taken.ranks, taken.pid, taken.step) == ([0], [10], [3]), "rank 1's process is not pid 99"
+    assert abs(taken.at[0] - (time.time() - 0.5)) < 0.2
+
+
 def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
     """Ranks of one machine are ordered on one clock: a slow answer must not shift one agent's times."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG), tmp_path)

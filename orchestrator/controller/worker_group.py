@@ -332,12 +332,9 @@ class RayWorkerGroup:
                 of_nodes.append(dataclasses.replace(saved, ranks=ranks, at=saved.at + skew))
         for left in status.left:
             entries = [i for i, rank in enumerate(left.ranks) if ours(rank, left.pid[i])]
-            if len(entries) == len(left.ranks) and not skew:
-                of_nodes.append(left)
-            elif entries:
-                of_nodes.append(dataclasses.replace(
-                    left, ranks=[left.ranks[i] for i in entries], pid=[left.pid[i] for i in entries],
-                    at=[left.at[i] + skew for i in entries], step=[left.step[i] for i in entries]))
+            if entries:
+                left = left if len(entries) == len(left.ranks) else left.only(entries)
+                of_nodes.append(left.moved(skew) if skew else left)
         node_id = agent.node["node_id"]
         if status.warm_spare is None:
             self._warm.pop(node_id, None)
