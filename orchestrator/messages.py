@@ -524,7 +524,7 @@ def _beat_wire(beat: NodeBeat) -> dict[str, Any]:
     """A beat's JSON-ready form: ``ranks`` as a list, every other column as one value where it can be
     (equal entries; times within :data:`BEAT_TIME_SPREAD_S`). At 16,384 ranks the controller reads
     800 beats a second, and parsing eight copies of one value was most of what reading one cost."""
-    wire: dict[str, Any] = {"ranks": beat.ranks}
+    wire: dict[str, Any] = {}
     for f in dataclasses.fields(NodeBeat):
         column = getattr(beat, f.name)
         if f.name == "ranks" or not column:

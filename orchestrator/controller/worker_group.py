@@ -372,8 +372,8 @@ class RayWorkerGroup:
         for index, why in lost.items():
             agent = self._slots[index]
             node = agent.node
-            gone = agent.cause is Cause.UNREACHABLE or node["node_id"] not in alive_nodes
-            result[index] = f"node {node['ip']} lost: {why}" if gone else why
+            node_gone = agent.cause is Cause.UNREACHABLE or node["node_id"] not in alive_nodes
+            result[index] = f"node {node['ip']} lost: {why}" if node_gone else why
             agent.advance(Move.GIVEN_UP)
             # Its ranks may still run (a partition, a hung agent): not replaced before their lease ran
             # out. Unless its process is gone on a live node: its ranks died with it (PDEATHSIG).
