@@ -77,8 +77,10 @@ from orchestrator.messages import (
     RankStatus,
     StartedRank,
     Step,
+    Unpacker,
     encode_status,
     fold_consequences,
+    pack,
 )
 from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.run_dir import RunDir
@@ -328,14 +330,14 @@ class SimUplinks:
         self._socks = []
         for agent in agents:
             sock = socket.create_connection(address)
-            sock.sendall((json.dumps({"token": token, "index": agent.index, "incarnation": 1}) + "\n").encode())
+            sock.sendall(pack({"token": token, "index": agent.index, "incarnation": 1}))
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, agent)
             self._socks.append(sock)
         now = time.monotonic()
         self._beats = [(now + heartbeat_s * i / len(agents), i) for i in range(len(agents))]
         heapq.heapify(self._beats)
-        self._buffers: dict[int, bytes] = {}
+        self._answers = [Unpacker(1 << 16) for _ in agents]  # the controller's messages to each
         self._pushed: dict[int, float] = {}  # agent -> when its last push was made (monotonic)
 
     def news(self, agent: int, at: float, answer: bool = False) -> None:
@@ -376,9 +378,8 @@ class SimUplinks:
             if when < self._pushed.get(index, -math.inf) or agent.silent(now):
                 continue  # a push made since it fell due carried it
             self._pushed[index] = time.monotonic()
-            line = (json.dumps(encode_status(agent.status()), separators=(",", ":")) + "\n").encode()
             with contextlib.suppress(BlockingIOError):
-                self._socks[index].sendall(line)
+                self._socks[index].sendall(pack(encode_status(agent.status())))
         return True
 
     def _due_at(self, when: float, agent: int, answer: bool = False) -> None:
@@ -399,15 +400,14 @@ class SimUplinks:
 
     def _read(self, agent: SimAgent) -> None:
         try:
-            data = self._buffers.pop(agent.index, b"") + self._socks[agent.index].recv(1 << 16)
+            data = self._socks[agent.index].recv(1 << 16)
         except (BlockingIOError, OSError):
             return
-        *lines, rest = data.split(b"\n")
-        if rest:
-            self._buffers[agent.index] = rest
-        for line in lines:
-            if line.startswith(b'{"ask"'):
-                agent.asked = max(agent.asked, json.loads(line)["ask"])
+        messages = self._answers[agent.index]
+        messages.feed(data)
+        for message in messages:
+            if "ask" in message:
+                agent.asked = max(agent.asked, message["ask"])
                 self.news(agent.index, time.time(), answer=True)
 
 

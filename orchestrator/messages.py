@@ -16,15 +16,19 @@ Reports carry ``at``: when the agent received them, on the node's clock (the wor
 onto the controller's). The agent pushes a :class:`NodeStatus` to the controller: a
 :class:`RankStatus` per rank it hosts that has news, its ranks' checkpoint saves folded into one
 :class:`NodeSaved` per checkpoint and their errors that are consequences into :class:`NodeLeft`,
-every rank's :class:`NodeBeat`; on that line it travels as :func:`encode_status`'s JSON form.
+every rank's :class:`NodeBeat`; on that connection it travels as :func:`encode_status`'s form,
+packed (:func:`pack`, :class:`Unpacker`).
 ``Ready`` stays with the agent: it follows every ``Error``, which tells the controller all it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import msgpack
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -565,3 +569,47 @@ def decode_status(data: Any) -> NodeStatus:
                           left=[NodeLeft(**left) for left in data["left"]])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedMessage(f"malformed node status: {exc!r}") from None
+
+
+# The uplink's wire (agent <-> controller): each message MessagePack, after its length (4 bytes, big
+# endian). At 16,384 ranks the controller reads 800 pushes a second on one thread; parsing one as a
+# JSON line took it 13-17 us, unpacking it takes 3. Framed by length, not by msgpack's streaming
+# Unpacker: that one holds 43 KiB per connection (88 MB for 2,048 agents).
+_LENGTH = 4
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    """``message`` (a dict of JSON-ready values: str keys) as bytes for the uplink."""
+    body = msgpack.packb(message)
+    return len(body).to_bytes(_LENGTH, "big") + body
+
+
+class Unpacker:
+    """The messages of one connection's byte stream: :meth:`feed` what arrived, then iterate the
+    messages it completed (a partial one waits for the rest). :class:`MalformedMessage` for bytes
+    that are no message, or a message over ``max_size`` bytes (said as soon as its length arrives)."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._data = b""
+        self._start = 0  # where in _data the next message begins
+
+    def feed(self, data: bytes) -> None:
+        self._data = self._data[self._start:] + data if self._start < len(self._data) else data
+        self._start = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        data = self._data
+        while len(data) - self._start >= _LENGTH:
+            begin = self._start + _LENGTH
+            size = int.from_bytes(data[self._start:begin], "big")
+            if size > self._max_size:
+                raise MalformedMessage(f"a message of {size} bytes, over {self._max_size}")
+            if len(data) < begin + size:
+                return
+            self._start = begin + size
+            try:
+                message = msgpack.unpackb(data[begin:self._start])
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise MalformedMessage(f"bytes that are no message ({exc})") from None
+            yield message

@@ -77,14 +77,14 @@ def test_a_channel_stamps_each_report_with_the_attempt_it_is_in_unless_the_repor
     receiver.close()
 
 
-def test_a_node_status_round_trips_through_json() -> None:
+def test_a_node_status_round_trips_through_the_uplink_wire() -> None:
     saved = next(m for m in EXAMPLES if isinstance(m, messages.CheckpointSaved))
     status = messages.NodeStatus(ranks={3: messages.RankStatus(pid=5, reports=[EXAMPLES[-3]], returncode=None,
                                                                 alive_at=1.0, where="x.py:3", in_collective=True)},
                                  warm_spare=9, number=4, now=2.0, asked=1,
                                  saved=messages.NodeSaved.fold([(3, saved), (4, saved)]))
     assert [s.ranks for s in status.saved] == [[3, 4]]
-    assert messages.decode_status(json.loads(json.dumps(messages.encode_status(status)))) == status
+    assert messages.decode_status(_over_the_wire(messages.encode_status(status))) == status
     with pytest.raises(MalformedMessage, match="not a report"):
         messages.decode_status({**messages.encode_status(status), "ranks": {"3": {
             **messages.encode_status(status)["ranks"]["3"], "reports": [encode(messages.Interrupt())]}}})
@@ -99,7 +99,7 @@ def test_a_beat_travels_as_one_value_per_column_where_it_can_and_times_err_early
 
     def round_trip(b: messages.NodeBeat) -> tuple[dict, messages.NodeBeat | None]:
         status = messages.NodeStatus(ranks={}, warm_spare=None, number=1, now=0.0, beat=b)
-        wire = json.loads(json.dumps(messages.encode_status(status)))
+        wire = _over_the_wire(messages.encode_status(status))
         return wire["beat"], messages.decode_status(wire).beat
 
     wire, back = round_trip(beat())
@@ -172,4 +172,31 @@ def test_a_push_folds_the_errors_that_are_consequences_and_keeps_only_the_traceb
     assert (interrupted.ranks, interrupted.interrupted, interrupted.collective) == ([11, 12], True, False)
     assert [(rank, e.at, e.step, e.collective) for rank, e in collective.errors()] == [(10, 1.0, 4, True), (9, 2.0, 5, True)]
     status_ = messages.NodeStatus(ranks=kept, warm_spare=None, number=1, now=0.0, left=left)
-    assert messages.decode_status(json.loads(json.dumps(messages.encode_status(status_)))) == status_
+    assert messages.decode_status(_over_the_wire(messages.encode_status(status_))) == status_
+
+
+def _over_the_wire(message: dict) -> dict:
+    """``message`` packed for the uplink and read back."""
+    reader = messages.Unpacker(1 << 20)
+    reader.feed(messages.pack(message))
+    [received] = list(reader)
+    return received
+
+
+def test_the_uplink_wire_gives_whole_messages_and_refuses_garbage_and_oversize() -> None:
+    status = messages.encode_status(messages.NodeStatus(ranks={}, warm_spare=None, number=7, now=1.5))
+    stream = messages.pack({"token": "t", "index": 0, "incarnation": 1}) + messages.pack(status)
+    reader = messages.Unpacker(1 << 16)
+    reader.feed(stream[:-3])  # the status is not complete yet: only the hello comes out
+    assert list(reader) == [{"token": "t", "index": 0, "incarnation": 1}]
+    reader.feed(stream[-3:])
+    [received] = list(reader)
+    assert messages.decode_status(received) == messages.decode_status(status)
+    garbage = messages.Unpacker(1 << 16)
+    garbage.feed(b"\x00\x00\x00\x01\xc1")  # a byte MessagePack reserves: no message starts with it
+    with pytest.raises(MalformedMessage, match="no message"):
+        list(garbage)
+    small = messages.Unpacker(64)
+    small.feed(messages.pack({"where": "x" * 100})[:4])  # said from the length alone
+    with pytest.raises(MalformedMessage, match="of 109 bytes, over 64"):
+        list(small)

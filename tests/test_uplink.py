@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import pytest
 from orchestrator.agent.node_agent import NodeAgent, UplinkSettings
 from orchestrator.agent.uplink import Uplink
 from orchestrator.controller.inbox import Inbox, Received
-from orchestrator.messages import Error, NodeStatus, RankStatus, Step
+from orchestrator.messages import Error, NodeStatus, RankStatus, Step, pack
 
 TOKEN = "t0ken"
 
@@ -130,7 +129,7 @@ def test_a_connection_that_never_says_who_it_is_or_sends_garbage_is_closed(inbox
     garbage.close()
     inbox.expect(0, 1)
     liar = socket.create_connection(inbox.address)
-    liar.sendall((json.dumps({"token": TOKEN, "index": 0, "incarnation": 1}) + "\n{\"ranks\": 5}\n").encode())
+    liar.sendall(pack({"token": TOKEN, "index": 0, "incarnation": 1}) + pack({"ranks": 5}))
     liar.settimeout(5)
     assert liar.recv(100) == b"", "a malformed status closes the connection"
     liar.close()

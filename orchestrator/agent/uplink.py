@@ -4,18 +4,18 @@ node's status and the controller answers with acknowledgements and requests.
 Why not Ray calls: one call costs its caller about half a millisecond of CPU, so a controller
 that polled 2,048 agents a few times a second spent cores on calls alone. Here the agent speaks
 when it has news (a rank failed, exited, saved a checkpoint, changed phase; rank 0 stepped), when
-the controller asks, and otherwise once a heartbeat; the controller reads every line on one
+the controller asks, and otherwise once a heartbeat; the controller reads every push on one
 thread and answers each with an acknowledgement, which renews the agent's lease.
 
-The wire: JSON lines. The agent's first line is its hello (run token, agent index, incarnation);
-then one :func:`~orchestrator.messages.encode_status` per push. The controller sends
-``{"ack": n}`` (push ``n`` received) and ``{"ask": k}`` (request ``k``: push now). A push not yet
-acknowledged is sent again after a reconnection; the controller drops numbers it has seen.
+The wire: MessagePack messages (:func:`~orchestrator.messages.pack`). The agent's first message
+is its hello (run token, agent index, incarnation); then one
+:func:`~orchestrator.messages.encode_status` per push. The controller sends ``{"ack": n}`` (push
+``n`` received) and ``{"ask": k}`` (request ``k``: push now). A push not yet acknowledged is sent
+again after a reconnection; the controller drops numbers it has seen.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import threading
@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.messages import NodeStatus, encode_status
+from orchestrator.messages import MalformedMessage, NodeStatus, Unpacker, encode_status, pack
 
 _RECONNECT_PAUSE_S = 0.2
 _CONNECT_TIMEOUT_S = 5.0
+_MAX_ANSWER = 2**16  # the controller's messages are acknowledgements and requests: a few bytes each
 
 
 class Uplink:
@@ -36,9 +37,9 @@ class Uplink:
     def __init__(self, address: tuple[str, int], hello: dict[str, Any], on_ack: Callable[[int], None],
                  on_ask: Callable[[int], None]) -> None:
         self._address = address
-        self._hello = (json.dumps(hello) + "\n").encode()
+        self._hello = pack(hello)
         self._on_ack, self._on_ask = on_ack, on_ask
-        self._unacked: dict[int, bytes] = {}  # push number -> its line, until acknowledged
+        self._unacked: dict[int, bytes] = {}  # push number -> its bytes, until acknowledged
         self._lock = threading.Lock()  # the connection and the unacknowledged pushes
         self._sock: socket.socket | None = None
         self._closed = False
@@ -46,15 +47,15 @@ class Uplink:
 
     def push(self, status: NodeStatus) -> None:
         """Send ``status``; it is sent again on the next connection until the controller acknowledges it."""
-        line = (json.dumps(encode_status(status), separators=(",", ":")) + "\n").encode()
+        packed = pack(encode_status(status))
         with self._lock:
-            self._unacked[status.number] = line
+            self._unacked[status.number] = packed
             sock = self._sock
         if sock is None:
             self._connect()  # a new connection sends every unacknowledged push, this one included
             return
         try:
-            sock.sendall(line)
+            sock.sendall(packed)
         except OSError:
             self._drop(sock)
 
@@ -105,18 +106,19 @@ class Uplink:
         _close(sock)
 
     def _read(self, sock: socket.socket) -> None:
+        messages = Unpacker(_MAX_ANSWER)
         try:
-            with sock.makefile("rb") as lines:
-                for raw in lines:
-                    message = json.loads(raw)
+            while data := sock.recv(_MAX_ANSWER):
+                messages.feed(data)
+                for message in messages:
                     if "ack" in message:
                         number = message["ack"]
                         with self._lock:
-                            self._unacked = {n: line for n, line in self._unacked.items() if n > number}
+                            self._unacked = {n: packed for n, packed in self._unacked.items() if n > number}
                         self._on_ack(number)
                     elif "ask" in message:
                         self._on_ask(message["ask"])
-        except (OSError, ValueError):
+        except (OSError, MalformedMessage, TypeError):
             pass  # dropped, or the controller went away: the next push connects again
         self._drop(sock)
 

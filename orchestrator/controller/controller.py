@@ -479,7 +479,7 @@ class Controller:
         """A node's beat: its ranks' liveness, and their latest steps of this attempt (a fast node's first
         steps may finish before every node's start was answered). Thousands a second at scale: one pass,
         which also notes the oldest progress or sign of life of the node's ranks (``_node_heard``)."""
-        views, attempt = self._views, self.attempt
+        views, attempt, starting = self._views, self.attempt, Phase.STARTING  # a member looked up once, not per rank
         oldest = float("inf")
         for rank, alive_at, moved_at, where, in_collective, step, step_at, step_time_s, step_attempt in zip(
                 beat.ranks, beat.alive_at, beat.moved_at, beat.where, beat.in_collective, beat.step, beat.step_at,
@@ -488,7 +488,7 @@ class Controller:
             view.alive_at, view.moved_at, view.where, view.in_collective = alive_at, moved_at, where, in_collective
             if step is not None and step_attempt == attempt:
                 view.step, view.step_time_s = step, step_time_s
-                if view.phase is Phase.STARTING:
+                if view.phase is starting:
                     view.advance(Move.STEPPED)
                 view.progressed(step_at)
             oldest = min(oldest, view.progress_at, alive_at)
@@ -622,8 +622,8 @@ class Controller:
         if len(self._node_heard) * per_node != len(self._views):
             return None
         since = now - limits.hang_timeout_s
-        return [rank for slot, heard in sorted(self._node_heard.items()) if heard < since
-                for rank in range(slot * per_node, (slot + 1) * per_node)]
+        stale = sorted(slot for slot, heard in self._node_heard.items() if heard < since)  # nearly always none
+        return [rank for slot in stale for rank in range(slot * per_node, (slot + 1) * per_node)]
 
     def _confirmed(self, culprits: list[int], now: float) -> bool:
         """Whether hung ``culprits`` may be killed: a rank's liveness and (but for rank 0's) its steps

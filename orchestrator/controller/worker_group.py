@@ -274,33 +274,38 @@ class RayWorkerGroup:
         now = time.monotonic()
         of_nodes: list[NodeBeat | NodeSaved | NodeLeft] = []
         by_rank: dict[int, RankUpdate] = {}
-        slots = self._slot_of()
+        # Every look visits every live agent (2,048 at 16,384 ranks), most of which sent nothing: the
+        # loop for those is kept to a comparison; the few that pushed are read after it.
+        quiet_since, pushed, statuses = now - self._node_timeout_s, [], received.statuses
         for index in agents:
             agent = self._slots[index]
-            statuses = received.statuses.get(index)
-            if not statuses:
-                if agent.answered_at is None:
-                    agent.answered_at = now
-                if (quiet_s := now - agent.answered_at) > self._node_timeout_s:
-                    agent.failed(f"its node agent sent nothing for {quiet_s:.1f}s "
-                                 f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})", Cause.UNREACHABLE)
-                continue
+            if index in statuses:
+                pushed.append(index)
+            elif agent.answered_at is None:
+                agent.answered_at = now
+            elif agent.answered_at < quiet_since:
+                agent.failed(f"its node agent sent nothing for {now - agent.answered_at:.1f}s "
+                             f"(fault_tolerance.node_timeout_s={self._node_timeout_s:g})", Cause.UNREACHABLE)
+        slots = self._slot_of()
+        for index in pushed:
+            agent = self._slots[index]
             agent.answered_at = received.arrived[index]
-            mine = set(self._slot_ranks(slots[index])) if index in slots else set()
-            for status in statuses:
+            mine = self._slot_ranks(slots[index]) if index in slots else range(0)
+            for status in statuses[index]:
                 self._take(agent, status, mine, by_rank, of_nodes)
         # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
         self._send({i: self._slots[i].handle.node_info.remote() for i in received.closed if i in agents},
                    "a call after its connection closed")
         self._check_sent()
-        lost = {index: agent.why for index, agent in enumerate(self._slots) if agent.standing is Standing.FAILING}
+        failing = Standing.FAILING
+        lost = {index: agent.why for index, agent in enumerate(self._slots) if agent.standing is failing}
         for index, why in self._lose(lost).items():
             if index in slots:
                 for rank in self._slot_ranks(slots[index]):
                     by_rank[rank] = RankUpdate(rank=rank, lost=why)
         return [*of_nodes, *by_rank.values()]
 
-    def _take(self, agent: AgentSlot, status: NodeStatus, mine: set[int], by_rank: dict[int, RankUpdate],
+    def _take(self, agent: AgentSlot, status: NodeStatus, mine: range, by_rank: dict[int, RankUpdate],
               of_nodes: list[NodeBeat | NodeSaved | NodeLeft]) -> None:
         """Record one status of ``agent`` (node slot ranks ``mine``): its ranks' news merged into
         ``by_rank``, its beat and consequences' errors (of this attempt's processes only) and saves
@@ -556,8 +561,10 @@ class RayWorkerGroup:
 
     def _live_agents(self) -> list[int]:
         """Agents of the job's nodes and of its spare nodes that are not known dead."""
-        return sorted(i for i in (*self._slot_bundle, *self._spare_bundles)
-                      if i < len(self._slots) and not self._slots[i].gone)
+        slots = self._slots
+        if not slots:  # before the agents are placed
+            return []
+        return [i for i in sorted((*self._slot_bundle, *self._spare_bundles)) if not slots[i].gone]
 
     def _slot_of(self) -> dict[int, int]:
         """Agent -> the node slot it holds (spare nodes hold none)."""
