@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config import load_config
+from orchestrator.controller.agent_calls import gather
 from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Received
 from orchestrator.controller.worker_group import RayWorkerGroup
@@ -118,7 +119,7 @@ def _two_nodes(tmp_path: Path) -> RayWorkerGroup:
 
 def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
-    answers = group._gather({0: "ok", 1: "hung"}, "kill")
+    answers = gather(group._ray, group._slots, {0: "ok", 1: "hung"}, "kill")
     assert list(answers) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
@@ -129,7 +130,8 @@ def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> 
 def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
     group._ray.failures = {"broken": RayActorError("The actor died unexpectedly before finishing this task.")}
-    assert list(group._gather({0: "ok", 1: "broken"}, "interrupt")) == [0], "no exception reaches the controller"
+    answers = gather(group._ray, group._slots, {0: "ok", 1: "broken"}, "interrupt")
+    assert list(answers) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
     assert 0 not in updates and _standings(group) == [Standing.LIVE, Standing.LOST]

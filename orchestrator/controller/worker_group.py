@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.config.schema import RESERVED_ENV, Config
+from orchestrator.controller.agent_calls import CALL_TIMEOUT_S, Unanswered, gather
 from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Inbox
 from orchestrator.errors import ClusterError
@@ -40,7 +41,6 @@ _PLACEMENT_TIMEOUT_S = 120.0
 # How long after a lost node's lease ran out its ranks are surely dead: the agent's fence fires on time
 # (node_agent.py), then SIGKILLs them, on a node that may be loaded.
 _FENCE_MARGIN_S = 1.0
-_CALL_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 5.0
 _RECREATE_PAUSE_S = 0.5
 # While agents wait to be placed on a node, how often we ask Ray whether that node is still alive.
@@ -232,7 +232,7 @@ class RayWorkerGroup:
         # Rank -> the pid of its process in the current attempt: a status of any other process (one
         # stopped for this attempt, its status made before the attempt began) is not this rank's.
         self._pids: dict[int, int] = {}
-        self._sent: list[tuple[int, Any, Any, str, float]] = []  # (index, agent, call, what, when): not waited for
+        self._unanswered = Unanswered()  # calls to agents whose answers nobody waits for
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
 
@@ -255,7 +255,7 @@ class RayWorkerGroup:
             stop = [r for r in ranks if r in interrupt]
             calls[bundle] = self._slots[bundle].handle.start_attempt.remote(starts[bundle], rejoins, stop)
         started = []
-        for bundle, result in self._gather(calls, "start").items():
+        for bundle, result in gather(self._ray, self._slots, calls, "start").items():
             node = self._slots[bundle].node
             started += [WorkerInfo(rank=s.rank, pid=s.pid, node=node["hostname"], attempt=attempt, node_ip=node["ip"],
                                    node_id=node["node_id"], spare=s.spare, forked=s.forked) for s in result]
@@ -294,9 +294,9 @@ class RayWorkerGroup:
             for status in statuses[index]:
                 self._take(agent, status, mine, by_rank, of_nodes)
         # An agent whose connection closed may have died: Ray's answer to a call says so (a live one connects again).
-        self._send({i: self._slots[i].handle.node_info.remote() for i in received.closed if i in agents},
-                   "a call after its connection closed")
-        self._check_sent()
+        calls = {i: self._slots[i].handle.node_info.remote() for i in received.closed if i in agents}
+        self._unanswered.add(self._slots, calls, "a call after its connection closed")
+        self._unanswered.check(self._ray, self._slots)
         failing = Standing.FAILING
         lost = {index: agent.why for index, agent in enumerate(self._slots) if agent.standing is failing}
         for index, why in self._lose(lost).items():
@@ -421,13 +421,13 @@ class RayWorkerGroup:
 
     def kill(self, ranks: Collection[int]) -> None:
         # A lost node's ranks are not asked: gone, or fenced (their lease stops them).
-        self._send({index: self._slots[index].handle.kill.remote(on) for index, on in self._by_agent(ranks).items()},
-                   "kill")
+        calls = {index: self._slots[index].handle.kill.remote(on) for index, on in self._by_agent(ranks).items()}
+        self._unanswered.add(self._slots, calls, "kill")
 
     def ensure_spares(self) -> None:
         calls = {index: self._slots[index].handle.start_spare.remote(self._config_dict, self._node_env(index))
                  for index in self._live_agents()}
-        self._send(calls, "start_spare")
+        self._unanswered.add(self._slots, calls, "start_spare")
 
     def _prepare_zygotes(self, bundles: list[int]) -> None:
         """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:
@@ -436,8 +436,8 @@ class RayWorkerGroup:
         if self._config.cluster.device != "cpu":
             return
         todo = [b for b in bundles if not self._slots[b].zygote_asked and not self._slots[b].gone]
-        self._send({b: self._slots[b].handle.prepare.remote(self._config_dict, self._node_env(b)) for b in todo},
-                   "prepare")
+        calls = {b: self._slots[b].handle.prepare.remote(self._config_dict, self._node_env(b)) for b in todo}
+        self._unanswered.add(self._slots, calls, "prepare")
         for b in todo:
             self._slots[b].zygote_asked = True
 
@@ -488,76 +488,6 @@ class RayWorkerGroup:
                  RUN_DIR_ENV: str(self._run_dir)},
             workdir=self._workdir,
         )
-
-    def _gather(self, calls: dict[int, Any], what: str) -> dict[int, Any]:
-        """The answers of calls made to several agents at once (agent -> call), each waited for at most
-        ``_CALL_TIMEOUT_S`` in all. A call that fails or times out is left out, and its agent is reported
-        lost by the next poll, so its ranks fail and are replaced: never an exception."""
-        if not calls:
-            return {}
-        ready, _ = self._ray.wait(list(calls.values()), num_returns=len(calls), timeout=_CALL_TIMEOUT_S)
-        ready_set = set(ready)
-        answers = {}
-        for index, ref in calls.items():
-            if ref not in ready_set:
-                self._silent(index, what)
-                continue
-            try:
-                answers[index] = self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-            except self._ray.exceptions.RayError as exc:
-                self._agent_failed(index, exc, what)
-        return answers
-
-    def _agent_failed(self, index: int, exc: BaseException, what: str = "") -> None:
-        """A call to agent ``index`` failed: why, in a few words (Ray's own words are in its logs). An
-        agent Ray cannot connect to is unreachable: its node is taken as lost."""
-        exceptions = self._ray.exceptions
-        call = f" ({what})" if what else ""
-        where = self._agent_name(index)
-        agent = self._slots[index]
-        if isinstance(exc, exceptions.ActorDiedError):
-            # Not merely unavailable (a network problem): its process is gone.
-            agent.failed(f"{where} died{call}", Cause.DIED)
-        elif isinstance(exc, getattr(exceptions, "ActorUnavailableError", ())):
-            agent.failed(f"{where} unreachable{call}", Cause.UNREACHABLE)
-        else:
-            agent.failed(f"a call to {where}{call} failed: {_first_line(exc)}")
-
-    def _silent(self, index: int, what: str) -> None:
-        """A call to agent ``index`` was not answered in time: its node is unreachable, lost at the next poll."""
-        self._slots[index].failed(f"{self._agent_name(index)} did not answer {what} within {_CALL_TIMEOUT_S:g}s",
-                                  Cause.UNREACHABLE)
-
-    def _agent_name(self, index: int) -> str:
-        return f"node agent {index} on {self._slots[index].node['ip']}"
-
-    def _send(self, calls: dict[int, Any], what: str) -> None:
-        """Calls made to several agents at once whose answers nobody waits for: the next polls check
-        them (``_check_sent``), and one that failed or did not answer in time costs its node."""
-        sent_at = time.monotonic()
-        for index, ref in calls.items():
-            self._sent.append((index, self._slots[index].handle, ref, what, sent_at))
-
-    def _check_sent(self) -> None:
-        if not self._sent:
-            return
-        ready = {id(r) for r in self._ray.wait([sent[2] for sent in self._sent], num_returns=len(self._sent),
-                                                timeout=0)[0]}
-        now, waiting = time.monotonic(), []
-        for index, agent, ref, what, sent_at in self._sent:
-            if self._slots[index].handle is not agent or self._slots[index].gone:
-                continue  # the call went to an agent already replaced or given up: nothing more to learn
-            if id(ref) not in ready:
-                if now - sent_at <= _CALL_TIMEOUT_S:
-                    waiting.append((index, agent, ref, what, sent_at))
-                else:
-                    self._silent(index, what)
-                continue
-            try:
-                self._ray.get(ref, timeout=_CALL_TIMEOUT_S)
-            except self._ray.exceptions.RayError as exc:
-                self._agent_failed(index, exc, what)
-        self._sent = waiting
 
     def _live_agents(self) -> list[int]:
         """Agents of the job's nodes and of its spare nodes that are not known dead."""
@@ -627,8 +557,8 @@ class RayWorkerGroup:
             key = (self._slots[index].node["node_id"], head)
             if key not in self._networks and key not in todo.values():
                 todo[index] = key
-        found = self._gather({index: self._slots[index].handle.network.remote(self._config_dict, head)
-                              for index in todo}, "network")
+        calls = {index: self._slots[index].handle.network.remote(self._config_dict, head) for index in todo}
+        found = gather(self._ray, self._slots, calls, "network")
         for index, detection in found.items():
             self._networks[todo[index]] = detection
 
@@ -716,7 +646,7 @@ class RayWorkerGroup:
         while (left := deadline - time.monotonic()) > 0:
             ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=min(left, _NODE_CHECK_S))
             if len(ready) == len(refs):
-                return self._ray.get(refs, timeout=_CALL_TIMEOUT_S)
+                return self._ray.get(refs, timeout=CALL_TIMEOUT_S)
             if watch is not None and watch not in self._alive_nodes():
                 return None
         return None
@@ -762,7 +692,8 @@ class RayWorkerGroup:
         # A fresh port every attempt: a reused store would hand out a dead rank's address. If rank 0's
         # agent cannot answer, the next poll reports its node lost and this attempt fails with it.
         host = self._home(0)
-        port = self._gather({host: self._slots[host].handle.free_port.remote(self._head_ip())}, "free_port").get(host, 0)
+        call = {host: self._slots[host].handle.free_port.remote(self._head_ip())}
+        port = gather(self._ray, self._slots, call, "free_port").get(host, 0)
         return [self._placement(self._home(rank), rank=rank, local_rank=rank % self._per_node, master_port=port)
                 for rank in range(self.world_size)]
 
@@ -780,7 +711,3 @@ class RayWorkerGroup:
             network_env=self._networks.get((info["node_id"], self._head_ip()), {}).get("env", {}),
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
