@@ -702,8 +702,8 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
     stragglers = set(rng.sample(range(nodes + spares), round(args.stragglers * (nodes + spares))))
     agents = [SimAgent(i, infos[i], job, accounting, i in stragglers, random.Random(i)) for i in range(nodes + spares)]
     group = RayWorkerGroup(config, run.path)
-    group._ray = SimRay(accounting, set(), node_ids)
-    group._slots = [AgentSlot(handle=agent, node=info) for agent, info in zip(agents, infos)]
+    group._placement.ray = SimRay(accounting, set(), node_ids)
+    group._placement.slots = [AgentSlot(handle=agent, node=info) for agent, info in zip(agents, infos)]
     group._inbox = Inbox("127.0.0.1", group._token)
     for index in range(nodes + spares):
         group._inbox.expect(index, 1)
@@ -787,7 +787,7 @@ def measure(ranks: int, args: argparse.Namespace, call_cost_s: float, workdir: P
 
     mark = len(seen)
     lost_slot = rng.randrange(nodes)
-    lost_agent = group._slot_bundle[lost_slot]
+    lost_agent = group._placement.slot_bundle[lost_slot]
     def lose_node(at: float) -> None:
         agents[lost_agent].silent_from = time.monotonic()
         job.agent_silent(lost_agent, agents[lost_agent].silent_from)

@@ -36,6 +36,7 @@ from orchestrator.messages import (
     Resumed,
     Step,
 )
+from orchestrator.monitor.metrics import JobMetrics
 from orchestrator.run_dir import RunDir
 from tests.helpers import LOCAL_CONFIG, commit_for_test, failed_ranks, of_kind
 
@@ -197,12 +198,14 @@ def error_msg(text: str, step: int, at: float, exc_type: str = "RuntimeError") -
                  step=step, at=at)
 
 
-def make(tmp_path: Path, *overrides: str):
+def make(tmp_path: Path, *overrides: str, heartbeat_s: float = 0.0, metrics: JobMetrics | None = None):
     clock = Clock()
     config = load_config(LOCAL_CONFIG, ["train.steps=3", *overrides])
     run = RunDir.open(tmp_path / "run")
     group = FakeGroup(clock, config.cluster.world_size)
-    ctl = Controller(config, run, group, EventLog(run.events), NullDisplay(), sleep=clock.sleep, clock=clock)
+    group.heartbeat_s = heartbeat_s
+    ctl = Controller(config, run, group, EventLog(run.events), NullDisplay(), sleep=clock.sleep, clock=clock,
+                     metrics=metrics)
     return ctl, group, run, clock
 
 
@@ -508,7 +511,7 @@ def test_a_node_whose_beat_brings_one_rank_still_stepping_is_still_looked_at_for
     ctl.step()
     group.script = [[_beat(clock, [1, 1], [clock.now, clock.now], [False, False])]]
     ctl.step()
-    assert ctl._hang_candidates(clock.now, ctl._limits()) == [], "every node was just heard from"
+    assert ctl._hangs.candidates(clock.now, len(ctl._views)) == [], "every node was just heard from"
     stuck_since = clock.now
     for _ in range(2):
         clock.now += 2
@@ -525,8 +528,7 @@ def test_a_node_whose_beat_brings_one_rank_still_stepping_is_still_looked_at_for
 def test_a_peer_heard_a_heartbeat_ago_is_not_frozen(tmp_path: Path) -> None:
     """Liveness arrives with the node's heartbeat: a peer waiting in the collective, last heard a
     heartbeat ago, is alive; the frozen rank is the culprit, alone."""
-    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5")
-    group.heartbeat_s = 2.5
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=5", heartbeat_s=2.5)
     _started(ctl, group, clock)
     frozen_since = clock.now
     clock.now += 9
@@ -541,8 +543,7 @@ def test_a_peer_silent_only_in_a_heartbeat_old_status_is_not_frozen(tmp_path: Pa
     """hang_timeout_s below FROZEN_AFTER_S + heartbeat: the peer waiting in the collective looks
     silent past it in its node's last heartbeat, but its agent's fresh answer shows it alive; only
     the stopped rank is the culprit (a full restart for a SIGSTOP of rank 0 on CI, before)."""
-    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=4")
-    group.heartbeat_s = 2.5
+    ctl, group, run, clock = make(tmp_path, "fault_tolerance.hang_timeout_s=4", heartbeat_s=2.5)
     _started(ctl, group, clock)
     stopped_since = clock.now
     clock.now += 4.5
@@ -831,10 +832,7 @@ def test_a_lost_node_is_one_line_naming_its_address_and_ranks(tmp_path: Path) ->
 def test_a_lost_spare_node_is_reported_at_once_and_counted(tmp_path: Path) -> None:
     """A spare node partitioned away while waiting: an event, a terminal line, the gauges; the header
     line names the rank nodes and the spares."""
-    from orchestrator.monitor.metrics import JobMetrics
-
-    ctl, group, run, clock = make(tmp_path, *TWO_NODES, "cluster.spare_nodes=1")
-    ctl.metrics = JobMetrics()
+    ctl, group, run, clock = make(tmp_path, *TWO_NODES, "cluster.spare_nodes=1", metrics=JobMetrics())
     group.spares = ["10.0.0.9"]
     _started(ctl, group, clock)
     assert "nodes: 10.0.0.1 (ranks 0-3); spare nodes: 10.0.0.9" in ctl.display.notes

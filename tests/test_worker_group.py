@@ -93,16 +93,16 @@ class FakeActor:
 
 
 def _standings(group: RayWorkerGroup) -> list[Standing]:
-    return [agent.standing for agent in group._slots]
+    return [agent.standing for agent in group._placement.slots]
 
 
 def _group(tmp_path: Path, overrides: list[str], nodes: list[tuple[str, str]]) -> RayWorkerGroup:
     """A group over the stand-in Ray and inbox, one agent on each of ``nodes`` (node id, address)."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", *overrides]), tmp_path)
-    group._ray, group._inbox = FakeRay(), FakeInbox()
-    group._ray.nodes = lambda: [{"NodeID": node, "Alive": True} for node, _ in nodes]
-    group._ray.kill = lambda actor, no_restart: None
-    group._slots = [AgentSlot(handle=FakeActor(), node={"node_id": node, "ip": ip, "hostname": node}) for node, ip in nodes]
+    group._placement.ray, group._inbox = FakeRay(), FakeInbox()
+    group._placement.ray.nodes = lambda: [{"NodeID": node, "Alive": True} for node, _ in nodes]
+    group._placement.ray.kill = lambda actor, no_restart: None
+    group._placement.slots = [AgentSlot(handle=FakeActor(), node={"node_id": node, "ip": ip, "hostname": node}) for node, ip in nodes]
     return group
 
 
@@ -110,16 +110,16 @@ def _two_nodes(tmp_path: Path) -> RayWorkerGroup:
     """A group of two one-rank nodes (rank r on agent r) over the stand-in Ray."""
     config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=1"])
     group = RayWorkerGroup(config, tmp_path)
-    group._ray, group._inbox = FakeRay(), FakeInbox()
-    group._slots = [AgentSlot(handle=FakeActor(), node={"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}),
+    group._placement.ray, group._inbox = FakeRay(), FakeInbox()
+    group._placement.slots = [AgentSlot(handle=FakeActor(), node={"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}),
                     AgentSlot(handle=FakeActor(), node={"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"})]
-    group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
+    group._placement.ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
     return group
 
 
 def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
-    answers = gather(group._ray, group._slots, {0: "ok", 1: "hung"}, "kill")
+    answers = gather(group._placement.ray, group._placement.slots, {0: "ok", 1: "hung"}, "kill")
     assert list(answers) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
@@ -129,8 +129,8 @@ def test_a_hung_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> 
 
 def test_a_failed_agent_call_fails_its_nodes_ranks_not_the_run(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
-    group._ray.failures = {"broken": RayActorError("The actor died unexpectedly before finishing this task.")}
-    answers = gather(group._ray, group._slots, {0: "ok", 1: "broken"}, "interrupt")
+    group._placement.ray.failures = {"broken": RayActorError("The actor died unexpectedly before finishing this task.")}
+    answers = gather(group._placement.ray, group._placement.slots, {0: "ok", 1: "broken"}, "interrupt")
     assert list(answers) == [0], "no exception reaches the controller"
     updates = {u.rank: u for u in group.poll()}
     assert "a call to node agent 1 on 10.0.0.2 (interrupt) failed: The actor died" in updates[1].lost
@@ -227,10 +227,10 @@ def test_latency_on_one_machine_is_not_taken_for_skew(tmp_path: Path) -> None:
 
 def test_a_spare_node_whose_agent_died_is_not_offered_again_and_costs_no_lease_wait(tmp_path: Path) -> None:
     group = _group(tmp_path, ["cluster.spare_nodes=1"], [("node-a", "10.0.0.1"), ("node-s", "10.0.0.9")])
-    group._slots[1].failed("died", Cause.DIED)
+    group._placement.slots[1].failed("died", Cause.DIED)
     lost = group._lose({1: "died"})
     assert sorted(lost) == [1]
-    assert group._spare_bundles == [] and _standings(group) == [Standing.LIVE, Standing.RETIRED]
+    assert group._placement.spare_bundles == [] and _standings(group) == [Standing.LIVE, Standing.RETIRED]
     assert group._fenced_at == 0.0, "its processes are gone: no lease to wait for"
 
 
@@ -241,22 +241,22 @@ def test_a_node_that_is_dying_moves_to_the_spare_once_ray_reports_it_dead(tmp_pa
     config = load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", "cluster.nodes=2", "cluster.workers_per_node=2",
                                         "cluster.spare_nodes=1"])
     group = RayWorkerGroup(config, tmp_path)
-    ray = group._ray = FakeRay()
+    ray = group._placement.ray = FakeRay()
     reports = iter([["node-a", "node-b", "node-s"]] * 2)  # node-b looks alive twice, then is reported dead
     ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in next(reports, ["node-a", "node-s"])]
     ray.kill = lambda actor, no_restart: None
-    group._slots = [AgentSlot(handle=SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")),
+    group._placement.slots = [AgentSlot(handle=SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")),
                               node={"node_id": node, "ip": ip, "hostname": node})
                     for node, ip in (("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9"))]
     unplaceable = SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "hung"))
-    group._new_agent = lambda index: unplaceable
-    group._slots[1].advance(Move.GIVEN_UP)
+    group._placement._new_agent = lambda index: unplaceable
+    group._placement.slots[1].advance(Move.GIVEN_UP)
 
     started = time.monotonic()
     assert group.replace_lost(allow_missing=False) == []
     assert time.monotonic() - started < 5
-    assert group._slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
-    assert (group._home(2), group._home(3)) == (2, 2), "ranks 2 and 3 now live on the spare node's agent"
+    assert group._placement.slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
+    assert (group._placement.home(2), group._placement.home(3)) == (2, 2), "ranks 2 and 3 now live on the spare node's agent"
 
 
 def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
     group = _group(tmp_path, ["cluster.nodes=2", "cluster.workers_per_node=1", "cluster.spare_nodes=1",
                               "fault_tolerance.node_timeout_s=0.2"],
                    [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2"), ("node-s", "10.0.0.9")])
-    group._new_agent = lambda index: pytest.fail("a silent node's agent is not made again in its bundle")
+    group._placement._new_agent = lambda index: pytest.fail("a silent node's agent is not made again in its bundle")
     group.poll()
     time.sleep(0.3)
     group._inbox.push(0)
@@ -275,19 +275,19 @@ def test_a_silent_node_moves_to_the_spare_at_once_though_ray_still_lists_it(tmp_
     assert 0 not in updates, "agent 0 pushed in time"
     group._fenced_at = 0.0  # its lease is not what this test waits for
     assert group.replace_lost(allow_missing=False) == []
-    assert group._slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
+    assert group._placement.slot_bundle == [0, 2] and _standings(group) == [Standing.LIVE, Standing.RETIRED, Standing.LIVE]
 
 
 def test_a_kill_nobody_waits_for_still_costs_its_node_when_it_fails_but_never_a_successor(tmp_path: Path) -> None:
     group = _two_nodes(tmp_path)
     died = RayActorError("The actor died unexpectedly before finishing this task.")
-    group._ray.failures = {"broken": died, "old": died}
-    group._slots[0].handle.kill = SimpleNamespace(remote=lambda ranks: "old")
-    group._slots[1].handle.kill = SimpleNamespace(remote=lambda ranks: "broken")
+    group._placement.ray.failures = {"broken": died, "old": died}
+    group._placement.slots[0].handle.kill = SimpleNamespace(remote=lambda ranks: "old")
+    group._placement.slots[1].handle.kill = SimpleNamespace(remote=lambda ranks: "broken")
     started = time.monotonic()
     group.kill([0, 1])
     assert time.monotonic() - started < 0.1, "nobody waits for a kill"
-    group._slots[0].remade(FakeActor())  # agent 0 was made again meanwhile: its predecessor's failure is not its own
+    group._placement.slots[0].remade(FakeActor())  # agent 0 was made again meanwhile: its predecessor's failure is not its own
     updates = {u.rank: u for u in group.poll()}
     assert 0 not in updates, "nothing new of rank 0: no update"
     assert "a call to node agent 1 on 10.0.0.2 (kill) failed: The actor died" in updates[1].lost
@@ -298,19 +298,19 @@ def test_an_agent_whose_connection_closed_is_asked_through_ray_and_lost_in_a_few
     """Ray's words for it (an RpcError, rpc_code 14, a paragraph) stay in Ray's logs. One Ray cannot
     reach is its node lost at once; one whose process died on a live node costs no lease wait."""
     group = _two_nodes(tmp_path)
-    group._ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
-    group._ray.kill = lambda actor, no_restart: None
+    group._placement.ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
+    group._placement.ray.kill = lambda actor, no_restart: None
     error = (ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")
              if why == "unreachable" else ActorDiedError("The actor died unexpectedly before finishing this task."))
-    group._ray.failures = {"probe": error}
-    group._slots[1].handle.node_info = SimpleNamespace(remote=lambda: "probe")
+    group._placement.ray.failures = {"probe": error}
+    group._placement.slots[1].handle.node_info = SimpleNamespace(remote=lambda: "probe")
     group._inbox.received.closed.add(1)
     group._inbox.push(0)
     updates = {u.rank: u for u in group.poll()}
     if why == "unreachable":
         assert updates[1].lost == ("node 10.0.0.2 lost: node agent 1 on 10.0.0.2 unreachable "
                                    "(a call after its connection closed)")
-        assert group._slots[1].cause is Cause.UNREACHABLE, "its slot moves to a spare without waiting for Ray to call it dead"
+        assert group._placement.slots[1].cause is Cause.UNREACHABLE, "its slot moves to a spare without waiting for Ray to call it dead"
     else:
         assert updates[1].lost == "node agent 1 on 10.0.0.2 died (a call after its connection closed)"
         assert group._fenced_at == 0.0, "its ranks died with it: no lease to wait for"
@@ -324,9 +324,9 @@ def test_the_gpu_targets_leave_out_other_machines_loopback_endpoints(tmp_path: P
     group = _group(tmp_path, ["cluster.nodes=2", "cluster.workers_per_node=1"],
                    [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")])
     group._inbox.address = ("10.0.0.1", 4000)  # the controller runs on node-a
-    group._slots[0].node["gpu_endpoint"], group._slots[1].node["gpu_endpoint"] = "127.0.0.1:9400", "127.0.0.1:9401"
+    group._placement.slots[0].node["gpu_endpoint"], group._placement.slots[1].node["gpu_endpoint"] = "127.0.0.1:9400", "127.0.0.1:9401"
     assert group.gpu_endpoints() == ["127.0.0.1:9400"]
-    group._slots[0].node["gpu_endpoint"], group._slots[1].node["gpu_endpoint"] = "10.0.0.1:9400", "10.0.0.2:9400"
+    group._placement.slots[0].node["gpu_endpoint"], group._placement.slots[1].node["gpu_endpoint"] = "10.0.0.1:9400", "10.0.0.2:9400"
     assert group.gpu_endpoints() == ["10.0.0.1:9400", "10.0.0.2:9400"], "metrics.host 0.0.0.0: every node's"
 
 

@@ -61,7 +61,7 @@ _FIRST_READING_S = 10.0
 _SLOW_PUSH_S = 1.0  # a push that takes longer is said in the agent's log: the lease may be at risk
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
 # An attempt's start waits this long at most for a zygote still doing its imports (then its ranks
-# start as fresh processes): under the controller's timeout for the call (worker_group._CALL_TIMEOUT_S).
+# start as fresh processes): under the controller's timeout for the call (agent_calls.CALL_TIMEOUT_S).
 _ZYGOTE_WAIT_S = 20.0
 # An interrupted survivor gets this long to leave its training function; then it is killed (and the
 # attempt it was to rejoin sees it fail, and replaces it).

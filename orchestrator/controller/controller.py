@@ -3,7 +3,14 @@
 It owns the run's bookkeeping: the event log, the progress display, what
 each rank last did, which checkpoint is committed, the failure history and
 restart counters. Processes are only ever touched through the
-:class:`~orchestrator.controller.worker_group.WorkerGroup`.
+:class:`~orchestrator.controller.worker_group.WorkerGroup`. When to look for hung
+ranks is :class:`~orchestrator.controller.hang_watch.HangWatch`'s, what is told of
+the nodes (layout, networks, spares) :class:`~orchestrator.controller.node_news.NodeNews`'.
+
+Read it in the order a run goes: ``prepare`` (which checkpoint), then the
+states (``states.py``) call ``start_workers``, ``observe`` (poll, absorb, find
+failures), ``settle``, ``decide`` and ``recover``; the bookkeeping they share
+comes after.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
 from orchestrator.controller import hangs
 from orchestrator.controller.failures import Failure, failure_from, one_per_rank, rank_ranges, root_cause
+from orchestrator.controller.hang_watch import HangWatch
+from orchestrator.controller.node_news import NodeNews
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
 from orchestrator.controller.states import Failed, Starting, State, Succeeded
 from orchestrator.controller.views import Move, Phase, Process, RankView
-from orchestrator.controller.worker_group import NodeLayout, RankUpdate, WorkerGroup, WorkerInfo
+from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.events import EventLog
 from orchestrator.messages import (
     CheckpointFailed,
@@ -60,14 +69,6 @@ SCRIPT_UP_S = 10.0
 SCRIPT_MOVING_S = 2.0
 # Spares start after the first reported step; for a script that reports nothing, this long after its start.
 SPARES_AFTER_S = 30.0
-# How often the file that lists the nodes' GPU endpoints for Prometheus is brought up to date.
-TARGETS_INTERVAL_S = 5.0
-# How often the ranks are checked for a hang: with every steady look. The check visits only the ranks of
-# nodes not heard from within hang_timeout_s (none, mostly): 0.3 ms at 16,384 ranks.
-HANG_CHECK_S = POLL_INTERVAL_S
-# How long a hang's verdict waits for the suspects' agents to answer (they answer at once; one that
-# does not is on a node being lost, which its own timeout decides).
-CONFIRM_S = 1.0
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
@@ -84,15 +85,6 @@ class PendingRecovery:
     detected_at: float
     started_at: float
     replaced: list[int]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Confirming:
-    """Hung ranks' agents asked (request ``mark``) for fresh statuses before the verdict."""
-
-    mark: int
-    ranks: set[int]
-    asked_at: float
 
 
 class Controller:
@@ -136,23 +128,17 @@ class Controller:
         self._sleep = sleep
         self._clock = clock
         self._views: dict[int, RankView] = {}
-        # Node slot -> a time at or before every one of its ranks' last progress and sign of life, as of
-        # its last beat (progress only moves on): the hang check skips nodes heard from since the limit.
-        self._node_heard: dict[int, float] = {}
+        ft = config.fault_tolerance
+        limits = hangs.Limits(hang_timeout_s=ft.hang_timeout_s, stuck_timeout_s=ft.stuck_timeout_s,
+                              heartbeat_s=group.heartbeat_s)
+        self._hangs = HangWatch(group, limits, config.cluster.workers_per_node, every_s=POLL_INTERVAL_S, clock=clock)
+        self._nodes = NodeNews(config, group, events, display, metrics, gpu_targets, clock)
         self._pending: PendingRecovery | None = None
         self._spares_started = False
         self._attempt_started_at = 0.0
-        self._warm_spares: dict[str, int] = {}
-        self._layout_shown: NodeLayout | None = None
-        self._networks_reported: dict[str, dict[str, Any]] = {}
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
-        self._gpu_targets = gpu_targets
-        self._targets_written_at = float("-inf")
-        self._hangs_checked_at = float("-inf")
-        self._confirming: Confirming | None = None  # hung ranks whose fresh statuses are awaited
-        self._verdict_mark = 0  # the request whose answers confirmed the last hang
         if metrics is not None:
             events.subscribe(metrics.on_event)
             metrics.watch_ranks(self._rank_samples)
@@ -213,16 +199,12 @@ class Controller:
                 failures += self._absorb_left(update)
             elif (failure := self._absorb(update)) is not None:
                 failures.append(failure)
-        if self._confirming is not None or self._clock() - self._hangs_checked_at >= HANG_CHECK_S:
-            self._hangs_checked_at = self._clock()
-            failures += self._hangs()
+        failures += self._hangs.look(self._views)
         failures += self._checkpoint_failures
         self._checkpoint_failures = []
         if not failures:
             self._check_quiet_script()
-        self._note_spares()
-        if self.metrics is not None:
-            self._update_metrics()
+        self._nodes.look()
         return failures
 
     def _rank_samples(self) -> list[RankSample]:
@@ -230,50 +212,6 @@ class Controller:
         now = self._clock()
         return [RankSample(rank=rank, running=v.running and v.phase is not Phase.FINISHED, age_s=now - v.progress_at,
                            step=v.step or 0, step_time_s=v.step_time_s) for rank, v in list(self._views.items())]
-
-    def _update_metrics(self) -> None:
-        now = self._clock()
-        if self._gpu_targets is not None and now - self._targets_written_at >= TARGETS_INTERVAL_S:
-            self._targets_written_at = now
-            self._gpu_targets.update(self.group.gpu_endpoints())
-
-    def _note_spares(self) -> None:
-        warm = self.group.warm_spares()
-        for node, pid in warm.items():
-            if self._warm_spares.get(node) != pid:
-                self.events.emit(ev.SpareReady(node=node, pid=pid))
-        self._warm_spares = warm
-        for address, why in self.group.lost_spares():
-            self._spare_node_lost(address, why)
-
-    def _spare_node_lost(self, address: str, why: str) -> None:
-        """A spare node went away while waiting: said at once, not found out when a node fails."""
-        left, configured = len(self.group.layout().spares), self.config.cluster.spare_nodes
-        if self.metrics is not None:
-            self.metrics.update_spare_nodes(left, configured)
-        ft = self.config.fault_tolerance
-        self.events.emit(ev.SpareNodeLost(node_ip=address, message=why, spare_nodes=left,
-                                          spare_nodes_configured=configured))
-        if left:
-            then = ""
-        elif ft.allow_shrink:
-            then = "; a lost node now shrinks the job (fault_tolerance.allow_shrink)"
-        else:
-            then = (f"; a lost node now waits up to fault_tolerance.node_wait_s={ft.node_wait_s:g}s for a new node, "
-                    "then fails the run")
-        self.display.note(f"spare node {address} lost ({why}); {left} of {configured} spare node(s) left{then}")
-
-    def _show_layout(self) -> None:
-        """One line naming the nodes that hold ranks and the spare nodes, whenever that changes."""
-        layout = self.group.layout()
-        if self.metrics is not None:  # spare nodes are taken (or found lost) only here and when lost
-            self.metrics.update_spare_nodes(len(layout.spares), self.config.cluster.spare_nodes)
-        if layout == self._layout_shown or (len(layout.ranks) < 2 and not self.config.cluster.spare_nodes):
-            return
-        self._layout_shown = layout
-        nodes = ", ".join(f"{address} (ranks {rank_ranges(ranks)})" for address, ranks in layout.ranks.items())
-        spares = ", ".join(layout.spares) or "none left" if self.config.cluster.spare_nodes else ""
-        self.display.note(f"nodes: {nodes}" + (f"; spare nodes: {spares}" if spares else ""))
 
     def settle(self, failures: list[Failure]) -> list[Failure]:
         """Listen briefly for the failure's consequences so the root cause is chosen from all of them.
@@ -298,7 +236,7 @@ class Controller:
         # of 2,048 statuses to read while the decision waits. A hang's agents were asked for its
         # verdict, after it was judged: their answers prove their nodes alive as a new request would.
         if all(f.reason == "hang" for f in failures):
-            mark = self._verdict_mark
+            mark = self._hangs.verdict_mark
         else:
             mark = self.group.poll_mark(awaited())
         start = self._clock()
@@ -435,7 +373,7 @@ class Controller:
     def wait(self, fast: bool = False) -> None:
         """Until the next look: sooner while a failure is handled or a hang awaits its confirmation,
         and at once (``FAST_POLL_INTERVAL_S`` after the last) when an agent tells of a failure."""
-        interval = FAST_POLL_INTERVAL_S if fast or self._confirming is not None else POLL_INTERVAL_S
+        interval = FAST_POLL_INTERVAL_S if fast or self._hangs.confirming else POLL_INTERVAL_S
         self.group.wait(interval, soonest_s=FAST_POLL_INTERVAL_S)
 
     def abort(self, reason: str, message: str | None = None) -> None:
@@ -449,11 +387,8 @@ class Controller:
         old = self._views
         self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None)
                        for r in range(self.group.world_size)}
-        self._node_heard = {}
-        self._report_networks()
-        self._show_layout()
-        if self.metrics is not None:
-            self.metrics.set_gpu_models(self.group.gpu_models())
+        self._hangs.new_attempt()
+        self._nodes.attempt_began()
         for info in infos:
             self.events.emit(ev.WorkerStarted(
                 rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
@@ -464,16 +399,6 @@ class Controller:
         # 0.07-0.27 s every few seconds, found nothing, and held up every thread. None of it is in a
         # reference cycle: what is dropped is freed by its reference count as before.
         gc.freeze()
-
-    def _report_networks(self) -> None:
-        """``network_configured`` once per node (again if what it detected changed), and one line each."""
-        for node_id, found in self.group.node_networks().items():
-            if self._networks_reported.get(node_id) == found:
-                continue
-            self._networks_reported[node_id] = found
-            fields = {k: v for k, v in found.items() if k != "summary"}
-            self.events.emit(ev.NetworkConfigured(node_id=node_id, **fields))
-            self.display.note(f"network on {node_id[:8]}: {found['summary']}")
 
     def _absorb_beat(self, beat: NodeBeat) -> None:
         """A node's beat: its ranks' liveness, and their latest steps of this attempt (a fast node's first
@@ -498,7 +423,7 @@ class Controller:
                 oldest = alive_at
         per_node = self.config.cluster.workers_per_node
         if len(beat.ranks) == per_node and beat.ranks[0] % per_node == 0:  # a whole node slot's
-            self._node_heard[beat.ranks[0] // per_node] = oldest
+            self._hangs.node_heard[beat.ranks[0] // per_node] = oldest
 
     def _absorb_saved(self, saved: NodeSaved) -> None:
         """A node's ranks saved their parts of a checkpoint (progress: a rank saving is not hung)."""
@@ -594,55 +519,11 @@ class Controller:
                         message=outcome.message)
             )
 
-    def _hangs(self) -> list[Failure]:
-        """Hung ranks (``controller/hangs.py``), once their agents' fresh statuses confirm it."""
-        now, limits = self._clock(), self._limits()
-        culprits = hangs.culprits(self._views, now, limits, self._hang_candidates(now, limits))
-        if not self._confirmed(culprits, now):
-            return []
-        failures = []
-        for rank in culprits:
-            view = self._views[rank]
-            failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step, message=hangs.why(view, now, limits)))
-            view.advance(Move.FAILED)
-        return failures
-
     def stop_hung(self, failures: list[Failure]) -> None:
         """Kill the processes of the hung ranks among ``failures``: their peers, waiting for them in a
         collective, then fail at once, which the settle hears."""
         if hung := [f.rank for f in failures if f.reason == "hang"]:
             self.group.kill(hung)
-
-    def _limits(self) -> hangs.Limits:
-        ft = self.config.fault_tolerance
-        return hangs.Limits(hang_timeout_s=ft.hang_timeout_s, stuck_timeout_s=ft.stuck_timeout_s,
-                            heartbeat_s=self.group.heartbeat_s)
-
-    def _hang_candidates(self, now: float, limits: hangs.Limits) -> list[int] | None:
-        """The ranks that may be stale: those of nodes not heard from within ``hang_timeout_s`` (a node
-        whose oldest progress or sign of life is newer has none); None (every rank) until every node's
-        beat came in this attempt."""
-        per_node = self.config.cluster.workers_per_node
-        if len(self._node_heard) * per_node != len(self._views):
-            return None
-        since = now - limits.hang_timeout_s
-        stale = sorted(slot for slot, heard in self._node_heard.items() if heard < since)  # nearly always none
-        return [rank for slot in stale for rank in range(slot * per_node, (slot + 1) * per_node)]
-
-    def _confirmed(self, culprits: list[int], now: float) -> bool:
-        """Whether hung ``culprits`` may be killed: a rank's liveness and (but for rank 0's) its steps
-        arrive with its node's heartbeat, seconds old, so the verdict waits until their agents have
-        answered a request for fresh statuses (at once), or ``CONFIRM_S`` at most."""
-        if not culprits:
-            self._confirming = None
-            return False
-        if self._confirming is None or not set(culprits) <= self._confirming.ranks:
-            self._confirming = Confirming(mark=self.group.poll_mark(culprits), ranks=set(culprits), asked_at=now)
-            return False
-        if self.group.unheard(self._confirming.mark, culprits) and now - self._confirming.asked_at < CONFIRM_S:
-            return False
-        self._verdict_mark, self._confirming = self._confirming.mark, None
-        return True
 
     def _check_quiet_script(self) -> None:
         """For a script that has reported no step in this run: start the spares once it has run a while,
