@@ -184,7 +184,8 @@ class Controller:
     # --- called by states -------------------------------------------------
 
     def start_workers(self) -> None:
-        self._begin_attempt(self.group.start(self.attempt, self.resume_tag, self.faults))
+        began = self._clock()
+        self._begin_attempt(began, self.group.start(self.attempt, self.resume_tag, self.faults))
 
     def observe(self) -> list[Failure]:
         """Poll every rank once and record its reports; returns the new failures (hangs included: their
@@ -235,24 +236,33 @@ class Controller:
         # Only the agents whose answer is awaited are asked: at 2,048 nodes, asking all is a burst
         # of 2,048 statuses to read while the decision waits. A hang's agents were asked for its
         # verdict, after it was judged: their answers prove their nodes alive as a new request would.
+        # While collective errors are all there is, every agent is asked only if one more look does
+        # not show their cause: a killed rank's exit often arrives a moment after its peers' errors.
+        mark: int | None
         if all(f.reason == "hang" for f in failures):
             mark = self._hangs.verdict_mark
+        elif all(f.reason == "exception" and f.collective for f in failures):
+            mark = None
         else:
             mark = self.group.poll_mark(awaited())
         start = self._clock()
         give_up = start + self.config.fault_tolerance.node_timeout_s + SETTLE_S
         # Consequences come within SETTLE_S of the first failure, not of when it was seen here.
         listened = min(start, min(f.at for f in failures)) + SETTLE_S
+        looked = False
         while self._clock() < give_up:
+            if mark is None and looked:
+                mark = self.group.poll_mark(awaited())
             settled = all(v.phase in (Phase.FAILED, Phase.LEFT) or not v.running for v in self._views.values())
             # A hang was judged on its agent's fresh answer: its node lives, and its peers, waiting for
             # it, fail only once it is killed (their errors belong to the attempt that ends now).
             hangs_only = all(f.reason == "hang" for f in failures)
-            if (not self.group.unheard(mark, awaited())
+            if (mark is not None and not self.group.unheard(mark, awaited())
                     and (settled or hangs_only or self._clock() >= listened)):
                 break
             self.wait(fast=True)
             new = self.observe()
+            looked = True
             self.stop_hung(new)
             failures = failures + new
             signs = {f.rank for f in new if f.reason != "exception"}
@@ -329,8 +339,9 @@ class Controller:
             resume_from=self.resume_tag,
             restarts_left=self.config.fault_tolerance.max_restarts - len(self.history),
         ))
+        began = self._clock()
         infos = self.group.start(self.attempt, self.resume_tag, self.faults, rejoin=survivors, interrupt=unwinding)
-        self._begin_attempt(infos)
+        self._begin_attempt(began, infos)
         # A script resumes from checkpoints of its own: where, it says when it reports (if it does).
         resumed = None if self.config.train.is_script else store.step_of(self.resume_tag) if self.resume_tag else 0
         self._pending = PendingRecovery(
@@ -382,10 +393,14 @@ class Controller:
 
     # --- bookkeeping --------------------------------------------------------
 
-    def _begin_attempt(self, infos: list[WorkerInfo]) -> None:
-        now = self._attempt_started_at = self._clock()
+    def _begin_attempt(self, began: float, infos: list[WorkerInfo]) -> None:
+        """The attempt whose start was asked at ``began`` has started ``infos`` (and the rejoining ranks)."""
+        self._attempt_started_at = self._clock()
         old = self._views
-        self._views = {r: RankView(progress_at=now, step=old[r].step if r in old else None)
+        # A rank's progress counts from when its start was asked, not from when every node's start was
+        # answered: at thousands of ranks that takes seconds, and a fast node's ranks step meanwhile (a
+        # rank hung after its first steps was found that much late: 0.5-0.7 s at 16,384 ranks).
+        self._views = {r: RankView(progress_at=began, step=old[r].step if r in old else None)
                        for r in range(self.group.world_size)}
         self._hangs.new_attempt()
         self._nodes.attempt_began()

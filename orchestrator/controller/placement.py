@@ -6,8 +6,8 @@ workers_per_node``), so tensor-parallel groups (consecutive ranks, a divisor of 
 node and data-parallel replicas span nodes. Slot ``s`` lives on bundle ``slot_bundle[s]``; bundles past
 ``cluster.nodes`` are spare nodes until a lost node's slot moves onto one. A lost node's agent is
 made again in its bundle (Ray moves a lost node's bundle to a node that joins), or its slot moves to
-a spare node and its bundle retires. What the agents are (their uplink, lease, GPU serving) is the worker group's: it hands
-:class:`Placement` the arguments of each new agent.
+a spare node and its bundle retires. What the agents are (their uplink, lease, GPU serving) is the
+worker group's: it hands :class:`Placement` the arguments of each new agent.
 """
 
 from __future__ import annotations
