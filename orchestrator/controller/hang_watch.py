@@ -41,7 +41,7 @@ class HangWatch:
         ``hang_timeout_s`` (none, mostly): 0.3 ms at 16,384 ranks."""
         self._group = group
         self._every_s = every_s
-        self.limits = limits
+        self._limits = limits
         self._per_node = per_node
         self._clock = clock
         # Node slot -> a time at or before every one of its ranks' last progress and sign of life, as of
@@ -67,14 +67,14 @@ class HangWatch:
         if self._confirming is None and now - self._checked_at < self._every_s:
             return []
         self._checked_at = now
-        culprits = hangs.culprits(views, now, self.limits, self.candidates(now, len(views)))
+        culprits = hangs.culprits(views, now, self._limits, self.candidates(now, len(views)))
         if not self._confirmed(culprits, now):
             return []
         failures = []
         for rank in culprits:
             view = views[rank]
             failures.append(Failure(rank=rank, reason="hang", at=now, step=view.step,
-                                    message=hangs.why(view, now, self.limits)))
+                                    message=hangs.why(view, now, self._limits)))
             view.advance(Move.FAILED)
         return failures
 
@@ -85,7 +85,7 @@ class HangWatch:
         per_node = self._per_node
         if len(self.node_heard) * per_node != ranks:
             return None
-        since = now - self.limits.hang_timeout_s
+        since = now - self._limits.hang_timeout_s
         stale = sorted(slot for slot, heard in self.node_heard.items() if heard < since)  # nearly always none
         return [rank for slot in stale for rank in range(slot * per_node, (slot + 1) * per_node)]
 
