@@ -228,10 +228,12 @@ class Controller:
         """
         suspects = {f.rank for f in failures if f.reason != "exception"}
 
+        def unexplained() -> bool:
+            return all(f.reason == "exception" and f.collective for f in failures)
+
         def awaited() -> Collection[int]:
             """Whose agents must answer: every rank's while collective errors are all there is."""
-            unexplained = all(f.reason == "exception" and f.collective for f in failures)
-            return range(self.group.world_size) if unexplained else suspects
+            return range(self.group.world_size) if unexplained() else suspects
 
         # Only the agents whose answer is awaited are asked: at 2,048 nodes, asking all is a burst
         # of 2,048 statuses to read while the decision waits. A hang's agents were asked for its
@@ -241,7 +243,7 @@ class Controller:
         mark: int | None
         if all(f.reason == "hang" for f in failures):
             mark = self._hangs.verdict_mark
-        elif all(f.reason == "exception" and f.collective for f in failures):
+        elif unexplained():
             mark = None
         else:
             mark = self.group.poll_mark(awaited())
@@ -418,7 +420,7 @@ class Controller:
     def _absorb_beat(self, beat: NodeBeat) -> None:
         """A node's beat: its ranks' liveness, and their latest steps of this attempt (a fast node's first
         steps may finish before every node's start was answered). Thousands a second at scale: one pass,
-        which also notes the oldest progress or sign of life of the node's ranks (``_node_heard``)."""
+        which also notes the oldest progress or sign of life of the node's ranks (for the hang watch)."""
         views, attempt, starting = self._views, self.attempt, Phase.STARTING  # a member looked up once, not per rank
         oldest = float("inf")
         for rank, alive_at, moved_at, where, in_collective, step, step_at, step_time_s, step_attempt in zip(
@@ -436,9 +438,7 @@ class Controller:
                 oldest = view.progress_at
             if alive_at < oldest:
                 oldest = alive_at
-        per_node = self.config.cluster.workers_per_node
-        if len(beat.ranks) == per_node and beat.ranks[0] % per_node == 0:  # a whole node slot's
-            self._hangs.node_heard[beat.ranks[0] // per_node] = oldest
+        self._hangs.node_beat(beat.ranks, oldest)
 
     def _absorb_saved(self, saved: NodeSaved) -> None:
         """A node's ranks saved their parts of a checkpoint (progress: a rank saving is not hung)."""

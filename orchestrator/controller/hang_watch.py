@@ -46,7 +46,7 @@ class HangWatch:
         self._clock = clock
         # Node slot -> a time at or before every one of its ranks' last progress and sign of life, as of
         # its last beat (progress only moves on): a look skips nodes heard from since the limit.
-        self.node_heard: dict[int, float] = {}
+        self._node_heard: dict[int, float] = {}
         self._checked_at = float("-inf")
         self._confirming: Confirming | None = None
         self.verdict_mark = 0  # the request whose answers confirmed the last hang
@@ -58,7 +58,14 @@ class HangWatch:
 
     def new_attempt(self) -> None:
         """Forget what the last attempt's beats said: every rank is looked at until every node beat."""
-        self.node_heard = {}
+        self._node_heard = {}
+
+    def node_beat(self, ranks: list[int], oldest: float) -> None:
+        """A beat of ``ranks`` came whose oldest progress or sign of life is ``oldest``: if they are a
+        whole node slot's, that node has nothing stale until ``oldest`` + ``hang_timeout_s``."""
+        per_node = self._per_node
+        if len(ranks) == per_node and ranks[0] % per_node == 0:
+            self._node_heard[ranks[0] // per_node] = oldest
 
     def look(self, views: dict[int, RankView]) -> list[Failure]:
         """The ranks found hung, confirmed (their views moved to FAILED; their processes still run); none
@@ -83,10 +90,10 @@ class HangWatch:
         ``hang_timeout_s`` (a node whose oldest progress or sign of life is newer has none); None (every
         rank) until every node's beat came in this attempt."""
         per_node = self._per_node
-        if len(self.node_heard) * per_node != ranks:
+        if len(self._node_heard) * per_node != ranks:
             return None
         since = now - self._limits.hang_timeout_s
-        stale = sorted(slot for slot, heard in self.node_heard.items() if heard < since)  # nearly always none
+        stale = sorted(slot for slot, heard in self._node_heard.items() if heard < since)  # nearly always none
         return [rank for slot in stale for rank in range(slot * per_node, (slot + 1) * per_node)]
 
     def _confirmed(self, culprits: list[int], now: float) -> bool:
