@@ -32,9 +32,10 @@ FOUR_RANKS_TRAINING = ("train.steps=60", "checkpoint.interval_steps=10")
 FOUR_RANKS = (*FOUR_RANKS_TRAINING, "cluster.workers_per_node=4")
 
 
-def zero_reference(stage: int) -> tuple[str, ...]:
-    """The reference run of ZeRO stage ``stage`` (30 steps, a checkpoint every 10)."""
-    return (f"parallel.zero_stage={stage}", "train.steps=30", "checkpoint.interval_steps=10")
+def zero_reference(stage: int, precision: str = "fp32") -> tuple[str, ...]:
+    """The reference run of ZeRO stage ``stage`` in ``precision`` (30 steps, a checkpoint every 10)."""
+    return (f"parallel.zero_stage={stage}", "train.steps=30", "checkpoint.interval_steps=10",
+            f"train.precision={precision}")
 
 
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

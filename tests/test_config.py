@@ -32,6 +32,8 @@ BAD_OVERRIDES = [
     (["train.seed=-5"], "train.seed"),
     (["train.micro_batch_size=0"], "train.micro_batch_size"),
     (["train.lr=0"], "train.lr"),
+    (["train.precision=fp8"], "train.precision"),
+    (["train.precision=fp16"], "train.precision: fp16 needs a GPU"),
     (["train.entrypoint=not a path"], "train.entrypoint"),
     (["model.dim=100", "model.heads=3"], "model.dim: 100 is not a multiple of model.heads=3"),
     (["model.heads=2", "parallel.tensor_parallel=2", "cluster.workers_per_node=4", "model.dim=128",

@@ -174,10 +174,14 @@ def test_the_docs_list_every_exported_field() -> None:
     assert [name for name in FIELDS if f"`{name}`" not in docs] == []
 
 
-@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 67e12), ("NVIDIA H100 PCIe", 51e12)])
-def test_mfu_against_the_summed_peak_of_the_jobs_gpus(name: str, peak: float) -> None:
+@pytest.mark.parametrize(("name", "precision", "peak"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 80GB HBM3", "fp32", 67e12),
+    ("NVIDIA H100 PCIe", "fp16", 756e12), ("NVIDIA H200", "bf16", 989e12),
+])
+def test_mfu_against_the_summed_peak_of_the_jobs_gpus_in_the_dtype_trained_in(name: str, precision: str,
+                                                                                peak: float) -> None:
     metrics = JobMetrics()
-    metrics.set_gpu_models([name, name])  # one node's two GPUs, each used by its local rank
+    metrics.set_gpu_models([name, name], precision)  # one node's two GPUs, each used by its local rank
     metrics.on_event(Step(ts=1.0, step=1, loss=2.0, step_time_s=0.5, tokens_per_s=None, flops=2 * peak * 0.5 * 0.4))
     assert "orchestrator_model_flops_utilization 0.4" in _exposition(metrics)
 

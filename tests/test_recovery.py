@@ -147,6 +147,26 @@ def test_zero3_recovers_in_place(tmp_path: Path, reference_run) -> None:
     assert evs[-1]["final_loss"] == losses_by_step(events(clean_dir))[30]
 
 
+def test_bf16_resumes_bit_exact_after_a_sigkilled_rank(tmp_path: Path, reference_run) -> None:
+    """bf16 weights with fp32 master weights in the optimizer (DeepSpeed's bf16 section): the
+    checkpoint carries the fp32 master copy, so the resumed run is the clean one, bit for bit."""
+    clean_dir, clean = reference_run(*zero_reference(1, "bf16"))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    clean_losses = losses_by_step(events(clean_dir))
+    # Trained in bf16: each rank's loss is a bf16 number, their mean a multiple of 1/256 below 8.
+    assert all((loss * 256).is_integer() for loss in clean_losses.values() if loss < 8), clean_losses
+    run_dir = tmp_path / "run"
+    proc = start_cli(*launch_args(run_dir, *zero_reference(1, "bf16")))
+    _signal_rank_at(run_dir, proc, 1, 15, signal.SIGKILL, spare=False)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    evs = events(run_dir)
+    assert [(e["rank"], e["reason"]) for e in of_kind(evs, "failure_detected")] == [(1, "signal")]
+    assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["in_place"]
+    assert all(clean_losses[e["step"]] == e["loss"] for e in of_kind(evs, "step"))
+    assert evs[-1]["final_loss"] == clean_losses[30] and evs[-1]["restarts"] == 1
+
+
 def test_repeated_exception_fails_after_one_retry_with_one_traceback(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = cli(*launch_args(run_dir, "train.entrypoint=tests.user_train:raises_at_step_3", "train.steps=5",

@@ -262,9 +262,9 @@ class Zygote:
         self._exited_early: dict[int, int] = {}
         self._prepared = threading.Event()
         self.error = ""  # why it cannot fork, once it has said so
-        # torch.cuda.is_available() (which DeepSpeed's import calls) asks NVML instead of initialising
-        # CUDA, which no child forked afterwards could use. NVML starts a thread of its own, though
-        # (driver 580 on an H100), so on such GPU nodes the zygote says it cannot fork.
+        # Should an import call torch.cuda.is_available() (none does with DS_ACCELERATOR set), it asks
+        # NVML instead of initialising CUDA, which no child forked afterwards could use: NVML's thread
+        # is seen by the zygote's check and it says it cannot fork, where CUDA would go unnoticed.
         # One OpenMP thread: with more, an import starts OpenMP's pool, and a process with threads
         # cannot fork safely. Each child takes its share of the node's cores when it becomes a rank
         # (torch.set_num_threads, process.py).

@@ -152,6 +152,12 @@ class TrainConfig(_Section):
         "accumulation; null: micro_batch_size x data-parallel size.",
     )
     lr: Annotated[float, Field(gt=0)] = Field(3e-3, description="AdamW learning rate.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="What the model trains in: fp32, or bf16/fp16 with fp32 master weights (DeepSpeed's "
+        "bf16 and fp16 sections; fp16 with dynamic loss scaling, GPU only). It also picks the dense peak "
+        "that MFU is counted against; a script keeps its own dtype, so set it to what the script trains in.",
+    )
     entrypoint: str | None = Field(
         None,
         description="User training function 'module:function'; null (and no script or module) runs the "
@@ -374,6 +380,11 @@ class Config(_Section):
                 )
         if self.train.global_batch_size is not None:
             self.accumulation_steps(self.data_parallel_size)  # raises when it does not divide
+        if self.train.precision == "fp16" and self.cluster.device == "cpu":
+            raise ValueError(
+                "train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 training); "
+                "use bf16 or fp32 with cluster.device=cpu"
+            )
         return self
 
     def redacted_dump(self) -> dict:

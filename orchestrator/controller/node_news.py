@@ -40,6 +40,7 @@ class NodeNews:
         # Neither changes when the job shrinks.
         self._spares_configured = config.cluster.spare_nodes
         self._ft = config.fault_tolerance
+        self._precision = config.train.precision
         self._warm_spares: dict[str, int] = {}
         self._layout_shown: NodeLayout | None = None
         self._networks_reported: dict[str, dict[str, Any]] = {}
@@ -50,7 +51,7 @@ class NodeNews:
         self._report_networks()
         self._show_layout()
         if self._metrics is not None:
-            self._metrics.set_gpu_models(self._group.gpu_models())
+            self._metrics.set_gpu_models(self._group.gpu_models(), self._precision)
 
     def look(self) -> None:
         """After each poll: warm spares ready, spare nodes lost, the GPU endpoints' file (now and then)."""

@@ -434,10 +434,7 @@ class RayWorkerGroup:
 
     def _prepare_zygotes(self, bundles: list[int]) -> None:
         """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:
-        the ranks are forked from it, the imports paid once per node. Not on GPU nodes, whose zygote
-        cannot fork yet (docs/fault-tolerance.md): waiting for it would only delay fresh processes."""
-        if self._config.cluster.device != "cpu":
-            return
+        the ranks are forked from it, the imports paid once per node."""
         slots = self._placement.slots
         todo = [b for b in bundles if not slots[b].zygote_asked and not slots[b].gone]
         calls = {b: slots[b].handle.prepare.remote(self._config_dict, self._node_env(b)) for b in todo}

@@ -37,9 +37,26 @@ from orchestrator.events import (
 from orchestrator.monitor.goodput import CAUSES, GoodputTracker
 from orchestrator.types import Reason
 
-# Dense fp32 peak FLOP/s by a part of NVML's model name, most specific first (training runs in
-# fp32); for model FLOPs utilisation. Other devices get no MFU.
-PEAK_FLOPS = (("H100 PCIe", 51e12), ("H100 NVL", 60e12), ("H100", 67e12), ("H200", 67e12), ("A100", 19.5e12))
+# Dense peak FLOP/s by a part of NVML's model name, most specific first: (fp32, bf16 and fp16), from
+# NVIDIA's data sheets (their "with sparsity" figures halved; fp32 without TF32). MFU is counted against
+# the peak of the dtype trained in (train.precision); other devices get no MFU.
+PEAK_FLOPS = (
+    ("H100 PCIe", 51e12, 756e12),
+    ("H100 NVL", 60e12, 835e12),
+    ("H100", 67e12, 989e12),
+    ("H200", 67e12, 989e12),
+    ("A100", 19.5e12, 312e12),
+)
+
+
+def peak_flops(model: str, precision: str) -> float | None:
+    """The dense peak FLOP/s of the GPU ``model`` (NVML's name) in ``precision`` (fp32, bf16 or fp16);
+    None for a GPU not in :data:`PEAK_FLOPS`."""
+    for part, fp32, half in PEAK_FLOPS:
+        if part in model:
+            return fp32 if precision == "fp32" else half
+    return None
+
 _CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 # Step-event fields that not every training code (or every step) reports: each series appears with
 # its first report, so that a dashboard shows no data rather than a 0 nobody measured.
@@ -197,10 +214,11 @@ class JobMetrics:
         self.spare_nodes.set(available)
         self.spare_nodes_configured.set(configured)
 
-    def set_gpu_models(self, models: list[str]) -> None:
-        """The models of the GPUs the ranks use (NVML's names): MFU is counted against their summed
-        peak, and not at all where one has no known peak (or there are none)."""
-        peaks = [next((p for name, p in PEAK_FLOPS if name in model), 0.0) for model in models]
+    def set_gpu_models(self, models: list[str], precision: str = "fp32") -> None:
+        """The models of the GPUs the ranks use (NVML's names) and the dtype trained in: MFU is counted
+        against their summed peak in that dtype, and not at all where one has no known peak (or there
+        are none)."""
+        peaks = [peak_flops(model, precision) for model in models]
         self._peak_flops = sum(peaks) if peaks and all(peaks) else 0.0
 
     def _goodput_report(self) -> Any:
@@ -212,8 +230,8 @@ class JobMetrics:
         if event.flops and peak and event.step_time_s > 0:
             if self.mfu is None:
                 self.mfu = Gauge("orchestrator_model_flops_utilization",
-                                 "Model FLOPs of the last step / (step time x summed fp32 peak FLOP/s of "
-                                 "the job's GPUs); only where every GPU's peak is known.", registry=self.registry)
+                                 "Model FLOPs of the last step / (step time x summed dense peak FLOP/s of "
+                                 "the job's GPUs in train.precision); only where every GPU's peak is known.", registry=self.registry)
             self.mfu.set(event.flops / event.step_time_s / peak)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.config.schema import Config
+from orchestrator.worker.context import deepspeed_precision
 
 # AutoTP cannot infer a policy for a custom model; these rules name our GPT's layers.
 TP_LAYER_SPECS = [
@@ -24,6 +25,7 @@ def deepspeed_config(config: Config) -> dict[str, Any]:
         "zero_optimization": {"stage": config.parallel.zero_stage},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **deepspeed_precision(config.train.precision),
     }
     if config.parallel.tensor_parallel > 1:
         ds["tensor_parallel"] = {

@@ -57,6 +57,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def flops_per_token(model: nn.Module, cfg: ModelConfig) -> int:
+    """Training FLOPs per token of ``model`` (forward and backward, no recomputation): 6 per weight of
+    a matrix product (the embeddings are lookups), plus attention's score and value products,
+    12 x layers x seq_len x dim (PaLM, appendix B; the causal mask's skipped half still counted, as
+    there)."""
+    matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not name.endswith("_emb.weight"))
+    return 6 * matmul + 12 * cfg.layers * cfg.seq_len * cfg.dim
+
+
 class GPT(nn.Module):
     """Byte-level decoder; ``forward(tokens, targets)`` returns the mean cross-entropy."""
 

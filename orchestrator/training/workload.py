@@ -22,9 +22,28 @@ def warmup(config: Config) -> None:
 
     The first ``deepspeed.initialize`` and the first step in a process pay
     one-time costs (lazy imports, optimizer and autograd set-up: ~1.5 s on
-    2 cores) that a spare must not pay during a recovery.
+    2 cores) that a spare must not pay during a recovery. On a GPU node the
+    spare does not know which GPU it will take: it rehearses on each of the
+    node's GPUs (a CUDA context, cuBLAS handles, kernels loaded, NCCL), with
+    one block of the model, so as not to take the memory of the rank training
+    there; the memory is returned, the contexts are kept.
     """
     import torch
+
+    if config.cluster.device == "gpu":
+        one_block = config.model_copy(update={"model": config.model.model_copy(update={"layers": 1})})
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.set_device(device)
+            _rehearse(one_block, "nccl")
+        torch.cuda.set_device(0)
+        torch.cuda.empty_cache()
+    else:
+        _rehearse(config, "gloo")
+    torch.manual_seed(0)
+
+
+def _rehearse(config: Config, backend: str) -> None:
+    """One engine set-up and training step of ``config``'s model, alone, on the current device."""
     import torch.distributed as dist
 
     from orchestrator.training.corpus import batch, load_corpus
@@ -37,7 +56,7 @@ def warmup(config: Config) -> None:
     rehearsal_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in rehearsal_env}
     os.environ.update(rehearsal_env)  # DeepSpeed reads them even for an existing group
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     engine = build_engine(solo, GPT(config.model))
     try:
         inputs, targets = batch(corpus, seed=0, step=0, seq_len=config.model.seq_len,
@@ -54,7 +73,6 @@ def warmup(config: Config) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    torch.manual_seed(0)
 
 
 def train(ctx: TrainContext) -> None:
@@ -64,14 +82,13 @@ def train(ctx: TrainContext) -> None:
 
     from orchestrator.training.corpus import batch, heldout_windows, load_corpus, split_heldout
     from orchestrator.training.engine import build_engine
-    from orchestrator.training.model import GPT
+    from orchestrator.training.model import GPT, flops_per_token
 
     cfg = ctx.config
     ctx.init_distributed()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = GPT(cfg.model).to(ctx.device)
-    # Model FLOPs per token: 6 per parameter (forward and backward), attention's own left out.
-    flops_per_token = 6 * sum(p.numel() for p in model.parameters())
+    per_token = flops_per_token(model, cfg.model)  # the whole model: AutoTP shards it in build_engine
     engine = build_engine(cfg, model)
     done, _ = ctx.load_checkpoint(engine)
 
@@ -109,7 +126,7 @@ def train(ctx: TrainContext) -> None:
             loss=step_loss.item(),
             step_time_s=step_time_s,
             tokens=tokens_per_step,
-            flops=flops_per_token * tokens_per_step,
+            flops=per_token * tokens_per_step,
             lr=engine.get_lr()[0],
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
             **evaluated,

@@ -27,6 +27,22 @@ _SAVE_BEAT_S = 1.0
 SAVE_WRITE_TIMEOUT_S = 3600.0
 
 
+# Dynamic loss scaling as DeepSpeed recommends: start at 2**16, halve on overflow (after 2 in a row),
+# double after 1000 clean steps. The scaler's state is in the checkpoint, so a resume is exact.
+_FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                      "min_loss_scale": 1}
+
+
+def deepspeed_precision(precision: str) -> dict[str, Any]:
+    """DeepSpeed's config sections for ``precision`` (``train.precision``); none for fp32. bf16 and fp16
+    keep fp32 master weights in the optimizer (and in checkpoints)."""
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        return {"fp16": {"enabled": True, **_FP16_LOSS_SCALING}}
+    return {}
+
+
 @dataclass(kw_only=True)
 class TrainContext:
     """Per-rank handle given to training code.
@@ -78,6 +94,22 @@ class TrainContext:
     def device(self) -> str:
         """The torch device for this rank's tensors."""
         return f"cuda:{self.local_rank}" if self.config.cluster.device == "gpu" else "cpu"
+
+    @property
+    def precision(self) -> str:
+        """``train.precision``: ``fp32``, ``bf16`` or ``fp16``."""
+        return self.config.train.precision
+
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype the model trains in (``train.precision``)."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def deepspeed_precision(self) -> dict[str, Any]:
+        """The sections of a DeepSpeed config that train in ``train.precision`` (merge them into yours)."""
+        return deepspeed_precision(self.precision)
 
     def init_distributed(self) -> None:
         """Join the job's process group (rendezvous at MASTER_ADDR:MASTER_PORT, whose store listens on

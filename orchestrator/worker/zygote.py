@@ -7,6 +7,14 @@ recovery, that slows them down. The zygote imports everything once, stays
 single-threaded (so forking it is safe), and forks a spare in milliseconds;
 the child only rehearses an engine set-up (~0.7 CPU-seconds).
 
+On a GPU node the zygote must touch neither CUDA (a child forked after CUDA is
+initialised cannot use the GPU) nor NVML (its library starts a thread, and its
+reference count outlives ``nvmlShutdown`` when two callers initialised it).
+DeepSpeed's accelerator is named in ``DS_ACCELERATOR`` (no probing), the one
+``nvmlInit`` its CUDA accelerator makes on import is deferred to each child
+(:func:`_nvml_deferred`), and before it says it can fork, the zygote checks
+that CUDA is still uninitialised and that it runs no thread but its own.
+
 Protocol on the control socket (JSON lines of ``messages.py``) with its node agent:
 
     -> Prepare(config)
@@ -20,6 +28,7 @@ Run as ``python -m orchestrator.worker.zygote``; fd in ``ORCH_CONTROL_FD``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -28,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +46,7 @@ from orchestrator.worker.channel import CONTROL_FD_ENV
 
 _REAP_INTERVAL_S = 0.2
 _THREADS_EXIT_S = 2.0
-_nvml_released = False  # set once before the first fork; children read it
+_nvml_deferred_inits = 0  # nvmlInit calls the imports made, for each child to make (see _nvml_deferred)
 
 
 def main() -> int:
@@ -67,8 +77,8 @@ def main() -> int:
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
-                    if _nvml_released:
-                        _reinit_nvml()
+                    if _nvml_deferred_inits:
+                        _init_nvml()
                     process.run_forked_spare(child_fd, message.env, message.log_path)
                 os.close(child_fd)
                 _send(sock, Forked(id=message.id, pid=pid))
@@ -77,15 +87,18 @@ def main() -> int:
 def _prepare(config_dict: dict[str, Any]) -> str:
     """Import everything; returns why this process cannot fork safely ("" when it can)."""
     try:
-        _import_everything(config_dict)
+        with _nvml_deferred():
+            _import_everything(config_dict)
     except Exception as exc:  # noqa: BLE001 - any failure means no warm spares, never a failed job
         return f"the imports failed: {type(exc).__name__}: {exc}"
-    _release_nvml()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "the imports initialised CUDA, which a forked child could not use"
     # Forking is only safe from a single-threaded process: a thread some import started (a
     # compiler's worker pool, say) would be missing in the child with whatever locks it held.
     deadline = time.monotonic() + _THREADS_EXIT_S
     while (others := _other_threads()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # a thread that is being shut down (NVML's) takes a moment to end
+        time.sleep(0.05)  # a thread that is being shut down takes a moment to end
     if others:
         names = sorted(_thread_name(tid) for tid in others)
         return f"the imports left {len(names)} thread(s) running ({', '.join(names)}), so forking is unsafe"
@@ -108,25 +121,36 @@ def _import_everything(config_dict: dict[str, Any]) -> None:
         preload(config)
 
 
-def _release_nvml() -> None:
-    """DeepSpeed's CUDA accelerator initialises NVML when imported, and NVML runs a thread of its
-    own: shut NVML down before forking. Each child initialises it again (:func:`_reinit_nvml`)."""
-    global _nvml_released
-    nvml = sys.modules.get("pynvml")
-    if nvml is None:
-        return
+@contextlib.contextmanager
+def _nvml_deferred() -> Iterator[None]:
+    """While the imports run, ``pynvml.nvmlInit`` only counts its calls: DeepSpeed's CUDA accelerator
+    calls it on import (and then believes NVML ready), and NVML would start a thread that makes
+    forking unsafe. Each child makes the calls for real (:func:`_init_nvml`) before anything of its
+    own runs; the zygote itself never reads NVML (its agent does, for the metrics)."""
     try:
-        nvml.nvmlShutdown()
-    except nvml.NVMLError:
-        return  # it was never initialised
-    _nvml_released = True
+        import pynvml
+    except ImportError:
+        yield
+        return
+    real = pynvml.nvmlInit
+
+    def deferred() -> None:
+        global _nvml_deferred_inits
+        _nvml_deferred_inits += 1
+
+    pynvml.nvmlInit = deferred
+    try:
+        yield
+    finally:
+        pynvml.nvmlInit = real
 
 
-def _reinit_nvml() -> None:
-    """In a forked child: NVML as DeepSpeed left it in the zygote (initialised)."""
+def _init_nvml() -> None:
+    """In a forked child: NVML initialised as the imports expect (once per deferred call)."""
     nvml = sys.modules["pynvml"]
     try:
-        nvml.nvmlInit()
+        for _ in range(_nvml_deferred_inits):
+            nvml.nvmlInit()
     except nvml.NVMLError as exc:
         print(f"NVML unavailable in this process: {exc}", file=sys.stderr, flush=True)
 
