@@ -2,7 +2,7 @@
 
 Both join a group and all-reduce once. Then rank 1 stays in the group but waits for GO_FILE without
 entering the second all-reduce, so rank 0's second all-reduce blocks on it, inside gloo. Another
-thread of rank 0 aborts the attempt's connections: the all-reduce must fail at once, while rank 1
+thread of rank 0 aborts the attempt (its process group, then its connections): the all-reduce must fail at once, while rank 1
 is still alive, and a TCP connection rank 0 opened before the attempt must still work.
 """
 
@@ -35,7 +35,7 @@ if rank == 1:
     os._exit(0)
 
 entered = threading.Event()
-aborted: list[int] = []
+aborted: list = []
 
 
 def abort_when_entered() -> None:
@@ -53,7 +53,8 @@ try:
 except RuntimeError as exc:
     print(f"released after {time.monotonic() - started:.2f}s: {str(exc).splitlines()[0]}", flush=True)
 aborter.join(60)  # printed from this thread only: two threads' lines can interleave
-print(f"aborted {aborted[0] if aborted else 'nothing'} connection(s)", flush=True)
+if aborted:
+    print(f"aborted {aborted[0].groups} group(s), {aborted[0].connections} connection(s)", flush=True)
 kept.sendall(b"x")
 print(f"kept connection works: {accepted.recv(1) == b'x'}", flush=True)
 dist.destroy_process_group()

@@ -25,11 +25,11 @@ def test_cpu_rank_env() -> None:
 
 def test_gpu_rank_env_and_user_env() -> None:
     config = load_config(LOCAL_CONFIG, ["cluster.device=gpu", "cluster.env.NCCL_IB_HCA=mlx5", "cluster.env.OMP_NUM_THREADS=2"])
-    network = {"NCCL_IB_HCA": "mlx5_0:1", "NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    network = {"NCCL_IB_HCA": "mlx5_0:1", "NCCL_SOCKET_IFNAME": "ib0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
     env = rank_env(config, _placement(cuda_visible_devices="0,1", network_env=network))
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["DS_ACCELERATOR"] == "cuda"
     assert env["NCCL_IB_HCA"] == "mlx5" and env["OMP_NUM_THREADS"] == "2", "cluster.env wins over detection"
-    assert env["NCCL_SOCKET_IFNAME"] == "ib0" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["NCCL_SOCKET_IFNAME"] == "ib0" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
 
 
 def test_training_processes_use_this_interpreters_tools() -> None:

@@ -42,7 +42,7 @@ def test_built_in_gpt_trains_with_nccl_on_one_gpu(tmp_path: Path) -> None:
     evs = events(run_dir)
     assert of_kind(evs, "run_finished")[-1]["status"] == "succeeded"
     configured = of_kind(evs, "network_configured")[0]
-    assert configured["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert configured["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
     assert "NCCL_IB_DISABLE" in configured["env"] or "NCCL_IB_HCA" in configured["env"]
     losses = losses_by_step(evs)
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in losses.values())

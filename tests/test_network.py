@@ -63,7 +63,7 @@ def test_detection_on_fake_sysfs(tmp_path: Path, case: str) -> None:
     # The interface that routes to the head node: loopback for a head on 127.0.0.1.
     assert found.interface == "lo" and found.address == "127.0.0.1"
     assert found.env["GLOO_SOCKET_IFNAME"] == found.env["NCCL_SOCKET_IFNAME"] == "lo"
-    assert found.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and found.env["NCCL_DEBUG"] == "WARN"
+    assert found.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2" and found.env["NCCL_DEBUG"] == "WARN"
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))

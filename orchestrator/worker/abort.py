@@ -12,6 +12,15 @@ same. One failure releases the whole job in a few milliseconds a hop, and a
 survivor the controller interrupts is released the same way, from the thread
 that reads its control socket.
 
+Over NCCL the wait is on the GPU: a survivor's collective whose peer died spins in a
+kernel until NCCL's watchdog times out (minutes). So the attempt's process groups
+are aborted first (``ProcessGroup.abort``: ``ncclCommAbort`` for NCCL, inside one
+NCCL group call as torch does, so that aborting one communicator cannot wait on
+another), from the same thread, as NVIDIA's in-process restart does; the main
+thread then fails in its collective, destroys the groups as it unwinds, and joins
+the next attempt's with its process and CUDA context intact. For gloo that abort
+does nothing, and the shut-down connections release it.
+
 Connections are told apart by when they appeared: those open when the attempt
 began (the control socket, anything the process held before) are left alone,
 and listening sockets are never touched (gloo aborts the process when its
@@ -24,6 +33,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from typing import NamedTuple
 
 _FD_DIR = "/proc/self/fd"
 
@@ -41,16 +52,59 @@ def _socket_inodes() -> dict[int, int]:
     return found
 
 
+class Aborted(NamedTuple):
+    """What an abort did: process groups aborted, TCP connections shut down."""
+
+    groups: int
+    connections: int
+
+
+def abort_process_groups() -> int:
+    """Abort every process group of this process (NCCL: its communicators), leaving torch's registry of
+    them to the main thread (it destroys them as it unwinds). Safe from any thread; returns how many."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    c10d = dist.distributed_c10d
+    names = dict(c10d._world.pg_names)  # a copy: the main thread may be changing it
+    nccl = None
+    if dist.is_nccl_available():
+        import torch
+
+        try:
+            backend = c10d._get_default_group()._get_backend(torch.device("cuda"))
+        except (RuntimeError, ValueError):
+            backend = None  # no CUDA backend, or the default group is gone
+        nccl = backend if isinstance(backend, dist.ProcessGroupNCCL) else None
+    aborted = 0
+    if nccl is not None:
+        nccl._group_start()  # pytorch/pytorch#119797: one communicator's abort must not wait on another's
+    try:
+        for group in sorted(names, key=names.get, reverse=True):
+            try:
+                group.abort()
+            except RuntimeError:
+                continue  # destroyed meanwhile
+            aborted += 1
+    finally:
+        if nccl is not None:
+            nccl._group_end()
+    return aborted
+
+
 class AttemptConnections:
     """The TCP connections opened since this object was made: one training attempt's."""
 
     def __init__(self) -> None:
         self._before = frozenset(_socket_inodes().values())
 
-    def abort(self) -> int:
-        """Shut down (both ways) every connected TCP socket opened since the attempt began, so that any
-        wait on it fails now, here and at the peer. Safe from any thread, and more than once. Returns
-        how many were shut down."""
+    def abort(self) -> Aborted:
+        """Abort the process groups, then shut down (both ways) every connected TCP socket opened since
+        the attempt began, so that any wait fails now, here and at the peer. Safe from any thread, and
+        more than once."""
+        return Aborted(groups=abort_process_groups(), connections=self._shut_down_connections())
+
+    def _shut_down_connections(self) -> int:
         count = 0
         for fd, inode in _socket_inodes().items():
             if inode in self._before:

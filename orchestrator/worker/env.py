@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from orchestrator.config.schema import Config
+from orchestrator.worker.network import NCCL_ERROR_HANDLING
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,7 +82,8 @@ def torchrun_env(config: Config, rank: int, attempt: int, run_id: str) -> dict[s
         "TORCHELASTIC_MAX_RESTARTS": str(config.fault_tolerance.max_restarts),
         "TORCHELASTIC_RUN_ID": run_id,
         "TORCHELASTIC_USE_AGENT_STORE": str(config.train.is_script),
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": config.cluster.env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": config.cluster.env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                                                  NCCL_ERROR_HANDLING),
     }
 
 

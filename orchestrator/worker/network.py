@@ -31,9 +31,11 @@ from orchestrator.config.schema import Config, NetworkConfig
 
 _SIOCGIFADDR = 0x8915
 _IPV4_MAPPED_PREFIX = "0000:0000:0000:0000:0000:ffff:"
-# NCCL turns a failed peer or a hung collective into an error the runtime can report (and the
-# process an exit the controller sees) instead of a silent hang.
-_FAST_FAILURE = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+# NCCL turns a failed peer or a hung collective into an error the rank reports instead of a silent
+# hang: its watchdog aborts the communicators and the rank's wait raises (2, CleanUpOnly), and the
+# process lives on, so that a survivor can rejoin in place with its CUDA context (1 would kill it).
+NCCL_ERROR_HANDLING = "2"
+_FAST_FAILURE = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": NCCL_ERROR_HANDLING}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
