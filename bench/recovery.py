@@ -15,10 +15,14 @@ same with or without a failure and only adds noise, so it is left out. The
 steady-state step time of the clean runs is shown too.
 
     .venv/bin/python bench/recovery.py [--steps 120] [--interval 20] [--kill-step 70] [--ranks 2] [--repeats 1]
-                                       [--kill-rank 1] [--ray-address ADDR --nodes N]
+                                       [--kill-rank 1] [--ray-address ADDR --nodes N] [--warm-spare]
+                                       [--orchestrator-only] [--set KEY=VALUE ...] [--json PATH]
 
 With ``--ray-address`` (a dev-cluster's, ``orchestrator dev-cluster up --nodes N``) the orchestrator
 runs on that Ray cluster, ``--ranks`` on each of ``--nodes`` nodes, and torchrun is not run.
+``--warm-spare`` kills only once the node's warm spare is ready (``spare_ready``) as well;
+``--set`` adds config items to both runs (``--set cluster.device=gpu --set train.precision=bf16``:
+the GPU spare's recovery, with ``--orchestrator-only``, as ``bench/gpu_suite.sh`` runs it).
 
 torchrun runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it, its
 restarts hang or fail on this stack (see ../shared/STACK-NOTES.md).
@@ -27,6 +31,7 @@ restarts hang or fail on this stack (see ../shared/STACK-NOTES.md).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -73,8 +78,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step: int | None,
-         decided_at=lambda: None) -> Run:
-    """Run ``cmd``; optionally SIGKILL the victim rank once ``kill_step`` is reached.
+         decided_at=lambda: None, ready=lambda: True) -> Run:
+    """Run ``cmd``; optionally SIGKILL the victim rank once ``kill_step`` is reached (and ``ready()``).
 
     ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed
     step after the kill is the first logged step whose number is not above the last one
@@ -86,7 +91,7 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step
     killed_at = None
     try:
         if kill_step is not None:
-            _wait(lambda: any(s >= kill_step for _, s, _ in steps_of()), proc, _RUN_TIMEOUT_S)
+            _wait(lambda: any(s >= kill_step for _, s, _ in steps_of()) and ready(), proc, _RUN_TIMEOUT_S)
             os.kill(pid_of_victim(), signal.SIGKILL)
             killed_at = time.time()
         proc.wait(timeout=_RUN_TIMEOUT_S)
@@ -118,7 +123,8 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step
     )
 
 
-def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1) -> Run:
+def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1,
+                     warm_spare: bool = False) -> Run:
     run_dir = workdir / "run"
     cmd = [sys.executable, "-m", "orchestrator", "launch", str(CONFIG), "--run-dir", str(run_dir), "--set", "metrics.port=0"]
     for item in overrides:
@@ -134,10 +140,15 @@ def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None,
     def decided_at():
         return next((e["ts"] for e in _jsonl(events) if e["event"] == "recovery_started"), None)
 
-    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at)
+    def spare_ready():
+        return not warm_spare or any(e["event"] == "spare_ready" for e in _jsonl(events))
+
+    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at, spare_ready)
 
 
-def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1) -> Run:
+def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1,
+                 warm_spare: bool = False) -> Run:
+    del warm_spare  # torchrun has no spares
     cmd, env = torchrun_command(workdir, overrides)
 
     def steps_of():
@@ -180,12 +191,19 @@ def main() -> int:
     parser.add_argument("--kill-rank", type=int, default=1)
     parser.add_argument("--ray-address", help="run the orchestrator alone on this Ray cluster (a dev-cluster's)")
     parser.add_argument("--nodes", type=int, default=1, help="cluster.nodes, with --ray-address")
+    parser.add_argument("--warm-spare", action="store_true", help="kill only once the node's spare is warm too")
+    parser.add_argument("--orchestrator-only", action="store_true", help="no torchrun baseline")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config item for both runs (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args()
     overrides = [f"train.steps={args.steps}", f"checkpoint.interval_steps={args.interval}",
-                 f"cluster.workers_per_node={args.ranks}"]
+                 f"cluster.workers_per_node={args.ranks}", *args.extra]
+    device = load_config(CONFIG, overrides).cluster.device.upper()
     systems = {"orchestrator (in place)": orchestrator_run, "torchrun --max-restarts": torchrun_run}
     if args.ray_address:
         overrides += [f"cluster.ray_address={args.ray_address}", f"cluster.nodes={args.nodes}"]
+    if args.ray_address or args.orchestrator_only:
         del systems["torchrun --max-restarts"]
     rows = {}
     for name, runner in systems.items():
@@ -193,7 +211,7 @@ def main() -> int:
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as clean_dir, tempfile.TemporaryDirectory() as fault_dir:
                 clean = runner(Path(clean_dir), overrides, None)
-                faulted = runner(Path(fault_dir), overrides, args.kill_step, args.kill_rank)
+                faulted = runner(Path(fault_dir), overrides, args.kill_step, args.kill_rank, args.warm_spare)
             extras.append(faulted.training_s - clean.training_s)
             recoveries.append(faulted.kill_to_next_step_s)
             decisions.append(faulted.kill_to_decision_s)
@@ -208,8 +226,9 @@ def main() -> int:
                       statistics.median(step_times))
 
     layout = f"{args.nodes} nodes x {args.ranks}" if args.ray_address else f"{args.ranks}"
-    print(f"\nkill rank {args.kill_rank} after step {args.kill_step} of {args.steps} (checkpoint every "
-          f"{args.interval}), {layout} CPU ranks, ZeRO-2, median of {args.repeats}:\n")
+    spare = ", with the spare warm" if args.warm_spare else ""
+    print(f"\nkill rank {args.kill_rank} after step {args.kill_step} of {args.steps}{spare} (checkpoint every "
+          f"{args.interval}), {layout} {device} ranks, {' '.join(args.extra) or 'ZeRO-2'}, median of {args.repeats}:\n")
     print("| system | kill -> decision (s) | kill -> next step (s) | extra wall time (s) | final loss = clean run "
           "| clean step time (s) |")
     print("|---|---|---|---|---|---|")
@@ -217,7 +236,11 @@ def main() -> int:
         decided = "-" if decision is None else f"{decision:.2f}"
         print(f"| {name} | {decided} | {recovery:.2f} | {extra:.2f} | {'yes, bit for bit' if match else 'NO'} "
               f"| {step_s:.3f} |")
-    if args.ray_address:  # no baseline on a Ray cluster
+    if args.json is not None:
+        args.json.write_text(json.dumps({name: dict(zip(
+            ("kill_to_decision_s", "kill_to_next_step_s", "extra_wall_s", "bit_exact", "clean_step_s"), row))
+            for name, row in rows.items()}, indent=2) + "\n")
+    if len(systems) == 1:  # no baseline
         return 0 if all(r[3] for r in rows.values()) else 1
     ours, theirs = (rows[name][2] for name in systems)
     ratio = ours / theirs if theirs > 0 else float("inf")

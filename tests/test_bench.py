@@ -57,3 +57,24 @@ def _kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(400)
+def test_the_gpu_suite_runs_on_a_cpu_as_a_dry_run(tmp_path: Path) -> None:
+    """bench/gpu_suite.sh is known to work before a lent GPU's minutes are spent on it: every step that
+    can run without a GPU runs at toy size through the same commands, and its files are written."""
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--dry-run", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=360)
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "gpu_suite.log").read_text()
+    suite = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = suite["steps"]
+    assert {name: step["status"] for name, step in steps.items()} == {
+        "recovery": "passed", "mfu": "passed", "tests": "passed", "nvml": "skipped", "scaling": "passed"}
+    assert steps["recovery"]["bit_exact"] is True and steps["recovery"]["kill_to_next_step_s"] > 0
+    assert steps["mfu"]["flops_per_step"] > 0 and steps["mfu"]["precision"] == "bf16"
+    assert steps["scaling"]["actual"] > 0 and steps["scaling"]["relative_error"] is not None
+    assert set(suite["acceptance"]) and all(met is None for met in suite["acceptance"].values()), "no verdict on a CPU"
+    assert "needs nvidia-smi" in (tmp_path / "gpu_suite.log").read_text()
+    assert (tmp_path / "scaling-prediction.png").stat().st_size > 0
+    assert "acceptance:" in (tmp_path / "gpu_suite.txt").read_text()
