@@ -151,3 +151,17 @@ def test_launch_bad_config_starts_nothing(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cluster.device" in result.stderr
     assert not run_dir.exists(), "a rejected config must not create the run directory"
+
+
+@pytest.mark.parametrize(("precision", "sections"), [
+    ("fp32", set()), ("bf16", {"bf16"}), ("fp16", {"fp16"}),
+])
+def test_train_precision_becomes_deepspeeds_section(precision: str, sections: set[str]) -> None:
+    from orchestrator.training.engine import deepspeed_config
+
+    config = load_config(LOCAL_CONFIG, ["cluster.device=gpu", f"train.precision={precision}"])
+    ds = deepspeed_config(config)
+    assert {key for key in ("bf16", "fp16") if key in ds} == sections
+    assert all(ds[key]["enabled"] is True for key in sections)
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0, "dynamic loss scaling"
