@@ -82,8 +82,9 @@ def torchrun_env(config: Config, rank: int, attempt: int, run_id: str) -> dict[s
         "TORCHELASTIC_MAX_RESTARTS": str(config.fault_tolerance.max_restarts),
         "TORCHELASTIC_RUN_ID": run_id,
         "TORCHELASTIC_USE_AGENT_STORE": str(config.train.is_script),
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": config.cluster.env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING",
-                                                                  NCCL_ERROR_HANDLING),
+        # A script's process never rejoins (docs/scripts.md): torchrun's 1 (the watchdog ends it) is right.
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": config.cluster.env.get(
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if config.train.is_script else NCCL_ERROR_HANDLING),
     }
 
 
