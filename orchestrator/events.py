@@ -126,6 +126,17 @@ class CheckpointSaved(Event):
 
 @_event
 @dataclass(frozen=True, kw_only=True)
+class CheckpointInterval(Event):
+    event = "checkpoint_interval"
+    interval_steps: int
+    save_cost_s: float
+    mtbf_s: float
+    step_time_s: float
+    failures: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
 class CheckpointCommitted(Event):
     event = "checkpoint_committed"
     step: int

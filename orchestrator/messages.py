@@ -77,6 +77,7 @@ class Start(Message):
     env: dict[str, str]
     workdir: str = ""
     log_path: str | None = None
+    checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +85,18 @@ class Rejoin(Start):
     """A survivor of a failure trains again, in this live process, in the new attempt."""
 
     type: ClassVar[str] = "rejoin"
+
+
+# checkpoint.interval_steps: auto: steps between checkpoints until the first save has been measured.
+FIRST_CHECKPOINT_INTERVAL = 50
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cadence(Message):
+    """To rank 0 (``checkpoint.interval_steps: auto``): save every ``interval_steps`` steps from now on."""
+
+    type: ClassVar[str] = "cadence"
+    interval_steps: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,7 +483,7 @@ class StartedRank:
 
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
-    for kind in (Prepare, Start, Rejoin, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
+    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
                  CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
 }
 

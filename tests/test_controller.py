@@ -65,6 +65,7 @@ class FakeGroup:
         self.killed: list[int] = []
         self.interrupted: list[int] = []
         self.spare_requests = 0
+        self.checkpoint_intervals: list[int] = []
         self.on_interrupt: dict[int, dict] = {}
         self.unheard_script: list[list[int]] = []  # overrides what the polls' answers say
         self.polls = 0
@@ -129,6 +130,9 @@ class FakeGroup:
 
     def ensure_spares(self):
         self.spare_requests += 1
+
+    def set_checkpoint_interval(self, steps):
+        self.checkpoint_intervals.append(steps)
 
     def wait(self, timeout_s, soonest_s):
         self.clock.sleep(timeout_s)
@@ -927,3 +931,28 @@ def test_a_ranks_phase_moves_only_forward_and_ends_at_finished_or_failed() -> No
     fresh = RankView(progress_at=0.0)
     fresh.advance(Move.STEPPED)
     assert fresh.phase is Phase.TRAINING and fresh.training and not fresh.left_training
+
+
+def test_the_checkpoint_interval_follows_young_and_daly_from_what_the_run_measured() -> None:
+    from orchestrator.controller.cadence import CheckpointCadence, daly_interval_s
+
+    assert daly_interval_s(0.01, 3600) == pytest.approx((2 * 0.01 * 3600) ** 0.5 - 0.01)
+    assert daly_interval_s(10.0, 4.0) == 4.0, "a save dearer than two MTBFs: once per MTBF"
+    now = [0.0]
+    cadence = CheckpointCadence(prior_mtbf_s=3600.0, clock=lambda: now[0])
+    assert cadence.steps == 50 and cadence.retune() is None, "nothing measured: the first interval stays"
+    for _ in range(5):
+        cadence.stepped(0.1)
+    cadence.saved(blocked_s=0.02, seconds=0.05)
+    now[0] = 100.0
+    first = cadence.retune()  # no failure yet: the prior MTBF (longer than the 100 s run)
+    assert first is not None and first.mtbf_s == 3600.0 and first.steps == round(daly_interval_s(0.02, 3600) / 0.1)
+    cadence.failed()
+    now[0] = 120.0
+    second = cadence.retune()  # one failure in 120 s
+    assert second.mtbf_s == 120.0 and second.failures == 1
+    assert second.steps == round(daly_interval_s(0.02, 120.0) / 0.1) < first.steps
+    assert cadence.retune() is None, "no change, no new interval"
+    cadence.saved(blocked_s=0.02, seconds=3.0)  # writes that take 3 s: never more often than that
+    cadence.saved(blocked_s=0.02, seconds=3.0)
+    assert cadence.retune().steps == 30

@@ -126,14 +126,38 @@ def test_sigkill_of_one_of_four_ranks_replaces_it_alone(tmp_path: Path, referenc
     assert wait_gone(_all_pids(run_dir)) == []
 
 
-def test_full_restart_path(tmp_path: Path, clean_zero2: dict[int, float]) -> None:
+def test_full_restart_path_with_the_checkpoint_interval_chosen_by_the_run(
+    tmp_path: Path, clean_zero2: dict[int, float]
+) -> None:
+    """Also ``checkpoint.interval_steps: auto``: saves every 50 steps until one is measured, then at the
+    interval Young and Daly's rule gives for the measured cost and failure rate, decided by rank 0 for
+    every rank (a save all ranks did not take would never be committed)."""
     run_dir = tmp_path / "run"
-    result = cli(*launch_args(run_dir, *BASE, "fault_tolerance.recovery=full_restart"), "--inject-fault=kill@1:33")
+    result = cli(*launch_args(run_dir, *REFERENCE_TRAINING[:1], "checkpoint.interval_steps=auto",
+                              "fault_tolerance.recovery=full_restart"), "--inject-fault=kill@1:33")
     assert result.returncode == 0, result.stdout + result.stderr
     evs = events(run_dir)
     assert [e["mode"] for e in of_kind(evs, "recovery_finished")] == ["full_restart"]
     assert sorted(w["rank"] for w in of_kind(evs, "worker_started") if w["attempt"] == 1) == [0, 1]
     assert evs[-1]["final_loss"] == clean_zero2[LAST]
+
+    # No checkpoint before the failure at step 33 (the first is due at 50): the restart began at step 0.
+    assert of_kind(evs, "recovery_finished")[0]["resumed_from_step"] == 0
+    committed = [e["step"] for e in of_kind(evs, "checkpoint_committed")]
+    assert committed[0] == 50 and committed[-1] == LAST
+    # After the first save, the interval from its cost, the step time and one failure in the run so far.
+    tuned = of_kind(evs, "checkpoint_interval")
+    assert tuned and tuned[0]["failures"] == 1 and tuned[0]["mtbf_s"] < 60
+    assert 1 <= tuned[0]["interval_steps"] < 25, tuned[0]
+    assert len(committed) >= 4, f"the ranks kept to the first interval: {committed}"
+    assert "checkpoint interval: every" in result.stderr
+    # Each save came at an interval rank 0 was told: between the smallest and the largest in force from
+    # the save before it to its own commit (a change reaches rank 0 a little after it is made).
+    commit_ts = {e["step"]: e["ts"] for e in of_kind(evs, "checkpoint_committed")}
+    for before, after in zip(committed, committed[1:]):
+        in_force = [e["interval_steps"] for e in tuned if e["ts"] <= commit_ts[before]][-1:] or [50]
+        in_force += [e["interval_steps"] for e in tuned if commit_ts[before] < e["ts"] < commit_ts[after]]
+        assert min(in_force) <= after - before <= max(in_force) or after == LAST, (before, after, in_force)
 
 
 def test_zero3_recovers_in_place(tmp_path: Path, reference_run) -> None:

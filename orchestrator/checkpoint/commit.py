@@ -37,6 +37,8 @@ class CommitOutcome:
     tag: str
     committed: bool
     message: str = ""
+    blocked_s: float = 0.0  # committed: the longest any rank's training was blocked by this save
+    seconds: float = 0.0  # committed: the slowest rank's save, blocked and background write
 
 
 @dataclass(kw_only=True)
@@ -77,19 +79,15 @@ class CommitTracker:
             manifest = self._commit(tag, reports)
         except OSError as exc:
             return self._fail(tag, report.step, None, exc.filename or str(self._checkpoints), _reason(exc))
-        self._events.emit(ev.CheckpointCommitted(
-            step=manifest.step,
-            path=str(self._checkpoints / tag),
-            seconds=max(r.blocked_s + r.write_s for r in reports),
-            blocked_s=max(r.blocked_s for r in reports),
-            bytes=manifest.total_bytes,
-        ))
+        seconds, blocked_s = max(r.blocked_s + r.write_s for r in reports), max(r.blocked_s for r in reports)
+        self._events.emit(ev.CheckpointCommitted(step=manifest.step, path=str(self._checkpoints / tag), seconds=seconds,
+                                                 blocked_s=blocked_s, bytes=manifest.total_bytes))
         try:
             store.prune(self._checkpoints, self._config.checkpoint.keep_last, protect={tag, self.in_use or tag})
         except OSError as exc:  # the commit stands; an old checkpoint is kept a while longer
             self._events.emit(ev.RunWarning(message=f"could not remove an old checkpoint in {self._checkpoints}: "
                                             f"{exc.strerror or exc} ({exc.filename or ''}); it is kept, remove it by hand"))
-        return CommitOutcome(tag=tag, committed=True)
+        return CommitOutcome(tag=tag, committed=True, blocked_s=blocked_s, seconds=seconds)
 
     def failed(self, rank: int, report: CheckpointFailed) -> CommitOutcome | None:
         """Record that ``rank`` could not write its part of a checkpoint: it will never be committed."""

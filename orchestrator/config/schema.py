@@ -248,8 +248,14 @@ class EvaluationConfig(_Section):
 class CheckpointConfig(_Section):
     """When checkpoints are written and how many are kept."""
 
-    interval_steps: Annotated[int, Field(ge=0)] = Field(
-        50, description="Save every N steps (and at the last step); 0 turns checkpoints off."
+    interval_steps: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        50, description="Save every N steps (and at the last step); 0 turns checkpoints off; 'auto': the interval "
+        "that loses the least time to saves and to recomputation after failures (Young/Daly), from the measured "
+        "save cost, step time and failure rate (docs/checkpoints.md).",
+    )
+    mtbf_s: Annotated[float, Field(gt=0)] = Field(
+        3600.0, description="With interval_steps: auto, the mean time between failures assumed until the run has "
+        "lasted longer than this or seen a failure.",
     )
     keep_last: Annotated[int, Field(ge=1)] = Field(3, description="Committed checkpoints to keep.")
     async_save: bool = Field(
@@ -380,6 +386,11 @@ class Config(_Section):
                 )
         if self.train.global_batch_size is not None:
             self.accumulation_steps(self.data_parallel_size)  # raises when it does not divide
+        if self.checkpoint.interval_steps == "auto" and self.train.is_script:
+            raise ValueError(
+                "checkpoint.interval_steps: auto is for training functions (ctx.should_checkpoint); a script "
+                "keeps its own checkpoint cadence, so give a number or leave it out"
+            )
         if self.train.precision == "fp16" and self.cluster.device == "cpu":
             raise ValueError(
                 "train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 training); "

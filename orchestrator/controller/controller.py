@@ -29,6 +29,7 @@ from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
 from orchestrator.controller import hangs
+from orchestrator.controller.cadence import CheckpointCadence
 from orchestrator.controller.failures import Failure, failure_from, one_per_rank, rank_ranges, root_cause
 from orchestrator.controller.hang_watch import HangWatch
 from orchestrator.controller.node_news import NodeNews
@@ -137,6 +138,8 @@ class Controller:
         self._spares_started = False
         self._attempt_started_at = 0.0
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
+        self._cadence = (CheckpointCadence(config.checkpoint.mtbf_s, clock)
+                         if config.checkpoint.interval_steps == "auto" else None)
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
         if metrics is not None:
@@ -168,6 +171,9 @@ class Controller:
                                                   path=str(checkpoints / damaged.tag), moved_to=str(damaged.moved_to),
                                                   problems=damaged.problems, message=message))
             self.display.note(message)
+        if self._cadence is not None:
+            self.group.set_checkpoint_interval(self._cadence.steps)
+            self.display.note(f"checkpoint interval: auto, every {self._cadence.steps} steps until a save is measured")
         if manifest is not None:
             resume.prepare(checkpoints, manifest, self.config, self.events)
             self.resume_tag = self._commits.last_committed = self._commits.in_use = manifest.tag
@@ -294,6 +300,9 @@ class Controller:
                 messages={reason: group[0].message for reason, group in by_reason.items()},
                 detection_s=max(0.0, now - min(f.at for f in others)),
             ))
+        if self._cadence is not None:
+            self._cadence.failed()
+            self._retune_checkpoints()
         decision = self.policy.decide(cause, self.history)
         if cause.reason == "node_lost":
             # One line for the node, whatever Ray said about each of its ranks.
@@ -526,6 +535,9 @@ class Controller:
             return
         if outcome.committed:
             self.display.note(f"checkpoint {outcome.tag} committed")
+            if self._cadence is not None:
+                self._cadence.saved(outcome.blocked_s, outcome.seconds)
+                self._retune_checkpoints()
             return
         self.display.note(outcome.message)
         if self.config.checkpoint.on_failure == "stop":
@@ -533,6 +545,19 @@ class Controller:
                 Failure(rank=rank, reason="checkpoint", at=self._clock(), step=store.step_of(outcome.tag),
                         message=outcome.message)
             )
+
+    def _retune_checkpoints(self) -> None:
+        """``checkpoint.interval_steps: auto``: a new interval, once what was measured moves it."""
+        interval = self._cadence.retune()
+        if interval is None:
+            return
+        self.group.set_checkpoint_interval(interval.steps)
+        self.events.emit(ev.CheckpointInterval(interval_steps=interval.steps, save_cost_s=interval.save_cost_s,
+                                               mtbf_s=interval.mtbf_s, step_time_s=interval.step_time_s,
+                                               failures=interval.failures))
+        self.display.note(f"checkpoint interval: every {interval.steps} steps (auto: a save blocks "
+                          f"{interval.save_cost_s:.3f}s, a step takes {interval.step_time_s:.3f}s, "
+                          f"MTBF {interval.mtbf_s:.0f}s)")
 
     def stop_hung(self, failures: list[Failure]) -> None:
         """Kill the processes of the hung ranks among ``failures``: their peers, waiting for them in a
@@ -570,6 +595,8 @@ class Controller:
     def _record_step(self, report: Step) -> None:
         step, loss, seconds = report.step, report.loss, report.step_time_s
         rate = report.tokens / seconds if report.tokens and seconds > 0 else None
+        if self._cadence is not None:
+            self._cadence.stepped(seconds)
         self.events.emit(ev.Step(
             step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, lr=report.lr, grad_norm=report.grad_norm,
             flops=report.flops, heldout_loss=report.extra.get("heldout_loss"),

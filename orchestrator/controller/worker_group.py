@@ -30,7 +30,17 @@ from orchestrator.controller.agent_calls import Unanswered, gather
 from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Inbox
 from orchestrator.controller.placement import Placement
-from orchestrator.messages import NodeBeat, NodeLeft, NodeSaved, NodeStatus, RankStatus, Rejoin, Report, Start
+from orchestrator.messages import (
+    Cadence,
+    NodeBeat,
+    NodeLeft,
+    NodeSaved,
+    NodeStatus,
+    RankStatus,
+    Rejoin,
+    Report,
+    Start,
+)
 from orchestrator.monitor.gpu_endpoint import is_loopback
 from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
 
@@ -164,6 +174,10 @@ class WorkerGroup(Protocol):
     def ensure_spares(self) -> None:
         """Start a warm spare on every node that has none."""
 
+    def set_checkpoint_interval(self, steps: int) -> None:
+        """``checkpoint.interval_steps: auto``: rank 0 decides checkpoints every ``steps`` steps from now
+        on (told now, and in the start of every later attempt)."""
+
     def warm_spares(self) -> dict[str, int]:
         """Ray node id -> pid of its warm spare, for nodes that have one (as of the last status)."""
 
@@ -194,6 +208,7 @@ class RayWorkerGroup:
         name); ``workdir`` is where training processes run (default: the current directory)."""
         self._run_id = run_id or run_dir.name
         self._workdir = str(workdir or Path.cwd())
+        self._checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto
         self.world_size = config.cluster.world_size
         self._per_node = config.cluster.workers_per_node
         self._placement = Placement(config, self._agent_args)
@@ -432,6 +447,16 @@ class RayWorkerGroup:
                  for index in self._placement.live_agents()}
         self._unanswered.add(slots, calls, "start_spare")
 
+    def set_checkpoint_interval(self, steps: int) -> None:
+        self._checkpoint_interval = steps
+        where = self._placement
+        if not where.slots:
+            return  # before the first start: its specs carry it
+        home = where.home(0)
+        if not where.slots[home].gone:
+            self._unanswered.add(where.slots, {home: where.slots[home].handle.send.remote(0, Cadence(interval_steps=steps))},
+                                 "send")
+
     def _prepare_zygotes(self, bundles: list[int]) -> None:
         """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:
         the ranks are forked from it, the imports paid once per node."""
@@ -482,6 +507,7 @@ class RayWorkerGroup:
             env={**rank_env(self._config, p), **torchrun_env(self._config, p.rank, attempt, self._run_id),
                  RUN_DIR_ENV: str(self._run_dir)},
             workdir=self._workdir,
+            checkpoint_interval=self._checkpoint_interval,
         )
 
     def _ensure_agents(self) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
 from orchestrator.installation import use_prebuilt_cpu_op
-from orchestrator.messages import CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
+from orchestrator.messages import FIRST_CHECKPOINT_INTERVAL, CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
 from orchestrator.worker import rendezvous
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.reporter import Reporter
@@ -72,7 +73,10 @@ class TrainContext:
     _writer: BackgroundWriter = field(default_factory=BackgroundWriter)
     faults: list[dict[str, Any]] = field(default_factory=list)
     engines: list[Any] = field(default_factory=list)
+    # checkpoint.interval_steps: auto: the interval the controller chose last (None: none yet).
+    _cadence: Callable[[], int | None] = lambda: None
     _reporter: Reporter = field(init=False)
+    _last_save_step: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._reporter = Reporter(self._channel, self.rank, self.faults)
@@ -143,11 +147,29 @@ class TrainContext:
         self._reporter.step(step, loss, step_time_s=step_time_s, **metrics)
 
     def should_checkpoint(self, step: int) -> bool:
-        """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last)."""
+        """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last).
+
+        With ``checkpoint.interval_steps: auto`` rank 0 decides for every rank, at the interval the
+        controller chose: then this is a collective, which every rank calls at every step."""
         interval = self.config.checkpoint.interval_steps
+        if interval == "auto":
+            return self._checkpoint_due(step)
         if interval == 0:
             return False
         return step % interval == 0 or step == self.config.train.steps
+
+    def _checkpoint_due(self, step: int) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        every = self._cadence() or FIRST_CHECKPOINT_INTERVAL
+        due = self.rank == 0 and (step == self.config.train.steps or step - self._last_save_step >= every)
+        flag = torch.tensor([1.0 if due else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return False
+        self._last_save_step = step
+        return True
 
     def save_checkpoint(self, engine: Any, step: int, user_state: dict | None = None) -> None:
         """Save a DeepSpeed checkpoint for ``step`` (collective: every rank calls it).
@@ -216,6 +238,7 @@ class TrainContext:
         if self.resume_tag is None:
             return 0, None
         step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
+        self._last_save_step = step
         self._reporter.resumed(step, self.resume_tag)
         return step, user_state
 

@@ -47,6 +47,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.installation import use_prebuilt_cpu_op
 from orchestrator.messages import (
     Alive,
+    Cadence,
     Error,
     Finished,
     Interrupt,
@@ -106,6 +107,7 @@ class Runtime:
         self._store: Any = None  # rank 0 of a script: the job's store, served by this process
         self._connections: AttemptConnections | None = None  # the current attempt's, to abort on leaving it
         self._interrupted = False  # the controller stopped the current attempt
+        self._cadence: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
         threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
@@ -187,7 +189,7 @@ class Runtime:
         """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
         self._connections, self._interrupted = AttemptConnections(), False
         try:
-            self.ctx = _context(spec, self.channel, self.writer)
+            self.ctx = _context(spec, self.channel, self.writer, lambda: self._cadence)
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = import_training_code(self.ctx.config)
             assert train is not None, "a script runs in _run_script"
@@ -230,7 +232,11 @@ class Runtime:
                         # blocked inside a collective is released by failing the collective.
                         if self._connections is not None:
                             self._connections.abort()
+                elif isinstance(message, Cadence):
+                    self._cadence = message.interval_steps
                 else:
+                    if isinstance(message, Start) and message.checkpoint_interval is not None:
+                        self._cadence = message.checkpoint_interval  # in channel order, before any later Cadence
                     self.inbox.put(message)
         except MalformedMessage as exc:
             print(f"orchestrator: protocol error from the node agent: {exc}", file=sys.stderr, flush=True)
@@ -338,7 +344,8 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
         warmup(config)
 
 
-def _context(spec: Start, channel: Channel, writer: BackgroundWriter) -> TrainContext:
+def _context(spec: Start, channel: Channel, writer: BackgroundWriter,
+             cadence: Callable[[], int | None]) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
         local_rank=spec.local_rank,
@@ -351,6 +358,7 @@ def _context(spec: Start, channel: Channel, writer: BackgroundWriter) -> TrainCo
         faults=list(spec.faults),
         _channel=channel,
         _writer=writer,
+        _cadence=cadence,
     )
 
 
