@@ -287,7 +287,7 @@ class RecoveryFinished(Event):
     mode: str
     seconds: float
     replaced: list[int]
-    signal: str
+    signal: str  # step, resumed, alive or finished
 
 
 @_event

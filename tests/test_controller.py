@@ -956,3 +956,18 @@ def test_the_checkpoint_interval_follows_young_and_daly_from_what_the_run_measur
     cadence.saved(blocked_s=0.02, seconds=3.0)  # writes that take 3 s: never more often than that
     cadence.saved(blocked_s=0.02, seconds=3.0)
     assert cadence.retune().steps == 30
+
+
+def test_a_script_that_ends_before_it_shows_it_is_back_still_has_its_recovery_finished(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "train.script=train.py")
+    ctl.step()
+    group.script = [[RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
+    ctl.step()
+    ctl.step()  # recover: a full restart
+    clock.now += 3  # well within SCRIPT_UP_S: the restarted script finishes before it would count as back
+    group.script = [[RankUpdate(rank=r, reports=[Finished(at=clock.now)], returncode=0) for r in (0, 1)]]
+    while not ctl.state.terminal:
+        ctl.step()
+    evs = read_events(run.events)
+    assert [e["event"] for e in evs][-2:] == ["recovery_finished", "run_finished"]
+    assert (evs[-2]["signal"], evs[-2]["attempt"], evs[-1]["status"]) == ("finished", 1, "succeeded")

@@ -620,7 +620,13 @@ class Controller:
 
     def _finish_recovery(self, pending: PendingRecovery, signal: str, resumed_at: int | None) -> None:
         """``signal``: what showed the ranks back (``step``, ``resumed``, or ``alive`` for a script
-        that reports nothing); ``resumed_at``: the step training went on from, as that showed it."""
+        that reports nothing); ``resumed_at``: the step training went on from, as that showed it.
+        The nodes' spares are made again."""
+        self._recovered(pending, signal, resumed_at)
+        self._spares_started = True
+        self.group.ensure_spares()
+
+    def _recovered(self, pending: PendingRecovery, signal: str, resumed_at: int | None) -> None:
         seconds = self._clock() - pending.detected_at
         resumed = pending.resumed_from_step if pending.resumed_from_step is not None else resumed_at
         self.events.emit(ev.RecoveryFinished(
@@ -635,8 +641,6 @@ class Controller:
         self.display.note(f"recovered ({pending.mode}, attempt {pending.attempt}) {where} in {seconds:.2f}s")
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
         self._pending = None
-        self._spares_started = True
-        self.group.ensure_spares()
 
     def _totals(self) -> dict[str, Any]:
         return {
@@ -650,6 +654,8 @@ class Controller:
 
     def _finish(self, state: State) -> None:
         if isinstance(state, Succeeded):
+            if self._pending is not None:  # a script that finished before it had shown it was back
+                self._recovered(self._pending, "finished", None)
             self.events.emit(ev.RunFinished(status="succeeded", **self._totals()))
             return
         assert isinstance(state, Failed)
