@@ -160,3 +160,20 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
     assert wait_gone([e["pid"] for e in of_kind(evs, "worker_started")]) == []
     assert not any(pid_alive(p) for p in [proc.pid])
 
+
+
+def test_the_zygote_preimports_a_scripts_packages_from_pythonpath_too_but_not_its_own_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.config.schema import TrainConfig
+    from orchestrator.worker.script import third_party_imports
+
+    (tmp_path / "libs" / "lightning_like").mkdir(parents=True)
+    (tmp_path / "libs" / "lightning_like" / "__init__.py").write_text("")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "helpers.py").write_text("")
+    script = tmp_path / "proj" / "train.py"
+    script.write_text("import json\nimport lightning_like\nimport helpers\nfrom torch import nn\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "libs"))  # as PYTHONPATH would
+    found = third_party_imports(TrainConfig(script=str(script)))
+    assert found == [("lightning_like", []), ("torch", ["nn"])], "the stdlib and the script's own module left out"

@@ -73,10 +73,11 @@ def check(train: TrainConfig, launch_dir: Path) -> None:
 
 
 def third_party_imports(train: TrainConfig) -> list[tuple[str, list[str]]]:
-    """What a script imports at its top level from installed packages, as (module, names) pairs
-    (``import transformers`` -> ("transformers", []); ``from transformers import Trainer`` ->
-    ("transformers", ["Trainer"])): what a node's zygote can import once for every process it forks.
-    The script's own local modules and the standard library are left out."""
+    """What a script imports at its top level from packages outside its own directory, as (module,
+    names) pairs (``import transformers`` -> ("transformers", []); ``from transformers import Trainer``
+    -> ("transformers", ["Trainer"])): what a node's zygote can import once for every process it forks.
+    Installed packages and those on ``PYTHONPATH`` count; the script's own modules (beside it) and the
+    standard library are left out."""
     if train.script is None:
         return []
     path = Path(train.script)
@@ -111,7 +112,9 @@ def _is_installed(top: str, local: Path) -> bool:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
-    return spec is not None and spec.origin is not None and "-packages" + os.sep in spec.origin
+    if spec is None or spec.origin is None or not os.path.isabs(spec.origin):
+        return False  # a namespace package, or a built-in module
+    return not Path(spec.origin).resolve().is_relative_to(local)
 
 
 def preimport(train: TrainConfig) -> None:
