@@ -665,10 +665,11 @@ def test_silence_is_a_hang_even_before_the_first_step(tmp_path: Path) -> None:
 
 
 def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up_and_moving(tmp_path: Path) -> None:
-    from orchestrator.controller.controller import SCRIPT_MOVING_S, SCRIPT_UP_S, SPARES_AFTER_S
+    from orchestrator.controller.controller import SCRIPT_MOVING_S, SCRIPT_UP_S
 
     ctl, group, run, clock = make(tmp_path, "train.script=train.py")
     ctl.step()
+    assert group.spare_requests == 1, "a script's spares are made with its first start"
     group.script = [[RankUpdate(rank=0, alive_at=clock.now),
                      RankUpdate(rank=1, returncode=-9, exited_at=clock.now, log_tail="loading\nstep 22\n")]]
     _, current = ctl.step()
@@ -693,10 +694,7 @@ def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up_and_
     ctl.step()
     (finished,) = of_kind(read_events(run.events), "recovery_finished")
     assert (finished["signal"], finished["resumed_from_step"], finished["mode"]) == ("alive", None, "full_restart")
-    requests = group.spare_requests
-    clock.now += SPARES_AFTER_S
-    ctl.step()
-    assert group.spare_requests == requests, "the recovery already asked for spares; no second start"
+    assert group.spare_requests == 2, "and again after the recovery (the old spare became a rank)"
 
 
 def test_a_scripts_resume_report_finishes_its_recovery_with_the_step(tmp_path: Path) -> None:

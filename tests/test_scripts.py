@@ -145,12 +145,15 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
     assert cause["rank"] == 1 and cause["reason"] == "signal" and cause["step"] >= 10, cause
     assert [e["mode"] for e in of_kind(evs, "recovery_started")] == ["full_restart"]
     (finished,) = of_kind(evs, "recovery_finished")
-    assert finished["signal"] == "resumed" and finished["resumed_from_step"] == 10, finished
+    # The kill follows the step-10 save's event, which is written in a batch: the script may have saved
+    # step 20 meanwhile, and then resumes from that one.
+    resumed = finished["resumed_from_step"]
+    assert finished["signal"] == "resumed" and resumed in (10, 20) and resumed <= cause["step"], finished
 
     steps = of_kind(evs, "step")
     assert max(e["step"] for e in steps) == 30 and all(e["loss"] is not None for e in steps)
     after = [e for e in steps if e["ts"] > finished["ts"]]
-    assert after and after[0]["step"] == 11, "the script resumed from its own checkpoint"
+    assert after and after[0]["step"] == resumed + 1, "the script resumed from its own checkpoint"
     for event in after:
         assert math.isclose(event["loss"], hf_under_torchrun[event["step"]], rel_tol=0, abs_tol=1e-6), event
     saved = of_kind(evs, "checkpoint_saved")

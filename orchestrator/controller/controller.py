@@ -68,8 +68,6 @@ SETTLE_S = 0.5
 # stack still moving (changed within SCRIPT_MOVING_S): a restart that stalls is not a recovery.
 SCRIPT_UP_S = 10.0
 SCRIPT_MOVING_S = 2.0
-# Spares start after the first reported step; for a script that reports nothing, this long after its start.
-SPARES_AFTER_S = 30.0
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
@@ -415,6 +413,11 @@ class Controller:
                        for r in range(self.group.world_size)}
         self._hangs.new_attempt()
         self._nodes.attempt_began()
+        if self.config.train.is_script and not self._spares_started:
+            # A script's spare rehearses nothing (forked, its imports are the zygote's): made at once, it
+            # costs the ranks' start-up no CPU, and a failure in the first seconds finds it ready.
+            self._spares_started = True
+            self.group.ensure_spares()
         for info in infos:
             self.events.emit(ev.WorkerStarted(
                 rank=info.rank, pid=info.pid, node=info.node, node_ip=info.node_ip,
@@ -566,8 +569,8 @@ class Controller:
             self.group.kill(hung)
 
     def _check_quiet_script(self) -> None:
-        """For a script that has reported no step in this run: start the spares once it has run a while,
-        and call a restart recovered once every rank has stayed up ``SCRIPT_UP_S`` and is still moving."""
+        """For a script that has reported no step in this run: call a restart recovered once every rank
+        has stayed up ``SCRIPT_UP_S`` and is still moving."""
         if not self.config.train.is_script or self._steps_reported:
             return
         now = self._clock()
@@ -577,9 +580,6 @@ class Controller:
         moving = all(v.moved_at is not None and now - v.moved_at <= SCRIPT_MOVING_S for v in self._views.values())
         if self._pending is not None and up_s >= SCRIPT_UP_S and moving:
             self._finish_recovery(self._pending, "alive", None)
-        if not self._spares_started and up_s >= SPARES_AFTER_S:
-            self._spares_started = True
-            self.group.ensure_spares()
 
     def _to_replace(self, failures: list[Failure], decision: Decision) -> set[int]:
         """Ranks that get a new process: the failed ones (but not survivors that only saw a peer's failure)."""
