@@ -969,3 +969,21 @@ def test_a_script_that_ends_before_it_shows_it_is_back_still_has_its_recovery_fi
     evs = read_events(run.events)
     assert [e["event"] for e in evs][-2:] == ["recovery_finished", "run_finished"]
     assert (evs[-2]["signal"], evs[-2]["attempt"], evs[-1]["status"]) == ("finished", 1, "succeeded")
+
+
+@pytest.mark.parametrize(("overrides", "shown"), [
+    (("train.script=train.py",), ["[rank 0] hello", "[rank 0] epoch 1"]),  # auto: rank 0's, for a script
+    (("train.script=train.py", "train.show_output=all"), ["[rank 0] hello", "[rank 0] epoch 1", "[rank 1] other"]),
+    (("train.script=train.py", "train.show_output=none"), []),
+    ((), []),  # auto: nothing for a training function, which reports steps
+])
+def test_the_ranks_own_output_reaches_the_terminal_as_train_show_output_says(
+    tmp_path: Path, overrides: tuple[str, ...], shown: list[str]
+) -> None:
+    ctl, group, run, clock = make(tmp_path, *overrides)
+    ctl.step()
+    (run.logs / "rank0.log").write_text("=== rank 0 attempt 0: forked from the zygote ===\nhello\nepoch 1\npart")
+    (run.logs / "rank1.log").write_text("other\n")
+    ctl.step()
+    ctl.step()
+    assert [n for n in ctl.display.notes if n.startswith("[rank")] == shown, "whole lines, once, no headers"

@@ -104,6 +104,9 @@ def test_a_quiet_script_is_left_alone_and_its_hangs_are_still_caught(tmp_path: P
     assert proc.returncode == 0, output[-3000:]
     assert frozen["rank"] == 1 and frozen["reason"] == "hang" and "no sign of life" in frozen["message"]
     assert frozen["ts"] - stopped_at <= hang_s + 2.5, "a stopped rank is caught within hang_timeout_s"
+    # A script that reports nothing: rank 0's own output on the terminal (train.show_output: auto), as torchrun's.
+    assert "[rank 0] looping" in output and "[rank 0] rank 0: " in output, output[-3000:]
+    assert "[rank 1]" not in output and "[rank 0] ===" not in output
     assert "step" not in frozen, "a script that reports no steps has no step to blame"
 
     evs = events(run_dir)

@@ -177,6 +177,12 @@ class TrainConfig(_Section):
     args: list[str] = Field(
         default_factory=list, description="Command-line arguments of train.script or train.module (its sys.argv[1:])."
     )
+    show_output: Literal["auto", "rank0", "all", "none"] = Field(
+        "auto",
+        description="Ranks' own output on the terminal, each line as '[rank N] ...' (it is always in "
+        "RUN_DIR/logs/rankN.log): 'auto' shows rank 0's for a script or module until it reports a step "
+        "(then the progress line takes over), and none for a training function.",
+    )
 
     @field_validator("entrypoint")
     @classmethod

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator import events as ev
@@ -56,6 +57,7 @@ from orchestrator.messages import (
 from orchestrator.monitor.gpu_endpoint import TargetsFile
 from orchestrator.monitor.metrics import JobMetrics, RankSample
 from orchestrator.monitor.progress import ProgressDisplay
+from orchestrator.monitor.rank_output import RankOutput
 from orchestrator.run_dir import RunDir
 
 # Steady state: every poll costs the agents and Ray CPU that training could use. While a
@@ -84,6 +86,16 @@ class PendingRecovery:
     detected_at: float
     started_at: float
     replaced: list[int]
+
+
+def _rank_output(config: Config, logs: Path, world_size: int, display: ProgressDisplay) -> RankOutput | None:
+    """Whose output ``train.show_output`` puts on the terminal (None: nobody's)."""
+    show = config.train.show_output
+    if show == "auto":
+        show = "rank0" if config.train.is_script else "none"
+    if show == "none":
+        return None
+    return RankOutput(logs, [0] if show == "rank0" else list(range(world_size)), display)
 
 
 class Controller:
@@ -136,6 +148,7 @@ class Controller:
         self._spares_started = False
         self._attempt_started_at = 0.0
         self._commits = CommitTracker(run.checkpoints, config, group.world_size, events)
+        self._output = _rank_output(config, run.logs, group.world_size, display)
         self._cadence = (CheckpointCadence(config.checkpoint.mtbf_s, clock)
                          if config.checkpoint.interval_steps == "auto" else None)
         self._checkpoint_failures: list[Failure] = []
@@ -210,6 +223,8 @@ class Controller:
         if not failures:
             self._check_quiet_script()
         self._nodes.look()
+        if self._output is not None and not (self.config.train.show_output == "auto" and self._steps_reported):
+            self._output.look()
         return failures
 
     def _rank_samples(self) -> list[RankSample]:
