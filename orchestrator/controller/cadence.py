@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator.messages import FIRST_CHECKPOINT_INTERVAL
+
 _RECENT_SAVES = 9
 _RECENT_STEPS = 20
 # A new interval is sent only when it differs from the one in force by more than this: every

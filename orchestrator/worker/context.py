@@ -8,16 +8,22 @@ GPT workload (``orchestrator.training.workload``) uses exactly this API; see
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from orchestrator.checkpoint import store
 from orchestrator.checkpoint.writer import BackgroundWriter, SaveJob, SaveResult
 from orchestrator.config.schema import Config
 from orchestrator.installation import use_prebuilt_cpu_op
-from orchestrator.messages import FIRST_CHECKPOINT_INTERVAL, CheckpointFailed, CheckpointSaved, CheckpointSkipped, Saving
+from orchestrator.messages import (
+    FIRST_CHECKPOINT_INTERVAL,
+    CheckpointFailed,
+    CheckpointSaved,
+    CheckpointSkipped,
+    Saving,
+)
 from orchestrator.worker import rendezvous
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.reporter import Reporter
