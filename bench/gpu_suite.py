@@ -60,7 +60,7 @@ class Step:
 
 
 def _recovery(work: Path, dry: bool) -> list[list[str]]:
-    shape = (["--steps", "16", "--interval", "4", "--kill-step", "8"] if dry else
+    shape = (["--steps", "100", "--interval", "10", "--kill-step", "30"] if dry else
              ["--steps", "3000", "--interval", "50", "--kill-step", "300",
               "--set", "cluster.device=gpu"])
     return [[PY, "bench/recovery.py", "--ranks", "1", "--kill-rank", "0", "--warm-spare", "--orchestrator-only",

@@ -78,13 +78,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step: int | None,
-         decided_at=lambda: None, ready=lambda: True) -> Run:
+         decided_at=lambda: None, ready=lambda: True, resumed_at=lambda: None) -> Run:
     """Run ``cmd``; optionally SIGKILL the victim rank once ``kill_step`` is reached (and ``ready()``).
 
-    ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed
-    step after the kill is the first logged step whose number is not above the last one
-    logged before the kill: training resumed from a checkpoint, so it went back. (Steps done
-    before the kill may be logged just after it.)
+    ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed step
+    after the kill is ``resumed_at()`` where the system says when it recovered (the orchestrator: the
+    first step logged after ``recovery_started``); otherwise the first logged step whose number is not
+    above the last one logged before the kill: training resumed from a checkpoint, so it went back.
+    (Steps done before the kill may be logged just after it.)
     """
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -112,6 +113,10 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step
                 after.append(ts)
                 break
             seen = s
+    if killed_at is not None and (known := resumed_at()) is not None:
+        after = [known]
+    if killed_at is not None and not after:
+        raise RuntimeError(f"{cmd[:4]}: no step after the kill (it came after the last step?); give more --steps")
     times = [ts for ts, _, _ in rows]
     decided = decided_at() if killed_at is not None else None
     return Run(
@@ -143,7 +148,12 @@ def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None,
     def spare_ready():
         return not warm_spare or any(e["event"] == "spare_ready" for e in _jsonl(events))
 
-    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at, spare_ready)
+    def resumed_at():
+        logged = _jsonl(events)
+        started = next((i for i, e in enumerate(logged) if e["event"] == "recovery_started"), None)
+        return None if started is None else next((e["ts"] for e in logged[started:] if e["event"] == "step"), None)
+
+    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at, spare_ready, resumed_at)
 
 
 def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1,
