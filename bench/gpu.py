@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.events import read_events  # noqa: E402
 from orchestrator.monitor.metrics import peak_flops  # noqa: E402
+from orchestrator.worker.context import torch_dtype  # noqa: E402
 
 CONFIG = REPO / "cluster_configs" / "local.yaml"
 DRY_SHAPE = {"layers": 2, "dim": 64, "heads": 4, "seq_len": 64, "micro_batch": 2}
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def gpu_name() -> str:
@@ -56,9 +56,10 @@ def gpu_name() -> str:
     return name.decode() if isinstance(name, bytes) else name
 
 
-def plain_loop(overrides: list[str], steps: int, warmup: int, device: str) -> tuple[float, float]:
-    """Median step time and model FLOPs per step of a plain PyTorch loop: fp32 weights, autocast to
-    ``train.precision`` (none for fp32; GradScaler for fp16), fused AdamW where the device has it."""
+def plain_loop(overrides: list[str], steps: int, warmup: int, device: str) -> tuple[float, float, int]:
+    """Median step time, model FLOPs per step and parameters of a plain PyTorch loop: fp32 weights,
+    autocast to ``train.precision`` (none for fp32; GradScaler for fp16), fused AdamW where the device
+    has it."""
     import torch
 
     from orchestrator.training.corpus import batch, load_corpus
@@ -70,7 +71,7 @@ def plain_loop(overrides: list[str], steps: int, warmup: int, device: str) -> tu
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0,
                                   fused=device.startswith("cuda"))
     precision = cfg.train.precision
-    autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, _DTYPES[precision]),
+    autocast = torch.autocast(device.split(":")[0], dtype=torch_dtype(precision),
                               enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     corpus = load_corpus()
@@ -93,7 +94,7 @@ def plain_loop(overrides: list[str], steps: int, warmup: int, device: str) -> tu
         loss.item()  # the orchestrator's loop reads the loss every step too
         if step > warmup:
             times.append(time.perf_counter() - started)
-    return statistics.median(times), flops
+    return statistics.median(times), flops, sum(p.numel() for p in model.parameters())
 
 
 def orchestrator_run(overrides: list[str], steps: int, warmup: int) -> tuple[float, float]:
@@ -114,7 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--precision", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
@@ -146,13 +147,12 @@ def main() -> int:
     job = [*shape, f"cluster.device={'cpu' if args.dry_run else 'gpu'}", "cluster.workers_per_node=1",
            "checkpoint.interval_steps=0"]
 
-    plain_s, flops = plain_loop(shape, args.steps, args.warmup, device)
+    plain_s, flops, parameters = plain_loop(shape, args.steps, args.warmup, device)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     orch_s, orch_flops = orchestrator_run(job, args.steps, args.warmup)
     assert orch_flops == flops, (orch_flops, flops)
 
-    parameters = sum(p.numel() for p in _model(shape).parameters())
     peak_text = f"dense {args.precision} peak {peak / 1e12:.0f} TFLOP/s" if peak else "no known peak"
     print(f"GPU: {name} ({peak_text})")
     print(f"model: {' '.join(shape)}; {parameters / 1e9:.3f} B parameters; {flops / 1e12:.2f} TFLOP per step "
@@ -174,12 +174,6 @@ def main() -> int:
             "ratio": ratio, "dry_run": args.dry_run,
         }, indent=2) + "\n")
     return 0
-
-
-def _model(shape: list[str]):  # noqa: ANN202 - a GPT, built on the CPU to count its parameters
-    from orchestrator.training.model import GPT
-
-    return GPT(load_config(CONFIG, shape).model)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class Step:
     timeout_s: float
     commands: Callable[[Path, bool], list[list[str]]]
     figures: Callable[[Path], dict[str, Any]] = lambda work: {}
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 def _recovery(work: Path, dry: bool) -> list[list[str]]:
@@ -117,8 +116,9 @@ STEPS = [
 ]
 
 
-def run_step(step: Step, work: Path, dry: bool, left_s: float, log: Any) -> None:
-    """Run ``step``'s commands one after another within ``min(step.timeout_s, left_s)``."""
+def run_step(step: Step, work: Path, dry: bool, left_s: float, log: Any) -> dict[str, Any]:
+    """Run ``step``'s commands one after another within ``min(step.timeout_s, left_s)``; its status,
+    seconds and figures."""
     deadline = time.monotonic() + min(step.timeout_s, left_s)
     started = time.monotonic()
     status = "passed"
@@ -137,7 +137,7 @@ def run_step(step: Step, work: Path, dry: bool, left_s: float, log: Any) -> None
         if result.returncode != 0:
             status = f"failed (exit {result.returncode})"
             break
-    step.results = {"status": status, "seconds": round(time.monotonic() - started, 1), **step.figures(work)}
+    return {"status": status, "seconds": round(time.monotonic() - started, 1), **step.figures(work)}
 
 
 def acceptance(results: dict[str, dict[str, Any]], total_s: float) -> dict[str, bool | None]:
@@ -191,9 +191,8 @@ def main() -> int:
                 results[step.name] = {"status": "skipped: the suite's time is spent"}
             else:
                 print(f"gpu suite: {step.name} ...", flush=True)
-                run_step(step, work, args.dry_run, left_s, log)
-                results[step.name] = step.results
-                print(f"gpu suite: {step.name} {step.results['status']} in {step.results['seconds']} s", flush=True)
+                result = results[step.name] = run_step(step, work, args.dry_run, left_s, log)
+                print(f"gpu suite: {step.name} {result['status']} in {result['seconds']} s", flush=True)
         if (work / "sweep-prediction.png").exists():
             shutil.copy(work / "sweep-prediction.png", args.out / "scaling-prediction.png")
     total_s = time.monotonic() - started

@@ -483,8 +483,9 @@ class StartedRank:
 
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
-    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed, Saving,
-                 CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error, Ready, Finished)
+    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed,
+                 Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error,
+                 Ready, Finished)
 }
 
 

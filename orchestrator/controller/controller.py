@@ -182,8 +182,7 @@ class Controller:
                                                   path=str(checkpoints / damaged.tag), moved_to=str(damaged.moved_to),
                                                   problems=damaged.problems, message=message))
             self.display.note(message)
-        if self._cadence is not None:
-            self.group.set_checkpoint_interval(self._cadence.steps)
+        if self._cadence is not None:  # the ranks' own first interval: nothing to tell them yet
             self.display.note(f"checkpoint interval: auto, every {self._cadence.steps} steps until a save is measured")
         if manifest is not None:
             resume.prepare(checkpoints, manifest, self.config, self.events)
@@ -223,7 +222,7 @@ class Controller:
         if not failures:
             self._check_quiet_script()
         self._nodes.look()
-        if self._output is not None and not (self.config.train.show_output == "auto" and self._steps_reported):
+        if self._output is not None:
             self._output.look()
         return failures
 
@@ -612,6 +611,8 @@ class Controller:
         rate = report.tokens / seconds if report.tokens and seconds > 0 else None
         if self._cadence is not None:
             self._cadence.stepped(seconds)
+        if self.config.train.show_output == "auto":
+            self._output = None  # the progress line takes over from the ranks' own output
         self.events.emit(ev.Step(
             step=step, loss=loss, step_time_s=seconds, tokens_per_s=rate, lr=report.lr, grad_norm=report.grad_norm,
             flops=report.flops, heldout_loss=report.extra.get("heldout_loss"),

@@ -454,8 +454,8 @@ class RayWorkerGroup:
             return  # before the first start: its specs carry it
         home = where.home(0)
         if not where.slots[home].gone:
-            self._unanswered.add(where.slots, {home: where.slots[home].handle.send.remote(0, Cadence(interval_steps=steps))},
-                                 "send")
+            call = where.slots[home].handle.send.remote(0, Cadence(interval_steps=steps))
+            self._unanswered.add(where.slots, {home: call}, "send")
 
     def _prepare_zygotes(self, bundles: list[int]) -> None:
         """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:

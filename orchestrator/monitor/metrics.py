@@ -231,7 +231,8 @@ class JobMetrics:
             if self.mfu is None:
                 self.mfu = Gauge("orchestrator_model_flops_utilization",
                                  "Model FLOPs of the last step / (step time x summed dense peak FLOP/s of "
-                                 "the job's GPUs in train.precision); only where every GPU's peak is known.", registry=self.registry)
+                                 "the job's GPUs in train.precision); only where every GPU's peak is known.",
+                                 registry=self.registry)
             self.mfu.set(event.flops / event.step_time_s / peak)
 
 

@@ -40,6 +40,13 @@ _FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_wi
                       "min_loss_scale": 1}
 
 
+def torch_dtype(precision: str) -> Any:
+    """The torch dtype of ``precision`` (``train.precision``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def deepspeed_precision(precision: str) -> dict[str, Any]:
     """DeepSpeed's config sections for ``precision`` (``train.precision``); none for fp32. bf16 and fp16
     keep fp32 master weights in the optimizer (and in checkpoints)."""
@@ -113,9 +120,7 @@ class TrainContext:
     @property
     def dtype(self) -> Any:
         """The torch dtype the model trains in (``train.precision``)."""
-        import torch
-
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return torch_dtype(self.precision)
 
     def deepspeed_precision(self) -> dict[str, Any]:
         """The sections of a DeepSpeed config that train in ``train.precision`` (merge them into yours)."""
