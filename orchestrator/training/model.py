@@ -61,7 +61,7 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig) -> int:
     """Training FLOPs per token of ``model`` (forward and backward, no recomputation): 6 per weight of
     a matrix product (the embeddings are lookups), plus attention's score and value products,
     12 x layers x seq_len x dim (PaLM, appendix B; the causal mask's skipped half still counted, as
-    there)."""
+    there). For MFU; the scaling tools count compute Kaplan's way instead (``scaling/plan.py``)."""
     matmul = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not name.endswith("_emb.weight"))
     return 6 * matmul + 12 * cfg.layers * cfg.seq_len * cfg.dim
 
