@@ -288,6 +288,8 @@ class RecoveryFinished(Event):
     seconds: float
     replaced: list[int]
     signal: str  # step, resumed, alive or finished
+    source: str | None = None  # memory or disk: what the ranks restored from (None: a script's own affair)
+    steps_lost: int | None = None  # steps reported before the failure that are trained again
 
 
 @_event

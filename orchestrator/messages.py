@@ -78,6 +78,7 @@ class Start(Message):
     workdir: str = ""
     log_path: str | None = None
     checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
+    mirror_key: str = ""  # the run's key for the memory snapshots' side channel (worker/mirror.py), hex
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +186,13 @@ class Step(Report):
 
 @dataclass(frozen=True, kw_only=True)
 class Resumed(Report):
-    """Loaded checkpoint ``tag`` and continues after ``step``."""
+    """Restored the state of ``step`` and continues after it: from checkpoint ``tag`` on disk, or from
+    memory (``source``: ``memory``, the ranks' own copies and their buddies' mirrors)."""
 
     type: ClassVar[str] = "resumed"
     step: int
     tag: str
+    source: str = "disk"
 
 
 @dataclass(frozen=True, kw_only=True)

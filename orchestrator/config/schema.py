@@ -259,6 +259,11 @@ class CheckpointConfig(_Section):
         "that loses the least time to saves and to recomputation after failures (Young/Daly), from the measured "
         "save cost, step time and failure rate (docs/checkpoints.md).",
     )
+    memory_interval_steps: Annotated[int, Field(ge=0)] = Field(
+        1, description="Keep a copy of each rank's training state in host memory every N steps, mirrored to a "
+        "buddy rank on another node, so that a recovery goes back to the newest such step instead of the last "
+        "disk checkpoint (docs/checkpoints.md); 0 turns it off. Training functions that call ctx.snapshot.",
+    )
     mtbf_s: Annotated[float, Field(gt=0)] = Field(
         3600.0, description="With interval_steps: auto, the mean time between failures assumed until the run has "
         "lasted longer than this or seen a failure.",

@@ -86,6 +86,8 @@ class PendingRecovery:
     detected_at: float
     started_at: float
     replaced: list[int]
+    reached_step: int | None  # the last step reported before the failure
+    source: str | None  # what the ranks restored from: disk or memory (a script: None, its own affair)
 
 
 def _rank_output(config: Config, logs: Path, world_size: int, display: ProgressDisplay) -> RankOutput | None:
@@ -374,6 +376,8 @@ class Controller:
             detected_at=detected_at,
             started_at=self._clock(),
             replaced=sorted(replace),
+            reached_step=self.last_step,
+            source=None if self.config.train.is_script else "disk",
         )
 
     def _shrink(self, slots: list[int]) -> None:
@@ -524,6 +528,9 @@ class Controller:
                         # A script's resume is its first word after a restart; the built-in workload's
                         # recovery ends with its first step.
                         self._finish_recovery(self._pending, "resumed", report.step)
+                    elif self._pending is not None:  # restored from memory, or from the disk checkpoint
+                        self._pending = dataclasses.replace(self._pending, resumed_from_step=report.step,
+                                                            source=report.source)
             case ScriptCheckpoint():
                 view.progressed(report.at)
                 if rank == 0:
@@ -645,6 +652,7 @@ class Controller:
     def _recovered(self, pending: PendingRecovery, signal: str, resumed_at: int | None) -> None:
         seconds = self._clock() - pending.detected_at
         resumed = pending.resumed_from_step if pending.resumed_from_step is not None else resumed_at
+        lost = max(0, pending.reached_step - resumed) if pending.reached_step is not None and resumed is not None else None
         self.events.emit(ev.RecoveryFinished(
             attempt=pending.attempt,
             resumed_from_step=resumed,
@@ -652,8 +660,12 @@ class Controller:
             seconds=seconds,
             replaced=pending.replaced,
             signal=signal,
+            source=pending.source,
+            steps_lost=lost,
         ))
         where = f"from step {resumed}" if resumed is not None else "(the script did not say from which step)"
+        if pending.source is not None:
+            where += f" ({pending.source}, {lost} step(s) lost)" if lost is not None else f" ({pending.source})"
         self.display.note(f"recovered ({pending.mode}, attempt {pending.attempt}) {where} in {seconds:.2f}s")
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
         self._pending = None

@@ -209,6 +209,7 @@ class RayWorkerGroup:
         self._run_id = run_id or run_dir.name
         self._workdir = str(workdir or Path.cwd())
         self._checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto
+        self._mirror_key = secrets.token_hex(32)  # the ranks' memory-snapshot side channel (worker/mirror.py)
         self.world_size = config.cluster.world_size
         self._per_node = config.cluster.workers_per_node
         self._placement = Placement(config, self._agent_args)
@@ -508,6 +509,7 @@ class RayWorkerGroup:
                  RUN_DIR_ENV: str(self._run_dir)},
             workdir=self._workdir,
             checkpoint_interval=self._checkpoint_interval,
+            mirror_key=self._mirror_key,
         )
 
     def _ensure_agents(self) -> None:

@@ -131,6 +131,7 @@ def train(ctx: TrainContext) -> None:
             grad_norm=float(engine.get_global_grad_norm() or 0.0),
             **evaluated,
         )
+        ctx.snapshot(engine, step)
         if ctx.should_checkpoint(step):
             ctx.save_checkpoint(engine, step)
 

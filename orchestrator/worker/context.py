@@ -25,6 +25,7 @@ from orchestrator.messages import (
     Saving,
 )
 from orchestrator.worker import rendezvous
+from orchestrator.worker.buddies import MemoryKeeper, holder_of, plan_restore
 from orchestrator.worker.channel import Channel
 from orchestrator.worker.reporter import Reporter
 
@@ -72,6 +73,8 @@ class TrainContext:
         last_step: the last step reported (or resumed from); 0 before any.
         engines: DeepSpeed engines given to :meth:`load_checkpoint`; torn down by the
             orchestrator when this rank has to rejoin a new process group.
+        resumed_from: where the last :meth:`load_checkpoint` restored from: ``disk``, ``memory``
+            or None (a fresh start).
     """
 
     rank: int
@@ -88,6 +91,9 @@ class TrainContext:
     engines: list[Any] = field(default_factory=list)
     # checkpoint.interval_steps: auto: the interval the controller chose last (None: none yet).
     _cadence: Callable[[], int | None] = lambda: None
+    # checkpoint.memory_interval_steps > 0: this process's snapshots, mirror server and sender.
+    _memory: MemoryKeeper | None = None
+    resumed_from: str | None = None
     _reporter: Reporter = field(init=False)
     _last_save_step: int = field(init=False, default=0)
 
@@ -238,19 +244,77 @@ class TrainContext:
         dist.all_reduce(busy, op=dist.ReduceOp.MAX)
         return bool(busy.item())
 
-    def load_checkpoint(self, engine: Any) -> tuple[int, dict | None]:
-        """Load the committed checkpoint into ``engine``, if any.
+    def snapshot(self, engine: Any, step: int, user_state: dict | None = None) -> None:
+        """Keep ``engine``'s state after ``step`` in host memory, mirrored to a buddy rank's memory,
+        every ``checkpoint.memory_interval_steps`` steps (a no-op at other steps, and with 0).
 
-        Returns ``(step, user_state)``: the number of steps already done (0 on a
-        fresh start) and what was given to :meth:`save_checkpoint`.
+        Call it on every rank after each optimizer step; it is not a collective. Training blocks for
+        the copy to host memory only (its own reused buffers); the mirror is sent in the background.
+        After a failure, :meth:`load_checkpoint` goes back to the newest step that every rank holds
+        in memory when that is newer than the disk checkpoint. ``user_state`` (picklable) comes back
+        from :meth:`load_checkpoint` as with :meth:`save_checkpoint`.
+        """
+        every = self.config.checkpoint.memory_interval_steps
+        if self._memory is None or every == 0 or step % every:
+            return
+        if not any(e is engine for e in self.engines):
+            self.engines.append(engine)
+        self._memory.snapshot(engine, step, user_state)
+
+    def load_checkpoint(self, engine: Any) -> tuple[int, dict | None]:
+        """Restore ``engine`` after a failure or a restart, if there is anything to restore.
+
+        From memory (:meth:`snapshot`) when every rank holds a snapshot of a step at least as new as
+        the committed checkpoint, else from the committed checkpoint on disk. A collective: every rank
+        calls it. Returns ``(step, user_state)``: the number of steps already done (0 on a fresh
+        start) and what was given to :meth:`save_checkpoint` or :meth:`snapshot`.
         """
         if not any(e is engine for e in self.engines):
             self.engines.append(engine)
-        if self.resume_tag is None:
-            return 0, None
-        step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
-        self._last_save_step = step
-        self._reporter.resumed(step, self.resume_tag)
+        disk_step = store.step_of(self.resume_tag) if self.resume_tag else 0
+        holder = None
+        if self._memory is not None:
+            restored, holder = self._restore_from_memory(engine, disk_step)
+            if restored is not None:
+                step, user_state = restored
+                self._memory.settle(self.rank, self.world_size, step, holder)
+                self._last_save_step = disk_step
+                self.resumed_from = "memory"
+                self._reporter.resumed(step, self.resume_tag or "", source="memory")
+                return step, user_state
+        step, user_state = 0, None
+        if self.resume_tag is not None:
+            step, user_state = store.load(engine, self.checkpoint_dir, self.resume_tag, self.rank, self.config.layout)
+            self._last_save_step = step
+            self.resumed_from = "disk"
+            self._reporter.resumed(step, self.resume_tag)
+        if self._memory is not None:
+            self._memory.settle(self.rank, self.world_size, step, holder)
         return step, user_state
+
+    def _restore_from_memory(self, engine: Any, disk_step: int) -> tuple[tuple[int, Any] | None, Any]:
+        """Gather every rank's offer; restore the plan's step when every rank can. Returns
+        ``((step, user_state) or None, the address of this rank's buddy)``."""
+        import torch
+        import torch.distributed as dist
+
+        from orchestrator.checkpoint import memory
+
+        assert self._memory is not None
+        offers: list[Any] = [None] * self.world_size
+        dist.all_gather_object(offers, self._memory.offer(self.rank, self.world_size, self._memory.host))
+        buddy = holder_of(self.rank, {o.rank: o.node for o in offers})
+        holder = offers[buddy].address if buddy is not None else None
+        plan = plan_restore(offers, disk_step)
+        if plan is None:
+            return None, holder
+        state = self._memory.restore_own_or_fetch(plan, self.rank)
+        whole = torch.tensor([0.0 if state is None else 1.0], device=self.device)
+        dist.all_reduce(whole, op=dist.ReduceOp.MIN)
+        if not whole.item():
+            return None, holder
+        tree, user_state, _keep_alive = state
+        memory.restore(engine, tree)
+        return (plan.step, user_state), holder
 
 

@@ -61,9 +61,11 @@ from orchestrator.messages import (
 from orchestrator.run_dir import append_fd
 from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.abort import AttemptConnections
+from orchestrator.worker.buddies import MemoryKeeper
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
 from orchestrator.worker.context import TrainContext
 from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
+from orchestrator.worker.network import route_source
 from orchestrator.worker.teardown import tear_down
 
 PARENT_PID_ENV = "ORCH_PARENT_PID"
@@ -108,6 +110,7 @@ class Runtime:
         self._connections: AttemptConnections | None = None  # the current attempt's, to abort on leaving it
         self._interrupted = False  # the controller stopped the current attempt
         self._cadence: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
+        self._memory: MemoryKeeper | None = None  # memory snapshots: outlive the attempt that took them
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
         threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
@@ -129,7 +132,7 @@ class Runtime:
             config = self._enter(message)
             if config.train.is_script:
                 return self._run_script(message, config)
-            outcome = self._train(message)
+            outcome = self._train(message, config)
             if outcome == 0:
                 return 0
             message = self._next_message(timeout=_DECISION_TIMEOUT_S)
@@ -185,11 +188,12 @@ class Runtime:
         self.channel.send(Error(exc_type=type(exc).__name__, message=str(exc), traceback=text,
                                 interrupted=interrupted, step=step, collective=raised_in_collective(exc)))
 
-    def _train(self, spec: Start) -> int:
+    def _train(self, spec: Start, config: Config) -> int:
         """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
         self._connections, self._interrupted = AttemptConnections(), False
         try:
-            self.ctx = _context(spec, self.channel, self.writer, lambda: self._cadence)
+            self.ctx = _context(spec, config, self.channel, self.writer, lambda: self._cadence,
+                                self._memory_keeper(spec, config))
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = import_training_code(self.ctx.config)
             assert train is not None, "a script runs in _run_script"
@@ -212,6 +216,15 @@ class Runtime:
             return 1
         self.channel.send(Finished())
         return 0
+
+    def _memory_keeper(self, spec: Start, config: Config) -> MemoryKeeper | None:
+        """This process's memory snapshots (made at its first attempt), or None when they are off."""
+        if self._memory is None and spec.mirror_key and config.checkpoint.memory_interval_steps > 0:
+            # The address this node reaches rank 0's with: its own on the cluster's network.
+            host = route_source(os.environ.get("MASTER_ADDR", "127.0.0.1")) or "127.0.0.1"
+            self._memory = MemoryKeeper(key=bytes.fromhex(spec.mirror_key), host=host,
+                                        pinned=config.cluster.device == "gpu")
+        return self._memory
 
     def _next_message(self, timeout: float | None) -> Message | None:
         """The next instruction; None (exit) when none comes within ``timeout``."""
@@ -344,21 +357,22 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
         warmup(config)
 
 
-def _context(spec: Start, channel: Channel, writer: BackgroundWriter,
-             cadence: Callable[[], int | None]) -> TrainContext:
+def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter,
+             cadence: Callable[[], int | None], memory: MemoryKeeper | None) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
         local_rank=spec.local_rank,
         world_size=spec.world_size,
         node=spec.node,
         attempt=spec.attempt,
-        config=Config.model_validate(spec.config),
+        config=config,
         run_dir=Path(spec.run_dir),
         resume_tag=spec.resume_tag,
         faults=list(spec.faults),
         _channel=channel,
         _writer=writer,
         _cadence=cadence,
+        _memory=memory,
     )
 
 

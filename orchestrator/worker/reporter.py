@@ -47,10 +47,10 @@ class Reporter:
             self._channel.send(FaultInjected(**fault))
             fault_injection.inject(fault["kind"], step)
 
-    def resumed(self, step: int, tag: str) -> None:
-        """Training continues after ``step``, restored from checkpoint ``tag``."""
+    def resumed(self, step: int, tag: str, source: str = "disk") -> None:
+        """Training continues after ``step``, restored from checkpoint ``tag`` (or from memory)."""
         with self._lock:
-            self._channel.send(Resumed(step=int(step), tag=tag))
+            self._channel.send(Resumed(step=int(step), tag=tag, source=source))
             self.last_step = int(step)
             self._last_at = time.perf_counter()
 
