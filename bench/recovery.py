@@ -60,6 +60,7 @@ class Run:
     final_loss: float | None
     kill_to_next_step_s: float | None = None
     kill_to_decision_s: float | None = None
+    restored: str = "-"  # the orchestrator's recovery_finished: "memory, 0 lost", "disk, 5 lost"
 
 
 def _wait(predicate, proc: subprocess.Popen, timeout: float) -> None:
@@ -78,7 +79,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step: int | None,
-         decided_at=lambda: None, ready=lambda: True, resumed_at=lambda: None) -> Run:
+         decided_at=lambda: None, ready=lambda: True, resumed_at=lambda: None, restored=lambda: "-") -> Run:
     """Run ``cmd``; optionally SIGKILL the victim rank once ``kill_step`` is reached (and ``ready()``).
 
     ``steps_of()`` lists (ts, step, loss) in the order steps were logged. The next completed step
@@ -125,6 +126,7 @@ def _run(cmd: list[str], env: dict[str, str], steps_of, pid_of_victim, kill_step
         final_loss=rows[-1][2],
         kill_to_next_step_s=(after[0] - killed_at) if after else None,
         kill_to_decision_s=(decided - killed_at) if decided is not None else None,
+        restored=restored() if killed_at is not None else "-",
     )
 
 
@@ -153,7 +155,12 @@ def orchestrator_run(workdir: Path, overrides: list[str], kill_step: int | None,
         started = next((i for i, e in enumerate(logged) if e["event"] == "recovery_started"), None)
         return None if started is None else next((e["ts"] for e in logged[started:] if e["event"] == "step"), None)
 
-    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at, spare_ready, resumed_at)
+    def restored():
+        finished = next((e for e in _jsonl(events) if e["event"] == "recovery_finished"), None)
+        return "-" if finished is None else f"{finished['source']}, {finished['steps_lost']} lost"
+
+    return _run(cmd, dict(os.environ), steps_of, pid_of_victim, kill_step, decided_at, spare_ready, resumed_at,
+                restored)
 
 
 def torchrun_run(workdir: Path, overrides: list[str], kill_step: int | None, victim: int = 1,
@@ -217,7 +224,7 @@ def main() -> int:
         del systems["torchrun --max-restarts"]
     rows = {}
     for name, runner in systems.items():
-        extras, recoveries, decisions, matches, step_times = [], [], [], [], []
+        extras, recoveries, decisions, matches, step_times, restores = [], [], [], [], [], []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as clean_dir, tempfile.TemporaryDirectory() as fault_dir:
                 clean = runner(Path(clean_dir), overrides, None)
@@ -227,28 +234,31 @@ def main() -> int:
             decisions.append(faulted.kill_to_decision_s)
             matches.append(faulted.final_loss == clean.final_loss)
             step_times.append(clean.step_s)
+            restores.append(faulted.restored)
             decided = "" if faulted.kill_to_decision_s is None else f"kill->decision {faulted.kill_to_decision_s:.2f}s, "
             print(f"  {name}: first->last step clean {clean.training_s:.2f}s, faulted {faulted.training_s:.2f}s, "
-                  f"{decided}kill->next step {faulted.kill_to_next_step_s:.2f}s, final loss {faulted.final_loss!r} "
+                  f"{decided}kill->next step {faulted.kill_to_next_step_s:.2f}s, restored {faulted.restored}, "
+                  f"final loss {faulted.final_loss!r} "
                   f"vs clean {clean.final_loss!r}", flush=True)
         decision = statistics.median(decisions) if None not in decisions else None
         rows[name] = (decision, statistics.median(recoveries), statistics.median(extras), all(matches),
-                      statistics.median(step_times))
+                      statistics.median(step_times), "; ".join(sorted(set(restores))))
 
     layout = f"{args.nodes} nodes x {args.ranks}" if args.ray_address else f"{args.ranks}"
     spare = ", with the spare warm" if args.warm_spare else ""
     print(f"\nkill rank {args.kill_rank} after step {args.kill_step} of {args.steps}{spare} (checkpoint every "
           f"{args.interval}), {layout} {device} ranks, {' '.join(args.extra) or 'ZeRO-2'}, median of {args.repeats}:\n")
-    print("| system | kill -> decision (s) | kill -> next step (s) | extra wall time (s) | final loss = clean run "
-          "| clean step time (s) |")
-    print("|---|---|---|---|---|---|")
-    for name, (decision, recovery, extra, match, step_s) in rows.items():
+    print("| system | kill -> decision (s) | kill -> next step (s) | extra wall time (s) | restored from "
+          "| final loss = clean run | clean step time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (decision, recovery, extra, match, step_s, restored) in rows.items():
         decided = "-" if decision is None else f"{decision:.2f}"
-        print(f"| {name} | {decided} | {recovery:.2f} | {extra:.2f} | {'yes, bit for bit' if match else 'NO'} "
-              f"| {step_s:.3f} |")
+        print(f"| {name} | {decided} | {recovery:.2f} | {extra:.2f} | {restored} "
+              f"| {'yes, bit for bit' if match else 'NO'} | {step_s:.3f} |")
     if args.json is not None:
         args.json.write_text(json.dumps({name: dict(zip(
-            ("kill_to_decision_s", "kill_to_next_step_s", "extra_wall_s", "bit_exact", "clean_step_s"), row))
+            ("kill_to_decision_s", "kill_to_next_step_s", "extra_wall_s", "bit_exact", "clean_step_s", "restored"),
+            row))
             for name, row in rows.items()}, indent=2) + "\n")
     if len(systems) == 1:  # no baseline
         return 0 if all(r[3] for r in rows.values()) else 1

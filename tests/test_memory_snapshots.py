@@ -5,6 +5,9 @@ checked end to end, and the choice of the step every rank can go back to. The re
 from __future__ import annotations
 
 import secrets
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from orchestrator.checkpoint.memory import HostSnapshots, unpack
 from orchestrator.worker.buddies import Offer, holder_of, plan_restore
 from orchestrator.worker.mirror import MirrorError, MirrorSender, MirrorServer, fetch
+from tests.helpers import REPO
 
 KEY = secrets.token_bytes(32)
 
@@ -65,19 +69,23 @@ def test_snapshots_keep_the_two_newest_whole_and_copy_rather_than_alias() -> Non
     assert _equal(snaps.at(2).state(), _state(2))
     snaps.forget(newer_than=2)
     assert snaps.steps() == [2]
+    assert sorted(r.header().step for r in snaps.regions()) == [-1, 2], "and in the memory a buddy maps"
 
 
-def test_a_snapshot_is_mirrored_to_the_buddy_and_fetched_back_whole() -> None:
+@pytest.mark.parametrize("way", ["tcp", "unix"])
+def test_a_snapshot_is_mirrored_to_the_buddy_and_fetched_back_whole(way: str) -> None:
+    """Over TCP (a buddy on another node: a copy) and over the node's Unix socket (the buddy maps the
+    rank's own snapshot memory)."""
     own, buddy = HostSnapshots(), MirrorServer(key=KEY, host="127.0.0.1")
     sender = MirrorSender(own, KEY)
     try:
-        sender.aim(buddy.address, rank=1, world_size=2)
+        sender.aim(("tcp", buddy.address) if way == "tcp" else ("unix", buddy.local_name), rank=1, world_size=2)
         for step in (7, 8):
             own.take(_state(step), step, user_state={"step": step})
             sender.offer()
             _wait_held(buddy, 1, step)
         assert buddy.held(world_size=2) == {1: [7, 8]}
-        assert buddy.held(world_size=4) == {1: []}, "taken in another world: not offered"
+        assert buddy.held(world_size=4) == {}, "taken in another world: not offered"
         tree, user_state, payload = fetch(buddy.address, KEY, rank=1, step=7)
         assert _equal(unpack(tree, payload), _state(7)) and user_state == {"step": 7}
         with pytest.raises(MirrorError, match="no longer holds"):
@@ -85,16 +93,53 @@ def test_a_snapshot_is_mirrored_to_the_buddy_and_fetched_back_whole() -> None:
         # Without the run's key nothing is served (nor unpickled: the head's HMAC fails first).
         with pytest.raises(MirrorError):
             fetch(buddy.address, secrets.token_bytes(32), rank=1, step=7)
-        # A copy damaged in the buddy's memory fails its checksum where it is restored.
-        held = next(f for f in buddy._held[1] if f.trailer and f.step == 8)
-        held.payload[100] ^= 0xFF
+        # A copy damaged in memory fails its checksum where it is restored.
+        held = next(r for r in buddy._sources[1].regions if r.header().step == 8)
+        held.payload(100)[50] ^= 0xFF
         with pytest.raises(MirrorError, match="fails its checksum"):
             fetch(buddy.address, KEY, rank=1, step=8)
-        # After a restore to step 7, step 8 belongs to a future the run no longer has.
-        buddy.forget(newer_than=7)
-        assert buddy.held(world_size=2) == {1: [7]}
     finally:
         buddy.close()
+
+
+def test_a_snapshot_in_shared_memory_outlives_the_rank_that_took_it(tmp_path) -> None:
+    """A buddy on the node maps the rank's snapshot regions: SIGKILL the rank, and its state is
+    still whole in the buddy's memory."""
+    buddy = MirrorServer(key=KEY, host="127.0.0.1")
+    child = subprocess.Popen([sys.executable, "-c", _RANK.format(key=KEY.hex(), name=buddy.local_name.encode())],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert child.stdout.readline().strip() == "mirrored"
+        _wait_held(buddy, 1, 5)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        tree, user_state, payload = fetch(buddy.address, KEY, rank=1, step=5)
+        assert _equal(unpack(tree, payload), _state(5)) and user_state == {"step": 5}
+        buddy.forget(newer_than=5)  # restored: a dead rank's regions are released
+        assert buddy.held(world_size=2) == {}
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        buddy.close()
+
+
+_RANK = """
+import time
+from orchestrator.checkpoint.memory import HostSnapshots
+from orchestrator.worker.mirror import MirrorSender
+from tests.test_memory_snapshots import _state
+own = HostSnapshots()
+sender = MirrorSender(own, bytes.fromhex("{key}"))
+sender.aim(("unix", {name}.decode()), rank=1, world_size=2)
+for step in (4, 5):
+    own.take(_state(step), step, user_state={{"step": step}})
+    sender.offer()
+while sender._sent is None or sender._sent[1] != own.regions_changed:
+    time.sleep(0.01)
+print("mirrored", flush=True)
+time.sleep(60)
+"""
 
 
 def test_every_rank_goes_back_to_the_newest_step_all_can_restore() -> None:
@@ -103,10 +148,10 @@ def test_every_rank_goes_back_to_the_newest_step_all_can_restore() -> None:
     # Ranks 0, 2, 3 survived; rank 1 was replaced: its state is in its buddy's memory (rank 3, the
     # same place on the next node), one step behind the survivors' newest.
     offers = [
-        Offer(rank=0, node="n1", address=a0, own=(24, 25), held={2: (24, 25)}),
-        Offer(rank=1, node="n1", address=a1, own=(), held={}),
-        Offer(rank=2, node="n2", address=a2, own=(24, 25), held={0: (24, 25)}),
-        Offer(rank=3, node="n2", address=a3, own=(24, 25), held={1: (23, 24)}),
+        Offer(rank=0, node="n1", address=a0, local="@0", own=(24, 25), held={2: (24, 25)}),
+        Offer(rank=1, node="n1", address=a1, local="@1", own=(), held={}),
+        Offer(rank=2, node="n2", address=a2, local="@2", own=(24, 25), held={0: (24, 25)}),
+        Offer(rank=3, node="n2", address=a3, local="@3", own=(24, 25), held={1: (23, 24)}),
     ]
     assert holder_of(1, nodes) == 3 and holder_of(3, nodes) == 1 and holder_of(0, nodes) == 2
     plan = plan_restore(offers, disk_step=20)
@@ -115,10 +160,13 @@ def test_every_rank_goes_back_to_the_newest_step_all_can_restore() -> None:
     # The disk checkpoint is newer: nothing to gain from memory.
     assert plan_restore(offers, disk_step=25) is None
     # Rank 1 and its buddy both lost: rank 1's state is nowhere in memory.
-    lost_buddy = [o if o.rank != 3 else Offer(rank=3, node="n2", address=a3, own=(), held={}) for o in offers]
+    lost_buddy = [o if o.rank != 3 else Offer(rank=3, node="n2", address=a3, local="@3", own=(), held={})
+                  for o in offers]
     assert plan_restore(lost_buddy, disk_step=20) is None
     # A fresh start: nobody holds anything.
-    assert plan_restore([Offer(rank=r, node="n1", address=a0, own=(), held={}) for r in range(2)], 0) is None
+    assert plan_restore([Offer(rank=r, node="n1", address=a0, local="@", own=(), held={}) for r in range(2)], 0) is None
+    # A rank mirrors to a buddy on its node through shared memory, to one on another node over TCP.
+    assert offers[2].mirror_target("n1") == ("tcp", a2) and offers[1].mirror_target("n1") == ("unix", "@1")
 
 
 def test_buddies_form_a_ring_across_nodes_or_within_the_only_node() -> None:

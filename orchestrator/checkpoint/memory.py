@@ -9,20 +9,27 @@ working (bf16, fp16 or fp32) weights are not copied: a restore recomputes them
 from the master shards and all-gathers them, as DeepSpeed does after every step.
 
 :class:`HostSnapshots` keeps the two newest snapshots of a rank, each packed in
-one reusable host buffer (pinned on a GPU node) with every tensor at an aligned
-offset, so that a snapshot costs one copy per tensor, no allocation, and its
-bytes can be mirrored to a peer as they are (``worker/mirror.py``).
+one reusable :class:`Region` of host memory (a memfd; page-locked on a GPU node)
+with every tensor at an aligned offset, so that a snapshot costs one copy per
+tensor and no allocation, and a buddy rank on the same node can map the very
+same memory (``worker/mirror.py``).
 """
 
 from __future__ import annotations
 
 import copy
+import mmap
+import os
 import random
+import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 _ALIGN = 64  # bytes: any dtype's view of an aligned offset is valid, and cache lines are not shared
+# Leaves that are never changed in place: kept as they are (a state dict holds thousands: parameter ids).
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})
 
 
 class Unsupported(Exception):
@@ -83,8 +90,8 @@ def restore(engine: Any, state: dict[str, Any]) -> None:
 
 def _is_partitioned(optimizer: Any) -> bool:
     """ZeRO-1/2's optimizer and DeepSpeed's bf16 one: fp32 master shards, and a way back to the weights."""
-    return callable(getattr(optimizer, "update_lp_params", None)) and callable(getattr(optimizer, "load_state_dict", None)) \
-        and (hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition"))
+    masters = hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_groups_flat_partition")
+    return masters and callable(getattr(optimizer, "update_lp_params", None))
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,23 +131,99 @@ def _detached_copy(item: Any) -> Any:
     return item
 
 
+_HEADER = struct.Struct("<QqQQQI")  # version, step, payload bytes, meta offset, meta bytes, checksum
+DATA_OFFSET = 64  # where the payload starts in a region
+_BLOCK_WORDS = 512  # 4 KiB
+
+
+def checksum(payload: Any) -> int:
+    """CRC-32 of the payload's 4 KiB blocks' sums (64-bit words, modulo 2**64): every bit of every
+    word counts, and where it lies to the block; about 20 times faster than a CRC-32 of the bytes
+    (it must not take the CPU a training step needs). ``payload``'s length is a multiple of 8."""
+    import numpy as np
+
+    words = np.frombuffer(payload, dtype=np.uint64)
+    whole = len(words) // _BLOCK_WORDS * _BLOCK_WORDS
+    sums = np.add.reduce(words[:whole].reshape(-1, _BLOCK_WORDS), axis=1)
+    tail = np.add.reduce(words[whole:], keepdims=True, dtype=np.uint64)
+    return zlib.crc32(np.concatenate([sums, tail]).tobytes())
+
+
+@dataclass(frozen=True)
+class RegionHeader:
+    """What a region holds: written last by the rank that took the snapshot (``version`` odd while
+    it writes), read by its buddy on the same node, which maps the same memory."""
+
+    version: int
+    step: int
+    nbytes: int
+    meta_offset: int
+    meta_len: int
+    checksum: int
+
+    @property
+    def whole(self) -> bool:
+        return self.version % 2 == 0 and self.step >= 0
+
+
+class Region:
+    """One snapshot's host memory: a memfd, mapped. A buddy rank on the same node is handed the
+    descriptor (``worker/mirror.py``) and maps it too: the snapshot is in its memory without a copy,
+    and stays there when this process dies, for as long as the buddy keeps the descriptor."""
+
+    def __init__(self, size: int, fd: int | None = None) -> None:
+        import torch
+
+        made = fd is None
+        if fd is None:
+            fd = os.memfd_create("orchestrator-snapshot", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd, self.size = fd, size
+        self.map = mmap.mmap(fd, size)
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        if made:
+            self.write_header(RegionHeader(0, -1, 0, 0, 0, 0))  # holds nothing yet
+
+    @classmethod
+    def attach(cls, fd: int) -> Region:
+        """Map a region another process made (its descriptor, received)."""
+        return cls(os.fstat(fd).st_size, fd)
+
+    def header(self) -> RegionHeader:
+        return RegionHeader(*_HEADER.unpack_from(self.map, 0))
+
+    def write_header(self, header: RegionHeader) -> None:
+        _HEADER.pack_into(self.map, 0, header.version, header.step, header.nbytes, header.meta_offset,
+                          header.meta_len, header.checksum)
+
+    def payload(self, nbytes: int) -> Any:
+        """The payload's bytes, as a uint8 tensor view."""
+        return self.tensor[DATA_OFFSET:DATA_OFFSET + nbytes]
+
+    def meta(self, header: RegionHeader) -> bytes:
+        return bytes(self.map[header.meta_offset:header.meta_offset + header.meta_len])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class Snapshot:
-    """One packed snapshot: ``tree`` is the state with every tensor replaced by a :class:`Slot` into
-    ``buffer`` (a flat uint8 tensor); ``complete`` only once every tensor is in."""
+    """One of a rank's two snapshots: its region, and, in the process that took it, the state's tree
+    (each tensor a :class:`Slot` into the payload) and user state, so that it restores without
+    unpickling."""
 
-    buffer: Any = None
+    region: Region | None = None
     tree: Any = None
-    step: int = -1
     user_state: Any = None
-    complete: bool = False
-    # Odd while the training thread writes it: a reader that saw the version change saw a torn copy.
-    version: int = 0
+    step: int = -1
     nbytes: int = 0
+    complete: bool = False
 
     def state(self) -> Any:
-        """The tree with each slot as a tensor view of the buffer (valid until the buffer is rewritten)."""
-        return unpack(self.tree, self.buffer)
+        """The tree with each slot as a tensor view of the region (valid until it is rewritten)."""
+        assert self.region is not None
+        return unpack(self.tree, self.region.payload(self.nbytes))
 
 
 @dataclass
@@ -148,55 +231,81 @@ class HostSnapshots:
     """The two newest snapshots of this rank's state; one is written while the other stays whole."""
 
     pinned: bool = False
-    _slots: list[Snapshot] = field(default_factory=lambda: [Snapshot(), Snapshot()])
+    slots: list[Snapshot] = field(default_factory=lambda: [Snapshot(), Snapshot()])
     lock: threading.Lock = field(default_factory=threading.Lock)
-    taken_s: float = 0.0  # the last snapshot's copy time, for the logs and benchmarks
+    regions_changed: int = 0  # +1 each time a region is replaced: a buddy on the node needs the new one
 
     def take(self, state: dict[str, Any], step: int, user_state: Any = None) -> Snapshot:
         """Copy ``state`` (references, from :func:`capture`) into the older slot; returns it, complete."""
-        import torch
+        import pickle
 
-        target = min(self._slots, key=lambda s: (s.complete, s.step))
+        target = min(self.slots, key=lambda s: (s.complete, s.step))
         tensors: list[Any] = []
         tree = _layout(state, tensors, [0])
         nbytes = _aligned_size(tensors)
+        user_state = copy.deepcopy(user_state)
+        meta = pickle.dumps({"tree": tree, "user_state": user_state}, protocol=pickle.HIGHEST_PROTOCOL)
+        need = DATA_OFFSET + nbytes + len(meta)
         with self.lock:
             target.complete = False
-            target.version += 1
-        if target.buffer is None or target.buffer.numel() < nbytes:
-            target.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            if target.region is None or target.region.size < need:
+                target.region = self._region(need + need // 4 + (64 << 10))  # room for the state to grow a little
+            old = target.region.header()
+            target.region.write_header(RegionHeader(old.version | 1, -1, 0, 0, 0, 0))  # odd: being written
+        payload = target.region.payload(nbytes)
         for tensor, slot in tensors:
-            view = _view(target.buffer, slot)
-            view.copy_(tensor.detach().reshape(slot.shape), non_blocking=self.pinned)
+            _view(payload, slot).copy_(tensor.detach().reshape(slot.shape), non_blocking=self.pinned)
         if self.pinned:
+            import torch
+
             torch.cuda.current_stream().synchronize()
-        target.tree, target.step, target.nbytes = tree, step, nbytes
-        target.user_state = copy.deepcopy(user_state)
+        meta_offset = DATA_OFFSET + nbytes
+        target.region.map[meta_offset:meta_offset + len(meta)] = meta
+        version = target.region.header().version
+        header = RegionHeader(version + 1, step, nbytes, meta_offset, len(meta), checksum(payload.numpy()))
+        target.tree, target.user_state, target.step, target.nbytes = tree, user_state, step, nbytes
         with self.lock:
+            target.region.write_header(header)
             target.complete = True
-            target.version += 1
         return target
+
+    def _region(self, size: int) -> Region:
+        region = Region(size)
+        if self.pinned:
+            import torch
+
+            # Page-locked, so device-to-host copies run at full speed; pageable memory still works.
+            torch.cuda.cudart().cudaHostRegister(region.tensor.data_ptr(), size, 0)
+        self.regions_changed += 1
+        return region
+
+    def regions(self) -> list[Region]:
+        """The regions made so far (what a buddy on the node maps)."""
+        return [s.region for s in self.slots if s.region is not None]
 
     def newest(self) -> Snapshot | None:
         """The newest complete snapshot, or None."""
-        whole = [s for s in self._slots if s.complete]
+        whole = [s for s in self.slots if s.complete]
         return max(whole, key=lambda s: s.step) if whole else None
 
     def at(self, step: int) -> Snapshot | None:
         """The complete snapshot of ``step``, or None."""
-        return next((s for s in self._slots if s.complete and s.step == step), None)
+        return next((s for s in self.slots if s.complete and s.step == step), None)
 
     def steps(self) -> list[int]:
         """Steps held whole, oldest first."""
-        return sorted(s.step for s in self._slots if s.complete)
+        return sorted(s.step for s in self.slots if s.complete)
 
     def forget(self, newer_than: int | None = None) -> None:
-        """Drop the snapshots of steps after ``newer_than`` (every one when None); buffers are kept."""
+        """Drop the snapshots of steps after ``newer_than`` (every one when None), here and in what a
+        buddy maps; the regions are kept for reuse."""
         with self.lock:
-            for slot in self._slots:
+            for slot in self.slots:
                 if slot.complete and (newer_than is None or slot.step > newer_than):
                     slot.complete = False
-                    slot.version += 1
+                    assert slot.region is not None
+                    old = slot.region.header()
+                    slot.region.write_header(RegionHeader(old.version + 2, -1, 0, 0, 0, 0))
 
 
 def _layout(item: Any, tensors: list[Any], cursor: list[int]) -> Any:
@@ -204,6 +313,8 @@ def _layout(item: Any, tensors: list[Any], cursor: list[int]) -> Any:
     scaler's counters change at the next step)."""
     import torch
 
+    if type(item) in _ATOMS:
+        return item
     if torch.is_tensor(item):
         slot = Slot(offset=cursor[0], dtype=str(item.dtype).removeprefix("torch."), shape=tuple(item.shape))
         cursor[0] += -(-item.numel() * item.element_size() // _ALIGN) * _ALIGN
@@ -211,6 +322,8 @@ def _layout(item: Any, tensors: list[Any], cursor: list[int]) -> Any:
         return slot
     if isinstance(item, dict):
         return type(item)((k, _layout(v, tensors, cursor)) for k, v in item.items())
+    if isinstance(item, (list, tuple)) and all(type(v) in _ATOMS for v in item):
+        return item if isinstance(item, tuple) else list(item)  # a tuple of atoms never changes
     if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
         laid = [_layout(v, tensors, cursor) for v in item]
         return laid if isinstance(item, list) else tuple(laid)

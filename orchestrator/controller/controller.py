@@ -652,7 +652,8 @@ class Controller:
     def _recovered(self, pending: PendingRecovery, signal: str, resumed_at: int | None) -> None:
         seconds = self._clock() - pending.detected_at
         resumed = pending.resumed_from_step if pending.resumed_from_step is not None else resumed_at
-        lost = max(0, pending.reached_step - resumed) if pending.reached_step is not None and resumed is not None else None
+        known = pending.reached_step is not None and resumed is not None
+        lost = max(0, pending.reached_step - resumed) if known else None
         self.events.emit(ev.RecoveryFinished(
             attempt=pending.attempt,
             resumed_from_step=resumed,

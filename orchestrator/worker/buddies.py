@@ -2,9 +2,9 @@
 
 Every ``checkpoint.memory_interval_steps`` steps each rank copies its state into
 host memory (``checkpoint/memory.py``) and its :class:`~orchestrator.worker.mirror.MirrorSender`
-pushes the copy to its buddy: the rank with the same place on the next node (a
-ring across nodes), or the next rank of the node when there is one node. So a
-lost node's ranks all have their state on the node after it.
+puts it in its buddy's: the rank with the same place on the next node (a ring
+across nodes: over TCP), or the next rank of the node when there is one node
+(shared memory). So a lost node's ranks all have their state on the node after it.
 
 When an attempt starts, every rank offers what it holds (its own two newest
 snapshots, if it survived, and the mirrors it keeps for its buddy's rank), and
@@ -17,7 +17,6 @@ disk checkpoint), the ranks load the disk checkpoint as before.
 from __future__ import annotations
 
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +31,14 @@ class Offer:
 
     rank: int
     node: str
-    address: tuple[str, int]
+    address: tuple[str, int]  # its mirror server's TCP address (fetches, buddies on other nodes)
+    local: str  # its mirror server's Unix socket (buddies on its node hand over their regions)
     own: tuple[int, ...]
     held: dict[int, tuple[int, ...]]
+
+    def mirror_target(self, node: str) -> tuple[str, object]:
+        """How a rank on ``node`` mirrors to this one: shared memory on the same node, else TCP."""
+        return ("unix", self.local) if node == self.node else ("tcp", self.address)
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,6 @@ def plan_restore(offers: list[Offer], disk_step: int) -> Plan | None:
 
 
 @dataclass
-class Restored:
-    """A memory restore: the step gone back to, the user state snapshotted with it, and how long it took."""
-
-    step: int
-    user_state: Any
-    seconds: float
-
-
-@dataclass
 class MemoryKeeper:
     """A training process's snapshots, its mirror server and sender; lives as long as the process
     (a survivor restores from what it kept in an earlier attempt)."""
@@ -118,16 +113,15 @@ class MemoryKeeper:
             print(f"orchestrator: no memory snapshots for this engine: {exc}; recoveries load the disk checkpoint",
                   file=sys.stderr, flush=True)
             return
-        started = time.perf_counter()
         self.snapshots.take(state, step, user_state)
-        self.snapshots.taken_s = time.perf_counter() - started
         self.sender.offer()
 
     def offer(self, rank: int, world_size: int, node: str) -> Offer:
         """What this process can restore from, as ``rank`` of ``world_size``."""
         own = tuple(self.snapshots.steps()) if self._identity == (rank, world_size) else ()
         held = {r: tuple(steps) for r, steps in self.server.held(world_size).items() if steps}
-        return Offer(rank=rank, node=node, address=self.server.address, own=own, held=held)
+        return Offer(rank=rank, node=node, address=self.server.address, local=self.server.local_name, own=own,
+                     held=held)
 
     def restore_own_or_fetch(self, plan: Plan, rank: int) -> tuple[Any, Any, Any] | None:
         """This rank's state at ``plan.step`` as ``(state tree, user state, keep-alive)``; None (and
@@ -139,11 +133,12 @@ class MemoryKeeper:
         try:
             tree, user_state, payload = fetch(source, self.key, rank, plan.step)
         except MirrorError as exc:
-            print(f"orchestrator: memory restore: {exc}; the ranks load the disk checkpoint", file=sys.stderr, flush=True)
+            print(f"orchestrator: memory restore: {exc}; the ranks load the disk checkpoint", file=sys.stderr,
+                  flush=True)
             return None
         return memory.unpack(tree, payload), user_state, payload
 
-    def settle(self, rank: int, world_size: int, step: int, holder: tuple[str, int] | None) -> None:
+    def settle(self, rank: int, world_size: int, step: int, holder: tuple[str, object] | None) -> None:
         """After a restore to ``step`` (from memory or disk): forget every snapshot of a later step (a
         future this run no longer has), and mirror to ``holder`` from now on."""
         self.snapshots.forget(newer_than=step if self._identity == (rank, world_size) else None)

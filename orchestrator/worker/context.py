@@ -304,7 +304,7 @@ class TrainContext:
         offers: list[Any] = [None] * self.world_size
         dist.all_gather_object(offers, self._memory.offer(self.rank, self.world_size, self._memory.host))
         buddy = holder_of(self.rank, {o.rank: o.node for o in offers})
-        holder = offers[buddy].address if buddy is not None else None
+        holder = offers[buddy].mirror_target(self._memory.host) if buddy is not None else None
         plan = plan_restore(offers, disk_step)
         if plan is None:
             return None, holder
