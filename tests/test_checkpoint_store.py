@@ -113,7 +113,7 @@ class _RunsCode:
 def test_rank_state_loads_only_plain_data(tmp_path: Path) -> None:
     """The orchestrator's per-rank file holds a step and RNG states; anything that would run code is refused."""
     good = tmp_path / "rank_state_0.pt"
-    torch.save({"step": 7, "rng": store._capture_rng()}, good)
+    torch.save({"step": 7, "rng": store.rng_state()}, good)
     assert store.load_rank_state(good)["step"] == 7
     crafted = tmp_path / "rank_state_1.pt"
     torch.save({"step": 7, "rng": _RunsCode()}, crafted)

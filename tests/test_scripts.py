@@ -168,6 +168,40 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
 
 
 
+def test_a_lightning_script_with_the_callback_recovers_from_a_killed_rank_bit_exact(tmp_path: Path) -> None:
+    """An unmodified PyTorch Lightning DDP script (ModelCheckpoint(save_last=True), resumed from
+    last.ckpt) plus the one-line callback: every step is reported with the loss it has under
+    torchrun, a SIGKILLed rank restarts the script from its own checkpoint, and the steps after the
+    resume are torchrun's, bit for bit."""
+    reference = tmp_path / "torchrun"
+    result = torchrun(str(SCRIPTS / "lightning_ddp.py"), "--output_dir", str(reference), "--max_steps", "300",
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    under_torchrun = {int(line.split()[1]): float(line.split()[3])
+                      for line in result.stdout.splitlines() if line.startswith("step ")}
+    assert sorted(under_torchrun) == list(range(1, 301)), result.stdout[-2000:]
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    with running_cli(*launch_args(run_dir), "--", "tests/scripts/lightning_ddp.py", "--output_dir", str(out),
+                     "--max_steps", "300", "--report") as proc:
+        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["step"] == 10, 240, proc)
+        rank1 = [e for e in events(run_dir) if e["event"] == "worker_started" and e["rank"] == 1][-1]
+        os.kill(rank1["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    evs = events(run_dir)
+    cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
+    assert (cause["rank"], cause["reason"]) == (1, "signal"), cause
+    (finished,) = of_kind(evs, "recovery_finished")
+    assert finished["signal"] == "resumed" and finished["resumed_from_step"] % 10 == 0, finished
+    steps = of_kind(evs, "step")
+    after = [e for e in steps if e["ts"] > finished["ts"]]
+    assert after and after[0]["step"] == finished["resumed_from_step"] + 1, "resumed from its own last.ckpt"
+    assert all(under_torchrun[e["step"]] == e["loss"] for e in steps), "the same losses as under torchrun"
+    assert max(e["step"] for e in steps) == 300 and "step 300/300" in output
+    assert [e["step"] for e in of_kind(evs, "checkpoint_saved")][-1] == 300
+    assert wait_gone([e["pid"] for e in of_kind(evs, "worker_started")]) == []
+
+
 def test_the_zygote_preimports_a_scripts_packages_from_pythonpath_too_but_not_its_own_modules(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

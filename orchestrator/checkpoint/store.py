@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.checkpoint.manifest import MANIFEST, Manifest, fsync_dir, write_durably
+from orchestrator.checkpoint.memory import rng_state, set_rng_state
 
 LATEST = "latest"
 STAGING = ".staging"
@@ -78,7 +79,7 @@ def snapshot_save(
     tag = tag_for(step)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state={"user": user_state}, save_latest=False)
     files = snap.take()
-    files.append((save_dir / tag / rank_state_name(rank), {"step": step, "rng": _capture_rng()}))
+    files.append((save_dir / tag / rank_state_name(rank), {"step": step, "rng": rng_state()}))
     return save_dir / tag, files
 
 
@@ -100,7 +101,7 @@ def load(engine: Any, checkpoints: Path, tag: str, rank: int, layout: tuple[int,
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {checkpoints}")
     if same_layout:
         own = load_rank_state(checkpoints / tag / rank_state_name(rank))
-        _restore_rng(own["rng"])
+        set_rng_state(own["rng"])
     return manifest.step, (client or {}).get("user")
 
 
@@ -194,28 +195,3 @@ def load_rank_state(path: Path) -> dict[str, Any]:
             return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refused, it holds more than a rank's step and RNG state ({exc})") from None
-
-
-def _capture_rng() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
