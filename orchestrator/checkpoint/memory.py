@@ -32,6 +32,10 @@ _ALIGN = 64  # bytes: any dtype's view of an aligned offset is valid, and cache 
 _ATOMS = frozenset({int, float, bool, str, bytes, type(None)})
 
 
+# Keys of a ZeRO optimizer's state dict that only a conversion to another layout reads.
+_FOR_OTHERS = frozenset({"param_slice_mappings", "universal_checkpoint_info"})
+
+
 class Unsupported(Exception):
     """This engine's state cannot be snapshotted in memory (its recovery reads the disk checkpoint)."""
 
@@ -51,7 +55,8 @@ def capture(engine: Any) -> dict[str, Any]:
 
     optimizer = engine.optimizer
     if _is_partitioned(optimizer):
-        state: dict[str, Any] = {"optimizer": optimizer.state_dict()}
+        # What a restore into the same layout reads (the universal checkpoint's maps are for others).
+        state: dict[str, Any] = {"optimizer": {k: v for k, v in optimizer.state_dict().items() if k not in _FOR_OTHERS}}
     elif engine.zero_optimization_stage() == 0 and isinstance(optimizer, torch.optim.Optimizer):
         state = {"module": engine.module.state_dict(), "optimizer": optimizer.state_dict()}
     else:
@@ -322,7 +327,7 @@ def _layout(item: Any, tensors: list[Any], cursor: list[int]) -> Any:
         return slot
     if isinstance(item, dict):
         return type(item)((k, _layout(v, tensors, cursor)) for k, v in item.items())
-    if isinstance(item, (list, tuple)) and all(type(v) in _ATOMS for v in item):
+    if isinstance(item, (list, tuple)) and all(map(_ATOMS.__contains__, map(type, item))):
         return item if isinstance(item, tuple) else list(item)  # a tuple of atoms never changes
     if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
         laid = [_layout(v, tensors, cursor) for v in item]
