@@ -91,8 +91,9 @@ class TrainContext:
     engines: list[Any] = field(default_factory=list)
     # checkpoint.interval_steps: auto: the interval the controller chose last (None: none yet).
     _cadence: Callable[[], int | None] = lambda: None
-    # checkpoint.memory_interval_steps > 0: this process's snapshots, mirror server and sender.
-    _memory: MemoryKeeper | None = None
+    # checkpoint.memory_interval_steps > 0: this process's snapshots, mirror server and sender, made
+    # at first use (a training function that never snapshots starts no threads for them).
+    _memory_keeper: Callable[[], MemoryKeeper | None] = lambda: None
     resumed_from: str | None = None
     _reporter: Reporter = field(init=False)
     _last_save_step: int = field(init=False, default=0)
@@ -255,11 +256,12 @@ class TrainContext:
         from :meth:`load_checkpoint` as with :meth:`save_checkpoint`.
         """
         every = self.config.checkpoint.memory_interval_steps
-        if self._memory is None or every == 0 or step % every:
+        keeper = self._memory_keeper()
+        if keeper is None or every == 0 or step % every:
             return
         if not any(e is engine for e in self.engines):
             self.engines.append(engine)
-        self._memory.snapshot(engine, step, user_state)
+        keeper.snapshot(engine, step, user_state)
 
     def load_checkpoint(self, engine: Any) -> tuple[int, dict | None]:
         """Restore ``engine`` after a failure or a restart, if there is anything to restore.
@@ -272,12 +274,12 @@ class TrainContext:
         if not any(e is engine for e in self.engines):
             self.engines.append(engine)
         disk_step = store.step_of(self.resume_tag) if self.resume_tag else 0
-        holder = None
-        if self._memory is not None:
-            restored, holder = self._restore_from_memory(engine, disk_step)
+        holder, keeper = None, self._memory_keeper()
+        if keeper is not None:
+            restored, holder = self._restore_from_memory(keeper, engine, disk_step)
             if restored is not None:
                 step, user_state = restored
-                self._memory.settle(self.rank, self.world_size, step, holder)
+                keeper.settle(self.rank, self.world_size, step, holder)
                 self._last_save_step = disk_step
                 self.resumed_from = "memory"
                 self._reporter.resumed(step, self.resume_tag or "", source="memory")
@@ -288,11 +290,12 @@ class TrainContext:
             self._last_save_step = step
             self.resumed_from = "disk"
             self._reporter.resumed(step, self.resume_tag)
-        if self._memory is not None:
-            self._memory.settle(self.rank, self.world_size, step, holder)
+        if keeper is not None:
+            keeper.settle(self.rank, self.world_size, step, holder)
         return step, user_state
 
-    def _restore_from_memory(self, engine: Any, disk_step: int) -> tuple[tuple[int, Any] | None, Any]:
+    def _restore_from_memory(self, keeper: MemoryKeeper, engine: Any,
+                             disk_step: int) -> tuple[tuple[int, Any] | None, Any]:
         """Gather every rank's offer; restore the plan's step when every rank can. Returns
         ``((step, user_state) or None, the address of this rank's buddy)``."""
         import torch
@@ -300,15 +303,14 @@ class TrainContext:
 
         from orchestrator.checkpoint import memory
 
-        assert self._memory is not None
         offers: list[Any] = [None] * self.world_size
-        dist.all_gather_object(offers, self._memory.offer(self.rank, self.world_size, self._memory.host))
+        dist.all_gather_object(offers, keeper.offer(self.rank, self.world_size, keeper.host))
         buddy = holder_of(self.rank, {o.rank: o.node for o in offers})
-        holder = offers[buddy].mirror_target(self._memory.host) if buddy is not None else None
+        holder = offers[buddy].mirror_target(keeper.host) if buddy is not None else None
         plan = plan_restore(offers, disk_step)
         if plan is None:
             return None, holder
-        state = self._memory.restore_own_or_fetch(plan, self.rank)
+        state = keeper.restore_own_or_fetch(plan, self.rank)
         whole = torch.tensor([0.0 if state is None else 1.0], device=self.device)
         dist.all_reduce(whole, op=dist.ReduceOp.MIN)
         if not whole.item():

@@ -193,7 +193,7 @@ class Runtime:
         self._connections, self._interrupted = AttemptConnections(), False
         try:
             self.ctx = _context(spec, config, self.channel, self.writer, lambda: self._cadence,
-                                self._memory_keeper(spec, config))
+                                lambda: self._memory_keeper(spec, config))
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = import_training_code(self.ctx.config)
             assert train is not None, "a script runs in _run_script"
@@ -358,7 +358,7 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
 
 
 def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter,
-             cadence: Callable[[], int | None], memory: MemoryKeeper | None) -> TrainContext:
+             cadence: Callable[[], int | None], memory: Callable[[], MemoryKeeper | None]) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
         local_rank=spec.local_rank,
@@ -372,7 +372,7 @@ def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWr
         _channel=channel,
         _writer=writer,
         _cadence=cadence,
-        _memory=memory,
+        _memory_keeper=memory,
     )
 
 
