@@ -231,7 +231,7 @@ class MirrorServer:
 
     def _serve(self, conn: socket.socket) -> None:
         local = conn.family == socket.AF_UNIX
-        mapped_rank = None
+        mapped: _Source | None = None  # what this connection's rank handed over (the latest)
         with _blocking(conn):
             if local and not _same_user(conn):
                 return
@@ -252,8 +252,7 @@ class MirrorServer:
                         return
                     kind = header.get("kind")
                     if kind == "regions" and local:
-                        mapped_rank = int(header["rank"])
-                        self._map(mapped_rank, int(header["world_size"]), fds)
+                        mapped = self._map(int(header["rank"]), int(header["world_size"]), fds)
                     elif kind == "fetch":
                         self._answer(conn, int(header["rank"]), int(header["step"]))
                     elif kind == "snapshot":
@@ -263,21 +262,18 @@ class MirrorServer:
             except (OSError, MirrorError, KeyError, ValueError):
                 return  # the peer went away mid-frame: what it was sending is dropped
             finally:
-                if mapped_rank is not None:
-                    with self._lock:
-                        src = self._sources.get(mapped_rank)
-                        if src is not None and src.mapped:
-                            src.connected = False
+                if mapped is not None:  # its rank is gone (or gave up): what it handed over, not a successor's
+                    mapped.connected = False
 
-    def _map(self, rank: int, world_size: int, fds: list[int]) -> None:
-        regions = [Region.attach(fd) for fd in fds]
+    def _map(self, rank: int, world_size: int, fds: list[int]) -> _Source:
+        source = _Source(world_size=world_size, regions=[Region.attach(fd) for fd in fds], mapped=True)
         with self._lock:
             previous = self._sources.get(rank)
-            self._sources[rank] = _Source(world_size=world_size, regions=regions, mapped=True)
+            self._sources[rank] = source
         if previous is not None and previous.mapped:
             for region in previous.regions:
-                if all(region.fd != r.fd for r in regions):
-                    region.close()
+                region.close()  # the descriptor; the mapping goes with the last reference
+        return source
 
     def _receive(self, conn: socket.socket, header: dict[str, Any], head: bytes) -> None:
         rank, nbytes, step = int(header["rank"]), int(header["payload"]), int(header["step"])
