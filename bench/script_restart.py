@@ -174,6 +174,12 @@ def main() -> int:
             print(f"  {system}: wall {result['wall_s']:.1f}s, kill -> end {result['kill_to_end_s']:.1f}s", flush=True)
     reference = results["torchrun"][0]["losses"]
     same = bool(reference) and all(r["losses"] == reference for rs in results.values() for r in rs)
+    for system, rs in results.items():
+        for i, r in enumerate(rs):
+            steps = sorted(set(r["losses"]) | set(reference))
+            differ = [step for step in steps if r["losses"].get(step) != reference.get(step)]
+            if differ:
+                print(f"  {system} run {i + 1}: losses differ from torchrun run 1's at steps {differ[:10]}")
     print(f"\n{script.name}, 2 CPU ranks, {args.steps} steps, rank 1 SIGKILLed after the "
           f"first checkpoint (step 10), median of {args.repeats}:\n")
     print("| launcher | wall time (s) | kill -> end (s) |")
