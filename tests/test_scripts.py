@@ -121,6 +121,19 @@ def test_a_quiet_script_is_left_alone_and_its_hangs_are_still_caught(tmp_path: P
     assert wait_gone([e["pid"] for e in of_kind(evs, "worker_started")]) == []
 
 
+def _kill_rank1_after_the_first_save(run_dir: Path, *args: str) -> tuple[str, list[dict], int]:
+    """``launch`` with ``args`` (config items, then ``--`` and the script); SIGKILL rank 1 once the
+    script's step-10 checkpoint is reported; the run's output, events and controller pid once it succeeded."""
+    items = list(args[:args.index("--")])
+    with running_cli(*launch_args(run_dir, *items), *args[args.index("--"):]) as proc:
+        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["step"] == 10, 240, proc)
+        rank1 = [e for e in events(run_dir) if e["event"] == "worker_started" and e["rank"] == 1][-1]
+        os.kill(rank1["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    return output, events(run_dir), proc.pid
+
+
 @pytest.fixture(scope="module")
 def hf_under_torchrun(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """Losses by step of the Hugging Face script under torchrun, uninterrupted."""
@@ -136,14 +149,9 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
     hf_under_torchrun: dict[int, float], tmp_path: Path
 ) -> None:
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    with running_cli(*launch_args(run_dir, "fault_tolerance.hang_timeout_s=60"), "--", "tests/scripts/hf_clm.py",
-                     "--output_dir", str(out), "--deepspeed", "tests/scripts/ds_zero2.json", "--report") as proc:
-        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["step"] == 10, 240, proc)
-        rank1 = [e for e in events(run_dir) if e["event"] == "worker_started" and e["rank"] == 1][-1]
-        os.kill(rank1["pid"], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-4000:]
-    evs = events(run_dir)
+    output, evs, controller = _kill_rank1_after_the_first_save(
+        run_dir, "fault_tolerance.hang_timeout_s=60", "--", "tests/scripts/hf_clm.py", "--output_dir", str(out),
+        "--deepspeed", "tests/scripts/ds_zero2.json", "--report")
     cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
     assert cause["rank"] == 1 and cause["reason"] == "signal" and cause["step"] >= 10, cause
     assert [e["mode"] for e in of_kind(evs, "recovery_started")] == ["full_restart"]
@@ -164,7 +172,7 @@ def test_a_hugging_face_trainer_script_recovers_from_a_killed_rank(
     assert "step 30/30" in output, "progress with the Trainer's max_steps as total"
     assert "succeeded: step 30, final loss" in output
     assert wait_gone([e["pid"] for e in of_kind(evs, "worker_started")]) == []
-    assert not any(pid_alive(p) for p in [proc.pid])
+    assert not pid_alive(controller)
 
 
 
@@ -181,14 +189,8 @@ def test_a_lightning_script_with_the_callback_recovers_from_a_killed_rank_bit_ex
                       for line in result.stdout.splitlines() if line.startswith("step ")}
     assert sorted(under_torchrun) == list(range(1, 301)), result.stdout[-2000:]
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    with running_cli(*launch_args(run_dir), "--", "tests/scripts/lightning_ddp.py", "--output_dir", str(out),
-                     "--max_steps", "300", "--report") as proc:
-        wait_for_event(run_dir, lambda e: e["event"] == "checkpoint_saved" and e["step"] == 10, 240, proc)
-        rank1 = [e for e in events(run_dir) if e["event"] == "worker_started" and e["rank"] == 1][-1]
-        os.kill(rank1["pid"], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-4000:]
-    evs = events(run_dir)
+    output, evs, _ = _kill_rank1_after_the_first_save(
+        run_dir, "--", "tests/scripts/lightning_ddp.py", "--output_dir", str(out), "--max_steps", "300", "--report")
     cause = next(e for e in of_kind(evs, "failure_detected") if e["root_cause"])
     assert (cause["rank"], cause["reason"]) == (1, "signal"), cause
     (finished,) = of_kind(evs, "recovery_finished")
