@@ -18,12 +18,15 @@ same memory (``worker/mirror.py``).
 from __future__ import annotations
 
 import copy
+import math
 import mmap
 import os
+import pickle
 import random
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,18 +125,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tree_map(item: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``item`` (dicts, lists and tuples of leaves) with ``leaf`` applied to each leaf other than the
+    atoms; a namedtuple is a leaf, a tuple of atoms is kept as it is (it never changes)."""
+    if type(item) in _ATOMS:
+        return item
+    if isinstance(item, dict):
+        return type(item)((k, _tree_map(v, leaf)) for k, v in item.items())
+    if isinstance(item, (list, tuple)) and all(map(_ATOMS.__contains__, map(type, item))):
+        return item if isinstance(item, tuple) else list(item)
+    if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
+        mapped = [_tree_map(v, leaf) for v in item]
+        return mapped if isinstance(item, list) else tuple(mapped)
+    return leaf(item)
+
+
 def _detached_copy(item: Any) -> Any:
     """A copy whose tensors own their memory (torch's optimizer keeps the tensors it is loaded with)."""
     import torch
 
-    if torch.is_tensor(item):
-        return item.clone()
-    if isinstance(item, dict):
-        return type(item)((k, _detached_copy(v)) for k, v in item.items())
-    if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
-        copied = [_detached_copy(v) for v in item]
-        return copied if isinstance(item, list) else tuple(copied)
-    return item
+    return _tree_map(item, lambda leaf: leaf.clone() if torch.is_tensor(leaf) else leaf)
 
 
 _HEADER = struct.Struct("<QqQQQI")  # version, step, payload bytes, meta offset, meta bytes, checksum
@@ -187,7 +198,7 @@ class Region:
         self.map = mmap.mmap(fd, size)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
         if made:
-            self.write_header(RegionHeader(0, -1, 0, 0, 0, 0))  # holds nothing yet
+            self._write_header(RegionHeader(0, -1, 0, 0, 0, 0))  # holds nothing yet
 
     @classmethod
     def attach(cls, fd: int) -> Region:
@@ -197,9 +208,25 @@ class Region:
     def header(self) -> RegionHeader:
         return RegionHeader(*_HEADER.unpack_from(self.map, 0))
 
-    def write_header(self, header: RegionHeader) -> None:
+    def _write_header(self, header: RegionHeader) -> None:
         _HEADER.pack_into(self.map, 0, header.version, header.step, header.nbytes, header.meta_offset,
                           header.meta_len, header.checksum)
+
+    def begin_write(self) -> None:
+        """Mark the region as being rewritten (version odd): a reader that sees this, or sees the
+        version change under it, has no whole snapshot."""
+        self._write_header(RegionHeader(self.header().version | 1, -1, 0, 0, 0, 0))
+
+    def finish_write(self, step: int, nbytes: int, meta: bytes, crc: int) -> None:
+        """After :meth:`begin_write` and the payload's ``nbytes``: store ``meta`` after the payload
+        and the header that makes the region whole (version even)."""
+        meta_offset = DATA_OFFSET + nbytes
+        self.map[meta_offset:meta_offset + len(meta)] = meta
+        self._write_header(RegionHeader(self.header().version + 1, step, nbytes, meta_offset, len(meta), crc))
+
+    def invalidate(self) -> None:
+        """Hold no snapshot any more (version kept even: nothing is being written)."""
+        self._write_header(RegionHeader(self.header().version + 2, -1, 0, 0, 0, 0))
 
     def payload(self, nbytes: int) -> Any:
         """The payload's bytes, as a uint8 tensor view."""
@@ -242,12 +269,11 @@ class HostSnapshots:
 
     def take(self, state: dict[str, Any], step: int, user_state: Any = None) -> Snapshot:
         """Copy ``state`` (references, from :func:`capture`) into the older slot; returns it, complete."""
-        import pickle
-
         target = min(self.slots, key=lambda s: (s.complete, s.step))
         tensors: list[Any] = []
-        tree = _layout(state, tensors, [0])
-        nbytes = _aligned_size(tensors)
+        cursor = [0]
+        tree = _layout(state, tensors, cursor)
+        nbytes = cursor[0]
         user_state = copy.deepcopy(user_state)
         meta = pickle.dumps({"tree": tree, "user_state": user_state}, protocol=pickle.HIGHEST_PROTOCOL)
         need = DATA_OFFSET + nbytes + len(meta)
@@ -255,8 +281,7 @@ class HostSnapshots:
             target.complete = False
             if target.region is None or target.region.size < need:
                 target.region = self._region(need + need // 4 + (64 << 10))  # room for the state to grow a little
-            old = target.region.header()
-            target.region.write_header(RegionHeader(old.version | 1, -1, 0, 0, 0, 0))  # odd: being written
+            target.region.begin_write()
         payload = target.region.payload(nbytes)
         for tensor, slot in tensors:
             _view(payload, slot).copy_(tensor.detach().reshape(slot.shape), non_blocking=self.pinned)
@@ -264,13 +289,10 @@ class HostSnapshots:
             import torch
 
             torch.cuda.current_stream().synchronize()
-        meta_offset = DATA_OFFSET + nbytes
-        target.region.map[meta_offset:meta_offset + len(meta)] = meta
-        version = target.region.header().version
-        header = RegionHeader(version + 1, step, nbytes, meta_offset, len(meta), checksum(payload.numpy()))
+        crc = checksum(payload.numpy())
         target.tree, target.user_state, target.step, target.nbytes = tree, user_state, step, nbytes
         with self.lock:
-            target.region.write_header(header)
+            target.region.finish_write(step, nbytes, meta, crc)
             target.complete = True
         return target
 
@@ -309,57 +331,34 @@ class HostSnapshots:
                 if slot.complete and (newer_than is None or slot.step > newer_than):
                     slot.complete = False
                     assert slot.region is not None
-                    old = slot.region.header()
-                    slot.region.write_header(RegionHeader(old.version + 2, -1, 0, 0, 0, 0))
+                    slot.region.invalidate()
 
 
 def _layout(item: Any, tensors: list[Any], cursor: list[int]) -> Any:
-    """``item`` with each tensor replaced by its :class:`Slot`; non-tensor leaves copied (a loss
-    scaler's counters change at the next step)."""
+    """``item`` with each tensor replaced by its :class:`Slot` (``cursor[0]``: the next free offset,
+    at the end the payload's size); other leaves copied (a loss scaler's counters change at the
+    next step)."""
     import torch
 
-    if type(item) in _ATOMS:
-        return item
-    if torch.is_tensor(item):
-        slot = Slot(offset=cursor[0], dtype=str(item.dtype).removeprefix("torch."), shape=tuple(item.shape))
-        cursor[0] += -(-item.numel() * item.element_size() // _ALIGN) * _ALIGN
-        tensors.append((item, slot))
+    def lay(leaf: Any) -> Any:
+        if not torch.is_tensor(leaf):
+            return copy.deepcopy(leaf)
+        slot = Slot(offset=cursor[0], dtype=str(leaf.dtype).removeprefix("torch."), shape=tuple(leaf.shape))
+        cursor[0] += -(-leaf.numel() * leaf.element_size() // _ALIGN) * _ALIGN
+        tensors.append((leaf, slot))
         return slot
-    if isinstance(item, dict):
-        return type(item)((k, _layout(v, tensors, cursor)) for k, v in item.items())
-    if isinstance(item, (list, tuple)) and all(map(_ATOMS.__contains__, map(type, item))):
-        return item if isinstance(item, tuple) else list(item)  # a tuple of atoms never changes
-    if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
-        laid = [_layout(v, tensors, cursor) for v in item]
-        return laid if isinstance(item, list) else tuple(laid)
-    return copy.deepcopy(item)
 
-
-def _aligned_size(tensors: list[Any]) -> int:
-    if not tensors:
-        return 0
-    tensor, slot = tensors[-1]
-    return slot.offset + -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+    return _tree_map(item, lay)
 
 
 def _view(buffer: Any, slot: Slot) -> Any:
     import torch
 
     dtype = getattr(torch, slot.dtype)
-    count = 1
-    for dim in slot.shape:
-        count *= dim
-    size = count * dtype.itemsize
+    size = math.prod(slot.shape) * dtype.itemsize
     return buffer[slot.offset:slot.offset + size].view(dtype).view(slot.shape)
 
 
 def unpack(item: Any, buffer: Any) -> Any:
     """``item`` (a tree of :class:`Slot`) with each slot as a tensor view of ``buffer``."""
-    if isinstance(item, Slot):
-        return _view(buffer, item)
-    if isinstance(item, dict):
-        return type(item)((k, unpack(v, buffer)) for k, v in item.items())
-    if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
-        unpacked = [unpack(v, buffer) for v in item]
-        return unpacked if isinstance(item, list) else tuple(unpacked)
-    return item
+    return _tree_map(item, lambda leaf: _view(buffer, leaf) if isinstance(leaf, Slot) else leaf)

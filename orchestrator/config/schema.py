@@ -261,7 +261,7 @@ class CheckpointConfig(_Section):
     )
     memory_interval_steps: Annotated[int, Field(ge=0)] = Field(
         1, description="Keep a copy of each rank's training state in host memory every N steps, mirrored to a "
-        "buddy rank on another node, so that a recovery goes back to the newest such step instead of the last "
+        "buddy rank (on the next node; on a single node, the node's next rank), so that a recovery goes back to the newest such step instead of the last "
         "disk checkpoint (docs/checkpoints.md); 0 turns it off. Training functions that call ctx.snapshot.",
     )
     mtbf_s: Annotated[float, Field(gt=0)] = Field(

@@ -116,11 +116,11 @@ class MemoryKeeper:
         self.snapshots.take(state, step, user_state)
         self.sender.offer()
 
-    def offer(self, rank: int, world_size: int, node: str) -> Offer:
-        """What this process can restore from, as ``rank`` of ``world_size``."""
+    def offer(self, rank: int, world_size: int) -> Offer:
+        """What this process can restore from, as ``rank`` of ``world_size`` (its node: its address)."""
         own = tuple(self.snapshots.steps()) if self._identity == (rank, world_size) else ()
         held = {r: tuple(steps) for r, steps in self.server.held(world_size).items() if steps}
-        return Offer(rank=rank, node=node, address=self.server.address, local=self.server.local_name, own=own,
+        return Offer(rank=rank, node=self.host, address=self.server.address, local=self.server.local_name, own=own,
                      held=held)
 
     def restore_own_or_fetch(self, plan: Plan, rank: int) -> tuple[Any, Any, Any] | None:

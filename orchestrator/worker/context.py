@@ -304,7 +304,7 @@ class TrainContext:
         from orchestrator.checkpoint import memory
 
         offers: list[Any] = [None] * self.world_size
-        dist.all_gather_object(offers, keeper.offer(self.rank, self.world_size, keeper.host))
+        dist.all_gather_object(offers, keeper.offer(self.rank, self.world_size))
         buddy = holder_of(self.rank, {o.rank: o.node for o in offers})
         holder = offers[buddy].mirror_target(keeper.host) if buddy is not None else None
         plan = plan_restore(offers, disk_step)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.checkpoint.memory import DATA_OFFSET as _DATA
-from orchestrator.checkpoint.memory import HostSnapshots, Region, RegionHeader, checksum
+from orchestrator.checkpoint.memory import HostSnapshots, Region, checksum
 
 MAGIC = b"OMS1"
 _PREFIX = struct.Struct("!4sII")
@@ -219,7 +219,7 @@ class MirrorServer:
                     for region in src.regions:
                         header = region.header()
                         if header.whole and header.step > newer_than:
-                            region.write_header(RegionHeader(header.version + 2, -1, 0, 0, 0, 0))
+                            region.invalidate()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -243,7 +243,7 @@ class MirrorServer:
                         if not first:
                             return
                     try:
-                        header, _, head = read_head(conn, self.key, first)
+                        header, meta, head = read_head(conn, self.key, first)
                     except MirrorError as exc:
                         if "closed" not in str(exc):
                             print(f"orchestrator: mirror: dropped a connection: {exc}", file=sys.stderr, flush=True)
@@ -256,7 +256,7 @@ class MirrorServer:
                     elif kind == "fetch":
                         self._answer(conn, int(header["rank"]), int(header["step"]))
                     elif kind == "snapshot":
-                        self._receive(conn, header, head)
+                        self._receive(conn, header, meta, head)
                     elif kind != "none":  # "none": the sender's newest was being rewritten
                         return
             except (OSError, MirrorError, KeyError, ValueError):
@@ -275,17 +275,16 @@ class MirrorServer:
                 region.close()  # the descriptor; the mapping goes with the last reference
         return source
 
-    def _receive(self, conn: socket.socket, header: dict[str, Any], head: bytes) -> None:
+    def _receive(self, conn: socket.socket, header: dict[str, Any], meta: bytes, head: bytes) -> None:
         rank, nbytes, step = int(header["rank"]), int(header["payload"]), int(header["step"])
-        meta = head[_PREFIX.size + _PREFIX.unpack_from(head)[1]:-_MAC_BYTES]
         with self._lock:
             src = self._sources.get(rank)
             if src is None or src.mapped or src.world_size != int(header["world_size"]):
                 src = self._sources[rank] = _Source(world_size=int(header["world_size"]), regions=[], mapped=False)
             # Into the region that does not hold the newest whole copy: that one stays until this is whole.
-            headers = [(r.header(), r) for r in src.regions]
-            newest = max((h.step, id(r)) for h, r in headers if h.whole) if any(h.whole for h, _ in headers) else None
-            target = next((r for h, r in headers if newest is None or id(r) != newest[1]), None)
+            whole = [(h.step, r) for r in src.regions if (h := r.header()).whole]
+            keep = max(whole, key=lambda held: held[0])[1] if whole else None
+            target = next((r for r in src.regions if r is not keep), None)
             need = _DATA + nbytes + len(meta)
             if target is None or target.size < need:
                 if target is not None:
@@ -293,18 +292,13 @@ class MirrorServer:
                     target.close()
                 target = Region(need)
                 src.regions.append(target)
-            old = target.header()
-            target.write_header(RegionHeader(old.version | 1, -1, 0, 0, 0, 0))
+            target.begin_write()
         _recv_into(conn, _bytes_of(target.payload(nbytes)))
         trailer = _recv_exact(conn, _TRAILER.size + _MAC_BYTES)
         crc_bytes, mac = trailer[:_TRAILER.size], trailer[_TRAILER.size:]
         if not hmac.compare_digest(mac, _mac(self.key, head[-_MAC_BYTES:], crc_bytes)):
             return  # torn at the sender (rewritten while sent): the previous one stays the newest
-        meta_offset = _DATA + nbytes
-        target.map[meta_offset:meta_offset + len(meta)] = meta
-        version = target.header().version
-        target.write_header(RegionHeader(version + 1, step, nbytes, meta_offset, len(meta),
-                                         _TRAILER.unpack(crc_bytes)[0]))
+        target.finish_write(step, nbytes, meta, _TRAILER.unpack(crc_bytes)[0])
 
     def _answer(self, conn: socket.socket, rank: int, step: int) -> None:
         with self._lock:
