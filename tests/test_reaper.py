@@ -74,7 +74,8 @@ def test_sweep_takes_what_a_marked_session_leader_started_without_the_mark() -> 
 
 
 def test_ray_agents_named_after_the_runs_ray_directory_are_swept(tmp_path) -> None:
-    """Ray's agents can lose the token; the reaper also kills whatever runs from the run's Ray directory."""
+    """Ray's agents can lose the token; the reaper also kills whatever runs from the run's Ray directory:
+    named on its command line, or (retitled, ``ray::DashboardAgent``) with its log there open."""
     from orchestrator.controller.reaper import ray_temp_dir
 
     script = textwrap.dedent("""
@@ -87,15 +88,21 @@ def test_ray_agents_named_after_the_runs_ray_directory_are_swept(tmp_path) -> No
         env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN_ENV}
         agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session-dir={tmp}/session_x"],
                                  env=env, start_new_session=True)
-        print(agent.pid, tmp, flush=True)
+        retitled = subprocess.Popen(
+            [sys.executable, "-c", "import os, time; log = open(os.environ['LOG'], 'w'); time.sleep(60)"],
+            env={**env, "LOG": f"{tmp}/dashboard_agent.log"}, start_new_session=True)
+        while not os.path.exists(f"{tmp}/dashboard_agent.log"):
+            time.sleep(0.01)
+        print(agent.pid, retitled.pid, tmp, flush=True)
         time.sleep(60)
     """)
     controller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    agent_pid, tmp = controller.stdout.readline().split()
+    agent_pid, retitled_pid, tmp = controller.stdout.readline().split()
     assert str(ray_temp_dir("x")).startswith("/tmp/orch-ray-") and len(tmp) < 40
     os.kill(controller.pid, signal.SIGKILL)
     controller.wait(timeout=10)
     assert wait_gone([int(agent_pid)], timeout=15) == [], "an agent without the token outlived the run"
+    assert wait_gone([int(retitled_pid)], timeout=15) == [], "a retitled agent with its log open outlived the run"
     deadline = time.monotonic() + 15  # removed once the sweep has found nothing more
     while os.path.exists(tmp) and time.monotonic() < deadline:
         time.sleep(0.05)

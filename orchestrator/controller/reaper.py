@@ -7,8 +7,9 @@ starts this reaper in its own session, holding the read end of a pipe. When
 the controller ends in any way the pipe closes; the reaper then SIGKILLs
 every process whose environment carries the token (Ray's services and
 workers and the training processes all inherited it) or whose command line
-names the embedded Ray's temporary directory (Ray's agents), again until none
-is left, and removes that directory. A training process leads its own session and
+names the embedded Ray's temporary directory or that holds a file under it
+open (Ray's agents, which retitle themselves over their command line and
+environment), again until none is left, and removes that directory. A training process leads its own session and
 hides the token from what it starts; the sweep takes whole sessions led by
 marked processes.
 
@@ -87,9 +88,26 @@ def ray_temp_dir(token: str) -> Path:
 
 
 def pids_running_from(directory: Path, exclude: set[int]) -> list[int]:
-    """Pids whose command line names ``directory`` (Ray's services get their session directory as an argument)."""
+    """Pids whose command line names ``directory`` (Ray's services get their session directory as an
+    argument) or that hold a file under it open: Ray's agents retitle themselves (``ray::DashboardAgent``,
+    over their command line and environment) but keep their logs there open."""
     needle = str(directory).encode()
-    return _pids_where(exclude, "cmdline", lambda cmdline: needle in cmdline)
+    named = _pids_where(exclude, "cmdline", lambda cmdline: needle in cmdline)
+    return sorted({*named, *_pids_with_files_under(str(directory), exclude | set(named))})
+
+
+def _pids_with_files_under(directory: str, exclude: set[int]) -> list[int]:
+    prefix = directory.rstrip("/") + "/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
 
 
 def session_members(leaders: set[int], exclude: set[int]) -> list[int]:
@@ -130,7 +148,7 @@ def main(argv: list[str]) -> int:
     exclude = {os.getpid(), controller_pid}
     # Ray's agents can outlive their raylet with an environment of their own (no token), and a dying
     # raylet may still start one while the sweep runs: they name the run's Ray directory on their
-    # command line, and are swept with the marked processes until none is left.
+    # command line or keep their logs there open, and are swept with the marked processes until none is left.
     temp_dir = ray_temp_dir(token)
     sweep([token], exclude, running_from=temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
