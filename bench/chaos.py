@@ -207,9 +207,11 @@ def inject(job: Job, kind: str, rng: random.Random, step_s: float) -> str:
         candidates = [p for p in candidates if _ppid(p) in zygotes and p not in ranks]
     elif kind == "kill_zygote":
         candidates = [p for p in candidates if _ppid(p) not in set(candidates)]
-    elif kind == "kill_actor":  # the agent: parent of a fresh rank process, grandparent of a forked one
+    elif kind == "kill_actor":  # the agent: parent of a fresh rank process, grandparent of a forked one;
+        # a zygote the controller started ahead is the controller's child, and its agent (adopting it) the
+        # local node's only one.
         hosts = {_ppid(r) for r in job.rank_pids().values()} | {_ppid(_ppid(r)) for r in job.rank_pids().values()}
-        candidates = [p for p in candidates if p in hosts]
+        candidates = [p for p in candidates if p in hosts] or (candidates if len(candidates) == 1 else [])
     if not candidates:
         return "nothing to hit (skipped)"
     pid = rng.choice(sorted(candidates))

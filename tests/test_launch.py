@@ -53,6 +53,11 @@ def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, s
     workers = of_kind(evs, "worker_started")
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert all(w["pid"] > 0 and w["node"] and w["attempt"] == 0 for w in workers)
+    # Forked from the zygote the controller started before Ray, which the node's agent adopted.
+    assert all(w["forked"] for w in workers), workers
+    zygote_log = (run_dir / "logs" / "zygote-0.log").read_text()
+    assert zygote_log.startswith("=== zygote, started by the controller before Ray ===\n"), zygote_log
+    assert "adopted from the controller" in zygote_log, zygote_log
     steps = of_kind(evs, "step")
     assert [s["step"] for s in steps] == list(range(1, 101)), "a step event for every step"
     assert all(s["step_time_s"] > 0 and isinstance(s["loss"], float) for s in steps)

@@ -18,8 +18,9 @@ import pytest
 from orchestrator.agent.hosted import HostedProcess, Zygote
 from orchestrator.config import load_config
 from orchestrator.config.schema import RESERVED_ENV
+from orchestrator.controller.zygote_ahead import ZygoteAhead
 from orchestrator.worker.env import RankPlacement, rank_env
-from tests.helpers import LOCAL_CONFIG
+from tests.helpers import LOCAL_CONFIG, wait_gone
 
 pytestmark = [pytest.mark.processes, pytest.mark.timeout(180)]
 
@@ -60,3 +61,42 @@ def test_a_gpu_nodes_zygote_touches_neither_cuda_nor_nvml_and_forks_children_tha
         if child is not None:
             child.stop(2.0)
         zygote.stop()
+
+
+def test_a_zygote_started_ahead_is_adopted_only_as_itself_and_for_its_node_settings(tmp_path: Path) -> None:
+    """The controller's zygote started before Ray (controller/zygote_ahead.py): offered once, only to
+    an agent whose node settings it was started with; adopted only when its own pid answers on the
+    socket; an adopted zygote forks, and its exit is seen though it is not the agent's child."""
+    config = load_config(LOCAL_CONFIG).model_dump(mode="json")
+    node = {"ORCH_TEST_NODE": "a"}
+    other = ZygoteAhead(config, node, tmp_path / "other.log")
+    assert other.offer({"ORCH_TEST_NODE": "b"}) is None, "offered for another node's settings"
+    assert wait_gone([other.pid]) == [], "a zygote no agent may take must be stopped"
+    ahead = ZygoteAhead(config, node, tmp_path / "zygote.log")
+    zygote = child = impostor = None
+    try:
+        where = ahead.offer(dict(node))
+        assert where == (ahead.name, ahead.pid)
+        assert ahead.offer(dict(node)) is None, "offered twice"
+        impostor = Zygote(config, node, tmp_path / "impostor.log", ahead=(ahead.name, os.getpid()))
+        assert impostor.proc.popen is not None, "adopted a process other than the one named"
+        impostor.stop()
+        zygote = Zygote(config, node, tmp_path / "zygote.log", ahead=where)
+        assert zygote.proc.popen is None and zygote.proc.pid == ahead.pid
+        assert zygote.wait_ready(150), f"{zygote.error}\n{(tmp_path / 'zygote.log').read_text()}"
+        child = HostedProcess(node, tmp_path / "child.log", "child", zygote=zygote)
+        zygote.adopt(child)
+        assert child.poll_exit() is None, (tmp_path / "child.log").read_text()
+        os.kill(ahead.pid, 9)
+        deadline = time.monotonic() + 10
+        while zygote.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not zygote.alive(), "the adopted zygote's exit went unseen"
+        assert wait_gone([child.pid]) == [], "a forked rank outlived its zygote"
+        log = (tmp_path / "zygote.log").read_text()
+        assert log.startswith("=== zygote, started by the controller before Ray ===") and "adopted" in log
+    finally:
+        for proc in (child, zygote):
+            if proc is not None:
+                proc.stop(2.0) if proc is child else proc.stop()
+        ahead.close()

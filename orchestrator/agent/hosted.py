@@ -2,7 +2,9 @@
 
 :class:`HostedProcess` is one child (started with ``subprocess``, or forked by the
 :class:`Zygote`), its control channel and what it reported; the zygote forks warm
-spares and ranks whose imports are already done.
+spares and ranks whose imports are already done. A zygote the controller started
+ahead (``controller/zygote_ahead.py``) is adopted instead: reached on its abstract
+socket, its exit seen through a pidfd.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import collections
 import dataclasses
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -39,23 +42,28 @@ from orchestrator.messages import (
     Step,
 )
 from orchestrator.run_dir import append_fd
-from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
+from orchestrator.worker.channel import CONTROL_FD_ENV, Channel, peer_credentials
 from orchestrator.worker.process import PARENT_PID_ENV
+from orchestrator.worker.zygote import zygote_env
 
 _LOG_TAIL_BYTES = 8192
 # How long after a process exits we wait for its last reports to be read.
 _DRAIN_TIMEOUT_S = 2.0
+# An adopted process is not our child: its exit status is its parent's to know. This stands for it.
+ADOPTED_EXIT = 255
 # A prepared zygote forks in milliseconds. A rank forked inside an agent call waits at most this:
 # the controller's start of an attempt waits for that call.
 _FORK_TIMEOUT_S = 2.0
+_AHEAD_CONNECT_S = 10.0  # a zygote started ahead listens within a Python start-up of being started
 
 
 class HostedProcess:
     """One process this actor owns (a training process, or the node's zygote), its control
     channel and what it reported.
 
-    Started with ``subprocess`` (``module`` run with ``env``), or forked by ``zygote``;
-    a forked process's exit status comes from the zygote (:meth:`exited`).
+    Started with ``subprocess`` (``module`` run with ``env``), or forked by ``zygote``
+    (a forked process's exit status comes from the zygote, :meth:`exited`), or ``adopted``: a
+    process of this user's already running, given as its connected control socket and pid.
     """
 
     def __init__(
@@ -68,13 +76,15 @@ class HostedProcess:
         zygote: Zygote | None = None,
         on_message: Callable[[Message], None] | None = None,
         on_report: Callable[[HostedProcess, Report | None], None] | None = None,
+        adopted: tuple[socket.socket, int] | None = None,
     ) -> None:
         """``on_message`` takes every message instead of the inbox (the zygote's); ``on_report`` is
         told of each report as it arrives, and (with None) of the channel closing."""
-        parent_end, child_end = socket.socketpair()
+        parent_end, child_end = (adopted[0], None) if adopted else socket.socketpair()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None  # an adopted process's: readable once it has exited
         self._zygote = zygote
         self.reported_returncode: int | None = None
         self.warm = False  # a spare that finished its warm-up
@@ -82,7 +92,10 @@ class HostedProcess:
             log.write(f"=== {header} ===\n".encode())
             log.flush()
             self.log_offset = log.tell()
-            if zygote is not None:
+            if adopted is not None:
+                self.pid = adopted[1]
+                self._pidfd = os.pidfd_open(self.pid)
+            elif zygote is not None:
                 self.pid = zygote.fork(env, log_path, child_end.fileno())
             else:
                 full_env = with_interpreter_tools(
@@ -100,7 +113,8 @@ class HostedProcess:
                     start_new_session=True,
                 )
                 self.pid = self.popen.pid
-        child_end.close()
+        if child_end is not None:
+            child_end.close()
         self._on_message = on_message
         self._on_report = on_report
         self.exit_reported = False  # a status has carried its exit status
@@ -129,6 +143,10 @@ class HostedProcess:
     def poll_exit(self) -> int | None:
         if self.popen is not None:
             return self.popen.poll()
+        if self._pidfd is not None:
+            if self.reported_returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+                self.reported_returncode = ADOPTED_EXIT
+            return self.reported_returncode
         if self.reported_returncode is None and self.eof_at is not None and not self._zygote.alive():
             # Its zygote (which would report the exit) is gone, and it died with it (PDEATHSIG).
             self.reported_returncode = -signal.SIGKILL
@@ -180,7 +198,11 @@ class HostedProcess:
         _signal_group(self.pid, signal.SIGKILL)
         self._reader.remove(self.channel)
         self.channel.close()
-        return self.poll_exit()
+        code = self.poll_exit()
+        if self._pidfd is not None and code is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return code
 
     def _wait(self, timeout_s: float) -> bool:
         if self.popen is not None:
@@ -189,6 +211,9 @@ class HostedProcess:
                 return True
             except subprocess.TimeoutExpired:
                 return False
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [], timeout_s)
+            return self.poll_exit() is not None
         deadline = time.monotonic() + timeout_s
         while self.reported_returncode is None and time.monotonic() < deadline:
             time.sleep(0.02)  # the zygote reaps its children every 0.2 s
@@ -253,7 +278,10 @@ class ZygoteUnavailable(Exception):
 class Zygote:
     """The node's zygote process (``orchestrator.worker.zygote``): forks warm spares."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, config: dict[str, Any], env: dict[str, str], log_path: Path,
+                 ahead: tuple[str, int] | None = None) -> None:
+        """Start the zygote for ``config`` with the node's ``env``; or adopt the one the controller
+        started ``ahead`` (its socket name and pid) when it answers there as that process."""
         self._forked: dict[int, HostedProcess] = {}
         self._replies: queue.Queue[Forked] = queue.Queue()
         self._lock = threading.Lock()
@@ -262,15 +290,13 @@ class Zygote:
         self._exited_early: dict[int, int] = {}
         self._prepared = threading.Event()
         self.error = ""  # why it cannot fork, once it has said so
-        # Should an import call torch.cuda.is_available() (none does with DS_ACCELERATOR set), it asks
-        # NVML instead of initialising CUDA, which no child forked afterwards could use: NVML's thread
-        # is seen by the zygote's check and it says it cannot fork, where CUDA would go unnoticed.
-        # One OpenMP thread: with more, an import starts OpenMP's pool, and a process with threads
-        # cannot fork safely. Each child takes its share of the node's cores when it becomes a rank
-        # (torch.set_num_threads, process.py).
-        env = {**env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = HostedProcess(env, log_path, "zygote", module="orchestrator.worker.zygote",
-                                  on_message=self._on_message)
+        sock = _connect_ahead(*ahead) if ahead is not None else None
+        if sock is not None:
+            self.proc = HostedProcess({}, log_path, f"zygote pid {ahead[1]}, adopted from the controller",
+                                      on_message=self._on_message, adopted=(sock, ahead[1]))
+        else:
+            self.proc = HostedProcess(zygote_env(env), log_path, "zygote", module="orchestrator.worker.zygote",
+                                      on_message=self._on_message)
         self.proc.send(Prepare(config=config))
 
     def alive(self) -> bool:
@@ -339,6 +365,37 @@ class Zygote:
                     self._exited_early[message.pid] = message.returncode
             if proc is not None:
                 proc.exited(message.returncode)
+
+
+def _connect_ahead(name: str, pid: int) -> socket.socket | None:
+    """A connection to the zygote started ahead on abstract socket ``name``, if process ``pid`` (ours)
+    is what answers there; None otherwise (gone, or never started: this agent starts its own). A
+    zygote just started may not listen yet: it is waited for while it lives, ``_AHEAD_CONNECT_S`` at most."""
+    deadline = time.monotonic() + _AHEAD_CONNECT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect("\0" + name)
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline or not _alive(pid):
+                return None
+            time.sleep(0.05)
+            continue
+        if peer_credentials(sock) != (pid, os.getuid()):
+            sock.close()
+            return None
+        return sock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pid: int, sig: int) -> None:

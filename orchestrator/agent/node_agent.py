@@ -59,6 +59,8 @@ GPU_READ_INTERVAL_S = 5.0  # dcgm-exporter's default is 30 s
 # node_info waits this long at most for the first reading of the GPUs (their models give the MFU).
 _FIRST_READING_S = 10.0
 _SLOW_PUSH_S = 1.0  # a push that takes longer is said in the agent's log: the lease may be at risk
+# What the spare thread is asked: (config, node env, a spare too (else the zygote alone), a zygote started ahead).
+_SpareRequest = tuple[dict[str, Any], dict[str, str], bool, tuple[str, int] | None]
 _PREPARE_TIMEOUT_S = 300.0  # the zygote's imports (torch, DeepSpeed, a script's packages)
 # An attempt's start waits this long at most for a zygote still doing its imports (then its ranks
 # start as fresh processes): under the controller's timeout for the call (agent_calls.CALL_TIMEOUT_S).
@@ -132,7 +134,7 @@ class NodeAgent:
         # Spares are made on one long-lived thread: making one can wait seconds for the zygote's
         # imports, which must not block polls; and the kernel's parent-death signal fires when
         # the *thread* that forked a child exits, so that thread must live as long as the agent.
-        self._spare_requests: queue.Queue[tuple[dict[str, Any], dict[str, str], bool]] = queue.Queue()
+        self._spare_requests: queue.Queue[_SpareRequest] = queue.Queue()
         threading.Thread(target=self._make_spares, name="spares", daemon=True).start()
         self.unwind_timeout_s = UNWIND_TIMEOUT_S
         if uplink is not None:
@@ -305,17 +307,18 @@ class NodeAgent:
         self._procs[rank] = spare
         return spare.pid
 
-    def prepare(self, config: dict[str, Any], env: dict[str, str]) -> None:
+    def prepare(self, config: dict[str, Any], env: dict[str, str], ahead: tuple[str, int] | None = None) -> None:
         """Start this node's zygote now, in the background: the next attempt's ranks are forked from
         it, so that the node pays the imports once, not once per rank on the same cores (a start
-        waits for it, at most ``_ZYGOTE_WAIT_S``)."""
+        waits for it, at most ``_ZYGOTE_WAIT_S``). ``ahead``: the socket name and pid of the zygote
+        the controller started for this node before Ray (adopted instead, if it answers there)."""
         if self._zygote_settled is None:
             self._zygote_settled = threading.Event()
-            self._spare_requests.put((config, env, False))
+            self._spare_requests.put((config, env, False, ahead))
 
     def start_spare(self, config: dict[str, Any], env: dict[str, str]) -> None:
         """Make sure this node has a warm spare (made in the background, forked from the zygote)."""
-        self._spare_requests.put((config, env, True))
+        self._spare_requests.put((config, env, True, None))
 
     def _acknowledged(self, number: int) -> None:
         """The controller received our status ``number``: the lease runs from when it was made."""
@@ -368,9 +371,9 @@ class NodeAgent:
 
     def _make_spares(self) -> None:
         while True:
-            config, env, spare_wanted = self._spare_requests.get()
+            config, env, spare_wanted, ahead = self._spare_requests.get()
             if not spare_wanted:  # the zygote alone (prepare)
-                self._fit_zygote(config, env)
+                self._fit_zygote(config, env, ahead)
                 self._zygote_settled.set()
                 continue
             spare = self._procs.get(SPARE)
@@ -389,13 +392,15 @@ class NodeAgent:
             spare.send(Prepare(config=config))
             self._procs[SPARE] = spare
 
-    def _fit_zygote(self, config: dict[str, Any], env: dict[str, str]) -> Zygote | None:
-        """This node's zygote, started on first use and ready to fork; None where it cannot fork
-        (said once), and spares then start as fresh processes: slower to warm, as warm once ready."""
+    def _fit_zygote(self, config: dict[str, Any], env: dict[str, str],
+                    ahead: tuple[str, int] | None = None) -> Zygote | None:
+        """This node's zygote, started on first use (or adopted from the controller, ``ahead``) and
+        ready to fork; None where it cannot fork (said once), and spares then start as fresh
+        processes: slower to warm, as warm once ready."""
         if self._zygote is not None and self._zygote.error:
             return None
         if self._zygote is None or not self._zygote.alive():
-            self._zygote = Zygote(config, env, self._log_dir / f"zygote-{self.index}.log")
+            self._zygote = Zygote(config, env, self._log_dir / f"zygote-{self.index}.log", ahead)
         if self._zygote.wait_ready(_PREPARE_TIMEOUT_S):
             return self._zygote
         print(f"warm spares on this node start as fresh processes: the zygote cannot fork: {self._zygote.error}",

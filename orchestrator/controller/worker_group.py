@@ -30,6 +30,7 @@ from orchestrator.controller.agent_calls import Unanswered, gather
 from orchestrator.controller.agent_slots import AgentSlot, Cause, Move, Standing
 from orchestrator.controller.inbox import Inbox
 from orchestrator.controller.placement import Placement
+from orchestrator.controller.zygote_ahead import ZygoteAhead
 from orchestrator.messages import (
     Cadence,
     NodeBeat,
@@ -42,7 +43,7 @@ from orchestrator.messages import (
     Start,
 )
 from orchestrator.monitor.gpu_endpoint import is_loopback
-from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, rank_env, torchrun_env
+from orchestrator.worker.env import RUN_DIR_ENV, RankPlacement, local_cpu_count, rank_env, torchrun_env
 
 # How long after a lost node's lease ran out its ranks are surely dead: the agent's fence fires on time
 # (node_agent.py), then SIGKILLs them, on a node that may be loaded.
@@ -234,6 +235,7 @@ class RayWorkerGroup:
         self._unanswered = Unanswered()  # calls to agents whose answers nobody waits for
         self._skews: dict[str, float] = {}  # node id -> how far its clock is behind ours (seconds)
         self._spares_lost: list[tuple[str, str]] = []  # (address, why) not yet taken by lost_spares()
+        self._zygote_ahead: ZygoteAhead | None = None  # with an embedded Ray: this node's, started before it
 
     def start(
         self, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]], rejoin: Collection[int] = (),
@@ -463,16 +465,37 @@ class RayWorkerGroup:
         the ranks are forked from it, the imports paid once per node."""
         slots = self._placement.slots
         todo = [b for b in bundles if not slots[b].zygote_asked and not slots[b].gone]
-        calls = {b: slots[b].handle.prepare.remote(self._config_dict, self._node_env(b)) for b in todo}
-        self._unanswered.add(slots, calls, "prepare")
+        calls = {}
         for b in todo:
+            env = self._node_env(b)
+            ahead = self._zygote_ahead.offer(env) if self._zygote_ahead is not None else None
+            calls[b] = slots[b].handle.prepare.remote(self._config_dict, env, ahead)
             slots[b].zygote_asked = True
+        self._unanswered.add(slots, calls, "prepare")
 
     def _node_env(self, index: int) -> dict[str, str]:
         """Agent ``index``'s node's shared settings (threads, devices, network, cluster.env), for its zygote
         and spare; a rank's own come with its start."""
-        placement = self._placement_of(index, local_rank=0, master_port=0)
-        return {k: v for k, v in rank_env(self._config, placement).items() if k not in RESERVED_ENV}
+        return _node_env(self._config, self._placement_of(index, local_rank=0, master_port=0))
+
+    def _start_zygote_ahead(self) -> None:
+        """With an embedded Ray, start this node's zygote before Ray, with the settings its agent will
+        have (``cluster.device: gpu``: the GPUs Ray will give it, guessed), so that the imports run
+        while Ray starts (``controller/zygote_ahead.py``)."""
+        from orchestrator.worker.network import configure
+
+        cluster = self._config.cluster
+        if cluster.ray_address is not None:
+            return
+        head = "127.0.0.1"
+        placement = RankPlacement(
+            rank=0, local_rank=0, local_world_size=self._per_node, master_addr=head, master_port=0,
+            node_cpus=local_cpu_count(),
+            cuda_visible_devices=",".join(map(str, range(self._per_node))) if cluster.device == "gpu" else None,
+            network_env=configure(self._config, head).env,
+        )
+        self._zygote_ahead = ZygoteAhead(self._config_dict, _node_env(self._config, placement),
+                                         self._run_dir / "logs" / "zygote-0.log")
 
     def stop(self) -> None:
         ray = self._placement.ray
@@ -493,6 +516,8 @@ class RayWorkerGroup:
                 if self._inbox is not None:
                     self._inbox.close()
                     self._inbox = None
+                if self._zygote_ahead is not None:
+                    self._zygote_ahead.close()
 
     def _spec(self, p: RankPlacement, attempt: int, resume_tag: str | None, faults: list[dict[str, Any]]) -> Start:
         return Start(
@@ -517,6 +542,7 @@ class RayWorkerGroup:
         where = self._placement
         if where.slots:
             return
+        self._start_zygote_ahead()
         where.connect(messages_log=self._run_dir / "logs" / "ray.log")
         # Where the agents reach us: this process's address as Ray knows it (127.0.0.1 on the local mode).
         self._inbox = Inbox(where.ray.util.get_node_ip_address(), self._token)
@@ -577,3 +603,8 @@ class RayWorkerGroup:
             cuda_visible_devices=",".join(info["gpu_ids"]) if info["gpu_ids"] else None,
             network_env=self._networks.get((info["node_id"], head), {}).get("env", {}),
         )
+
+
+def _node_env(config: Config, placement: RankPlacement) -> dict[str, str]:
+    """The settings every process of ``placement``'s node shares (a rank's own removed)."""
+    return {k: v for k, v in rank_env(config, placement).items() if k not in RESERVED_ENV}

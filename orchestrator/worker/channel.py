@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 
@@ -85,6 +86,13 @@ class Channel:
             pass
         self._reader.close()
         self._sock.close()
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """The (pid, uid) of the process at the other end of a connected Unix socket (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
 
 
 def parse(line: bytes) -> Message:

@@ -42,6 +42,7 @@ from typing import Any
 
 from orchestrator.checkpoint.memory import DATA_OFFSET as _DATA
 from orchestrator.checkpoint.memory import HostSnapshots, Region, checksum
+from orchestrator.worker.channel import peer_credentials
 
 MAGIC = b"OMS1"
 _PREFIX = struct.Struct("!4sII")
@@ -316,9 +317,7 @@ class MirrorServer:
 
 def _same_user(conn: socket.socket) -> bool:
     """A Unix peer must be this user's process (the HMAC is checked too)."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
-    return uid == os.getuid()
+    return peer_credentials(conn)[1] == os.getuid()
 
 
 class MirrorSender:

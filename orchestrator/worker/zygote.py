@@ -24,6 +24,13 @@ Protocol on the control socket (JSON lines of ``messages.py``) with its node age
     <- Exited(pid, returncode)     (Popen convention: -signal)
 
 Run as ``python -m orchestrator.worker.zygote``; fd in ``ORCH_CONTROL_FD``.
+
+Started ahead (``ORCH_ZYGOTE_LISTEN`` and ``ORCH_ZYGOTE_CONFIG`` instead): the controller of a job
+on an embedded Ray starts the zygote before Ray itself, so that the imports run while Ray comes
+up (``controller/zygote_ahead.py``). It imports for the config it was given at once, then waits for
+its node agent on an abstract Unix socket (this user's only, at most ``ADOPT_TIMEOUT_S``), and
+from there on speaks the protocol above on that connection; it answers the agent's ``Prepare``
+with how its imports went.
 """
 
 from __future__ import annotations
@@ -42,8 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.messages import Exited, Fork, Forked, Message, Prepare, Prepared, decode, encode
-from orchestrator.worker.channel import CONTROL_FD_ENV
+from orchestrator.worker.channel import CONTROL_FD_ENV, peer_credentials
 
+LISTEN_ENV = "ORCH_ZYGOTE_LISTEN"  # started ahead: the abstract socket name its agent connects to
+CONFIG_ENV = "ORCH_ZYGOTE_CONFIG"  # started ahead: the job's config (JSON) to import for
+ADOPT_TIMEOUT_S = 300.0  # started ahead and never adopted (the job failed before its agents started)
+_FIRST_WORD_S = 10.0  # started ahead: an agent that connected sends Prepare at once
 _REAP_INTERVAL_S = 0.2
 _THREADS_EXIT_S = 2.0
 _nvml_deferred_inits = 0  # nvmlInit calls the imports made, for each child to make (see _nvml_deferred)
@@ -53,7 +64,13 @@ def main() -> int:
     from orchestrator.worker import process
 
     process.die_with_parent()
-    sock = socket.socket(fileno=int(os.environ[CONTROL_FD_ENV]))
+    prepared: str | None = None  # started ahead: how its imports went, told to the agent's Prepare
+    if LISTEN_ENV in os.environ:
+        prepared, sock = _wait_for_agent(os.environ[LISTEN_ENV], json.loads(os.environ[CONFIG_ENV]))
+        if sock is None:
+            return 0
+    else:
+        sock = socket.socket(fileno=int(os.environ[CONTROL_FD_ENV]))
     buffer = b""
     while True:
         ready, _, _ = select.select([sock], [], [], _REAP_INTERVAL_S)
@@ -68,7 +85,7 @@ def main() -> int:
             line, buffer = buffer.split(b"\n", 1)
             message = decode(json.loads(line))
             if isinstance(message, Prepare):
-                error = _prepare(message.config)
+                error = _prepare(message.config) if prepared is None else prepared
                 _send(sock, Prepared(error=error))
                 if error:
                     return 1
@@ -82,6 +99,45 @@ def main() -> int:
                     process.run_forked_spare(child_fd, message.env, message.log_path)
                 os.close(child_fd)
                 _send(sock, Forked(id=message.id, pid=pid))
+
+
+def zygote_env(node_env: dict[str, str]) -> dict[str, str]:
+    """What a zygote's process gets over its parent's environment: the node's settings, and what keeps
+    its imports from starting threads or initialising CUDA."""
+    # Should an import call torch.cuda.is_available() (none does with DS_ACCELERATOR set), it asks
+    # NVML instead of initialising CUDA, which no child forked afterwards could use: NVML's thread
+    # is seen by the check in _prepare and it says it cannot fork, where CUDA would go unnoticed.
+    # One OpenMP thread: with more, an import starts OpenMP's pool, and a process with threads
+    # cannot fork safely. Each child takes its share of the node's cores when it becomes a rank
+    # (torch.set_num_threads, process.py).
+    return {**node_env, "PYTORCH_NVML_BASED_CUDA_CHECK": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_agent(name: str, config_dict: dict[str, Any]) -> tuple[str, socket.socket | None]:
+    """Started ahead: listen on abstract socket ``name`` first (an agent may connect while the imports
+    run), import, then take the first connection of this user's; returns how the imports went and
+    the connection (None: nobody came in time)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("\0" + name)
+        listener.listen(4)
+        prepared = _prepare(config_dict)
+        listener.settimeout(ADOPT_TIMEOUT_S)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                return prepared, None
+            # An agent speaks first (Prepare); one that left without a word (it found another
+            # process than it expected here) is not ours to serve.
+            conn.settimeout(_FIRST_WORD_S)
+            try:
+                spoke = peer_credentials(conn)[1] == os.getuid() and conn.recv(1, socket.MSG_PEEK)
+            except OSError:
+                spoke = False
+            if spoke:
+                conn.settimeout(None)
+                return prepared, conn
+            conn.close()
 
 
 def _prepare(config_dict: dict[str, Any]) -> str:
