@@ -10,7 +10,11 @@ from launch to exit, the time from the kill to the exit, and the losses the run 
 resume, which must be the same under both (the script restores its own state; the launcher only
 restarts it).
 
-    .venv/bin/python bench/script_restart.py [--script hf|lightning] [--steps 30] [--repeats 1]
+    .venv/bin/python bench/script_restart.py [--script hf|lightning] [--steps 30] [--repeats 1] [--kill-after S]
+
+``--kill-after S``: rank 1 is SIGKILLed S seconds after the launch instead (or once it has a
+process, if later): a kill in the first seconds of a run, before any checkpoint, after which both
+launchers restart the script from its start.
 
 torchrun runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it, its restarts hang or fail on
 this stack (../shared/STACK-NOTES.md). Printed last: the ratios orchestrator / torchrun of the wall
@@ -127,7 +131,7 @@ def rank1_pid(system: str, work: Path, root: int) -> int | None:
     return None
 
 
-def run(script: Script, system: str, steps: int) -> dict:
+def run(script: Script, system: str, steps: int, kill_after_s: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"script-restart-{system}-") as tmp:
         work = Path(tmp)
         cmd, env = (orchestrator_command if system == "orchestrator" else torchrun_command)(script, work, steps)
@@ -137,9 +141,11 @@ def run(script: Script, system: str, steps: int) -> dict:
                                     start_new_session=True)
         try:
             marker = script.first_checkpoint(work / "out")
-            while not marker.exists():
+            due = (marker.exists if kill_after_s is None else
+                   lambda: time.monotonic() - started >= kill_after_s and rank1_pid(system, work, proc.pid) is not None)
+            while not due():
                 if proc.poll() is not None or time.monotonic() - started > _TIMEOUT_S:
-                    raise RuntimeError(f"{system} ended ({proc.returncode}) before its first checkpoint")
+                    raise RuntimeError(f"{system} ended ({proc.returncode}) before the kill")
                 time.sleep(0.02)
             pid = None
             while pid is None:
@@ -164,12 +170,14 @@ def main() -> int:
     parser.add_argument("--script", choices=sorted(SCRIPT_KINDS), default="hf")
     parser.add_argument("--steps", type=int, default=30, help="the script's --max_steps (a checkpoint every 10)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--kill-after", type=float, metavar="S",
+                        help="kill rank 1 S seconds after the launch, not after the first checkpoint")
     args = parser.parse_args()
     script = SCRIPT_KINDS[args.script]
     results: dict[str, list[dict]] = {"orchestrator": [], "torchrun": []}
     for _ in range(args.repeats):
         for system in results:  # interleaved: a slow phase of the machine hits both
-            result = run(script, system, args.steps)
+            result = run(script, system, args.steps, args.kill_after)
             results[system].append(result)
             print(f"  {system}: wall {result['wall_s']:.1f}s, kill -> end {result['kill_to_end_s']:.1f}s", flush=True)
     reference = results["torchrun"][0]["losses"]
@@ -180,8 +188,9 @@ def main() -> int:
             differ = [step for step in steps if r["losses"].get(step) != reference.get(step)]
             if differ:
                 print(f"  {system} run {i + 1}: losses differ from torchrun run 1's at steps {differ[:10]}")
-    print(f"\n{script.name}, 2 CPU ranks, {args.steps} steps, rank 1 SIGKILLed after the "
-          f"first checkpoint (step 10), median of {args.repeats}:\n")
+    when = ("after the first checkpoint (step 10)" if args.kill_after is None
+            else f"{args.kill_after:g} s after the launch")
+    print(f"\n{script.name}, 2 CPU ranks, {args.steps} steps, rank 1 SIGKILLed {when}, median of {args.repeats}:\n")
     print("| launcher | wall time (s) | kill -> end (s) |")
     print("|---|---|---|")
     walls, ends = {}, {}
