@@ -53,7 +53,10 @@ from orchestrator.events import read_events  # noqa: E402
 CONFIG = REPO / "cluster_configs" / "local.yaml"
 KINDS = ("sigkill", "sigstop", "raise", "kill_during_save", "kill_spare", "kill_zygote", "kill_actor",
          "kill_controller")
-OVERRIDES = ("checkpoint.interval_steps=50", "fault_tolerance.max_restarts=1000", "metrics.port=0")
+# Memory snapshots at the interval the run's failure rate calls for (docs/checkpoints.md): a failure a
+# minute on 60 ms steps is what `auto` is for.
+OVERRIDES = ("checkpoint.interval_steps=50", "checkpoint.memory_interval_steps=auto",
+             "fault_tolerance.max_restarts=1000", "metrics.port=0")
 _WAIT_S = 600.0
 _INTERRUPTIONS = ("run_started", "failure_detected", "recovery_started")  # training stopped here
 # Faults that stop training: the next fault waits until the controller has seen this one, so that

@@ -137,6 +137,17 @@ class CheckpointInterval(Event):
 
 @_event
 @dataclass(frozen=True, kw_only=True)
+class MemoryInterval(Event):
+    event = "memory_interval"
+    interval_steps: int
+    snapshot_cost_s: float
+    mtbf_s: float
+    step_time_s: float
+    failures: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
 class CheckpointCommitted(Event):
     event = "checkpoint_committed"
     step: int

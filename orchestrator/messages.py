@@ -78,6 +78,7 @@ class Start(Message):
     workdir: str = ""
     log_path: str | None = None
     checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
+    memory_interval: int | None = None  # checkpoint.memory_interval_steps: auto: the controller's latest
     mirror_key: str = ""  # the run's key for the memory snapshots' side channel (worker/mirror.py), hex
 
 
@@ -94,10 +95,12 @@ FIRST_CHECKPOINT_INTERVAL = 50
 
 @dataclass(frozen=True, kw_only=True)
 class Cadence(Message):
-    """To rank 0 (``checkpoint.interval_steps: auto``): save every ``interval_steps`` steps from now on."""
+    """To rank 0 (``checkpoint.interval_steps: auto``): save every ``interval_steps`` steps from now on;
+    to every rank (``checkpoint.memory_interval_steps: auto``): snapshot every ``memory_interval_steps``."""
 
     type: ClassVar[str] = "cadence"
-    interval_steps: int
+    interval_steps: int | None = None
+    memory_interval_steps: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

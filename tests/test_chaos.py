@@ -55,3 +55,7 @@ def test_five_faults_of_five_kinds_end_like_a_clean_run(tmp_path: Path) -> None:
         assert finished["mode"] == expected, (fault, finished)
     assert len(of_kind(evs, "recovery_finished")) == len(KINDS) - 1
     assert len(of_kind(evs, "run_started")) == 2
+    # The soak's snapshots are checkpoint.memory_interval_steps: auto: measured, then a power of two.
+    assert any("snapshot_s" in e for e in of_kind(evs, "step")), "rank 0 reports its snapshots' cost"
+    intervals = [e["interval_steps"] for e in of_kind(evs, "memory_interval")]
+    assert intervals and all(n & (n - 1) == 0 for n in intervals), intervals

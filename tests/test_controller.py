@@ -66,6 +66,7 @@ class FakeGroup:
         self.interrupted: list[int] = []
         self.spare_requests = 0
         self.checkpoint_intervals: list[int] = []
+        self.memory_intervals: list[int] = []
         self.on_interrupt: dict[int, dict] = {}
         self.unheard_script: list[list[int]] = []  # overrides what the polls' answers say
         self.polls = 0
@@ -133,6 +134,9 @@ class FakeGroup:
 
     def set_checkpoint_interval(self, steps):
         self.checkpoint_intervals.append(steps)
+
+    def set_memory_interval(self, steps):
+        self.memory_intervals.append(steps)
 
     def wait(self, timeout_s, soonest_s):
         self.clock.sleep(timeout_s)
@@ -954,6 +958,41 @@ def test_the_checkpoint_interval_follows_young_and_daly_from_what_the_run_measur
     cadence.saved(blocked_s=0.02, seconds=3.0)  # writes that take 3 s: never more often than that
     cadence.saved(blocked_s=0.02, seconds=3.0)
     assert cadence.retune().steps == 30
+
+
+def test_the_snapshot_interval_is_a_power_of_two_from_young_and_daly() -> None:
+    from orchestrator.controller.cadence import MemoryCadence, daly_interval_s
+
+    now = [0.0]
+    cadence = MemoryCadence(prior_mtbf_s=3600.0, clock=lambda: now[0])
+    assert cadence.steps == 1 and cadence.retune() is None, "nothing measured: a snapshot every step"
+    for _ in range(5):
+        cadence.stepped(0.06)
+        cadence.snapshotted(0.0012)
+    rare = cadence.retune()  # the prior MTBF: sqrt(2 x 1.2 ms x 3600 s) = 2.9 s, 49 steps of 60 ms
+    assert (rare.steps, rare.mtbf_s, rare.failures) == (64, 3600.0, 0)
+    assert cadence.retune() is None, "no change, no new interval"
+    now[0] = 60.0
+    cadence.failed()
+    often = cadence.retune()  # one failure a minute: 0.38 s, 6.3 steps
+    assert daly_interval_s(0.0012, 60.0) / 0.06 == pytest.approx(6.3, abs=0.1)
+    assert (often.steps, often.mtbf_s, often.failures) == (8, 60.0, 1)
+    now[0] = 220.0  # best 12.1 steps: nearer 16 than 8, but not far enough past the midpoint to flap
+    assert cadence.retune() is None
+    for _ in range(20):
+        cadence.snapshotted(0.000001)  # nearly free: every step
+    assert cadence.retune().steps == 1
+
+
+def test_the_controller_tells_every_rank_the_snapshot_interval_rank_0s_costs_call_for(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "checkpoint.memory_interval_steps=auto", "train.steps=30")
+    ctl.step()
+    costly = [dataclasses.replace(step_msg(s, 5.0), extra={"snapshot_s": 0.002}) for s in (1, 2, 3)]
+    group.script = [[RankUpdate(rank=0, reports=costly), RankUpdate(rank=1, reports=[step_msg(3, 5.0)])]]
+    ctl.step()
+    assert group.memory_intervals == [32], "sqrt(2 x 2 ms x 3600 s) / 0.1 s = 38 steps: 2 ** round(5.2)"
+    tuned = [e for e in read_events(run.events) if e["event"] == "memory_interval"]
+    assert [(e["interval_steps"], e["snapshot_cost_s"], e["failures"]) for e in tuned] == [(32, 0.002, 0)]
 
 
 def test_a_script_that_ends_before_it_shows_it_is_back_still_has_its_recovery_finished(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from orchestrator.agent.hosted import HostedProcess, Zygote, ZygoteUnavailable
 from orchestrator.agent.uplink import Uplink
 from orchestrator.errors import ConfigError
 from orchestrator.messages import (
+    Cadence,
     CheckpointSaved,
     Interrupt,
     NodeBeat,
@@ -406,6 +407,12 @@ class NodeAgent:
         print(f"warm spares on this node start as fresh processes: the zygote cannot fork: {self._zygote.error}",
               file=sys.stderr, flush=True)
         return None
+
+    def tell_ranks(self, message: Cadence) -> None:
+        """Send ``message`` to every rank this node hosts (not to its spare: a start carries it)."""
+        for rank, proc in list(self._procs.items()):
+            if rank != SPARE:
+                proc.send(message)
 
     def send(self, rank: int, message: Start | Interrupt) -> bool:
         """Send a control message to ``rank``'s process; False if it is gone."""

@@ -259,13 +259,15 @@ class CheckpointConfig(_Section):
         "that loses the least time to saves and to recomputation after failures (Young/Daly), from the measured "
         "save cost, step time and failure rate (docs/checkpoints.md).",
     )
-    memory_interval_steps: Annotated[int, Field(ge=0)] = Field(
+    memory_interval_steps: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         1, description="Keep a copy of each rank's training state in host memory every N steps, mirrored to a "
-        "buddy rank (on the next node; on a single node, the node's next rank), so that a recovery goes back to the newest such step instead of the last "
-        "disk checkpoint (docs/checkpoints.md); 0 turns it off. Training functions that call ctx.snapshot.",
+        "buddy rank (on the next node; on a single node, the node's next rank), so that a recovery goes back to "
+        "the newest such step instead of the last disk checkpoint (docs/checkpoints.md); 0 turns it off; 'auto': "
+        "the power of two steps that loses the least time to snapshots and recomputation (Young/Daly, from the "
+        "measured snapshot cost, step time and failure rate). Training functions that call ctx.snapshot.",
     )
     mtbf_s: Annotated[float, Field(gt=0)] = Field(
-        3600.0, description="With interval_steps: auto, the mean time between failures assumed until the run has "
+        3600.0, description="With an interval 'auto', the mean time between failures assumed until the run has "
         "lasted longer than this or seen a failure.",
     )
     keep_last: Annotated[int, Field(ge=1)] = Field(3, description="Committed checkpoints to keep.")

@@ -30,7 +30,7 @@ from orchestrator.checkpoint.commit import CommitOutcome, CommitTracker
 from orchestrator.checkpoint.manifest import Manifest
 from orchestrator.config.schema import Config
 from orchestrator.controller import hangs
-from orchestrator.controller.cadence import CheckpointCadence
+from orchestrator.controller.cadence import CheckpointCadence, Interval, MemoryCadence
 from orchestrator.controller.failures import Failure, failure_from, one_per_rank, rank_ranges, root_cause
 from orchestrator.controller.hang_watch import HangWatch
 from orchestrator.controller.node_news import NodeNews
@@ -153,6 +153,8 @@ class Controller:
         self._output = _rank_output(config, run.logs, group.world_size, display)
         self._cadence = (CheckpointCadence(config.checkpoint.mtbf_s, clock)
                          if config.checkpoint.interval_steps == "auto" else None)
+        self._memory_cadence = (MemoryCadence(config.checkpoint.mtbf_s, clock)
+                                if config.checkpoint.memory_interval_steps == "auto" else None)
         self._checkpoint_failures: list[Failure] = []
         self.metrics = metrics
         if metrics is not None:
@@ -317,6 +319,9 @@ class Controller:
         if self._cadence is not None:
             self._cadence.failed()
             self._retune_checkpoints()
+        if self._memory_cadence is not None:
+            self._memory_cadence.failed()
+            self._retune_snapshots()
         decision = self.policy.decide(cause, self.history)
         if cause.reason == "node_lost":
             # One line for the node, whatever Ray said about each of its ranks.
@@ -572,16 +577,26 @@ class Controller:
 
     def _retune_checkpoints(self) -> None:
         """``checkpoint.interval_steps: auto``: a new interval, once what was measured moves it."""
-        interval = self._cadence.retune()
+        self._retune(self._cadence, self.group.set_checkpoint_interval, lambda i: ev.CheckpointInterval(
+            interval_steps=i.steps, save_cost_s=i.save_cost_s, mtbf_s=i.mtbf_s, step_time_s=i.step_time_s,
+            failures=i.failures), lambda i: f"checkpoint interval: every {i.steps} steps (auto: a save blocks "
+            f"{i.save_cost_s:.3f}s, a step takes {i.step_time_s:.3f}s, MTBF {i.mtbf_s:.0f}s)")
+
+    def _retune_snapshots(self) -> None:
+        """``checkpoint.memory_interval_steps: auto``: a new interval, once what was measured moves it."""
+        self._retune(self._memory_cadence, self.group.set_memory_interval, lambda i: ev.MemoryInterval(
+            interval_steps=i.steps, snapshot_cost_s=i.save_cost_s, mtbf_s=i.mtbf_s, step_time_s=i.step_time_s,
+            failures=i.failures), lambda i: f"memory snapshots: every {i.steps} steps (auto: a snapshot blocks "
+            f"{i.save_cost_s * 1000:.1f} ms, a step takes {i.step_time_s:.3f}s, MTBF {i.mtbf_s:.0f}s)")
+
+    def _retune(self, cadence: CheckpointCadence | MemoryCadence, tell: Callable[[int], None],
+                event: Callable[[Interval], ev.Event], note: Callable[[Interval], str]) -> None:
+        interval = cadence.retune()
         if interval is None:
             return
-        self.group.set_checkpoint_interval(interval.steps)
-        self.events.emit(ev.CheckpointInterval(interval_steps=interval.steps, save_cost_s=interval.save_cost_s,
-                                               mtbf_s=interval.mtbf_s, step_time_s=interval.step_time_s,
-                                               failures=interval.failures))
-        self.display.note(f"checkpoint interval: every {interval.steps} steps (auto: a save blocks "
-                          f"{interval.save_cost_s:.3f}s, a step takes {interval.step_time_s:.3f}s, "
-                          f"MTBF {interval.mtbf_s:.0f}s)")
+        tell(interval.steps)
+        self.events.emit(event(interval))
+        self.display.note(note(interval))
 
     def stop_hung(self, failures: list[Failure]) -> None:
         """Kill the processes of the hung ranks among ``failures``: their peers, waiting for them in a
@@ -618,6 +633,11 @@ class Controller:
         rate = report.tokens / seconds if report.tokens and seconds > 0 else None
         if self._cadence is not None:
             self._cadence.stepped(seconds)
+        if self._memory_cadence is not None:
+            self._memory_cadence.stepped(seconds)
+            if isinstance(cost := report.extra.get("snapshot_s"), float):
+                self._memory_cadence.snapshotted(cost)
+                self._retune_snapshots()
         if self.config.train.show_output == "auto":
             self._output = None  # the progress line takes over from the ranks' own output
         self.events.emit(ev.Step(

@@ -179,6 +179,10 @@ class WorkerGroup(Protocol):
         """``checkpoint.interval_steps: auto``: rank 0 decides checkpoints every ``steps`` steps from now
         on (told now, and in the start of every later attempt)."""
 
+    def set_memory_interval(self, steps: int) -> None:
+        """``checkpoint.memory_interval_steps: auto``: every rank snapshots every ``steps`` steps from
+        now on (told now, and in the start of every later attempt)."""
+
     def warm_spares(self) -> dict[str, int]:
         """Ray node id -> pid of its warm spare, for nodes that have one (as of the last status)."""
 
@@ -210,6 +214,7 @@ class RayWorkerGroup:
         self._run_id = run_id or run_dir.name
         self._workdir = str(workdir or Path.cwd())
         self._checkpoint_interval: int | None = None  # checkpoint.interval_steps: auto
+        self._memory_interval: int | None = None  # checkpoint.memory_interval_steps: auto
         self._mirror_key = secrets.token_hex(32)  # the ranks' memory-snapshot side channel (worker/mirror.py)
         self.world_size = config.cluster.world_size
         self._per_node = config.cluster.workers_per_node
@@ -460,6 +465,13 @@ class RayWorkerGroup:
             call = where.slots[home].handle.send.remote(0, Cadence(interval_steps=steps))
             self._unanswered.add(where.slots, {home: call}, "send")
 
+    def set_memory_interval(self, steps: int) -> None:
+        self._memory_interval = steps
+        slots = self._placement.slots  # empty before the first start: its specs carry it
+        calls = {b: slot.handle.tell_ranks.remote(Cadence(memory_interval_steps=steps))
+                 for b, slot in enumerate(slots) if not slot.gone}
+        self._unanswered.add(slots, calls, "tell_ranks")
+
     def _prepare_zygotes(self, bundles: list[int]) -> None:
         """Have the agents of ``bundles`` start their node's zygote (once per agent) before their ranks:
         the ranks are forked from it, the imports paid once per node."""
@@ -534,6 +546,7 @@ class RayWorkerGroup:
                  RUN_DIR_ENV: str(self._run_dir)},
             workdir=self._workdir,
             checkpoint_interval=self._checkpoint_interval,
+            memory_interval=self._memory_interval,
             mirror_key=self._mirror_key,
         )
 

@@ -91,12 +91,15 @@ class TrainContext:
     engines: list[Any] = field(default_factory=list)
     # checkpoint.interval_steps: auto: the interval the controller chose last (None: none yet).
     _cadence: Callable[[], int | None] = lambda: None
+    # checkpoint.memory_interval_steps: auto: the snapshot interval the controller chose last (None: none yet).
+    _memory_cadence: Callable[[], int | None] = lambda: None
     # checkpoint.memory_interval_steps > 0: this process's snapshots, mirror server and sender, made
     # at first use (a training function that never snapshots starts no threads for them).
     _memory_keeper: Callable[[], MemoryKeeper | None] = lambda: None
     resumed_from: str | None = None
     _reporter: Reporter = field(init=False)
     _last_save_step: int = field(init=False, default=0)
+    _snapshot_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._reporter = Reporter(self._channel, self.rank, self.faults)
@@ -160,8 +163,12 @@ class TrainContext:
         ``step_time_s`` defaults to the time since the previous report.
         Keyword metrics travel with it: ``tokens`` (global tokens in the step, for tokens/s),
         ``lr``, ``grad_norm``, ``flops``, and any other number, which rank 0's ``step`` event
-        carries under its name.
+        carries under its name. With ``checkpoint.memory_interval_steps: auto`` the first report
+        after a snapshot also carries ``snapshot_s``, the time it blocked this rank.
         """
+        if self._snapshot_s is not None:
+            metrics.setdefault("snapshot_s", self._snapshot_s)
+            self._snapshot_s = None
         self._reporter.step(step, loss, step_time_s=step_time_s, **metrics)
 
     def should_checkpoint(self, step: int) -> bool:
@@ -247,7 +254,8 @@ class TrainContext:
 
     def snapshot(self, engine: Any, step: int, user_state: dict | None = None) -> None:
         """Keep ``engine``'s state after ``step`` in host memory, mirrored to a buddy rank's memory,
-        every ``checkpoint.memory_interval_steps`` steps (a no-op at other steps, and with 0).
+        every ``checkpoint.memory_interval_steps`` steps (a no-op at other steps, and with 0; with
+        ``auto``, at the interval the controller chose from the measured cost and failure rate).
 
         Call it on every rank after each optimizer step; it is not a collective. Training blocks for
         the copy to host memory only (its own reused buffers); the mirror is sent in the background.
@@ -256,12 +264,17 @@ class TrainContext:
         from :meth:`load_checkpoint` as with :meth:`save_checkpoint`.
         """
         every = self.config.checkpoint.memory_interval_steps
+        if every == "auto":
+            every = self._memory_cadence() or 1
         keeper = self._memory_keeper()
         if keeper is None or every == 0 or step % every:
             return
         if not any(e is engine for e in self.engines):
             self.engines.append(engine)
+        started = time.perf_counter()
         keeper.snapshot(engine, step, user_state)
+        if self.config.checkpoint.memory_interval_steps == "auto":
+            self._snapshot_s = time.perf_counter() - started  # told with the next step (the cadence's cost)
 
     def load_checkpoint(self, engine: Any) -> tuple[int, dict | None]:
         """Restore ``engine`` after a failure or a restart, if there is anything to restore.

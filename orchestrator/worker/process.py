@@ -110,6 +110,7 @@ class Runtime:
         self._connections: AttemptConnections | None = None  # the current attempt's, to abort on leaving it
         self._interrupted = False  # the controller stopped the current attempt
         self._cadence: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
+        self._memory_cadence: int | None = None  # checkpoint.memory_interval_steps: auto: the same
         self._memory: MemoryKeeper | None = None  # memory snapshots: outlive the attempt that took them
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
@@ -193,7 +194,7 @@ class Runtime:
         self._connections, self._interrupted = AttemptConnections(), False
         try:
             self.ctx = _context(spec, config, self.channel, self.writer, lambda: self._cadence,
-                                lambda: self._memory_keeper(spec, config))
+                                lambda: self._memory_cadence, lambda: self._memory_keeper(spec, config))
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = import_training_code(self.ctx.config)
             assert train is not None, "a script runs in _run_script"
@@ -219,7 +220,7 @@ class Runtime:
 
     def _memory_keeper(self, spec: Start, config: Config) -> MemoryKeeper | None:
         """This process's memory snapshots (made at its first attempt), or None when they are off."""
-        if self._memory is None and spec.mirror_key and config.checkpoint.memory_interval_steps > 0:
+        if self._memory is None and spec.mirror_key and config.checkpoint.memory_interval_steps != 0:
             # The address this node reaches rank 0's with: its own on the cluster's network.
             host = route_source(os.environ.get("MASTER_ADDR", "127.0.0.1")) or "127.0.0.1"
             self._memory = MemoryKeeper(key=bytes.fromhex(spec.mirror_key), host=host,
@@ -246,10 +247,12 @@ class Runtime:
                         if self._connections is not None:
                             self._connections.abort()
                 elif isinstance(message, Cadence):
-                    self._cadence = message.interval_steps
+                    self._cadence = message.interval_steps or self._cadence
+                    self._memory_cadence = message.memory_interval_steps or self._memory_cadence
                 else:
-                    if isinstance(message, Start) and message.checkpoint_interval is not None:
-                        self._cadence = message.checkpoint_interval  # in channel order, before any later Cadence
+                    if isinstance(message, Start):  # in channel order, before any later Cadence
+                        self._cadence = message.checkpoint_interval or self._cadence
+                        self._memory_cadence = message.memory_interval or self._memory_cadence
                     self.inbox.put(message)
         except MalformedMessage as exc:
             print(f"orchestrator: protocol error from the node agent: {exc}", file=sys.stderr, flush=True)
@@ -358,7 +361,8 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
 
 
 def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter,
-             cadence: Callable[[], int | None], memory: Callable[[], MemoryKeeper | None]) -> TrainContext:
+             cadence: Callable[[], int | None], memory_cadence: Callable[[], int | None],
+             memory: Callable[[], MemoryKeeper | None]) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
         local_rank=spec.local_rank,
@@ -372,6 +376,7 @@ def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWr
         _channel=channel,
         _writer=writer,
         _cadence=cadence,
+        _memory_cadence=memory_cadence,
         _memory_keeper=memory,
     )
 
