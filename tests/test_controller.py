@@ -995,6 +995,26 @@ def test_the_controller_tells_every_rank_the_snapshot_interval_rank_0s_costs_cal
     assert [(e["interval_steps"], e["snapshot_cost_s"], e["failures"]) for e in tuned] == [(32, 0.002, 0)]
 
 
+@pytest.mark.parametrize(("source", "counted"), [("memory", 0), ("disk", 1)])
+def test_the_disk_checkpoint_interval_counts_only_failures_memory_did_not_recover(
+    tmp_path: Path, source: str, counted: int
+) -> None:
+    ctl, group, run, clock = make(tmp_path, "checkpoint.interval_steps=auto", "train.steps=30")
+    ctl.step()
+    group.script = [[RankUpdate(rank=r, reports=[step_msg(s, 2.0, at=clock.now) for s in (1, 2)], alive_at=clock.now)
+                     for r in (0, 1)],
+                    [RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
+    ctl.step()
+    ctl.step()
+    ctl.step()  # recover in place
+    group.script = [[RankUpdate(rank=0, reports=[Resumed(step=2, tag="", source=source, at=clock.now),
+                                                 step_msg(3, 2.0, at=clock.now)])]]
+    ctl.step()
+    (finished,) = of_kind(read_events(run.events), "recovery_finished")
+    assert finished["source"] == source
+    assert ctl._cadence._failures == counted
+
+
 def test_a_script_that_ends_before_it_shows_it_is_back_still_has_its_recovery_finished(tmp_path: Path) -> None:
     ctl, group, run, clock = make(tmp_path, "train.script=train.py")
     ctl.step()

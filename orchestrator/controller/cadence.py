@@ -4,7 +4,8 @@ Saving too often spends training time on saves; too rarely, recomputing the step
 Young (1974) and Daly (2006) give the interval that minimises both for a save that blocks training
 ``δ`` seconds and a mean time between failures ``M``: ``T = sqrt(2·δ·M) − δ`` (``M`` once ``δ`` reaches
 ``2·M``). Here ``δ`` is the median time the last saves blocked training (the slowest rank's, as
-``checkpoint_committed`` reports it), ``M`` the run's time so far over its failures, or
+``checkpoint_committed`` reports it), ``M`` the run's time so far over its failures that were not
+recovered from memory snapshots (those cost no disk checkpoint anything), or
 ``checkpoint.mtbf_s`` while there have been none (at least the time the run has lasted), and ``T`` is
 turned into steps with the median of the recent step times. It is never shorter than a save takes
 from start to commit (an asynchronous save's write included): saves would queue up behind each other.

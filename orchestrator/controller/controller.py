@@ -316,9 +316,6 @@ class Controller:
                 messages={reason: group[0].message for reason, group in by_reason.items()},
                 detection_s=max(0.0, now - min(f.at for f in others)),
             ))
-        if self._cadence is not None:
-            self._cadence.failed()
-            self._retune_checkpoints()
         if self._memory_cadence is not None:
             self._memory_cadence.failed()
             self._retune_snapshots()
@@ -688,6 +685,10 @@ class Controller:
         if pending.source is not None:
             where += f" ({pending.source}, {lost} step(s) lost)" if lost is not None else f" ({pending.source})"
         self.display.note(f"recovered ({pending.mode}, attempt {pending.attempt}) {where} in {seconds:.2f}s")
+        if self._cadence is not None and pending.source != "memory":
+            # A failure recovered from memory snapshots cost no disk checkpoint anything.
+            self._cadence.failed()
+            self._retune_checkpoints()
         self.history[-1] = dataclasses.replace(self.history[-1], progressed=True)
         self._pending = None
 
