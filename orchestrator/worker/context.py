@@ -93,7 +93,7 @@ class TrainContext:
     _cadence: Callable[[], int | None] = lambda: None
     # checkpoint.memory_interval_steps: auto: the snapshot interval the controller chose last (None: none yet).
     _memory_cadence: Callable[[], int | None] = lambda: None
-    # checkpoint.memory_interval_steps > 0: this process's snapshots, mirror server and sender, made
+    # checkpoint.memory_interval_steps not 0: this process's snapshots, mirror server and sender, made
     # at first use (a training function that never snapshots starts no threads for them).
     _memory_keeper: Callable[[], MemoryKeeper | None] = lambda: None
     resumed_from: str | None = None
