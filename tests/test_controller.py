@@ -701,15 +701,20 @@ def test_a_script_is_restarted_in_full_and_recovered_once_its_ranks_stay_up_and_
     assert group.spare_requests == 2, "and again after the recovery (the old spare became a rank)"
 
 
-def test_a_scripts_resume_report_finishes_its_recovery_with_the_step(tmp_path: Path) -> None:
-    ctl, group, run, clock = make(tmp_path, "train.script=train.py")
-    ctl.step()
+def _recover_from_rank_1_killed_after_step_2(ctl: Controller, group: FakeGroup, clock: Clock) -> None:
+    """Both ranks report steps 1 and 2, rank 1 is SIGKILLed, and the controller starts its recovery."""
     group.script = [[RankUpdate(rank=r, reports=[step_msg(s, 2.0, at=clock.now) for s in (1, 2)], alive_at=clock.now)
                      for r in (0, 1)],
                     [RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
     ctl.step()
     ctl.step()
     ctl.step()  # recover
+
+
+def test_a_scripts_resume_report_finishes_its_recovery_with_the_step(tmp_path: Path) -> None:
+    ctl, group, run, clock = make(tmp_path, "train.script=train.py")
+    ctl.step()
+    _recover_from_rank_1_killed_after_step_2(ctl, group, clock)
     group.script = [[RankUpdate(rank=0, reports=[Resumed(step=2, tag="checkpoint-2", at=clock.now)])]]
     ctl.step()
     (finished,) = of_kind(read_events(run.events), "recovery_finished")
@@ -1001,12 +1006,7 @@ def test_the_disk_checkpoint_interval_counts_only_failures_memory_did_not_recove
 ) -> None:
     ctl, group, run, clock = make(tmp_path, "checkpoint.interval_steps=auto", "train.steps=30")
     ctl.step()
-    group.script = [[RankUpdate(rank=r, reports=[step_msg(s, 2.0, at=clock.now) for s in (1, 2)], alive_at=clock.now)
-                     for r in (0, 1)],
-                    [RankUpdate(rank=0, alive_at=clock.now), RankUpdate(rank=1, returncode=-9, exited_at=clock.now)]]
-    ctl.step()
-    ctl.step()
-    ctl.step()  # recover in place
+    _recover_from_rank_1_killed_after_step_2(ctl, group, clock)
     group.script = [[RankUpdate(rank=0, reports=[Resumed(step=2, tag="", source=source, at=clock.now),
                                                  step_msg(3, 2.0, at=clock.now)])]]
     ctl.step()

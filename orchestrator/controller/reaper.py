@@ -60,15 +60,15 @@ class Reaper:
             self._proc.wait()
 
 
-def _pids_where(exclude: set[int], name: str, test: Callable[[bytes], bool]) -> list[int]:
-    """Pids not in ``exclude`` whose ``/proc/PID/NAME`` passes ``test`` (unreadable ones are skipped:
+def _pids_where(exclude: set[int], test: Callable[[Path], bool]) -> list[int]:
+    """Pids not in ``exclude`` whose ``/proc/PID`` passes ``test`` (those it cannot read are skipped:
     gone, or not ours to read)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
-            if test((entry / name).read_bytes()):
+            if test(entry):
                 found.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
@@ -78,7 +78,7 @@ def _pids_where(exclude: set[int], name: str, test: Callable[[bytes], bool]) -> 
 def marked_pids(token: str, exclude: set[int], env: str = RUN_TOKEN_ENV) -> list[int]:
     """Pids whose initial environment holds ``env=token``."""
     marker = f"{env}={token}".encode()
-    return _pids_where(exclude, "environ", lambda environ: marker in environ.split(b"\0"))
+    return _pids_where(exclude, lambda proc: marker in (proc / "environ").read_bytes().split(b"\0"))
 
 
 def ray_temp_dir(token: str) -> Path:
@@ -91,29 +91,19 @@ def pids_running_from(directory: Path, exclude: set[int]) -> list[int]:
     """Pids whose command line names ``directory`` (Ray's services get their session directory as an
     argument) or that hold a file under it open: Ray's agents retitle themselves (``ray::DashboardAgent``,
     over their command line and environment) but keep their logs there open."""
-    needle = str(directory).encode()
-    named = _pids_where(exclude, "cmdline", lambda cmdline: needle in cmdline)
-    return sorted({*named, *_pids_with_files_under(str(directory), exclude | set(named))})
+    needle, prefix = str(directory).encode(), str(directory).rstrip("/") + "/"
 
+    def runs_from(proc: Path) -> bool:
+        return needle in (proc / "cmdline").read_bytes() or any(
+            os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir())
 
-def _pids_with_files_under(directory: str, exclude: set[int]) -> list[int]:
-    prefix = directory.rstrip("/") + "/"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        try:
-            if any(os.readlink(fd).startswith(prefix) for fd in (entry / "fd").iterdir()):
-                found.append(int(entry.name))
-        except OSError:
-            continue  # gone, or not ours to read
-    return found
+    return _pids_where(exclude, runs_from)
 
 
 def session_members(leaders: set[int], exclude: set[int]) -> list[int]:
     """Pids in the sessions led by ``leaders`` (the leaders included when alive)."""
     # /proc/PID/stat after the command's closing parenthesis: state, ppid, pgrp, session, ...
-    return _pids_where(exclude, "stat", lambda stat: int(stat.rsplit(b")", 1)[1].split()[3]) in leaders)
+    return _pids_where(exclude, lambda proc: int((proc / "stat").read_bytes().rsplit(b")", 1)[1].split()[3]) in leaders)
 
 
 def sweep(tokens: list[str], exclude: set[int], env: str = RUN_TOKEN_ENV,
