@@ -24,6 +24,7 @@ packed (:func:`pack`, :class:`Unpacker`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -495,17 +496,26 @@ _KINDS: dict[str, type[Message]] = {
 }
 
 
+@functools.cache
+def _names(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))
+
+
 def _fields(obj: Any) -> dict[str, Any]:
     """A dataclass's fields by name, not copied (``dataclasses.asdict`` copies every nested list)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return {name: getattr(obj, name) for name in _names(type(obj))}
 
 
-def encode(message: Message) -> dict[str, Any]:
-    """The JSON-ready form: ``type`` and the fields (``at`` only once stamped)."""
-    fields = _fields(message)
-    if isinstance(message, Report) and not message.at:
-        del fields["at"]
-    return {"type": message.type, **fields}
+def encode(message: Message, attempt: int | None = None) -> dict[str, Any]:
+    """The JSON-ready form: ``type`` and the fields (``at`` only once stamped). ``attempt`` stamps a
+    report that names none (a rank's report, every step: cheaper than a copy of the message)."""
+    fields = {"type": message.type, **_fields(message)}
+    if isinstance(message, Report):
+        if not message.at:
+            del fields["at"]
+        if attempt is not None and message.attempt < 0:
+            fields["attempt"] = attempt
+    return fields
 
 
 class MalformedMessage(Exception):

@@ -8,7 +8,6 @@ control messages (the start spec) flow down; both are the dataclasses of
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ import struct
 import threading
 from collections.abc import Iterator
 
-from orchestrator.messages import MalformedMessage, Message, Report, decode, encode
+from orchestrator.messages import MalformedMessage, Message, decode, encode
 
 CONTROL_FD_ENV = "ORCH_CONTROL_FD"
 _RECV_BYTES = 65536
@@ -44,9 +43,7 @@ class Channel:
         return cls(socket.socket(fileno=fd))
 
     def send(self, message: Message) -> None:
-        if self.attempt is not None and isinstance(message, Report) and message.attempt < 0:
-            message = dataclasses.replace(message, attempt=self.attempt)
-        data = _line(message)
+        data = _line(message, self.attempt)
         with self._send_lock:
             self._sock.sendall(data)
 
@@ -104,5 +101,5 @@ def parse(line: bytes) -> Message:
     return decode(data)
 
 
-def _line(message: Message) -> bytes:
-    return (json.dumps(encode(message), default=str) + "\n").encode()
+def _line(message: Message, attempt: int | None = None) -> bytes:
+    return (json.dumps(encode(message, attempt), default=str) + "\n").encode()

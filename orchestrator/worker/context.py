@@ -99,6 +99,8 @@ class TrainContext:
     resumed_from: str | None = None
     _reporter: Reporter = field(init=False)
     _last_save_step: int = field(init=False, default=0)
+    # checkpoint.interval_steps: auto: rank 0's word on the next step, in flight (step, flag, work).
+    _due_next: tuple[int, Any, Any] | None = field(init=False, default=None)
     _snapshot_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -184,17 +186,26 @@ class TrainContext:
         return step % interval == 0 or step == self.config.train.steps
 
     def _checkpoint_due(self, step: int) -> bool:
+        """Rank 0's word on ``step``, sent one step ahead: the all-reduce that carries it runs while
+        the step trains, where a blocking one would stall every rank at every step (its wait is the
+        skew between ranks). The last step is due on every rank without a word."""
         import torch
         import torch.distributed as dist
 
-        every = self._cadence() or FIRST_CHECKPOINT_INTERVAL
-        due = self.rank == 0 and (step == self.config.train.steps or step - self._last_save_step >= every)
-        flag = torch.tensor([1.0 if due else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
-            return False
-        self._last_save_step = step
-        return True
+        decided, self._due_next = self._due_next, None
+        due = step == self.config.train.steps
+        if decided is not None:
+            for_step, flag, work = decided
+            work.wait()
+            due = due or (for_step == step and bool(flag.item()))
+        if due:
+            self._last_save_step = step
+        if step < self.config.train.steps:
+            every = self._cadence() or FIRST_CHECKPOINT_INTERVAL
+            flag = torch.tensor([1.0 if self.rank == 0 and step + 1 - self._last_save_step >= every else 0.0],
+                                device=self.device)
+            self._due_next = (step + 1, flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+        return due
 
     def save_checkpoint(self, engine: Any, step: int, user_state: dict | None = None) -> None:
         """Save a DeepSpeed checkpoint for ``step`` (collective: every rank calls it).
