@@ -10,7 +10,9 @@
                        | run PLAN.json [--target] | fit PLAN.json [--out PREDICTION.json]
 
 Exit codes: 0 trained to the end, 1 the run failed, 2 bad input (nothing
-was started), 130 interrupted by Ctrl-C (143 by SIGTERM) after a clean stop.
+was started), 3 preempted (SIGTERM or SIGUSR1, as a scheduler sends them: a
+checkpoint taken where the training code can, every rank stopped; the same
+command resumes), 130 interrupted by Ctrl-C after a clean stop.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from orchestrator.worker import script
 if TYPE_CHECKING:
     from orchestrator.controller.states import Failed
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
+# What a scheduler sends to stop a job (Slurm: SIGTERM on scancel and preemption; the warning of
+# `sbatch --signal=B:USR1@90`): the run saves and ends preempted.
+PREEMPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(Exception):
@@ -466,7 +471,7 @@ def _launch(args: argparse.Namespace) -> int:
         prediction = for_run(Path(args.prediction), config)
     from orchestrator.controller.controller import Controller
     from orchestrator.controller.reaper import Reaper
-    from orchestrator.controller.states import Failed
+    from orchestrator.controller.states import Failed, Preempted
     from orchestrator.controller.worker_group import RayWorkerGroup
     from orchestrator.events import MetricsStarted
     from orchestrator.monitor.gpu_endpoint import GPU_TARGETS, TargetsFile, is_loopback
@@ -501,7 +506,7 @@ def _launch(args: argparse.Namespace) -> int:
     display.note(f"run {run.run_id}: {_describe(config)} -> {run.path}")
     started = time.monotonic()
     try:
-        with _signals_interrupt():
+        with _signals_interrupt(signals=(signal.SIGINT,)), _signals_preempt(controller):
             try:
                 state = controller.run()
             except Interrupted as exc:
@@ -520,7 +525,7 @@ def _launch(args: argparse.Namespace) -> int:
                 raise
             finally:
                 # Cleanup is bounded by timeouts; a second Ctrl-C or a SIGTERM must not cut it short.
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, *PREEMPTING_SIGNALS):
                     signal.signal(sig, signal.SIG_IGN)
                 group.close()
                 display.close()
@@ -534,6 +539,8 @@ def _launch(args: argparse.Namespace) -> int:
     if isinstance(state, Failed):
         _print_failure(state)
         return EXIT_FAILED
+    if isinstance(state, Preempted):
+        return EXIT_PREEMPTED
     elapsed = time.monotonic() - started
     print(f"succeeded: {_summary(controller.last_step, controller.last_loss)}, {elapsed:.1f}s, run dir {run.path}")
     return EXIT_OK
@@ -612,13 +619,31 @@ def _print_failure(state: Failed) -> None:
 
 
 @contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread."""
+def _signals_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Turn ``signals`` into :class:`Interrupted` in the main thread."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with _handling(signals, handler):
+        yield
+
+
+@contextmanager
+def _signals_preempt(controller: Any) -> Iterator[None]:
+    """Turn a scheduler's stop (:data:`PREEMPTING_SIGNALS`) into a preemption the controller carries
+    out between two of its steps (a checkpoint, then every rank stopped)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        controller.request_preemption(signal.Signals(signum).name)
+
+    with _handling(PREEMPTING_SIGNALS, handler):
+        yield
+
+
+@contextmanager
+def _handling(signals: tuple[signal.Signals, ...], handler: Any) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:

@@ -119,17 +119,17 @@ def up(nodes: int, cpus_per_node: int) -> DevCluster:
     name = "dc" + secrets.token_hex(3)
     use_netns = namespaces_available()
     if use_netns:
-        subnet = _free_subnet()
+        subnet = free_subnet()
         hosts = list(subnet.hosts())
         # A port of its own: Ray's GCS listens on it on every address, so two dev clusters cannot share one.
-        cluster = DevCluster(name=name, address=f"{hosts[0]}:{_free_port()}", namespaces=True, bridge=f"ob-{name}")
+        cluster = DevCluster(name=name, address=f"{hosts[0]}:{free_port()}", namespaces=True, bridge=f"ob-{name}")
         cluster.nodes = [DevNode(index=i, address=str(hosts[9 + i]), netns=f"orch-{name}-{i}", veth=f"ov-{name}-{i}")
                          for i in range(nodes)]
     else:
         print("dev-cluster: network namespaces are not available here (needs root and iproute2); "
               "starting the nodes on 127.0.0.1, without distinct addresses and without `partition`",
               file=sys.stderr)
-        cluster = DevCluster(name=name, address=f"127.0.0.1:{_free_port()}", namespaces=False)
+        cluster = DevCluster(name=name, address=f"127.0.0.1:{free_port()}", namespaces=False)
         cluster.nodes = [DevNode(index=i, address="127.0.0.1") for i in range(nodes)]
     cluster.dir.mkdir(parents=True)
     cluster.token_path.write_text(secrets.token_hex(32) + "\n")
@@ -137,7 +137,7 @@ def up(nodes: int, cpus_per_node: int) -> DevCluster:
     cluster.save()
     try:
         if use_netns:
-            _make_network(cluster, subnet)
+            make_network(cluster, subnet)
         head_ip, port = cluster.address.rsplit(":", 1)
         cluster.head_pid = _start_ray(cluster, "head", ["--head", f"--port={port}", f"--node-ip-address={head_ip}",
                                                         "--num-cpus=0", f"--temp-dir={cluster.dir / 'ray'}",
@@ -158,10 +158,7 @@ def down(name: str) -> list[int]:
     """Kill every process of the cluster, remove its namespaces, bridge and state; returns the pids killed."""
     cluster = DevCluster.load(name)
     killed = _kill_marked([f"{name}:{n.index}" for n in cluster.nodes] + [f"{name}:head"])
-    if cluster.namespaces:
-        for node in cluster.nodes:
-            _ip("netns", "del", node.netns, check=False)  # takes its veth pair with it
-        _ip("link", "del", cluster.bridge, check=False)
+    remove_network(cluster)
     shutil.rmtree(cluster.dir, ignore_errors=True)
     return killed
 
@@ -193,7 +190,16 @@ def namespaces_available() -> bool:
     return True
 
 
-def _make_network(cluster: DevCluster, subnet: ipaddress.IPv4Network) -> None:
+def remove_network(cluster: DevCluster) -> None:
+    """Remove the namespaces (their veth pairs go with them) and the bridge :func:`make_network` made."""
+    if cluster.namespaces:
+        for node in cluster.nodes:
+            _ip("netns", "del", node.netns, check=False)
+        _ip("link", "del", cluster.bridge, check=False)
+
+
+def make_network(cluster: DevCluster, subnet: ipaddress.IPv4Network) -> None:
+    """The bridge (with the head's address) and one namespace per node, linked to it by a veth pair."""
     head_ip = cluster.address.rsplit(":", 1)[0]
     _ip("link", "add", cluster.bridge, "type", "bridge")
     _ip("addr", "add", f"{head_ip}/{subnet.prefixlen}", "dev", cluster.bridge)
@@ -243,7 +249,7 @@ def _kill_marked(marks: list[str]) -> list[int]:
     return sorted(killed)
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
+def free_subnet() -> ipaddress.IPv4Network:
     """A /24 in 10.213.0.0/16 that overlaps nothing this machine routes or holds."""
     used = []
     for args in (["-4", "-o", "route", "show", "table", "all"], ["-4", "-o", "addr", "show"]):
@@ -260,7 +266,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise ClusterError("no free /24 left in 10.213.0.0/16 for a dev cluster; remove old ones with `dev-cluster down`")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -317,6 +317,7 @@ class RunFinished(Event):
     reason: str | None = optional()
     message: str | None = optional()
     root_cause: dict[str, Any] | None = optional()
+    checkpoint: str | None = optional()  # preempted: the committed checkpoint the next launch resumes from
 
 
 def parse(record: dict[str, Any]) -> Event | None:

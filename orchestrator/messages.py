@@ -97,11 +97,13 @@ FIRST_CHECKPOINT_INTERVAL = 50
 @dataclass(frozen=True, kw_only=True)
 class Cadence(Message):
     """To rank 0 (``checkpoint.interval_steps: auto``): save every ``interval_steps`` steps from now on;
-    to every rank (``checkpoint.memory_interval_steps: auto``): snapshot every ``memory_interval_steps``."""
+    to every rank (``checkpoint.memory_interval_steps: auto``): snapshot every ``memory_interval_steps``;
+    to every rank (a preemption): save a checkpoint at step ``save_at_step`` as well."""
 
     type: ClassVar[str] = "cadence"
     interval_steps: int | None = None
     memory_interval_steps: int | None = None
+    save_at_step: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

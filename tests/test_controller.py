@@ -15,6 +15,8 @@ from orchestrator.controller.controller import SETTLE_S, Controller
 from orchestrator.controller.failures import Failure, root_cause
 from orchestrator.controller.states import (
     Failed,
+    Preempted,
+    Preempting,
     Recovering,
     Running,
     Starting,
@@ -67,6 +69,7 @@ class FakeGroup:
         self.spare_requests = 0
         self.checkpoint_intervals: list[int] = []
         self.memory_intervals: list[int] = []
+        self.saves_requested: list[int] = []
         self.on_interrupt: dict[int, dict] = {}
         self.unheard_script: list[list[int]] = []  # overrides what the polls' answers say
         self.polls = 0
@@ -137,6 +140,9 @@ class FakeGroup:
 
     def set_memory_interval(self, steps):
         self.memory_intervals.append(steps)
+
+    def request_save(self, step):
+        self.saves_requested.append(step)
 
     def wait(self, timeout_s, soonest_s):
         self.clock.sleep(timeout_s)
@@ -1046,3 +1052,50 @@ def test_the_ranks_own_output_reaches_the_terminal_as_train_show_output_says(
     ctl.step()
     ctl.step()
     assert [n for n in ctl.display.notes if n.startswith("[rank")] == shown, "whole lines, once, no headers"
+
+
+def test_a_preemption_saves_a_few_steps_ahead_then_ends_preempted_without_spending_a_restart(tmp_path: Path) -> None:
+    """SIGUSR1 or SIGTERM (the CLI's handler asks, the loop calls ``preempt``): every rank is told one
+    step to save at, past rank 0's last by at least half a second of steps; once that checkpoint is
+    committed the run ends ``preempted``, naming it, with no restart and no failure counted."""
+    ctl, group, run, _ = make(tmp_path, "train.steps=100", "fault_tolerance.max_restarts=0")
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(s, 1.0) for s in range(1, 8)]), RankUpdate(rank=1)]]
+    ctl.step()
+    ctl.step()
+    ctl.preempt("SIGUSR1")
+    assert group.saves_requested == [12], "7 + max(2 steps, 0.5 s of 0.1 s steps)"
+    assert isinstance(ctl.state, Preempting)
+    stage(run, 12)
+    group.script = [[RankUpdate(rank=0), RankUpdate(rank=1)], [saved(12)]]
+    ctl.step()
+    assert isinstance(ctl.state, Preempting), "not before the checkpoint asked for is committed"
+    ctl.step()
+    assert isinstance(ctl.state, Preempted)
+    last = read_events(run.events)[-1]
+    assert (last["event"], last["status"], last["reason"], last["checkpoint"]) == (
+        "run_finished", "preempted", "SIGUSR1", "global_step12")
+    assert (last["restarts"], last["failures_by_reason"]) == (0, {})
+
+
+def test_a_preemption_ends_at_a_failure_or_its_deadline_without_counting_either(tmp_path: Path) -> None:
+    """The same signal often reaches the ranks (Slurm signals every process of the job): a rank that
+    dies meanwhile ends the wait, as the deadline does; neither is a failure of the run."""
+    ctl, group, run, clock = make(tmp_path, "train.steps=100", "fault_tolerance.preempt_timeout_s=5")
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(3, 1.0)]), RankUpdate(rank=1)]]
+    ctl.step()
+    ctl.step()
+    ctl.preempt("SIGTERM")
+    group.script = [[RankUpdate(rank=0), RankUpdate(rank=1, returncode=-15)]]
+    ctl.step()
+    assert isinstance(ctl.state, Preempted)
+    last = read_events(run.events)[-1]
+    assert (last["status"], last.get("checkpoint"), last["failures_by_reason"]) == ("preempted", None, {})
+    assert "failure_detected" not in kinds(run)
+
+    ctl, group, run, clock = make(tmp_path / "deadline", "train.steps=100", "fault_tolerance.preempt_timeout_s=5")
+    ctl.step()
+    ctl.preempt("SIGTERM")
+    assert group.saves_requested == [], "nothing asked before any step: where the ranks are is not known"
+    while not ctl.state.terminal:
+        ctl.step()
+    assert isinstance(ctl.state, Preempted) and clock.now >= 5

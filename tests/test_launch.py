@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -138,28 +139,45 @@ def test_tensor_parallel_trains(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_cleanly_with_128_plus_the_signal(tmp_path: Path, sig: signal.Signals) -> None:
-    """Ctrl-C reaches the launcher's whole process group; a scheduler's SIGTERM (scancel, Kubernetes)
-    the launcher alone, after Ray has installed its own handler. Also: while it trains, everything the
-    local run started listens on loopback only (Ray, the metrics endpoint, the rendezvous store, gloo)."""
+def test_ctrl_c_stops_cleanly_and_sigterm_preempts_with_a_checkpoint(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C reaches the launcher's whole process group: every rank stops, exit 130. A scheduler's
+    SIGTERM (scancel, a preemption, Kubernetes) reaches the launcher alone, after Ray has installed its
+    own handler: a checkpoint a few steps ahead, committed, then every rank stops, exit 3 and
+    ``run_finished`` ``preempted`` naming the checkpoint (the only one: the interval is far off).
+    Also: while it trains, everything the local run started listens on loopback only (Ray, the
+    metrics endpoint, the rendezvous store, gloo)."""
     run_dir = tmp_path / "run"
-    with running_cli(*launch_args(run_dir, "train.steps=2000", "checkpoint.interval_steps=0")) as proc:
+    interval = "0" if sig == signal.SIGINT else "1000"
+    with running_cli(*launch_args(run_dir, "train.steps=2000", f"checkpoint.interval_steps={interval}")) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 120, proc)
         pids = [w["pid"] for w in of_kind(events(run_dir), "worker_started")]
         sockets = listening_sockets(descendants(proc.pid))
         assert {pid for pid, _ in sockets} >= {proc.pid, *pids}, "the metrics endpoint, the store and gloo listen"
         assert [s for s in sockets if not is_loopback(s[1])] == [], "a local run listens on loopback only"
         token = run_token(proc.pid)
+        signalled_at = time.time()
         if sig == signal.SIGINT:
             interrupt(proc)
         else:
             proc.send_signal(sig)
         proc.wait(timeout=60)
     out = proc.stdout.read()
-    assert proc.returncode == 128 + sig, out
-    assert f"{sig.name}: stopping every rank" in out and f"{sig.name} received" not in out, "no dump from Ray's handler"
-    last = events(run_dir)[-1]
-    assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+    assert f"{sig.name} received" not in out, "no dump from Ray's handler"
+    evs = events(run_dir)
+    last = evs[-1]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, out
+        assert f"{sig.name}: stopping every rank" in out
+        assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+    else:
+        assert proc.returncode == 3, out
+        assert "SIGTERM: preempted; saving a checkpoint at step" in out, out
+        committed = of_kind(evs, "checkpoint_committed")
+        assert len(committed) == 1 and committed[0]["ts"] > signalled_at, committed
+        assert (last["event"], last["status"], last["reason"], last["checkpoint"]) == (
+            "run_finished", "preempted", "SIGTERM", f"global_step{committed[0]['step']}")
+        assert (last["restarts"], last["failures_by_reason"]) == (0, {})
+        assert committed[0]["step"] > max(e["step"] for e in evs if e["event"] == "step" and e["ts"] < signalled_at)
     assert wait_gone(pids, timeout=5) == []
     assert run_leftovers(token, timeout=15) == [], "Ray's daemons or agents outlived the launcher"
 

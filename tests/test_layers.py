@@ -10,7 +10,7 @@ from tests.helpers import REPO
 # Top to bottom; a module may import its own layer and the layers below it. Names are the first
 # part of a module's path under orchestrator/ (a package or a top-level module).
 LAYERS = [
-    {"cli", "__main__", "devcluster"},
+    {"cli", "__main__", "devcluster", "slurm"},
     {"controller"},
     {"agent"},
     {"training", "integrations", "api", "__init__"},  # training code and what it imports

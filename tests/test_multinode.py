@@ -229,9 +229,9 @@ def _run_processes(cluster: dict[str, Any], timeout: float = 0.0) -> list[tuple[
 def test_a_signalled_controller_leaves_nothing_of_the_run_on_any_node(
     two_nodes: dict[str, Any], tmp_path: Path, sig: signal.Signals
 ) -> None:
-    """A scheduler's SIGTERM stops every rank on every node (exit 143, ``run_finished`` interrupted, no
-    dump from Ray's handler); after a SIGKILL, Ray ends the job's agents and their ranks die with
-    them. Either way, 15 s later nothing of the run is left on any node."""
+    """A scheduler's SIGTERM stops every rank on every node after the checkpoint it asks for (exit 3,
+    ``run_finished`` preempted, no dump from Ray's handler); after a SIGKILL, Ray ends the job's agents
+    and their ranks die with them. Either way, 15 s later nothing of the run is left on any node."""
     run_dir = tmp_path / "run"
     with running_cli(*launch_args(run_dir, *_on_cluster(two_nodes, "train.steps=2000"))) as proc:
         wait_for_event(run_dir, lambda e: e["event"] == "step" and e["step"] >= 3, 300, proc)
@@ -240,10 +240,10 @@ def test_a_signalled_controller_leaves_nothing_of_the_run_on_any_node(
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     if sig == signal.SIGTERM:
-        assert proc.returncode == 143, out
-        assert "SIGTERM: stopping every rank" in out and "SIGTERM received" not in out, out
+        assert proc.returncode == 3, out
+        assert "SIGTERM: preempted" in out and "SIGTERM received" not in out, out
         last = events(run_dir)[-1]
-        assert (last["event"], last["status"], last["reason"]) == ("run_finished", "failed", "interrupted")
+        assert (last["event"], last["status"], last["reason"]) == ("run_finished", "preempted", "SIGTERM")
     assert wait_gone(pids) == [], "training processes outlived their controller"
     assert _run_processes(two_nodes, timeout=15) == [], "the run's agents or processes outlived the controller"
 

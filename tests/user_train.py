@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from orchestrator.api import TrainContext
 
-
 CHILD = """
 import json, os
 targets = []

@@ -312,6 +312,11 @@ class FaultToleranceConfig(_Section):
         description="in_place: survivors keep their processes and a warm spare replaces the failed rank; "
         "full_restart: every rank gets a new process.",
     )
+    preempt_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        25.0, description="On SIGUSR1 or SIGTERM (a scheduler preempting or cancelling the job), how long to wait "
+        "for the checkpoint it asks for before stopping every rank; keep it under the scheduler's grace time "
+        "(Slurm: KillWait, 30 s by default, or the --signal warning's lead).",
+    )
 
 
 class MetricsConfig(_Section):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -35,7 +36,7 @@ from orchestrator.controller.failures import Failure, failure_from, one_per_rank
 from orchestrator.controller.hang_watch import HangWatch
 from orchestrator.controller.node_news import NodeNews
 from orchestrator.controller.policy import Attempt, Decision, FailurePolicy, shrunk_config
-from orchestrator.controller.states import Failed, Starting, State, Succeeded
+from orchestrator.controller.states import Failed, Preempted, Preempting, Running, Starting, State, Succeeded
 from orchestrator.controller.views import Move, Phase, Process, RankView
 from orchestrator.controller.worker_group import RankUpdate, WorkerGroup, WorkerInfo
 from orchestrator.events import EventLog
@@ -72,6 +73,10 @@ SCRIPT_UP_S = 10.0
 SCRIPT_MOVING_S = 2.0
 # Lines of a failed rank's log (or traceback) shown with a failure the run recovers from.
 _NOTE_LINES = 6
+# A preemption's checkpoint is asked for this far ahead of rank 0's last step (in steps, and in time):
+# every rank must hear of the step before it gets there.
+_PREEMPT_AHEAD_STEPS = 2
+_PREEMPT_AHEAD_S = 0.5
 # A step event's own fields: a user's extra metric of the same name cannot overwrite them.
 _STEP_FIELDS = frozenset(f.name for f in dataclasses.fields(ev.Step)) | {"event"}
 
@@ -156,6 +161,7 @@ class Controller:
         self._memory_cadence = (MemoryCadence(config.checkpoint.mtbf_s, clock)
                                 if config.checkpoint.memory_interval_steps == "auto" else None)
         self._checkpoint_failures: list[Failure] = []
+        self._preemption: str | None = None  # a preemption asked for, carried out before the next step
         self.metrics = metrics
         if metrics is not None:
             events.subscribe(metrics.on_event)
@@ -166,8 +172,14 @@ class Controller:
         """Run to a terminal state; emits ``run_started`` and ``run_finished``."""
         self.prepare()
         while not self.state.terminal:
+            if self._preemption is not None:
+                self.preempt(self._preemption)
             self.step()
         return self.state
+
+    def request_preemption(self, reason: str) -> None:
+        """Ask for :meth:`preempt` before the next step (safe from a signal handler: it only notes it)."""
+        self._preemption = reason
 
     def prepare(self) -> None:
         """Choose the checkpoint to resume from (converted if the layout changed); emits ``run_started``."""
@@ -408,13 +420,53 @@ class Controller:
         )
 
     def all_finished(self) -> bool:
-        return all(view.phase is Phase.FINISHED for view in self._views.values())
+        return bool(self._views) and all(view.phase is Phase.FINISHED for view in self._views.values())
 
     def wait(self, fast: bool = False) -> None:
         """Until the next look: sooner while a failure is handled or a hang awaits its confirmation,
         and at once (``FAST_POLL_INTERVAL_S`` after the last) when an agent tells of a failure."""
         interval = FAST_POLL_INTERVAL_S if fast or self._hangs.confirming else POLL_INTERVAL_S
         self.group.wait(interval, soonest_s=FAST_POLL_INTERVAL_S)
+
+    def preempt(self, reason: str) -> None:
+        """The scheduler wants the job stopped (``reason``: the signal, ``SIGUSR1`` or ``SIGTERM``). A
+        training function that checkpoints is told to save a few steps ahead (every rank the same step,
+        far enough ahead that each hears of it first); ``run`` then goes on until that checkpoint is
+        committed or ``fault_tolerance.preempt_timeout_s`` passes, and ends ``PREEMPTED``. A
+        preemption is not a failure: it spends no restart."""
+        if self.state.terminal or isinstance(self.state, Preempting):
+            return
+        save_at = self._preempt_save_step()
+        if save_at is not None:
+            self.group.request_save(save_at)
+            self.display.note(f"{reason}: preempted; saving a checkpoint at step {save_at}, then stopping every rank")
+        else:
+            kept = self._commits.last_committed or "none"
+            self.display.note(f"{reason}: preempted; stopping every rank (the last checkpoint committed: {kept})")
+        self.state = Preempting(reason=reason, save_at=save_at,
+                                deadline=self._clock() + self.config.fault_tolerance.preempt_timeout_s)
+
+    def _preempt_save_step(self) -> int | None:
+        """The step every rank saves at on a preemption, or None where none can be asked for: a script
+        (it keeps its own checkpoints), checkpoints off, no step trained since the last commit."""
+        if (self.config.train.is_script or self.config.checkpoint.interval_steps == 0 or self.last_step is None
+                or not isinstance(self.state, Running)):
+            return None  # also while starting or recovering: where the ranks will be is not known yet
+        view = self._views.get(0)
+        step_s = view.step_time_s if view is not None and view.step_time_s else 0.0
+        ahead = max(_PREEMPT_AHEAD_STEPS, math.ceil(_PREEMPT_AHEAD_S / step_s) if step_s else _PREEMPT_AHEAD_STEPS)
+        save_at = self.last_step + ahead
+        if self.total_steps is not None and save_at >= self.total_steps:
+            return None  # the last step is saved anyway
+        return save_at
+
+    def preempt_saved(self, step: int | None) -> bool:
+        """Whether the checkpoint a preemption asked for (of ``step``) is committed."""
+        tag = self._commits.last_committed
+        return step is not None and tag is not None and store.step_of(tag) >= step
+
+    def now(self) -> float:
+        return self._clock()
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
@@ -707,6 +759,12 @@ class Controller:
             if self._pending is not None:  # a script that finished before it had shown it was back
                 self._recovered(self._pending, "finished", None)
             self.events.emit(ev.RunFinished(status="succeeded", **self._totals()))
+            return
+        if isinstance(state, Preempted):
+            tag = self._commits.last_committed
+            self.events.emit(ev.RunFinished(status="preempted", reason=state.reason, checkpoint=tag, **self._totals()))
+            self.display.note(f"preempted at step {self.last_step}; checkpoint {tag or 'none'} committed: the same "
+                              "command (or the job's requeue) resumes from it")
             return
         assert isinstance(state, Failed)
         self.events.emit(ev.RunFinished(

@@ -6,6 +6,8 @@
                  |     \\
                  +---- RECOVERING           (policy: retry, in place or full restart)
 
+    any non-terminal state -> PREEMPTING -> PREEMPTED   (SIGUSR1 or SIGTERM: Controller.preempt)
+
 States decide, from what the controller observed and what the failure
 policy says; the :class:`~orchestrator.controller.controller.Controller`
 does (starts, signals and replaces processes, writes events). Tests drive
@@ -79,6 +81,36 @@ class Recovering(State):
         assert self.decision is not None
         ctl.recover(self.failures, self.decision)
         return Running()
+
+
+@dataclass(repr=False)
+class Preempting(State):
+    """The scheduler wants the job stopped (``reason``: the signal): wait for the checkpoint of step
+    ``save_at`` (None: none was asked for) until ``deadline``, then stop. A failure meanwhile (the
+    same signal reaching a rank) ends the wait; it is not a failure of the run."""
+
+    name: ClassVar[str] = "PREEMPTING"
+    reason: str = ""
+    save_at: int | None = None
+    deadline: float = 0.0
+
+    def step(self, ctl: Controller) -> State:
+        failures = ctl.observe()
+        if ctl.all_finished() and not failures:
+            return Succeeded()
+        if failures or ctl.preempt_saved(self.save_at) or ctl.now() >= self.deadline:
+            return Preempted(reason=self.reason)
+        ctl.wait(fast=True)
+        return self
+
+
+@dataclass(repr=False)
+class Preempted(State):
+    """Stopped by the scheduler; the next launch (a requeue) resumes from the last committed checkpoint."""
+
+    name: ClassVar[str] = "PREEMPTED"
+    terminal: ClassVar[bool] = True
+    reason: str = ""
 
 
 class Succeeded(State):

@@ -183,6 +183,9 @@ class WorkerGroup(Protocol):
         """``checkpoint.memory_interval_steps: auto``: every rank snapshots every ``steps`` steps from
         now on (told now, and in the start of every later attempt)."""
 
+    def request_save(self, step: int) -> None:
+        """Every rank saves a checkpoint at ``step`` as well (a preemption)."""
+
     def warm_spares(self) -> dict[str, int]:
         """Ray node id -> pid of its warm spare, for nodes that have one (as of the last status)."""
 
@@ -467,9 +470,14 @@ class RayWorkerGroup:
 
     def set_memory_interval(self, steps: int) -> None:
         self._memory_interval = steps
-        slots = self._placement.slots  # empty before the first start: its specs carry it
-        calls = {b: slot.handle.tell_ranks.remote(Cadence(memory_interval_steps=steps))
-                 for b, slot in enumerate(slots) if not slot.gone}
+        self._tell_ranks(Cadence(memory_interval_steps=steps))  # before the first start: its specs carry it
+
+    def request_save(self, step: int) -> None:
+        self._tell_ranks(Cadence(save_at_step=step))
+
+    def _tell_ranks(self, word: Cadence) -> None:
+        slots = self._placement.slots
+        calls = {b: slot.handle.tell_ranks.remote(word) for b, slot in enumerate(slots) if not slot.gone}
         self._unanswered.add(slots, calls, "tell_ranks")
 
     def _prepare_zygotes(self, bundles: list[int]) -> None:

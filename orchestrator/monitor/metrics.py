@@ -29,6 +29,7 @@ from orchestrator.events import (
     Event,
     FailureDetected,
     RecoveryStarted,
+    RunFinished,
     RunStarted,
     Step,
     WorkerStarted,
@@ -122,6 +123,8 @@ class JobMetrics:
         self.ckpt_bytes = Gauge("orchestrator_checkpoint_bytes", "Size of the last committed checkpoint.", registry=r)
         self.ckpt_step = Gauge("orchestrator_checkpoint_last_step", "Step of the last committed checkpoint.", registry=r)
         self.ckpt_failures = Counter("orchestrator_checkpoint_failures", "Checkpoint saves that failed.", registry=r)
+        self.preemptions = Counter("orchestrator_preemptions", "Stops asked by the scheduler (SIGUSR1, SIGTERM): "
+                                   "the run ends with a checkpoint, counted apart from failures.", registry=r)
         self.goodput = Gauge("orchestrator_goodput_ratio", "Productive training time / wall time of this launch.",
                              registry=r)
         self.productive = Gauge("orchestrator_productive_seconds", "Step time of steps trained for the first time.",
@@ -192,6 +195,8 @@ class JobMetrics:
                 self.ckpt_step.set(event.step)
             case CheckpointFailed():
                 self.ckpt_failures.inc()
+            case RunFinished(status="preempted"):
+                self.preemptions.inc()
             case FailureDetected(root_cause=True):
                 self.failures.labels(reason=event.reason).inc()
             case RecoveryStarted():

@@ -19,6 +19,7 @@ from orchestrator.config.schema import Config
 from orchestrator.installation import use_prebuilt_cpu_op
 from orchestrator.messages import (
     FIRST_CHECKPOINT_INTERVAL,
+    Cadence,
     CheckpointFailed,
     CheckpointSaved,
     CheckpointSkipped,
@@ -58,6 +59,21 @@ def deepspeed_precision(precision: str) -> dict[str, Any]:
     return {}
 
 
+@dataclass
+class Told:
+    """What the controller told this rank process about when to save (the latest of each), updated on
+    the process's reading thread and read by the training loop."""
+
+    interval_steps: int | None = None  # checkpoint.interval_steps: auto (None: nothing chosen yet)
+    memory_interval_steps: int | None = None  # checkpoint.memory_interval_steps: auto (the same)
+    save_at_step: int | None = None  # a preemption: save at this step too
+
+    def hear(self, word: Cadence) -> None:
+        self.interval_steps = word.interval_steps or self.interval_steps
+        self.memory_interval_steps = word.memory_interval_steps or self.memory_interval_steps
+        self.save_at_step = word.save_at_step or self.save_at_step
+
+
 @dataclass(kw_only=True)
 class TrainContext:
     """Per-rank handle given to training code.
@@ -89,10 +105,7 @@ class TrainContext:
     _writer: BackgroundWriter = field(default_factory=BackgroundWriter)
     faults: list[dict[str, Any]] = field(default_factory=list)
     engines: list[Any] = field(default_factory=list)
-    # checkpoint.interval_steps: auto: the interval the controller chose last (None: none yet).
-    _cadence: Callable[[], int | None] = lambda: None
-    # checkpoint.memory_interval_steps: auto: the snapshot interval the controller chose last (None: none yet).
-    _memory_cadence: Callable[[], int | None] = lambda: None
+    _told: Told = field(default_factory=lambda: Told())
     # checkpoint.memory_interval_steps not 0: this process's snapshots, mirror server and sender, made
     # at first use (a training function that never snapshots starts no threads for them).
     _memory_keeper: Callable[[], MemoryKeeper | None] = lambda: None
@@ -174,16 +187,18 @@ class TrainContext:
         self._reporter.step(step, loss, step_time_s=step_time_s, **metrics)
 
     def should_checkpoint(self, step: int) -> bool:
-        """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last).
+        """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last, and
+        the step the controller named when the job is being preempted: docs/launching.md).
 
         With ``checkpoint.interval_steps: auto`` rank 0 decides for every rank, at the interval the
         controller chose: then this is a collective, which every rank calls at every step."""
         interval = self.config.checkpoint.interval_steps
+        preempted = step == self._told.save_at_step  # every rank is told the same step
         if interval == "auto":
-            return self._checkpoint_due(step)
+            return self._checkpoint_due(step) or preempted
         if interval == 0:
-            return False
-        return step % interval == 0 or step == self.config.train.steps
+            return preempted
+        return step % interval == 0 or step == self.config.train.steps or preempted
 
     def _checkpoint_due(self, step: int) -> bool:
         """Rank 0's word on ``step``, sent one step ahead: the all-reduce that carries it runs while
@@ -201,7 +216,7 @@ class TrainContext:
         if due:
             self._last_save_step = step
         if step < self.config.train.steps:
-            every = self._cadence() or FIRST_CHECKPOINT_INTERVAL
+            every = self._told.interval_steps or FIRST_CHECKPOINT_INTERVAL
             flag = torch.tensor([1.0 if self.rank == 0 and step + 1 - self._last_save_step >= every else 0.0],
                                 device=self.device)
             self._due_next = (step + 1, flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
@@ -276,7 +291,7 @@ class TrainContext:
         """
         every = self.config.checkpoint.memory_interval_steps
         if every == "auto":
-            every = self._memory_cadence() or 1
+            every = self._told.memory_interval_steps or 1
         keeper = self._memory_keeper()
         if keeper is None or every == 0 or step % every:
             return

@@ -63,7 +63,7 @@ from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.abort import AttemptConnections
 from orchestrator.worker.buddies import MemoryKeeper
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.context import TrainContext
+from orchestrator.worker.context import Told, TrainContext
 from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
 from orchestrator.worker.network import route_source
 from orchestrator.worker.teardown import tear_down
@@ -109,8 +109,7 @@ class Runtime:
         self._store: Any = None  # rank 0 of a script: the job's store, served by this process
         self._connections: AttemptConnections | None = None  # the current attempt's, to abort on leaving it
         self._interrupted = False  # the controller stopped the current attempt
-        self._cadence: int | None = None  # checkpoint.interval_steps: auto: the controller's latest
-        self._memory_cadence: int | None = None  # checkpoint.memory_interval_steps: auto: the same
+        self.told = Told()  # the controller's latest word on when to save and snapshot
         self._memory: MemoryKeeper | None = None  # memory snapshots: outlive the attempt that took them
         signal.signal(signal.SIGUSR2, self._on_interrupt)
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
@@ -193,8 +192,8 @@ class Runtime:
         """One attempt of a training function: 0 when it finished, 1 when it raised (already reported)."""
         self._connections, self._interrupted = AttemptConnections(), False
         try:
-            self.ctx = _context(spec, config, self.channel, self.writer, lambda: self._cadence,
-                                lambda: self._memory_cadence, lambda: self._memory_keeper(spec, config))
+            self.ctx = _context(spec, config, self.channel, self.writer, self.told,
+                                lambda: self._memory_keeper(spec, config))
             reporter.activate(self.ctx._reporter)  # orchestrator.report() works in a training function too
             train = import_training_code(self.ctx.config)
             assert train is not None, "a script runs in _run_script"
@@ -247,12 +246,11 @@ class Runtime:
                         if self._connections is not None:
                             self._connections.abort()
                 elif isinstance(message, Cadence):
-                    self._cadence = message.interval_steps or self._cadence
-                    self._memory_cadence = message.memory_interval_steps or self._memory_cadence
+                    self.told.hear(message)
                 else:
                     if isinstance(message, Start):  # in channel order, before any later Cadence
-                        self._cadence = message.checkpoint_interval or self._cadence
-                        self._memory_cadence = message.memory_interval or self._memory_cadence
+                        self.told.hear(Cadence(interval_steps=message.checkpoint_interval,
+                                               memory_interval_steps=message.memory_interval))
                     self.inbox.put(message)
         except MalformedMessage as exc:
             print(f"orchestrator: protocol error from the node agent: {exc}", file=sys.stderr, flush=True)
@@ -361,7 +359,7 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
 
 
 def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter,
-             cadence: Callable[[], int | None], memory_cadence: Callable[[], int | None],
+             told: Told,
              memory: Callable[[], MemoryKeeper | None]) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
@@ -375,8 +373,7 @@ def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWr
         faults=list(spec.faults),
         _channel=channel,
         _writer=writer,
-        _cadence=cadence,
-        _memory_cadence=memory_cadence,
+        _told=told,
         _memory_keeper=memory,
     )
 
