@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shlex
 import signal
 import sys
 import time
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[argv.index("--") + 1:] if "--" in argv else None
     args = parser.parse_args(argv[:argv.index("--")] if command is not None else argv)
     args.program = command
+    args.argv = argv
     try:
         if command is not None and args.command != "launch" and args.command != "validate":
             raise ConfigError(f"{args.command}: `-- SCRIPT ARGS` is for launch and validate only")
@@ -386,6 +388,9 @@ def _network(args: argparse.Namespace) -> int:
 
     from orchestrator.worker.network import configure
 
+    if not Path(args.sysfs_root).is_dir():
+        raise ConfigError(f"--sysfs-root {args.sysfs_root}: no such directory (give the root of a sysfs tree, "
+                          "e.g. /sys, or a copy of one)")
     overrides = args.set if args.config else ["cluster.device=gpu", *args.set]
     config = load_config(args.config, overrides)
     head = args.head or _head_host(config.cluster.ray_address)
@@ -505,6 +510,7 @@ def _launch(args: argparse.Namespace) -> int:
     controller = Controller(config, run, group, events, display, faults=faults, metrics=metrics, gpu_targets=targets)
     display.note(f"run {run.run_id}: {_describe(config)} -> {run.path}")
     started = time.monotonic()
+    interrupted: Interrupted | None = None
     try:
         with _signals_interrupt(signals=(signal.SIGINT,)), _signals_preempt(controller):
             try:
@@ -512,7 +518,7 @@ def _launch(args: argparse.Namespace) -> int:
             except Interrupted as exc:
                 display.note(f"{exc}: stopping every rank...")
                 controller.abort("interrupted")
-                return 128 + exc.signum
+                state, interrupted = controller.state, exc
             except ConfigError as exc:
                 controller.abort("config_error", str(exc))
                 raise
@@ -539,11 +545,21 @@ def _launch(args: argparse.Namespace) -> int:
     if isinstance(state, Failed):
         _print_failure(state)
         return EXIT_FAILED
-    if isinstance(state, Preempted):
-        return EXIT_PREEMPTED
+    if interrupted is not None or isinstance(state, Preempted):
+        print(f"stopped at step {controller.last_step or 0}; last checkpoint: {controller.last_checkpoint or 'none'}; "
+              f"resume with: {_resume_command(args.argv, run.path)}")
+        return 128 + interrupted.signum if interrupted is not None else EXIT_PREEMPTED
     elapsed = time.monotonic() - started
     print(f"succeeded: {_summary(controller.last_step, controller.last_loss)}, {elapsed:.1f}s, run dir {run.path}")
     return EXIT_OK
+
+
+def _resume_command(argv: list[str], run_dir: Path) -> str:
+    """The launch command line again, with the run directory it used (given or made)."""
+    ours = argv[:argv.index("--")] if "--" in argv else argv
+    if "--run-dir" not in ours and not any(a.startswith("--run-dir=") for a in ours):
+        argv = [*ours, "--run-dir", str(run_dir), *argv[len(ours):]]
+    return shlex.join(["orchestrator", *argv])
 
 
 def _summary(step: int | None, loss: float | None) -> str:

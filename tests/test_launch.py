@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -165,6 +166,10 @@ def test_ctrl_c_stops_cleanly_and_sigterm_preempts_with_a_checkpoint(tmp_path: P
     assert f"{sig.name} received" not in out, "no dump from Ray's handler"
     evs = events(run_dir)
     last = evs[-1]
+    # The closing line: where it stopped, what it kept, and the command that resumes.
+    closing = out.rstrip().splitlines()[-1]
+    assert re.fullmatch(rf"stopped at step {last['step']}; last checkpoint: {last.get('checkpoint') or 'none'}; "
+                        rf"resume with: orchestrator launch \S+local\.yaml .*--run-dir {re.escape(str(run_dir))}( .*)?", closing), closing
     if sig == signal.SIGINT:
         assert proc.returncode == 130, out
         assert f"{sig.name}: stopping every rank" in out

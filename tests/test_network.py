@@ -106,3 +106,9 @@ def test_bad_network_keys_are_config_errors() -> None:
     assert result.returncode == 2 and "cluster.network.ib_gid_index" in result.stderr
     result = cli("validate", "cluster_configs/local.yaml", "--set", "cluster.network.interfce=eth0", timeout=60)
     assert result.returncode == 2 and "did you mean cluster.network.interface" in result.stderr
+
+
+def test_a_sysfs_root_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    """Not "InfiniBand none" for a typo: exit 2, naming the directory."""
+    result = cli("network", "--sysfs-root", str(tmp_path / "missing"), timeout=60)
+    assert result.returncode == 2 and f"--sysfs-root {tmp_path / 'missing'}: no such directory" in result.stderr

@@ -441,7 +441,7 @@ class Controller:
             self.group.request_save(save_at)
             self.display.note(f"{reason}: preempted; saving a checkpoint at step {save_at}, then stopping every rank")
         else:
-            kept = self._commits.last_committed or "none"
+            kept = self.last_checkpoint or "none"
             self.display.note(f"{reason}: preempted; stopping every rank (the last checkpoint committed: {kept})")
         self.state = Preempting(reason=reason, save_at=save_at,
                                 deadline=self._clock() + self.config.fault_tolerance.preempt_timeout_s)
@@ -462,11 +462,16 @@ class Controller:
 
     def preempt_saved(self, step: int | None) -> bool:
         """Whether the checkpoint a preemption asked for (of ``step``) is committed."""
-        tag = self._commits.last_committed
+        tag = self.last_checkpoint
         return step is not None and tag is not None and store.step_of(tag) >= step
 
     def now(self) -> float:
         return self._clock()
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        """The tag of the last checkpoint committed (or resumed from), None before any."""
+        return self._commits.last_committed
 
     def abort(self, reason: str, message: str | None = None) -> None:
         """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
@@ -761,10 +766,8 @@ class Controller:
             self.events.emit(ev.RunFinished(status="succeeded", **self._totals()))
             return
         if isinstance(state, Preempted):
-            tag = self._commits.last_committed
+            tag = self.last_checkpoint
             self.events.emit(ev.RunFinished(status="preempted", reason=state.reason, checkpoint=tag, **self._totals()))
-            self.display.note(f"preempted at step {self.last_step}; checkpoint {tag or 'none'} committed: the same "
-                              "command (or the job's requeue) resumes from it")
             return
         assert isinstance(state, Failed)
         self.events.emit(ev.RunFinished(
