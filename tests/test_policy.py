@@ -61,3 +61,16 @@ def test_progress_resets_backoff() -> None:
 def test_node_lost_is_recovered_in_place_unless_configured_otherwise() -> None:
     assert FailurePolicy(max_restarts=3).decide(failure("node_lost"), []).mode == "in_place"
     assert FailurePolicy(max_restarts=3, prefer="full_restart").decide(failure(), []).mode == "full_restart"
+
+
+def test_a_failed_ranks_log_tail_shows_no_noise_of_a_healthy_start() -> None:
+    """DeepSpeed's "built successfully" (a prebuilt op loaded) and library deprecation warnings, with
+    the source line they quote, stay in the rank's log but out of the tail the user is shown."""
+    log = ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n"
+           "/venv/torch/distributed/c10d.py:80: FutureWarning: `torch.x` is deprecated\n"
+           "  warnings.warn(\n"
+           "step 3 loss 1.2\n"
+           "killed by the OOM killer? see dmesg\n")
+    failure = Failure(rank=1, reason="signal", at=0.0, message="killed", log_tail=log)
+    assert failure.details() == "step 3 loss 1.2\nkilled by the OOM killer? see dmesg\n"
+    assert failure.event_fields()["log_tail"] == "step 3 loss 1.2\nkilled by the OOM killer? see dmesg"

@@ -8,6 +8,7 @@ error only where every failure is one); the others are consequences.
 
 from __future__ import annotations
 
+import re
 import signal as signals
 import time
 from dataclasses import dataclass
@@ -54,8 +55,30 @@ class Failure:
         return fields
 
     def details(self) -> str:
-        """What the user needs to see: the traceback, else the end of the rank's log."""
-        return self.traceback or self.log_tail
+        """What the user needs to see: the traceback, else the end of the rank's log without the
+        known noise of a healthy start (the log file keeps every line)."""
+        return self.traceback or without_noise(self.log_tail)
+
+
+# Lines every healthy rank prints: DeepSpeed loading the op prebuilt at set-up (it says "built"; a launch
+# builds nothing), and library deprecation warnings (the warning's line, then the source line it quotes).
+_NOISE = re.compile(r"DeepSpeed deepspeed\.ops\.\S+ built successfully|\S+\.py:\d+: (FutureWarning|DeprecationWarning): ")
+
+
+def without_noise(log: str) -> str:
+    """``log`` without the lines :data:`_NOISE` knows (and the quoted source line after a warning)."""
+    kept: list[str] = []
+    skip_quote = False
+    for line in log.splitlines():
+        if skip_quote and line.startswith((" ", "\t")):
+            skip_quote = False
+            continue
+        skip_quote = False
+        if _NOISE.search(line):
+            skip_quote = "Warning: " in line
+            continue
+        kept.append(line)
+    return "\n".join(kept) + ("\n" if log.endswith("\n") and kept else "")
 
 
 def failure_from(
