@@ -1092,10 +1092,22 @@ def test_a_preemption_ends_at_a_failure_or_its_deadline_without_counting_either(
     assert (last["status"], last.get("checkpoint"), last["failures_by_reason"]) == ("preempted", None, {})
     assert "failure_detected" not in kinds(run)
 
+    # A checkpoint asked for and never committed: stopped at the deadline.
     ctl, group, run, clock = make(tmp_path / "deadline", "train.steps=100", "fault_tolerance.preempt_timeout_s=5")
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(3, 1.0)]), RankUpdate(rank=1)]]
     ctl.step()
+    ctl.step()
+    asked_at = clock.now
     ctl.preempt("SIGTERM")
-    assert group.saves_requested == [], "nothing asked before any step: where the ranks are is not known"
+    assert group.saves_requested == [8]
     while not ctl.state.terminal:
         ctl.step()
-    assert isinstance(ctl.state, Preempted) and clock.now >= 5
+    assert isinstance(ctl.state, Preempted) and 5 <= clock.now - asked_at < 6
+
+    # Nothing can be asked before any step (where the ranks will be is not known): stopped at once.
+    ctl, group, run, clock = make(tmp_path / "early", "train.steps=100", "fault_tolerance.preempt_timeout_s=5")
+    ctl.step()
+    asked_at = clock.now
+    ctl.preempt("SIGTERM")
+    ctl.step()
+    assert isinstance(ctl.state, Preempted) and group.saves_requested == [] and clock.now - asked_at < 1

@@ -443,8 +443,9 @@ class Controller:
         else:
             kept = self.last_checkpoint or "none"
             self.display.note(f"{reason}: preempted; stopping every rank (the last checkpoint committed: {kept})")
-        self.state = Preempting(reason=reason, save_at=save_at,
-                                deadline=self._clock() + self.config.fault_tolerance.preempt_timeout_s)
+        # Nothing to wait for without a checkpoint asked: stop at the next look.
+        wait_s = self.config.fault_tolerance.preempt_timeout_s if save_at is not None else 0.0
+        self.state = Preempting(reason=reason, save_at=save_at, deadline=self._clock() + wait_s)
 
     def _preempt_save_step(self) -> int | None:
         """The step every rank saves at on a preemption, or None where none can be asked for: a script
@@ -456,9 +457,7 @@ class Controller:
         step_s = view.step_time_s if view is not None and view.step_time_s else 0.0
         ahead = max(_PREEMPT_AHEAD_STEPS, math.ceil(_PREEMPT_AHEAD_S / step_s) if step_s else _PREEMPT_AHEAD_STEPS)
         save_at = self.last_step + ahead
-        if self.total_steps is not None and save_at >= self.total_steps:
-            return None  # the last step is saved anyway
-        return save_at
+        return min(save_at, self.total_steps) if self.total_steps is not None else save_at
 
     def preempt_saved(self, step: int | None) -> bool:
         """Whether the checkpoint a preemption asked for (of ``step``) is committed."""
@@ -474,7 +473,7 @@ class Controller:
         return self._commits.last_committed
 
     def abort(self, reason: str, message: str | None = None) -> None:
-        """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C, SIGTERM), ``cluster_error``."""
+        """Record a run ended from outside the state machine: ``interrupted`` (Ctrl-C), ``cluster_error``."""
         self.events.emit(ev.RunFinished(status="failed", reason=reason, message=message or None, **self._totals()))
 
     # --- bookkeeping --------------------------------------------------------
