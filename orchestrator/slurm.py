@@ -29,6 +29,7 @@ class SlurmAllocation:
     """The allocation this process runs in, and the node it runs on."""
 
     job_id: str
+    restarts: int  # how often the job was requeued (SLURM_RESTART_COUNT)
     nodes: int
     node_names: list[str]
     node_name: str
@@ -48,7 +49,7 @@ class SlurmAllocation:
         names = _hostnames(env.get("SLURM_JOB_NODELIST", ""), env) or [env.get("SLURMD_NODENAME", "")]
         name = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
         cpus = env.get("SLURM_CPUS_ON_NODE")
-        return cls(job_id=job_id, nodes=nodes, node_names=names, node_name=name, address=_node_address(name, env),
+        return cls(job_id=job_id, restarts=int(env.get("SLURM_RESTART_COUNT") or 0), nodes=nodes, node_names=names, node_name=name, address=_node_address(name, env),
                    cpus_on_node=int(cpus) if cpus and cpus.isdigit() else None, gpus_per_node=gpus_per_node(env))
 
     def ray_resources(self) -> list[str]:

@@ -15,7 +15,7 @@ GPU = str(REPO / "cluster_configs" / "gpu_2x8.yaml")
 
 
 def allocation(nodes: int = 2, gpus: int | None = None) -> SlurmAllocation:
-    return SlurmAllocation(job_id="77", nodes=nodes, node_names=[f"n{i}" for i in range(nodes)], node_name="n0",
+    return SlurmAllocation(job_id="77", restarts=0, nodes=nodes, node_names=[f"n{i}" for i in range(nodes)], node_name="n0",
                            address="10.0.0.10", cpus_on_node=2, gpus_per_node=gpus)
 
 

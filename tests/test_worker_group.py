@@ -59,9 +59,6 @@ class FakeRay:
             raise self.failures[ref]
         return "ok"
 
-    def nodes(self):
-        return [{"NodeID": "node-a", "Alive": True}]
-
 
 class FakeInbox:
     """What the agents pushed, as the test says (the real inbox and uplink: test_uplink.py)."""
@@ -100,7 +97,7 @@ def _group(tmp_path: Path, overrides: list[str], nodes: list[tuple[str, str]]) -
     """A group over the stand-in Ray and inbox, one agent on each of ``nodes`` (node id, address)."""
     group = RayWorkerGroup(load_config(LOCAL_CONFIG, ["cluster.ray_address=auto", *overrides]), tmp_path)
     group._placement.ray, group._inbox = FakeRay(), FakeInbox()
-    group._placement.ray.nodes = lambda: [{"NodeID": node, "Alive": True} for node, _ in nodes]
+    group._placement.alive_node_ids = lambda: {node for node, _ in nodes}
     group._placement.ray.kill = lambda actor, no_restart: None
     group._placement.slots = [AgentSlot(handle=FakeActor(), node={"node_id": node, "ip": ip, "hostname": node}) for node, ip in nodes]
     return group
@@ -113,7 +110,7 @@ def _two_nodes(tmp_path: Path) -> RayWorkerGroup:
     group._placement.ray, group._inbox = FakeRay(), FakeInbox()
     group._placement.slots = [AgentSlot(handle=FakeActor(), node={"node_id": "node-a", "ip": "10.0.0.1", "hostname": "a"}),
                     AgentSlot(handle=FakeActor(), node={"node_id": "node-b", "ip": "10.0.0.2", "hostname": "b"})]
-    group._placement.ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
+    group._placement.alive_node_ids = lambda: {"node-a", "node-b"}
     return group
 
 
@@ -243,7 +240,7 @@ def test_a_node_that_is_dying_moves_to_the_spare_once_ray_reports_it_dead(tmp_pa
     group = RayWorkerGroup(config, tmp_path)
     ray = group._placement.ray = FakeRay()
     reports = iter([["node-a", "node-b", "node-s"]] * 2)  # node-b looks alive twice, then is reported dead
-    ray.nodes = lambda: [{"NodeID": n, "Alive": True} for n in next(reports, ["node-a", "node-s"])]
+    group._placement.alive_node_ids = lambda: set(next(reports, ["node-a", "node-s"]))
     ray.kill = lambda actor, no_restart: None
     group._placement.slots = [AgentSlot(handle=SimpleNamespace(node_info=SimpleNamespace(remote=lambda: "info")),
                               node={"node_id": node, "ip": ip, "hostname": node})
@@ -298,7 +295,7 @@ def test_an_agent_whose_connection_closed_is_asked_through_ray_and_lost_in_a_few
     """Ray's words for it (an RpcError, rpc_code 14, a paragraph) stay in Ray's logs. One Ray cannot
     reach is its node lost at once; one whose process died on a live node costs no lease wait."""
     group = _two_nodes(tmp_path)
-    group._placement.ray.nodes = lambda: [{"NodeID": "node-a", "Alive": True}, {"NodeID": "node-b", "Alive": True}]
+    group._placement.alive_node_ids = lambda: {"node-a", "node-b"}
     group._placement.ray.kill = lambda actor, no_restart: None
     error = (ActorUnavailableError("The actor 072d is unavailable: RpcError: ... rpc_code: 14. The task may ...")
              if why == "unreachable" else ActorDiedError("The actor died unexpectedly before finishing this task."))

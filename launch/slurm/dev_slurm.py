@@ -172,6 +172,8 @@ def _write_config(slurm: DevSlurm, prefixlen: int) -> None:
     key.write_bytes(secrets.token_bytes(1024))
     key.chmod(0o400)
     auth = f"AuthInfo=socket={d / 'munge.sock'}"
+    # A requeued job waits out its credentials' lifetime before it starts again (120 s by default).
+    ctl_auth = f"{auth},cred_expire=20"
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
     node_lines = "\n".join(f"NodeName=n{n.index} NodeAddr={n.address} NodeHostname=n{n.index} CPUs={cpus} "
@@ -184,7 +186,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-{auth}
+{ctl_auth}
 StateSaveLocation={d / 'state'}
 SlurmdSpoolDir={d / 'spool'}/%n
 SlurmctldPidFile={d / 'slurmctld.pid'}
@@ -205,6 +207,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 KillWait=30
+JobRequeue=0
 MinJobAge=300
 {node_lines}
 PartitionName=dev Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -13,9 +13,10 @@
 3. SIGUSR1 (``#SBATCH --signal=B:USR1@90``: the warning before a time limit or a preemption) is
    passed on to the controller, which saves a checkpoint, stops every rank and exits 3; so does a
    SIGTERM (scancel, ``scontrol requeue``, a preemption: Slurm sends it to every process of the job).
-4. Everything started here stops on every node, whatever happened; where the controller was
-   preempted and the job may be requeued (``sbatch --requeue``), ``scontrol requeue`` puts it back in
-   the queue, and the requeued job resumes from the checkpoint in the same run directory.
+4. Everything started here stops on every node, whatever happened. After a SIGUSR1, where the job
+   may be requeued (``sbatch --requeue``), ``scontrol requeue`` puts it back in the queue (after a
+   SIGTERM Slurm itself requeues, or not: a cancelled job stays cancelled), and the requeued job
+   resumes from the checkpoint in the same run directory.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
 
 _JOIN_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 20.0
-_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}
+# Ray's `ray start --block` drains for 30 s on SIGTERM before it stops its node (for Serve on Kubernetes):
+# Slurm's SIGKILL comes KillWait (30 s) after its SIGTERM, and the job must be gone by then.
+_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def main(argv: list[str]) -> int:
@@ -66,7 +70,8 @@ class Job:
         self.allocation = allocation
         self.config, self.settings, self.run_dir, self.launch_args = config, settings, run_dir, launch_args
         self.port = port
-        self.state = run_dir / "slurm" / allocation.job_id
+        # One directory per start of the job: a requeued job must not take its last start's logs and marks.
+        self.state = run_dir / "slurm" / f"{allocation.job_id}.{allocation.restarts}"
         self.children: list[subprocess.Popen] = []
         self.controller: subprocess.Popen | None = None
         self.preempted_by: str | None = None
@@ -103,7 +108,9 @@ class Job:
                 signal.signal(sig, signal.SIG_IGN)  # the stop below must not be cut short
             for child in reversed(self.children):
                 _stop(child)
-        if code == EXIT_PREEMPTED and self.allocation.requeue_allowed():
+        # After a SIGTERM Slurm requeues by itself where it should (a preemption, `scontrol requeue`) and must
+        # not where it should not (scancel); the warning SIGUSR1 leaves it to the job.
+        if code == EXIT_PREEMPTED and self.preempted_by == "SIGUSR1" and self.allocation.requeue_allowed():
             result = subprocess.run(["scontrol", "requeue", self.allocation.job_id], capture_output=True, text=True,
                                     timeout=60)
             said = (result.stdout + result.stderr).strip()

@@ -12,6 +12,7 @@ worker group's: it hands :class:`Placement` the arguments of each new agent.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -24,6 +25,9 @@ from orchestrator.errors import ClusterError
 
 PLACEMENT_TIMEOUT_S = 120.0
 _RECREATE_PAUSE_S = 0.5
+# A call that waits for Ray's GCS (the node table, giving bundles back) waits at most this long: where the
+# cluster's head is gone, Ray would retry until it gives up reconnecting, a minute later.
+_GCS_TIMEOUT_S = 3.0
 # While agents wait to be placed on a node, how often we ask Ray whether that node is still alive.
 _NODE_CHECK_S = 0.5
 
@@ -41,6 +45,8 @@ class Placement:
         self.slot_bundle = list(range(config.cluster.nodes))  # node slot -> its bundle (= its agent's index)
         self.spare_bundles = list(range(config.cluster.nodes, self._num_bundles))
         self.ray: Any = None
+        # The Ray node ids Ray's GCS lists alive (None: it did not answer); set by connect.
+        self.alive_node_ids: Callable[[], set[str] | None] = lambda: None
         self.slots: list[AgentSlot] = []  # per bundle; empty until placed
         self._pg: Any = None
         self._started_ray = False
@@ -53,6 +59,7 @@ class Placement:
         import ray
 
         self.ray = ray
+        self.alive_node_ids = lambda: ray_session.alive_node_ids(_GCS_TIMEOUT_S)
 
     def place(self) -> None:
         """Reserve one bundle per node (``workers_per_node`` CPUs, and GPUs, each; STRICT_SPREAD: every
@@ -107,8 +114,9 @@ class Placement:
         return hosted
 
     def alive_nodes(self) -> set[str]:
-        """The Ray node ids Ray lists alive."""
-        return {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")}
+        """The Ray node ids Ray lists alive; none where Ray's GCS does not answer in time (the
+        cluster's head is gone: a scheduler stopped it)."""
+        return self.alive_node_ids() or set()
 
     def retire_spare(self, bundle: int) -> bool:
         """Give up spare node ``bundle`` (found lost); False if it is not a spare node."""
@@ -171,7 +179,9 @@ class Placement:
             for agent in self.slots:
                 self.ray.kill(agent.handle)
             if self._pg is not None:
-                self.ray.util.remove_placement_group(self._pg)
+                # It waits for the GCS: where the cluster itself is gone (a scheduler's SIGTERM reached
+                # its head) it would hang until Ray gives up reconnecting, and the bundles went with it.
+                _bounded(lambda pg=self._pg: self.ray.util.remove_placement_group(pg), _GCS_TIMEOUT_S)
         finally:
             self.slots, self._pg = [], None
             if self._started_ray:
@@ -241,3 +251,13 @@ class Placement:
             if watch is not None and watch not in self.alive_nodes():
                 return None
         return None
+
+
+def _bounded(call: Callable[[], Any], timeout_s: float) -> Any:
+    """``call()``'s result, or None when it has not returned within ``timeout_s`` (it goes on, on a
+    daemon thread, and its result is dropped)."""
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(timeout=timeout_s)
+    return result[0] if result else None

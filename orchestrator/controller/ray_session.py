@@ -155,6 +155,20 @@ def _probe(address: str) -> None:
         ) from None
 
 
+def alive_node_ids(timeout_s: float) -> set[str] | None:
+    """The ids of the nodes Ray's GCS lists alive; None where it does not answer within ``timeout_s``.
+    Not ``ray.nodes()``: with the GCS gone (the cluster's head stopped) that waits for a minute, or
+    aborts the whole process (a failed check in Ray's C++ state accessor)."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    try:
+        infos = ray._private.worker.global_worker.gcs_client.get_all_node_info(timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - Ray raises its RPC errors as several types; any means "no answer"
+        return None
+    return {info.node_id.hex() for info in infos.values() if info.state == gcs_pb2.GcsNodeInfo.ALIVE}
+
+
 def disconnect() -> None:
     """Leave Ray; for an embedded Ray this also stops its services and removes its temporary files."""
     import ray
