@@ -81,6 +81,7 @@ def test_local_run_trains_and_records_the_contract(clean_run: tuple[Path, str, s
     for name in ("rank0.log", "rank1.log"):  # a finished rank ends without an abort at interpreter teardown
         assert "Fatal Python error" not in (run_dir / "logs" / name).read_text(), name
     assert "succeeded: step 100" in output
+    assert "network on node 127.0.0.1: interface lo (127.0.0.1)" in output, "the node named by its address"
     assert wait_gone([w["pid"] for w in workers]) == []
     assert started[0]["config"]["cluster"]["env"] == {"WANDB_API_KEY": "<redacted>"}
     records = [run_dir / "events.jsonl", *(run_dir / "checkpoints").glob("*/manifest.json")]

@@ -103,4 +103,4 @@ class NodeNews:
             self._networks_reported[node_id] = found
             fields = {k: v for k, v in found.items() if k != "summary"}
             self._events.emit(ev.NetworkConfigured(node_id=node_id, **fields))
-            self._display.note(f"network on {node_id[:8]}: {found['summary']}")
+            self._display.note(f"network on node {found.get('address') or node_id[:8]}: {found['summary']}")
