@@ -24,6 +24,9 @@ import time
 
 from mpi4py import MPI
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from orchestrator.children import stop  # noqa: E402
+
 _HEAD_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 20.0
 
@@ -113,14 +116,7 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen) -> None:
 
 def _stop(proc: subprocess.Popen | None) -> None:
     """SIGTERM our `ray start --block`, which stops the Ray processes it started."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop(proc, _STOP_TIMEOUT_S)
 
 
 if __name__ == "__main__":

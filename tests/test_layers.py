@@ -19,7 +19,7 @@ LAYERS = [
     {"monitor"},
     {"scaling"},
     {"config"},
-    {"types", "messages", "events", "errors", "run_dir", "installation", "dev_clusters"},
+    {"types", "messages", "events", "errors", "run_dir", "installation", "dev_clusters", "children"},
 ]
 
 

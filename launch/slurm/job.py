@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from orchestrator.children import stop  # noqa: E402
 from orchestrator.cli import EXIT_PREEMPTED, EXIT_USAGE  # noqa: E402
 from orchestrator.errors import ConfigError  # noqa: E402
 from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
@@ -212,16 +213,8 @@ def _wait_uninterrupted(proc: subprocess.Popen) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (``ray start --block`` then stops the Ray it started; srun passes it to its tasks), SIGKILL
-    after a while."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM: ``ray start --block`` then stops the Ray it started; srun passes it to its tasks."""
+    stop(proc, _STOP_TIMEOUT_S)
 
 
 if __name__ == "__main__":

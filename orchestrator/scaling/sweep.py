@@ -7,7 +7,6 @@ from their checkpoints (the launcher resumes a run directory it is given again).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.children import stop
 from orchestrator.events import RunFinished, Step, read_typed
 from orchestrator.scaling.plan import Plan, PlannedRun, as_set
 
@@ -132,10 +132,4 @@ def run_sweep(plan: Plan, plan_path: Path, *, parallel: int, include_target: boo
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop a launch as Ctrl-C would (it stops its ranks and keeps its checkpoints); kill it if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    stop(proc, 60.0, signal.SIGINT)
