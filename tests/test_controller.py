@@ -1111,3 +1111,21 @@ def test_a_preemption_ends_at_a_failure_or_its_deadline_without_counting_either(
     ctl.preempt("SIGTERM")
     ctl.step()
     assert isinstance(ctl.state, Preempted) and group.saves_requested == [] and clock.now - asked_at < 1
+
+
+def test_failures_that_come_with_a_preemption_are_the_preemption_not_a_failure(tmp_path: Path) -> None:
+    """Slurm signals every process of the job at once: a node's ranks may be seen dying before the
+    controller's own SIGTERM is handled. Asked for while those failures settle, the preemption wins:
+    no failure_detected, no restart, ``preempted`` (here with no restart left, which would fail the run)."""
+    ctl, group, run, _ = make(tmp_path, "train.steps=100", "fault_tolerance.max_restarts=0")
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(3, 1.0)]), RankUpdate(rank=1)],
+                    [RankUpdate(rank=0), RankUpdate(rank=1, returncode=-15)]]
+    ctl.step()
+    ctl.step()
+    ctl.request_preemption("SIGTERM")  # as the handler does, in the middle of the step that sees rank 1 die
+    ctl.step()
+    assert isinstance(ctl.state, Preempting) and group.saves_requested == []
+    ctl.step()
+    assert isinstance(ctl.state, Preempted)
+    assert "failure_detected" not in kinds(run)
+    assert read_events(run.events)[-1]["status"] == "preempted"

@@ -436,7 +436,17 @@ class Controller:
         preemption is not a failure: it spends no restart."""
         if self.state.terminal or isinstance(self.state, Preempting):
             return
-        save_at = self._preempt_save_step()
+        self.state = self._preempting(reason, self._preempt_save_step())
+
+    def preempted_meanwhile(self) -> Preempting | None:
+        """While failures were being settled, a preemption was asked for: those failures are the same
+        stop reaching ranks first (Slurm signals every process of a job at once), not failures of the
+        run. Stop without asking for a checkpoint: failed ranks cannot take it."""
+        if self._preemption is None:
+            return None
+        return self._preempting(self._preemption, None)
+
+    def _preempting(self, reason: str, save_at: int | None) -> Preempting:
         if save_at is not None:
             self.group.request_save(save_at)
             self.display.note(f"{reason}: preempted; saving a checkpoint at step {save_at}, then stopping every rank")
@@ -445,7 +455,7 @@ class Controller:
             self.display.note(f"{reason}: preempted; stopping every rank (the last checkpoint committed: {kept})")
         # Nothing to wait for without a checkpoint asked: stop at the next look.
         wait_s = self.config.fault_tolerance.preempt_timeout_s if save_at is not None else 0.0
-        self.state = Preempting(reason=reason, save_at=save_at, deadline=self._clock() + wait_s)
+        return Preempting(reason=reason, save_at=save_at, deadline=self._clock() + wait_s)
 
     def _preempt_save_step(self) -> int | None:
         """The step every rank saves at on a preemption, or None where none can be asked for: a script

@@ -59,6 +59,8 @@ class Running(State):
         if failures:
             ctl.stop_hung(failures)
             failures = ctl.settle(failures)
+            if (preempting := ctl.preempted_meanwhile()) is not None:
+                return preempting  # the scheduler's stop reached some ranks before it reached us
             decision = ctl.decide(failures)
             if decision.retry:
                 return Recovering(failures=failures, decision=decision)
