@@ -35,11 +35,11 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.children import start_logged
 from orchestrator.controller.reaper import sweep
 from orchestrator.dev_clusters import state_root
 from orchestrator.errors import ClusterError, ConfigError
@@ -225,20 +225,9 @@ def _start_ray(cluster: DevCluster, node: str, args: list[str], netns: str | Non
     command = [ray_cli, "start", "--block", "--disable-usage-stats", *args]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
-    log_path = cluster.dir / f"node-{node}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ClusterError(f"Ray node {node} of dev cluster {cluster.name} exited with code {proc.returncode}; "
-                               f"see {log_path}:\n{_tail(log_path)}")
-        if b"Ray runtime started" in log_path.read_bytes():
-            return proc.pid
-        time.sleep(0.2)
-    raise ClusterError(f"Ray node {node} of dev cluster {cluster.name} did not start within "
-                       f"{_START_TIMEOUT_S:.0f}s; see {log_path}:\n{_tail(log_path)}")
+    proc = start_logged(command, cluster.dir / f"node-{node}.log", lambda out: b"Ray runtime started" in out,
+                        f"Ray node {node} of dev cluster {cluster.name}", _START_TIMEOUT_S, env=env, new_session=True)
+    return proc.pid
 
 
 def _kill_marked(marks: list[str]) -> list[int]:
@@ -279,10 +268,3 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and result.returncode != 0:
         raise ClusterError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
     return result
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

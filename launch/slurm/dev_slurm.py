@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from orchestrator.children import start_logged, tail  # noqa: E402
 from orchestrator.controller.reaper import sweep  # noqa: E402
 from orchestrator.dev_clusters import state_root  # noqa: E402
 from orchestrator.devcluster import (  # noqa: E402
@@ -257,23 +258,19 @@ def _start_all(slurm: DevSlurm) -> None:
 
 
 def _start(slurm: DevSlurm, name: str, command: list[str], ready: Callable[[], bool], mark: str = "ctl") -> None:
-    log = slurm.dir / f"{name}.out"
     env = {**slurm.env(), NODE_MARK_ENV: f"{slurm.name}:{mark}"}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=slurm.dir)
+    try:
+        proc = start_logged(command, slurm.dir / f"{name}.out", lambda _: ready(), f"dev Slurm {slurm.name}: {name}",
+                            _START_TIMEOUT_S, env=env, cwd=slurm.dir, new_session=True)
+    except ClusterError as exc:
+        raise ClusterError(f"{exc}\n{_daemon_logs(slurm)}") from None
     slurm.pids[name] = proc.pid
     slurm.save()
-    _wait(slurm, name, ready, proc, log)
 
 
-def _wait(slurm: DevSlurm, what: str, ready: Callable[[], bool], proc: subprocess.Popen | None = None,
-          log: Path | None = None) -> None:
+def _wait(slurm: DevSlurm, what: str, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ClusterError(f"dev Slurm {slurm.name}: {what} exited with code {proc.returncode}; "
-                               f"its output ({log}):\n{_tail(log)}\n{_daemon_logs(slurm)}")
         if ready():
             return
         time.sleep(0.2)
@@ -285,7 +282,7 @@ def _run(command: list[str], log: Path, env: dict[str, str] | None = None) -> No
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise ClusterError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{_tail(log)}")
+        raise ClusterError(f"`{' '.join(command)}` failed with code {result.returncode}:\n{tail(log)}")
 
 
 def _idle(slurm: DevSlurm) -> bool:
@@ -303,19 +300,12 @@ def _listens(host: str, port: int) -> bool:
         return False
 
 
-def _tail(path: Path | None, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path else ""
-    except OSError:
-        return ""
-
-
 def _daemon_logs(slurm: DevSlurm) -> str:
     parts = []
     for path in sorted(slurm.dir.glob("*.log")):
-        tail = _tail(path, 8)
-        if tail:
-            parts.append(f"--- {path.name} ---\n{tail}")
+        last = tail(path, 8)
+        if last:
+            parts.append(f"--- {path.name} ---\n{last}")
     return "\n".join(parts)
 
 

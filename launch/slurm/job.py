@@ -34,9 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.children import stop  # noqa: E402
+from orchestrator.children import start_logged, stop  # noqa: E402
 from orchestrator.cli import EXIT_PREEMPTED, EXIT_USAGE  # noqa: E402
-from orchestrator.errors import ConfigError  # noqa: E402
+from orchestrator.errors import ClusterError, ConfigError  # noqa: E402
 from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
 
 _JOIN_TIMEOUT_S = 120.0
@@ -102,7 +102,7 @@ class Job:
                 code = _wait_uninterrupted(self.controller)
             else:
                 code = EXIT_PREEMPTED
-        except _StartError as exc:
+        except ClusterError as exc:
             print(f"orchestrator (slurm): {exc}", file=sys.stderr, flush=True)
         finally:
             for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -126,14 +126,8 @@ class Job:
             self.controller.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
 
     def _start_head(self, env: dict[str, str]) -> None:
-        ray = _ray_cli()
-        command = [ray, "start", "--head", "--block", f"--port={self.port}",
-                   f"--node-ip-address={self.allocation.address}", "--include-dashboard=false",
-                   "--disable-usage-stats", *self.allocation.ray_resources()]
-        log = self.state / f"ray-{self.allocation.node_name}.log"
-        self.children.append(_logged(command, env, log))
-        _wait_for(lambda: b"Ray runtime started" in log.read_bytes(), self.children[-1], log,
-                  f"the Ray head on {self.allocation.node_name}")
+        self.children.append(_start_ray(self.allocation, self.state, env, "head", ["--head", f"--port={self.port}",
+                                                                                   "--include-dashboard=false"]))
 
     def _start_workers(self, head: str, env: dict[str, str]) -> None:
         others = self.allocation.nodes - 1
@@ -150,57 +144,41 @@ class Job:
             if not missing:
                 return
             if self.children[-1].poll() is not None:
-                raise _StartError(f"the Ray workers' srun step exited with code {self.children[-1].returncode}; "
+                raise ClusterError(f"the Ray workers' srun step exited with code {self.children[-1].returncode}; "
                                   f"their logs: {self.state}/ray-*.log")
             if self.preempted_by is not None:
                 return
             time.sleep(0.2)
-        raise _StartError(f"node(s) {', '.join(missing)} did not join Ray within {_JOIN_TIMEOUT_S:.0f}s; "
+        raise ClusterError(f"node(s) {', '.join(missing)} did not join Ray within {_JOIN_TIMEOUT_S:.0f}s; "
                           f"their logs: {self.state}/ray-*.log")
 
 
 def _worker(head: str, state: Path) -> int:
     """One other node: a Ray worker at this node's Slurm address, joined to ``head``; runs until stopped."""
     allocation = SlurmAllocation.from_environment()
-    log = state / f"ray-{allocation.node_name}.log"
-    command = [_ray_cli(), "start", "--block", f"--address={head}", f"--node-ip-address={allocation.address}",
-               "--disable-usage-stats", *allocation.ray_resources()]
-    proc = _logged(command, {**os.environ, **_RAY_ENV}, log)
-    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # its start stops it on the way out
     try:
-        _wait_for(lambda: b"Ray runtime started" in log.read_bytes(), proc, log,
-                  f"the Ray worker on {allocation.node_name}")
-        (state / f"joined-{allocation.node_name}").touch()
-        return _wait_uninterrupted(proc)
-    except _StartError as exc:
+        proc = _start_ray(allocation, state, {**os.environ, **_RAY_ENV}, "worker", [f"--address={head}"])
+    except ClusterError as exc:
         print(f"orchestrator (slurm): {exc}", file=sys.stderr, flush=True)
         return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        (state / f"joined-{allocation.node_name}").touch()
+        return _wait_uninterrupted(proc)
     finally:
         _stop(proc)
 
 
-class _StartError(Exception):
-    pass
-
-
-def _ray_cli() -> str:
-    return shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-
-
-def _logged(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_for(ready, proc: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + _JOIN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if proc.poll() is not None:
-            raise _StartError(f"{what} exited with code {proc.returncode}; see {log}")
-        time.sleep(0.2)
-    raise _StartError(f"{what} did not start within {_JOIN_TIMEOUT_S:.0f}s; see {log}")
+def _start_ray(allocation: SlurmAllocation, state: Path, env: dict[str, str], role: str,
+               args: list[str]) -> subprocess.Popen:
+    """``ray start --block`` on this node (at its Slurm address, with its share of the allocation), its
+    output in ``STATE/ray-NODE.log``; returned once it has joined."""
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+    command = [ray, "start", "--block", f"--node-ip-address={allocation.address}", "--disable-usage-stats",
+               *args, *allocation.ray_resources()]
+    return start_logged(command, state / f"ray-{allocation.node_name}.log", lambda out: b"Ray runtime started" in out,
+                        f"the Ray {role} on {allocation.node_name}", _JOIN_TIMEOUT_S, env=env)
 
 
 def _wait_uninterrupted(proc: subprocess.Popen) -> int:

@@ -358,8 +358,7 @@ def _warm_up(config_dict: dict[str, Any]) -> None:
         warmup(config)
 
 
-def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter,
-             told: Told,
+def _context(spec: Start, config: Config, channel: Channel, writer: BackgroundWriter, told: Told,
              memory: Callable[[], MemoryKeeper | None]) -> TrainContext:
     return TrainContext(
         rank=spec.rank,
