@@ -466,6 +466,11 @@ def _launch(args: argparse.Namespace) -> int:
         problem = cpu_op_problem()
         if problem is not None:
             raise ConfigError(problem)
+    crowded = None
+    if config.cluster.ray_address is None:  # local mode: this machine is the node
+        from orchestrator.controller import capacity
+
+        crowded = capacity.check(config, capacity.NodeCapacity.of_this_machine())
     faults = [parse_fault(item, config.cluster.world_size) for item in args.inject_fault]
     prediction = None
     if args.prediction is not None:
@@ -497,6 +502,8 @@ def _launch(args: argparse.Namespace) -> int:
         raise
     reaper = Reaper()  # from here on, nothing this run starts can outlive it
     display = make_progress()
+    if crowded is not None:
+        display.note(f"warning: {crowded}")
     if server is not None:
         events.emit(MetricsStarted(url=server.url, target=server.target))
         display.note(f"metrics: {server.url}")

@@ -4,7 +4,7 @@ Each kind is a frozen dataclass; on the control socket (JSON lines, ``channel.py
 its fields plus ``type``. :func:`decode` refuses an unknown type and a missing or unexpected field,
 so a typo on either side is an error at once, not a message silently lost.
 
-    agent -> process    Prepare, Start, Rejoin, Interrupt
+    agent -> process    Prepare, Start, Rejoin, Interrupt, Stop
     process -> agent    Alive (the liveness beat) and Ready (torn down after an error), kept by the
                         agent; Warm; and the reports the controller polls: Step, Resumed, Saving,
                         CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed,
@@ -111,6 +111,14 @@ class Interrupt(Message):
     """Stop training now (a peer failed): raise in the main thread, tear down, report ``Ready``."""
 
     type: ClassVar[str] = "interrupt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stop(Message):
+    """The agent is about to SIGTERM this process: that signal is the agent's, not a scheduler's
+    (``worker/stop_signal.py``)."""
+
+    type: ClassVar[str] = "stop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -492,7 +500,7 @@ class StartedRank:
 
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
-    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed,
+    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Stop, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed,
                  Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error,
                  Ready, Finished)
 }

@@ -29,6 +29,7 @@ from orchestrator.errors import ClusterError
 from orchestrator.events import EventLog, read_events
 from orchestrator.messages import (
     CheckpointFailed,
+    CheckpointSaved,
     Error,
     FaultInjected,
     Finished,
@@ -1078,13 +1079,13 @@ def test_a_preemption_saves_a_few_steps_ahead_then_ends_preempted_without_spendi
 
 
 def test_a_preemption_ends_at_a_failure_or_its_deadline_without_counting_either(tmp_path: Path) -> None:
-    """The same signal often reaches the ranks (Slurm signals every process of the job): a rank that
-    dies meanwhile ends the wait, as the deadline does; neither is a failure of the run."""
+    """A rank that dies while a SIGUSR1's checkpoint is awaited ends the wait, as the deadline does;
+    neither is a failure of the run."""
     ctl, group, run, clock = make(tmp_path, "train.steps=100", "fault_tolerance.preempt_timeout_s=5")
     group.script = [[RankUpdate(rank=0, reports=[step_msg(3, 1.0)]), RankUpdate(rank=1)]]
     ctl.step()
     ctl.step()
-    ctl.preempt("SIGTERM")
+    ctl.preempt("SIGUSR1")
     group.script = [[RankUpdate(rank=0), RankUpdate(rank=1, returncode=-15)]]
     ctl.step()
     assert isinstance(ctl.state, Preempted)
@@ -1125,7 +1126,35 @@ def test_failures_that_come_with_a_preemption_are_the_preemption_not_a_failure(t
     ctl.request_preemption("SIGTERM")  # as the handler does, in the middle of the step that sees rank 1 die
     ctl.step()
     assert isinstance(ctl.state, Preempting) and group.saves_requested == []
+    assert "the ranks save where they are" in ctl.display.notes[-1]
     ctl.step()
-    assert isinstance(ctl.state, Preempted)
+    assert isinstance(ctl.state, Preempting), "a SIGTERM took the agents too: the ranks save alone"
     assert "failure_detected" not in kinds(run)
-    assert read_events(run.events)[-1]["status"] == "preempted"
+
+
+def test_a_checkpoint_the_ranks_saved_alone_is_committed_from_their_reports(tmp_path: Path) -> None:
+    """Slurm's SIGTERM took the node agents: the ranks saved alone and left their reports next to their
+    files (worker/stop_signal.py). The controller, whose calls to the agents fail, commits from those
+    reports and ends ``preempted`` with that checkpoint, before its deadline."""
+    ctl, group, run, clock = make(tmp_path, "train.steps=100", "fault_tolerance.preempt_timeout_s=20")
+    group.script = [[RankUpdate(rank=0, reports=[step_msg(s, 1.0) for s in range(1, 6)]), RankUpdate(rank=1)]]
+    ctl.step()
+    ctl.step()
+    ctl.preempt("SIGTERM")
+    group.script = [[RankUpdate(rank=0, lost="the node agent is gone"), RankUpdate(rank=1, lost="the node agent is gone")]]
+    ctl.step()
+    assert isinstance(ctl.state, Preempting)
+    stage(run, 7)
+    staged = store.staging_dir(run.checkpoints, 0) / "global_step7"
+    for rank in (0, 1):
+        store.write_saved_report(staged, rank, CheckpointSaved(
+            step=7, tag="global_step7", attempt=0, blocked_s=0.01, write_s=0.1,
+            files={"shard.pt": {"size": 1, "sha256": SHA_OF_X}} if rank == 0 else {}))
+    started = clock.now
+    while not ctl.state.terminal:
+        ctl.step()
+    assert clock.now - started < 1
+    last = read_events(run.events)[-1]
+    assert (last["status"], last["reason"], last["checkpoint"]) == ("preempted", "SIGTERM", "global_step7")
+    assert (run.checkpoints / "global_step7" / "manifest.json").exists()
+    assert "failure_detected" not in kinds(run)

@@ -22,6 +22,7 @@ EXAMPLES = [
     messages.Rejoin(rank=1, local_rank=1, world_size=2, node="h", attempt=1, config={}, run_dir="/r",
                     resume_tag="global_step5", faults=[], env={}, log_path="/r/logs/rank1.log"),
     messages.Interrupt(),
+    messages.Stop(),
     messages.Cadence(interval_steps=12),
     messages.Fork(id=3, env={"A": "b"}, log_path="/l"),
     messages.Prepared(),

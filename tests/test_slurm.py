@@ -147,17 +147,29 @@ def test_usr1_preempts_with_a_checkpoint_and_the_requeued_job_resumes_bit_exact(
     assert _left_on_nodes(slurm) == []
 
 
-def test_scancel_ends_preempted_with_nothing_left_on_any_node(slurm: dev_slurm.DevSlurm, tmp_path: Path) -> None:
+def test_scancel_saves_a_checkpoint_and_ends_preempted_with_nothing_left_on_any_node(
+    slurm: dev_slurm.DevSlurm, tmp_path: Path
+) -> None:
+    """scancel: SIGTERM to every process of the job, Ray's and the node agents' included. The ranks save a
+    checkpoint alone at a step they agree on (no checkpoint before it: the interval is 1000 steps), the
+    controller commits it from their reports in the run directory; the job is gone within KillWait."""
     job_id, run_dir = _sbatch(slurm, tmp_path)
     deadline = time.monotonic() + 300
-    while not [e for e in (events(run_dir) if (run_dir / "events.jsonl").exists() else []) if e["event"] == "step"]:
+    while len(of_kind(events(run_dir) if (run_dir / "events.jsonl").exists() else [], "step")) < 3:
         assert time.monotonic() < deadline, _job(slurm, job_id)
         time.sleep(0.2)
-    cancelled_at = time.monotonic()
+    cancelled_at, cancelled_ts = time.monotonic(), time.time()
     subprocess.run(["scancel", job_id], env=slurm.env(), check=True, timeout=30)
     _wait_state(slurm, job_id, {"CANCELLED", "COMPLETED", "FAILED"}, 60)
     assert time.monotonic() - cancelled_at < 30, "the job outlived KillWait"
-    finished = of_kind(events(run_dir), "run_finished")
-    assert finished and finished[-1]["status"] == "preempted", (tmp_path / f"job-{job_id}.out").read_text()
+    out = (tmp_path / f"job-{job_id}.out").read_text()
+    evs = events(run_dir)
+    finished = of_kind(evs, "run_finished")
+    assert finished and finished[-1]["status"] == "preempted", out
+    committed = [c for c in of_kind(evs, "checkpoint_committed") if c["ts"] > cancelled_ts]
+    assert committed and finished[-1]["checkpoint"] == f"global_step{committed[-1]['step']}", (committed, out)
+    verify = subprocess.run([sys.executable, "-m", "orchestrator", "checkpoints", "verify", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     assert _left_on_nodes(slurm) == []
     print(json.dumps(finished[-1]))

@@ -42,9 +42,11 @@ from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
 _JOIN_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 20.0
 # Ray's `ray start --block` drains for 30 s on SIGTERM before it stops its node (for Serve on Kubernetes):
-# Slurm's SIGKILL comes KillWait (30 s) after its SIGTERM, and the job must be gone by then.
+# Slurm's SIGKILL comes KillWait (30 s) after its SIGTERM, and the job must be gone by then. A Ray worker
+# that exits kills its children: a node agent dying of scancel's SIGTERM would take the ranks that are
+# saving a checkpoint alone (orchestrator/worker/stop_signal.py) with it; they end by themselves.
 _RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 def main(argv: list[str]) -> int:

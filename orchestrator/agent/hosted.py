@@ -40,6 +40,7 @@ from orchestrator.messages import (
     Report,
     Start,
     Step,
+    Stop,
 )
 from orchestrator.run_dir import append_fd
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel, peer_credentials
@@ -187,10 +188,18 @@ class HostedProcess:
         if self.poll_exit() is None:
             _signal_group(self.pid, sig)
 
+    def terminate(self) -> None:
+        """SIGTERM the process and anything it started; a training process is told first that the
+        signal is ours (it takes a scheduler's SIGTERM for a preemption: ``worker/stop_signal.py``)."""
+        if self.poll_exit() is None:
+            if self._on_message is None:  # not the zygote
+                self.send(Stop())
+            _signal_group(self.pid, signal.SIGTERM)
+
     def stop(self, timeout_s: float) -> int | None:
         """SIGTERM the process (and anything it started), SIGKILL after ``timeout_s``; reap it."""
         if self.poll_exit() is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            self.terminate()
             if not self._wait(timeout_s):
                 _signal_group(self.pid, signal.SIGKILL)
                 self._wait(timeout_s)

@@ -487,7 +487,7 @@ class NodeAgent:
         procs = [self._procs.pop(key) for key in list(self._procs)]
         self._gpu_ranks = {}
         for proc in procs:
-            proc.signal(signal.SIGTERM)
+            proc.terminate()
         deadline = time.monotonic() + timeout_s
         for proc in procs:
             proc.stop(max(0.1, deadline - time.monotonic()))

@@ -7,6 +7,8 @@ Layout under ``RUN_DIR/checkpoints/`` (details in ``docs/checkpoints.md``)::
     latest                      the newest committed tag, replaced atomically
     zero_to_fp32.py             DeepSpeed's consolidation script
     .staging/attempt-N/TAG/     saves in progress; never read, removed at start
+    .staging/attempt-N/TAG.rankR.saved.json   a rank's report of a save it made alone (no agent
+                                to tell: a scheduler's SIGTERM took it), for the controller
     .universal/TAG/             TAG converted for a different parallel layout
     .damaged/TAG[.N]/           a damaged checkpoint skipped at start, kept for inspection
 
@@ -19,6 +21,7 @@ orchestrator's own per-rank files are read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import shutil
@@ -27,6 +30,7 @@ from typing import Any
 
 from orchestrator.checkpoint.manifest import MANIFEST, Manifest, fsync_dir, write_durably
 from orchestrator.checkpoint.memory import rng_state, set_rng_state
+from orchestrator.messages import CheckpointSaved, MalformedMessage, decode, encode
 
 LATEST = "latest"
 STAGING = ".staging"
@@ -174,6 +178,24 @@ def set_aside(path: Path, checkpoints: Path) -> Path:
     path.rename(target)
     fsync_dir(checkpoints)
     return target
+
+
+def write_saved_report(staged: Path, rank: int, report: CheckpointSaved) -> None:
+    """Next to staged checkpoint directory ``staged``: ``rank``'s report that its files are durable."""
+    write_durably(staged.parent / f"{staged.name}.rank{rank:05d}.saved.json", json.dumps(encode(report)).encode())
+
+
+def saved_reports(checkpoints: Path, attempt: int) -> list[tuple[int, CheckpointSaved]]:
+    """The reports :func:`write_saved_report` left in ``attempt``'s staging directory: (rank, report)."""
+    found = []
+    for path in sorted(staging_dir(checkpoints, attempt).glob("*.rank*.saved.json")):
+        try:
+            report = decode(json.loads(path.read_bytes()))
+        except (OSError, ValueError, MalformedMessage):
+            continue  # being written, or not ours
+        if isinstance(report, CheckpointSaved):
+            found.append((int(path.name.split(".rank")[1].split(".")[0]), report))
+    return found
 
 
 def clean_leftovers(checkpoints: Path) -> None:

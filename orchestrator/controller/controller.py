@@ -162,6 +162,8 @@ class Controller:
                                 if config.checkpoint.memory_interval_steps == "auto" else None)
         self._checkpoint_failures: list[Failure] = []
         self._preemption: str | None = None  # a preemption asked for, carried out before the next step
+        self._saved_alone: set[tuple[int, str]] = set()  # (rank, tag) reports of saves made alone, absorbed
+        self._committed_alone: str | None = None  # the checkpoint the ranks saved alone, committed
         self.metrics = metrics
         if metrics is not None:
             events.subscribe(metrics.on_event)
@@ -447,21 +449,46 @@ class Controller:
         return self._preempting(self._preemption, None)
 
     def _preempting(self, reason: str, save_at: int | None) -> Preempting:
+        # A SIGTERM reached every process of the job (as Slurm sends it): the ranks whose agents it took
+        # save on their own (worker/stop_signal.py), and leave their reports where absorb_saved_alone looks.
+        alone = reason == "SIGTERM" and self._ranks_checkpoint() and self.last_step is not None
+        wait_s = self.config.fault_tolerance.preempt_timeout_s
         if save_at is not None:
             self.group.request_save(save_at)
             self.display.note(f"{reason}: preempted; saving a checkpoint at step {save_at}, then stopping every rank")
+        elif alone:
+            self.display.note(f"{reason}: preempted; waiting up to {wait_s:.0f}s for the checkpoint the ranks save "
+                              "where they are, then stopping every rank")
         else:
             kept = self.last_checkpoint or "none"
             self.display.note(f"{reason}: preempted; stopping every rank (the last checkpoint committed: {kept})")
-        # Nothing to wait for without a checkpoint asked: stop at the next look.
-        wait_s = self.config.fault_tolerance.preempt_timeout_s if save_at is not None else 0.0
-        return Preempting(reason=reason, save_at=save_at, deadline=self._clock() + wait_s)
+            wait_s = 0.0  # nothing to wait for: stop at the next look
+        return Preempting(reason=reason, save_at=save_at, alone=alone, deadline=self._clock() + wait_s)
+
+    def _ranks_checkpoint(self) -> bool:
+        """Whether the training function checkpoints through the orchestrator (a script keeps its own; 0
+        turns checkpoints off)."""
+        return not self.config.train.is_script and self.config.checkpoint.interval_steps != 0
+
+    def absorb_saved_alone(self) -> None:
+        """The reports of ranks that saved a checkpoint alone (their agents gone with the scheduler's
+        SIGTERM), found next to their files: absorbed as an agent's would be, committed when all are in."""
+        for rank, report in store.saved_reports(self.run_dir.checkpoints, self._commits.attempt):
+            if (rank, report.tag) in self._saved_alone or rank not in self._views:
+                continue
+            self._saved_alone.add((rank, report.tag))
+            self._absorb_saved(NodeSaved(ranks=[rank], step=report.step, tag=report.tag, attempt=report.attempt,
+                                         blocked_s=report.blocked_s, write_s=report.write_s, files=report.files,
+                                         at=time.time()))
+            if self.last_checkpoint == report.tag:
+                self._committed_alone = report.tag
+                # The ranks trained to it without a word to anyone: it is the last step known.
+                self.last_step = max(self.last_step or 0, report.step)
 
     def _preempt_save_step(self) -> int | None:
         """The step every rank saves at on a preemption, or None where none can be asked for: a script
         (it keeps its own checkpoints), checkpoints off, no step trained since the last commit."""
-        if (self.config.train.is_script or self.config.checkpoint.interval_steps == 0 or self.last_step is None
-                or not isinstance(self.state, Running)):
+        if not self._ranks_checkpoint() or self.last_step is None or not isinstance(self.state, Running):
             return None  # also while starting or recovering: where the ranks will be is not known yet
         view = self._views.get(0)
         step_s = view.step_time_s if view is not None and view.step_time_s else 0.0
@@ -470,9 +497,12 @@ class Controller:
         return min(save_at, self.total_steps) if self.total_steps is not None else save_at
 
     def preempt_saved(self, step: int | None) -> bool:
-        """Whether the checkpoint a preemption asked for (of ``step``) is committed."""
+        """Whether the checkpoint a preemption asked for (of ``step``) is committed, or the one the ranks
+        saved alone."""
         tag = self.last_checkpoint
-        return step is not None and tag is not None and store.step_of(tag) >= step
+        if tag is None:
+            return False
+        return tag == self._committed_alone or (step is not None and store.step_of(tag) >= step)
 
     def now(self) -> float:
         return self._clock()

@@ -88,19 +88,24 @@ class Recovering(State):
 @dataclass(repr=False)
 class Preempting(State):
     """The scheduler wants the job stopped (``reason``: the signal): wait for the checkpoint of step
-    ``save_at`` (None: none was asked for) until ``deadline``, then stop. A failure meanwhile (the
-    same signal reaching a rank) ends the wait; it is not a failure of the run."""
+    ``save_at`` (None: none was asked for) until ``deadline``, then stop. Failures meanwhile are the
+    same signal reaching ranks, not failures of the run: they end the wait, unless the ranks may save
+    ``alone`` (a SIGTERM, which took their agents too: then their own checkpoint is awaited)."""
 
     name: ClassVar[str] = "PREEMPTING"
     reason: str = ""
     save_at: int | None = None
+    alone: bool = False
     deadline: float = 0.0
 
     def step(self, ctl: Controller) -> State:
         failures = ctl.observe()
         if ctl.all_finished() and not failures:
             return Succeeded()
-        if failures or ctl.preempt_saved(self.save_at) or ctl.now() >= self.deadline:
+        if self.alone:
+            ctl.absorb_saved_alone()
+        if ((failures and not self.alone) or ctl.preempt_saved(self.save_at)
+                or ctl.now() >= self.deadline):
             return Preempted(reason=self.reason)
         ctl.wait(fast=True)
         return self

@@ -31,6 +31,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.attempt: int | None = None
+        self.drop_when_closed = False
         self._sock = sock
         self._send_lock = threading.Lock()
         self._reader = sock.makefile("rb")
@@ -43,9 +44,14 @@ class Channel:
         return cls(socket.socket(fileno=fd))
 
     def send(self, message: Message) -> None:
+        """Send ``message``; with ``drop_when_closed``, nothing once the peer has gone (no error)."""
         data = _line(message, self.attempt)
         with self._send_lock:
-            self._sock.sendall(data)
+            try:
+                self._sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):
+                if not self.drop_when_closed:
+                    raise
 
     def send_fd(self, message: Message, fd: int) -> None:
         """Send ``message`` with a file descriptor attached (SCM_RIGHTS)."""

@@ -7,6 +7,7 @@ GPT workload (``orchestrator.training.workload``) uses exactly this API; see
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,11 +68,25 @@ class Told:
     interval_steps: int | None = None  # checkpoint.interval_steps: auto (None: nothing chosen yet)
     memory_interval_steps: int | None = None  # checkpoint.memory_interval_steps: auto (the same)
     save_at_step: int | None = None  # a preemption: save at this step too
+    # The scheduler's SIGTERM took the agent (stop_signal.py): save at the next step every rank agrees on, exit.
+    alone: bool = False
 
     def hear(self, word: Cadence) -> None:
         self.interval_steps = word.interval_steps or self.interval_steps
         self.memory_interval_steps = word.memory_interval_steps or self.memory_interval_steps
         self.save_at_step = word.save_at_step or self.save_at_step
+
+
+def _distributed() -> bool:
+    """Whether this process is in a torch.distributed process group (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+class StoppedAlone(BaseException):
+    """Raised by :meth:`TrainContext.save_checkpoint` once the checkpoint a rank saved alone is durable
+    (``stop_signal.py``): the training function ends there. A ``BaseException``, as ``SystemExit``:
+    ``except Exception`` in training code does not stop it."""
 
 
 @dataclass(kw_only=True)
@@ -112,8 +127,10 @@ class TrainContext:
     resumed_from: str | None = None
     _reporter: Reporter = field(init=False)
     _last_save_step: int = field(init=False, default=0)
-    # checkpoint.interval_steps: auto: rank 0's word on the next step, in flight (step, flag, work).
-    _due_next: tuple[int, Any, Any] | None = field(init=False, default=None)
+    # The ranks' word on the next step, in flight (step, flags, work): rank 0's (checkpoint.interval_steps:
+    # auto), and whether any rank must save there (a preemption).
+    _word_next: tuple[int, Any, Any] | None = field(init=False, default=None)
+    _alone_at: int | None = field(init=False, default=None)  # the step saved alone (stop_signal.py)
     _snapshot_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -187,40 +204,50 @@ class TrainContext:
         self._reporter.step(step, loss, step_time_s=step_time_s, **metrics)
 
     def should_checkpoint(self, step: int) -> bool:
-        """True when ``step`` is a checkpoint step (every ``checkpoint.interval_steps`` and the last, and
-        the step the controller named when the job is being preempted: docs/launching.md).
+        """True when ``step`` is a checkpoint step: every ``checkpoint.interval_steps`` (with ``auto``, when
+        rank 0 says so, at the interval the controller chose) and the last, and the step every rank
+        agreed on when the job is being preempted (docs/launching.md).
 
-        With ``checkpoint.interval_steps: auto`` rank 0 decides for every rank, at the interval the
-        controller chose: then this is a collective, which every rank calls at every step."""
+        A collective, which every rank calls at every step: the ranks' word on the next step travels
+        in a one-step-ahead asynchronous all-reduce, which runs while the step trains (a blocking one
+        would stall every rank at every step for the skew between ranks). A preemption's step is
+        saved wherever one rank heard of it in time, so that every rank saves the same step."""
         interval = self.config.checkpoint.interval_steps
-        preempted = step == self._told.save_at_step  # every rank is told the same step
-        if interval == "auto":
-            return self._checkpoint_due(step) or preempted
-        if interval == 0:
-            return preempted
-        return step % interval == 0 or step == self.config.train.steps or preempted
+        if _distributed():
+            due_by_word, preempted = self._word_on(step)
+        else:  # a training function without a process group (orchestrator/training/simulated.py) decides alone
+            due_by_word, preempted = False, self._told.alone or step == self._told.save_at_step
+        due = interval != 0 and (step == self.config.train.steps or due_by_word
+                                 or (interval != "auto" and step % interval == 0))
+        if preempted and self._told.alone:
+            self._alone_at = step
+        if due or preempted:
+            self._last_save_step = step
+        if step < self.config.train.steps and _distributed():
+            self._send_word(step + 1)
+        return due or preempted
 
-    def _checkpoint_due(self, step: int) -> bool:
-        """Rank 0's word on ``step``, sent one step ahead: the all-reduce that carries it runs while
-        the step trains, where a blocking one would stall every rank at every step (its wait is the
-        skew between ranks). The last step is due on every rank without a word."""
+    def _word_on(self, step: int) -> tuple[bool, bool]:
+        """The ranks' word on ``step`` sent one step ahead: (rank 0 says it is due, a rank must save)."""
+        decided, self._word_next = self._word_next, None
+        if decided is None:
+            return False, False
+        for_step, flags, work = decided
+        work.wait()
+        if for_step != step:
+            return False, False
+        due, preempted = flags.tolist()
+        return due > 0, preempted > 0
+
+    def _send_word(self, step: int) -> None:
         import torch
         import torch.distributed as dist
 
-        decided, self._due_next = self._due_next, None
-        due = step == self.config.train.steps
-        if decided is not None:
-            for_step, flag, work = decided
-            work.wait()
-            due = due or (for_step == step and bool(flag.item()))
-        if due:
-            self._last_save_step = step
-        if step < self.config.train.steps:
-            every = self._told.interval_steps or FIRST_CHECKPOINT_INTERVAL
-            flag = torch.tensor([1.0 if self.rank == 0 and step + 1 - self._last_save_step >= every else 0.0],
-                                device=self.device)
-            self._due_next = (step + 1, flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
-        return due
+        due = (self.rank == 0 and self.config.checkpoint.interval_steps == "auto"
+               and step - self._last_save_step >= (self._told.interval_steps or FIRST_CHECKPOINT_INTERVAL))
+        preempted = self._told.alone or self._told.save_at_step == step
+        flags = torch.tensor([float(due), float(preempted)], device=self.device)
+        self._word_next = (step, flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
 
     def save_checkpoint(self, engine: Any, step: int, user_state: dict | None = None) -> None:
         """Save a DeepSpeed checkpoint for ``step`` (collective: every rank calls it).
@@ -242,6 +269,7 @@ class TrainContext:
         directory, files = store.snapshot_save(engine, self.checkpoint_dir, self.attempt, step, self.rank, user_state)
         snapshot_s = time.perf_counter() - started
         which = {"step": step, "tag": store.tag_for(step), "attempt": self.attempt}
+        alone = step == self._alone_at
 
         def done(result: SaveResult) -> None:
             if result.error is not None:
@@ -251,12 +279,16 @@ class TrainContext:
                 ))
                 return
             blocked_s = snapshot_s if settings.async_save else snapshot_s + result.write_s
-            self._channel.send(CheckpointSaved(
-                **which, blocked_s=blocked_s, write_s=result.write_s,
-                files={name: vars(entry) for name, entry in result.files.items()},
-            ))
+            saved = CheckpointSaved(**which, blocked_s=blocked_s, write_s=result.write_s,
+                                    files={name: vars(entry) for name, entry in result.files.items()})
+            self._channel.send(saved)
+            if alone:  # nobody to tell: the controller finds it next to the files
+                store.write_saved_report(directory, self.rank, saved)
 
         self._writer.submit(SaveJob(directory=directory, files=files, done=done))
+        if alone:
+            self.wait_for_saves()
+            raise StoppedAlone(f"SIGTERM with the node agent gone: saved step {step} with the other ranks")
         if not settings.async_save:
             self.wait_for_saves()
         self._reporter.restart_clock()

@@ -19,8 +19,10 @@ reports every second where the main thread is, which tells a rank stuck in
 its own code from one waiting for a stuck peer in a collective, and a blocked rank from a busy
 one (``liveness.py``).
 
-The process never outlives its agent: the kernel kills it when the agent
-dies (``PR_SET_PDEATHSIG``), and it exits when the control socket closes.
+The process never outlives its agent: it exits when the control socket closes, or when its parent
+dies (``PR_SET_PDEATHSIG``, as SIGHUP); unless the same SIGTERM reached it first, as Slurm sends one
+to every process of a job: then it saves a checkpoint with the other ranks before it exits
+(``stop_signal.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from orchestrator.messages import (
     Prepare,
     Ready,
     Start,
+    Stop,
     Warm,
 )
 from orchestrator.run_dir import append_fd
@@ -63,9 +66,10 @@ from orchestrator.worker import rendezvous, reporter, script
 from orchestrator.worker.abort import AttemptConnections
 from orchestrator.worker.buddies import MemoryKeeper
 from orchestrator.worker.channel import CONTROL_FD_ENV, Channel
-from orchestrator.worker.context import Told, TrainContext
+from orchestrator.worker.context import StoppedAlone, Told, TrainContext
 from orchestrator.worker.liveness import ThreadWatch, raised_in_collective
 from orchestrator.worker.network import route_source
+from orchestrator.worker.stop_signal import StopSignals
 from orchestrator.worker.teardown import tear_down
 
 PARENT_PID_ENV = "ORCH_PARENT_PID"
@@ -77,6 +81,8 @@ LIVENESS_INTERVAL_S = 1.0
 _STACK_SAMPLE_S = 0.05
 _DECISION_TIMEOUT_S = 600.0
 _PR_SET_PDEATHSIG = 1
+# Saved a checkpoint alone and exited (stop_signal.py): not "finished", so never taken for the run's end.
+EXIT_SAVED_ALONE = 3
 
 
 class Interrupted(Exception):
@@ -84,7 +90,7 @@ class Interrupted(Exception):
 
 
 def main() -> int:
-    die_with_parent()
+    die_with_parent(signal.SIGHUP)
     faulthandler.enable()
     # `kill -USR1 PID` prints every thread's stack to the rank's log: the first thing to look at in a hang.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -112,6 +118,10 @@ class Runtime:
         self.told = Told()  # the controller's latest word on when to save and snapshot
         self._memory: MemoryKeeper | None = None  # memory snapshots: outlive the attempt that took them
         signal.signal(signal.SIGUSR2, self._on_interrupt)
+        self.channel.drop_when_closed = True  # the agent gone: the rank may still save alone, reporting nothing
+        self.stop_signals = StopSignals(self._save_alone, lambda: self.told.save_at_step is not None,
+                                        self._save_alone_timeout_s)
+        self.stop_signals.install()
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
         threading.Thread(target=self._liveness, name="liveness", daemon=True).start()
 
@@ -157,6 +167,7 @@ class Runtime:
     def _run_script(self, spec: Start, config: Config) -> int:
         """Run the job's script as ``__main__``; the process's exit code (as ``python script.py``'s)."""
         reporter.activate(reporter.Reporter(self.channel, spec.rank, list(spec.faults)))
+        self.stop_signals.restore_default()
         try:
             if config.cluster.device == "cpu":
                 use_prebuilt_cpu_op()  # DeepSpeed must not compile (or take its build lock) in the script
@@ -207,6 +218,9 @@ class Runtime:
                 self.in_training.clear()
             self.ctx.wait_for_saves()  # the last checkpoint is durable before "finished"
             _leave_process_group()
+        except StoppedAlone as stopped:
+            print(f"orchestrator: {stopped}; exiting", file=sys.stderr, flush=True)
+            exit_process(EXIT_SAVED_ALONE)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
             # Reported first, so that a peer's error (which the abort causes) never looks earlier than it.
             self._report_error(exc, self.ctx._reporter.last_step if self.ctx else None)
@@ -225,6 +239,19 @@ class Runtime:
             self._memory = MemoryKeeper(key=bytes.fromhex(spec.mirror_key), host=host,
                                         pinned=config.cluster.device == "gpu")
         return self._memory
+
+    def _save_alone(self) -> bool:
+        """The agent is gone with the scheduler's SIGTERM: a training function that has trained a step
+        saves at the next step every rank agrees on, then exits; False where there is nothing to save."""
+        ctx = self.ctx
+        if (not self.in_training.is_set() or ctx is None or not ctx.last_step
+                or ctx.config.checkpoint.interval_steps == 0):
+            return False
+        self.told.alone = True
+        return True
+
+    def _save_alone_timeout_s(self) -> float:
+        return self.ctx.config.fault_tolerance.preempt_timeout_s if self.ctx is not None else 0.0
 
     def _next_message(self, timeout: float | None) -> Message | None:
         """The next instruction; None (exit) when none comes within ``timeout``."""
@@ -247,6 +274,8 @@ class Runtime:
                             self._connections.abort()
                 elif isinstance(message, Cadence):
                     self.told.hear(message)
+                elif isinstance(message, Stop):
+                    self.stop_signals.agent_stops()
                 else:
                     if isinstance(message, Start):  # in channel order, before any later Cadence
                         self.told.hear(Cadence(interval_steps=message.checkpoint_interval,
@@ -254,8 +283,9 @@ class Runtime:
                     self.inbox.put(message)
         except MalformedMessage as exc:
             print(f"orchestrator: protocol error from the node agent: {exc}", file=sys.stderr, flush=True)
-        # The agent closed its end or died (or is not one we understand): nobody is left to report to.
-        os._exit(1)
+            os._exit(1)
+        # The agent closed its end or died: nobody is left to report to (a scheduler's stop aside).
+        self.stop_signals.agent_gone()
 
     def _on_interrupt(self, _signum: int, _frame: object) -> None:
         if self.in_training.is_set():
@@ -399,9 +429,10 @@ def _redirect_output(path: str) -> None:
     os.close(fd)
 
 
-def die_with_parent() -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (and exit now if it has)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, sig)
     # The parent may have died before prctl took effect.
     expected = os.environ.get(PARENT_PID_ENV)
     if expected is not None and os.getppid() != int(expected):
