@@ -26,6 +26,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from orchestrator.children import stop  # noqa: E402
+from orchestrator.controller.ray_session import NODE_ENV  # noqa: E402
 
 _HEAD_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 20.0
@@ -37,7 +38,7 @@ def main() -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     # Token auth (Ray's default for new clusters) must be explicit for workers and the driver to join.
     # Workers at normal priority: Ray's default (15) is inherited by the training processes.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_worker_niceness="0")
+    env = {**os.environ, **NODE_ENV}
     if args.loopback:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")

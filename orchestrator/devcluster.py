@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.children import start_logged
+from orchestrator.controller.ray_session import NODE_ENV
 from orchestrator.controller.reaper import sweep
 from orchestrator.dev_clusters import state_root
 from orchestrator.errors import ClusterError, ConfigError
@@ -216,9 +217,8 @@ def make_network(cluster: DevCluster, subnet: ipaddress.IPv4Network) -> None:
 def _start_ray(cluster: DevCluster, node: str, args: list[str], netns: str | None = None) -> int:
     """Start ``ray start --block ARGS`` for ``node`` (in ``netns``) and wait until it has joined."""
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    env = {**os.environ, **_RAY_FAILURE_SETTINGS, NODE_MARK_ENV: f"{cluster.name}:{node}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(cluster.token_path),
-           "RAY_worker_niceness": "0"}
+    env = {**os.environ, **NODE_ENV, **_RAY_FAILURE_SETTINGS, NODE_MARK_ENV: f"{cluster.name}:{node}",
+           "RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
     if not cluster.namespaces:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.pop("RAY_ADDRESS", None)

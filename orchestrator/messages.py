@@ -309,7 +309,8 @@ class RankStatus:
     ``returncode`` is None while it runs (negative: killed by that signal); ``exited_at`` when the
     agent saw it end; ``alive_at`` its last sign of life (any message, or the beat), ``where`` and
     ``in_collective`` from the last beat, ``moved_at`` when its call stack last changed; ``log_tail``
-    the end of its log after a failed exit.
+    the end of its log after a failed exit; ``oom`` what its node's memory was when the kernel's
+    OOM killer killed it ("" where it did not).
     """
 
     pid: int
@@ -321,6 +322,7 @@ class RankStatus:
     moved_at: float = 0.0
     exited_at: float | None = None
     log_tail: str = ""
+    oom: str = ""
 
     def moved(self, skew: float) -> RankStatus:
         """The same status with its node-clock times moved by ``skew`` onto the controller's clock."""

@@ -9,4 +9,4 @@ from __future__ import annotations
 from typing import Literal
 
 # Why a rank failed, as ``failure_detected`` and the metrics name it (docs/events.md).
-Reason = Literal["exit", "signal", "hang", "node_lost", "exception", "checkpoint"]
+Reason = Literal["exit", "signal", "oom", "hang", "node_lost", "exception", "checkpoint"]

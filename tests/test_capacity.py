@@ -9,10 +9,11 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.controller import capacity
 from orchestrator.errors import ConfigError
+from orchestrator.node_memory import Memory, memory, oom_kills
 from tests.helpers import LOCAL_CONFIG, cli
 
 GIB = 1 << 30
-THIS_KIND_OF_MACHINE = capacity.NodeCapacity(cpus=2, memory_total=23 * GIB, memory_available=20 * GIB)
+THIS_KIND_OF_MACHINE = capacity.NodeCapacity(cpus=2, memory=Memory(total=23 * GIB, available=20 * GIB))
 
 
 def test_more_ranks_than_memory_holds_are_refused_with_the_node_s_numbers() -> None:
@@ -38,11 +39,14 @@ def test_a_bigger_model_needs_more_memory_per_rank() -> None:
     assert big - small > 24 * 12 * 1024 * 1024 * 16, "parameters, gradients, Adam's moments, snapshot copies"
 
 
-def test_this_machine_is_read_from_proc_meminfo(tmp_path: Path) -> None:
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    node = capacity.NodeCapacity.of_this_machine(meminfo)
-    assert (node.memory_total, node.memory_available) == (24000000 * 1024, 20000000 * 1024) and node.cpus >= 1
+def test_the_node_s_memory_and_oom_kills_are_read_from_proc(tmp_path: Path) -> None:
+    meminfo, vmstat = tmp_path / "meminfo", tmp_path / "vmstat"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+                       "HugePages_Total:       0\n")
+    assert memory(meminfo) == Memory(total=24000000 * 1024, available=20000000 * 1024)
+    vmstat.write_text("nr_free_pages 12\noom_kill 3\n")
+    assert oom_kills(vmstat) == 3 and oom_kills(tmp_path / "missing") is None
+    assert oom_kills() is not None, "this kernel counts them"
 
 
 def test_launch_refuses_an_overloaded_node_in_seconds_with_exit_2(tmp_path: Path) -> None:

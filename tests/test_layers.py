@@ -19,7 +19,8 @@ LAYERS = [
     {"monitor"},
     {"scaling"},
     {"config"},
-    {"types", "messages", "events", "errors", "run_dir", "installation", "dev_clusters", "children"},
+    {"types", "messages", "events", "errors", "run_dir", "installation", "dev_clusters", "children",
+     "node_memory"},
 ]
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from orchestrator.controller.failures import Failure
+import signal
+from pathlib import Path
+
+from orchestrator.controller.failures import Failure, failure_from
 from orchestrator.controller.policy import Attempt, FailurePolicy
+from orchestrator.controller.worker_group import RankUpdate
 
 
 def failure(reason: str = "signal", **kw) -> Failure:
@@ -74,3 +78,39 @@ def test_a_failed_ranks_log_tail_shows_no_noise_of_a_healthy_start() -> None:
     failure = Failure(rank=1, reason="signal", at=0.0, message="killed", log_tail=log)
     assert failure.details() == "step 3 loss 1.2\nkilled by the OOM killer? see dmesg\n"
     assert failure.event_fields()["log_tail"] == "step 3 loss 1.2\nkilled by the OOM killer? see dmesg"
+
+
+def test_a_rank_the_oom_killer_took_is_named_so_and_the_same_overload_is_not_retried() -> None:
+    """SIGKILL while the kernel's OOM killer was at work (its agent saw the node's count rise) is ``oom``
+    with the node's memory, not a bare ``signal``; out of memory again after recovering from it ends
+    the run instead of meeting the same wall on every restart."""
+    update = RankUpdate(rank=3, returncode=-9, exited_at=5.0, oom="its node has 23.5 GiB of memory (0.2 GiB available)")
+    oom = failure_from(update, None, last_step=7)
+    assert oom is not None and (oom.reason, oom.signal, oom.step) == ("oom", 9, 7)
+    assert oom.message == ("training process killed by the kernel's OOM killer (its node has 23.5 GiB of memory "
+                           "(0.2 GiB available))")
+    killed = failure_from(RankUpdate(rank=3, returncode=-9, exited_at=5.0), None, last_step=7)
+    assert killed is not None and killed.reason == "signal"
+    policy = FailurePolicy(max_restarts=5)
+    assert policy.decide(oom, []).retry
+    again = policy.decide(oom, [Attempt(cause=oom, mode="in_place", progressed=True)])
+    assert not again.retry and again.reason.startswith("not retryable: out of memory again")
+    assert policy.decide(oom, [Attempt(cause=failure("node_lost"), mode="in_place", progressed=True)]).retry
+
+
+def test_an_agent_names_a_sigkill_an_oom_kill_only_when_its_node_s_count_rose(tmp_path: Path, monkeypatch) -> None:
+    from orchestrator import node_memory
+    from orchestrator.agent.hosted import HostedProcess
+
+    kills = [4]
+    monkeypatch.setattr(node_memory, "oom_kills", lambda: kills[0])
+    proc = HostedProcess({}, tmp_path / "r.log", "test", module="this_module_does_not_exist")
+    try:
+        assert proc.popen is not None and proc.popen.wait(timeout=30) == 1
+        assert proc._oom(-signal.SIGKILL) == "", "no OOM kill on the node since it started"
+        kills[0] = 5
+        assert proc._oom(1) == "", "not killed"
+        said = proc._oom(-signal.SIGKILL)
+        assert said.startswith("its node has ") and said.endswith("GiB available)"), said
+    finally:
+        proc.stop(1.0)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.children import start_logged, stop  # noqa: E402
 from orchestrator.cli import EXIT_PREEMPTED, EXIT_USAGE  # noqa: E402
+from orchestrator.controller.ray_session import NODE_ENV  # noqa: E402
 from orchestrator.errors import ClusterError, ConfigError  # noqa: E402
 from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
 
@@ -45,8 +46,7 @@ _STOP_TIMEOUT_S = 20.0
 # Slurm's SIGKILL comes KillWait (30 s) after its SIGTERM, and the job must be gone by then. A Ray worker
 # that exits kills its children: a node agent dying of scancel's SIGTERM would take the ranks that are
 # saving a checkpoint alone (orchestrator/worker/stop_signal.py) with it; they end by themselves.
-_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_kill_child_processes_on_worker_exit": "0"}
+_RAY_ENV = {**NODE_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator import node_memory
 from orchestrator.agent.channels import ChannelReader
 from orchestrator.installation import with_interpreter_tools
 from orchestrator.messages import (
@@ -88,6 +89,7 @@ class HostedProcess:
         self._pidfd: int | None = None  # an adopted process's: readable once it has exited
         self._zygote = zygote
         self.reported_returncode: int | None = None
+        self._oom_kills_at_start = node_memory.oom_kills()
         self.warm = False  # a spare that finished its warm-up
         with open(append_fd(log_path), "ab") as log:
             log.write(f"=== {header} ===\n".encode())
@@ -182,7 +184,15 @@ class HostedProcess:
             # The socket closes the moment the process dies: the best clock for "when".
             exited_at=(self.eof_at or time.time()) if code is not None else None,
             log_tail=self._log_tail() if code else "",
+            oom=self._oom(code),
         )
+
+    def _oom(self, code: int | None) -> str:
+        """Its node's memory, where it was SIGKILLed while the kernel's OOM killer was at work ("" otherwise)."""
+        if code != -signal.SIGKILL or self._oom_kills_at_start is None:
+            return ""
+        now = node_memory.oom_kills()
+        return f"its node has {node_memory.memory().describe()}" if now is not None and now > self._oom_kills_at_start else ""
 
     def signal(self, sig: int) -> None:
         if self.poll_exit() is None:

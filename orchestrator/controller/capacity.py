@@ -17,10 +17,11 @@ and what every node runs (Ray's processes, the agent, the zygote; the controller
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from orchestrator import node_memory
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
+from orchestrator.node_memory import Memory
 from orchestrator.worker.env import local_cpu_count
 
 RANK_BASE_GIB = 0.40
@@ -30,29 +31,22 @@ _STATE_BYTES_PER_PARAM = 4 * 4
 _SNAPSHOT_COPIES = 2
 # More ranks per CPU than this and each step waits on the others' time slices: warn.
 _RANKS_PER_CPU_WARNING = 4
-_GIB = 1 << 30
+_GIB = node_memory.GIB
 
 
 @dataclass(frozen=True)
 class NodeCapacity:
-    """What one node offers: CPUs this process may use, memory in bytes (total, available now)."""
+    """What one node offers: CPUs this process may use, and its memory."""
 
     cpus: int
-    memory_total: int
-    memory_available: int
+    memory: Memory
 
     @classmethod
-    def of_this_machine(cls, meminfo: Path = Path("/proc/meminfo")) -> NodeCapacity:
-        fields = {}
-        for line in meminfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields[name] = int(value.split()[0]) * 1024
-        return cls(cpus=local_cpu_count(), memory_total=fields["MemTotal"],
-                   memory_available=fields.get("MemAvailable", fields["MemFree"]))
+    def of_this_machine(cls) -> NodeCapacity:
+        return cls(cpus=local_cpu_count(), memory=node_memory.memory())
 
     def describe(self) -> str:
-        return (f"{self.cpus} CPU(s), {self.memory_total / _GIB:.1f} GiB of memory "
-                f"({self.memory_available / _GIB:.1f} GiB available)")
+        return f"{self.cpus} CPU(s), {self.memory.describe()}"
 
 
 def rank_footprint(config: Config) -> int:
@@ -71,7 +65,7 @@ def check(config: Config, node: NodeCapacity) -> str | None:
     a warning where it may, slowly (None: it fits)."""
     ranks = config.cluster.workers_per_node
     each = rank_footprint(config)
-    room = node.memory_available - int(NODE_OVERHEAD_GIB * _GIB)
+    room = node.memory.available - int(NODE_OVERHEAD_GIB * _GIB)
     if (ranks + 1) * each > room:  # and the node's spare
         fit = max(0, room // each - 1)
         raise ConfigError(

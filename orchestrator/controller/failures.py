@@ -112,6 +112,11 @@ def failure_from(
     if code is None or code == 0:
         return None
     at = update.exited_at if update.exited_at is not None else time.time()
+    if code < 0 and update.oom:
+        return Failure(
+            rank=update.rank, reason="oom", at=at, signal=-code, step=step, log_tail=update.log_tail,
+            message=f"training process killed by the kernel's OOM killer ({update.oom})",
+        )
     if code < 0:
         return Failure(
             rank=update.rank, reason="signal", at=at, signal=-code, step=step,

@@ -6,6 +6,8 @@ Pure: no processes, no clocks. The controller carries the decision out.
 - A failed checkpoint save reaches the policy only with ``checkpoint.on_failure: stop``: not retried.
 - An exception that repeats at the same step with the same message on the
   next attempt is a bug in the training code, not a fault: not retried.
+- Out of memory again right after a recovery from running out of memory: the
+  job does not fit its nodes, and every restart would meet the same wall.
 - Otherwise retry while ``fault_tolerance.max_restarts`` allows, in place
   (survivors keep their processes; ranks on a lost node get new ones) unless
   the config asks for full restarts or the previous in-place recovery failed
@@ -76,6 +78,9 @@ class FailurePolicy:
         ):
             where = f"after step {cause.step}" if cause.step is not None else "before any step"
             return Decision(retry=False, reason=f"not retryable: the same {cause.exc_type} {where} on two attempts")
+        if cause.reason == "oom" and previous is not None and previous.reason == "oom":
+            return Decision(retry=False, reason="not retryable: out of memory again after a recovery from it; lower "
+                            "cluster.workers_per_node or what each rank holds")
         if len(history) >= self.max_restarts:
             return Decision(
                 retry=False, reason=f"restart budget spent ({len(history)} of fault_tolerance.max_restarts={self.max_restarts})"

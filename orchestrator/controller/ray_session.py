@@ -32,14 +32,19 @@ from orchestrator.worker.env import local_cpu_count
 # Read by Ray when it is imported or started. The first makes a single-node Ray bind loopback
 # instead of the machine's external address (ray._private.services.get_node_ip_address); token
 # auth is Ray's default for new local clusters, made explicit.
-_EMBEDDED_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+# What every Ray node of ours runs with: the embedded one, the dev cluster's, a Slurm job's.
+NODE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
     # Ray renices its workers to 15, and the training processes our agents start inherit it
     # (a child cannot undo it without privilege): every Ray service would preempt training.
     "RAY_worker_niceness": "0",
+    # Ray's memory monitor kills Ray workers when the node runs short, and the worker it picks is the node
+    # agent (the ranks are the agent's children, not Ray workers): the ranks' overload would read as a lost
+    # node. Without it the kernel's OOM killer takes the biggest process, a rank, and is named (reason oom).
+    "RAY_memory_monitor_refresh_ms": "0",
 }
+_EMBEDDED_ENV = {**NODE_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 _temp_dir: str | None = None  # the embedded Ray's, while it runs

@@ -98,13 +98,15 @@ class RankUpdate:
     where: str = ""
     in_collective: bool = False
     moved_at: float | None = None
+    oom: str = ""  # killed by the kernel's OOM killer: its node's memory then
 
     @classmethod
     def of(cls, rank: int, status: RankStatus) -> RankUpdate:
         """The update an actor's status of ``rank`` makes."""
         return cls(rank=rank, pid=status.pid, reports=status.reports, returncode=status.returncode,
                    exited_at=status.exited_at, log_tail=status.log_tail, alive_at=status.alive_at,
-                   where=status.where, in_collective=status.in_collective, moved_at=status.moved_at)
+                   where=status.where, in_collective=status.in_collective, moved_at=status.moved_at,
+                   oom=status.oom)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
