@@ -140,8 +140,13 @@ def hf_under_torchrun(tmp_path_factory: pytest.TempPathFactory) -> dict[int, flo
     out = tmp_path_factory.mktemp("torchrun") / "out"
     result = torchrun(str(SCRIPTS / "hf_clm.py"), "--output_dir", str(out), "--deepspeed",
                       str(SCRIPTS / "ds_zero2.json"), timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    state = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())
+    state_file = out / "checkpoint-30" / "trainer_state.json"
+    # Under plain torchrun a rank sometimes aborts in interpreter teardown after its work is done (a gloo
+    # thread still joinable: "terminate called without an active exception", STACK-NOTES); the
+    # reference losses are written by then. Our own ranks end without that teardown (process.exit_process).
+    teardown_abort = "terminate called without an active exception" in result.stderr and state_file.exists()
+    assert result.returncode == 0 or teardown_abort, result.stderr[-4000:]
+    state = json.loads(state_file.read_text())
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
