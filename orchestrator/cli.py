@@ -40,6 +40,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 3
 # What a scheduler sends to stop a job (Slurm: SIGTERM on scancel and preemption; the warning of
 # `sbatch --signal=B:USR1@90`): the run saves and ends preempted.
 PREEMPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RESUME_COMMAND_ENV = "ORCH_RESUME_COMMAND"  # set by a launcher (launch/slurm/job.py): the command that resumes
 
 
 class Interrupted(Exception):
@@ -562,7 +563,10 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _resume_command(argv: list[str], run_dir: Path) -> str:
-    """The launch command line again, with the run directory it used (given or made)."""
+    """The launch command line again, with the run directory it used (given or made); what its launcher
+    says resumes it, where one started it (``RESUME_COMMAND_ENV``: the Slurm job's ``sbatch``)."""
+    if os.environ.get(RESUME_COMMAND_ENV):
+        return os.environ[RESUME_COMMAND_ENV]
     ours = argv[:argv.index("--")] if "--" in argv else argv
     if "--run-dir" not in ours and not any(a.startswith("--run-dir=") for a in ours):
         argv = [*ours, "--run-dir", str(run_dir), *argv[len(ours):]]

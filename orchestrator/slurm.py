@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -111,6 +112,19 @@ def cluster_settings(allocation: SlurmAllocation, config_path: str,
                           f"{config.cluster.workers_per_node}, or set cluster.workers_per_node to {gpus}")
     run_dir = Path(known.run_dir or f"runs/slurm-{allocation.job_id}").absolute()
     return settings + [a for item in known.set for a in ("--set", item)], run_dir, rest
+
+
+def resume_command(allocation: SlurmAllocation, config_path: str, launch_args: list[str], run_dir: Path,
+                   batch: bool) -> str:
+    """What resumes this job from its run directory: the same ``sbatch`` (``batch``), or the same
+    ``salloc``/``srun.sh``, with ``--run-dir``; the user's own Slurm options aside."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run-dir")
+    _, rest = parser.parse_known_args(launch_args)
+    nodes = f"--nodes={allocation.nodes}"
+    start = (["sbatch", nodes, "launch/slurm.sbatch"] if batch else
+             ["salloc", nodes, "--exclusive", "srun", "--nodes=1", "--ntasks=1", "--overlap", "launch/slurm/srun.sh"])
+    return shlex.join([*start, config_path, *rest, "--run-dir", str(run_dir)])
 
 
 def _hostnames(nodelist: str, env: dict[str, str]) -> list[str]:

@@ -168,6 +168,9 @@ def test_scancel_saves_a_checkpoint_and_ends_preempted_with_nothing_left_on_any_
     assert finished and finished[-1]["status"] == "preempted", out
     committed = [c for c in of_kind(evs, "checkpoint_committed") if c["ts"] > cancelled_ts]
     assert committed and finished[-1]["checkpoint"] == f"global_step{committed[-1]['step']}", (committed, out)
+    closing = next((line for line in out.splitlines() if "resume with:" in line), "")
+    assert closing.endswith(f"last checkpoint: global_step{committed[-1]['step']}; resume with: sbatch --nodes=2 "
+                            f"launch/slurm.sbatch cluster_configs/local.yaml {' '.join(TRAINING)} --run-dir {run_dir}"), out
     verify = subprocess.run([sys.executable, "-m", "orchestrator", "checkpoints", "verify", str(run_dir)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr

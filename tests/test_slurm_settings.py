@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.slurm import SlurmAllocation, cluster_settings, gpus_per_node
+from orchestrator.slurm import SlurmAllocation, cluster_settings, gpus_per_node, resume_command
 from tests.helpers import REPO
 
 LOCAL = str(REPO / "cluster_configs" / "local.yaml")
@@ -55,3 +55,13 @@ def test_gpus_per_node_from_either_variable(env: dict[str, str], gpus: int | Non
 def test_outside_an_allocation_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="not inside a Slurm allocation"):
         SlurmAllocation.from_environment({})
+
+
+def test_a_preempted_job_names_the_slurm_command_that_resumes_it() -> None:
+    """Not the `orchestrator launch` the script made up (with this allocation's Ray address): the same
+    sbatch (or salloc) with the run directory, the user's launch options kept."""
+    args = ["--set", "train.steps=400", "--run-dir", "/shared/old"]
+    assert resume_command(allocation(2), "cluster_configs/local.yaml", args, Path("/shared/exp1"), batch=True) == (
+        "sbatch --nodes=2 launch/slurm.sbatch cluster_configs/local.yaml --set train.steps=400 --run-dir /shared/exp1")
+    assert resume_command(allocation(3), "c.yaml", [], Path("/r"), batch=False) == (
+        "salloc --nodes=3 --exclusive srun --nodes=1 --ntasks=1 --overlap launch/slurm/srun.sh c.yaml --run-dir /r")

@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from orchestrator.children import start_logged, stop  # noqa: E402
-from orchestrator.cli import EXIT_PREEMPTED, EXIT_USAGE  # noqa: E402
+from orchestrator.cli import EXIT_PREEMPTED, EXIT_USAGE, RESUME_COMMAND_ENV  # noqa: E402
 from orchestrator.controller.ray_session import NODE_ENV  # noqa: E402
 from orchestrator.errors import ClusterError, ConfigError  # noqa: E402
-from orchestrator.slurm import SlurmAllocation, cluster_settings  # noqa: E402
+from orchestrator.slurm import SlurmAllocation, cluster_settings, resume_command  # noqa: E402
 
 _JOIN_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 20.0
@@ -58,11 +58,14 @@ def main(argv: list[str]) -> int:
     args, launch_args = parser.parse_known_args(argv)
     try:
         allocation = SlurmAllocation.from_environment()
-        settings, run_dir, launch_args = cluster_settings(allocation, args.config, launch_args)
+        settings, run_dir, rest = cluster_settings(allocation, args.config, launch_args)
     except ConfigError as exc:
         print(f"orchestrator (slurm): {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    return Job(allocation, args.config, settings, run_dir, launch_args, args.port).run()
+    # The closing line of a preempted run names this, not the launch command this script made up.
+    os.environ[RESUME_COMMAND_ENV] = resume_command(allocation, args.config, launch_args, run_dir,
+                                                    batch=os.environ.get("ENVIRONMENT") == "BATCH")  # sbatch sets it
+    return Job(allocation, args.config, settings, run_dir, rest, args.port).run()
 
 
 class Job:
