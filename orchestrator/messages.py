@@ -502,9 +502,9 @@ class StartedRank:
 
 _KINDS: dict[str, type[Message]] = {
     kind.type: kind
-    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Stop, Fork, Prepared, Forked, Exited, Alive, Warm, Step, Resumed,
-                 Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected, Error,
-                 Ready, Finished)
+    for kind in (Prepare, Start, Rejoin, Cadence, Interrupt, Stop, Fork, Prepared, Forked, Exited, Alive, Warm, Step,
+                 Resumed, Saving, CheckpointSaved, ScriptCheckpoint, CheckpointSkipped, CheckpointFailed, FaultInjected,
+                 Error, Ready, Finished)
 }
 
 

@@ -50,7 +50,8 @@ class SlurmAllocation:
         names = _hostnames(env.get("SLURM_JOB_NODELIST", ""), env) or [env.get("SLURMD_NODENAME", "")]
         name = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
         cpus = env.get("SLURM_CPUS_ON_NODE")
-        return cls(job_id=job_id, restarts=int(env.get("SLURM_RESTART_COUNT") or 0), nodes=nodes, node_names=names, node_name=name, address=_node_address(name, env),
+        return cls(job_id=job_id, restarts=int(env.get("SLURM_RESTART_COUNT") or 0), nodes=nodes, node_names=names,
+                   node_name=name, address=_node_address(name, env),
                    cpus_on_node=int(cpus) if cpus and cpus.isdigit() else None, gpus_per_node=gpus_per_node(env))
 
     def ray_resources(self) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import node_memory
 from orchestrator.agent.hosted import HostedProcess
 from orchestrator.agent.node_agent import NodeAgent
 from orchestrator.messages import Rejoin
@@ -61,3 +62,18 @@ def test_an_interrupted_survivor_rejoins_or_is_killed_once_the_unwind_time_is_up
             assert "did not leave its training function within 1s of being interrupted" in log.read_text()
     finally:
         agent.stop(1.0)
+
+
+def test_an_agent_names_a_sigkill_an_oom_kill_only_when_its_node_s_count_rose(tmp_path: Path, monkeypatch) -> None:
+    kills = [4]
+    monkeypatch.setattr(node_memory, "oom_kills", lambda: kills[0])
+    proc = HostedProcess({}, tmp_path / "r.log", "test", module="this_module_does_not_exist")
+    try:
+        assert proc.popen is not None and proc.popen.wait(timeout=30) == 1
+        assert proc._oom(-signal.SIGKILL) == "", "no OOM kill on the node since it started"
+        kills[0] = 5
+        assert proc._oom(1) == "", "not killed"
+        said = proc._oom(-signal.SIGKILL)
+        assert said.startswith("its node has ") and said.endswith("GiB available)"), said
+    finally:
+        proc.stop(1.0)

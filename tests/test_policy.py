@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-from pathlib import Path
-
 from orchestrator.controller.failures import Failure, failure_from
 from orchestrator.controller.policy import Attempt, FailurePolicy
 from orchestrator.controller.worker_group import RankUpdate
@@ -96,21 +93,3 @@ def test_a_rank_the_oom_killer_took_is_named_so_and_the_same_overload_is_not_ret
     again = policy.decide(oom, [Attempt(cause=oom, mode="in_place", progressed=True)])
     assert not again.retry and again.reason.startswith("not retryable: out of memory again")
     assert policy.decide(oom, [Attempt(cause=failure("node_lost"), mode="in_place", progressed=True)]).retry
-
-
-def test_an_agent_names_a_sigkill_an_oom_kill_only_when_its_node_s_count_rose(tmp_path: Path, monkeypatch) -> None:
-    from orchestrator import node_memory
-    from orchestrator.agent.hosted import HostedProcess
-
-    kills = [4]
-    monkeypatch.setattr(node_memory, "oom_kills", lambda: kills[0])
-    proc = HostedProcess({}, tmp_path / "r.log", "test", module="this_module_does_not_exist")
-    try:
-        assert proc.popen is not None and proc.popen.wait(timeout=30) == 1
-        assert proc._oom(-signal.SIGKILL) == "", "no OOM kill on the node since it started"
-        kills[0] = 5
-        assert proc._oom(1) == "", "not killed"
-        said = proc._oom(-signal.SIGKILL)
-        assert said.startswith("its node has ") and said.endswith("GiB available)"), said
-    finally:
-        proc.stop(1.0)

@@ -192,7 +192,9 @@ class HostedProcess:
         if code != -signal.SIGKILL or self._oom_kills_at_start is None:
             return ""
         now = node_memory.oom_kills()
-        return f"its node has {node_memory.memory().describe()}" if now is not None and now > self._oom_kills_at_start else ""
+        if now is None or now <= self._oom_kills_at_start:
+            return ""
+        return f"its node has {node_memory.memory().describe()}"
 
     def signal(self, sig: int) -> None:
         if self.poll_exit() is None:

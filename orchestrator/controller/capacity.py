@@ -22,6 +22,7 @@ from orchestrator import node_memory
 from orchestrator.config.schema import Config
 from orchestrator.errors import ConfigError
 from orchestrator.node_memory import Memory
+from orchestrator.scaling.plan import non_embedding_params
 from orchestrator.worker.env import local_cpu_count
 
 RANK_BASE_GIB = 0.40
@@ -54,7 +55,8 @@ def rank_footprint(config: Config) -> int:
     state = 0
     if config.train.entrypoint is None and not config.train.is_script:
         model = config.model
-        params = 12 * model.layers * model.dim * model.dim + 2 * 256 * model.dim + model.seq_len * model.dim
+        # The blocks, then the byte embedding and output layer (256 x dim each) and the positions.
+        params = non_embedding_params(model) + (2 * 256 + model.seq_len) * model.dim
         copies = 1 + (_SNAPSHOT_COPIES if config.checkpoint.memory_interval_steps != 0 else 0)
         state = params * _STATE_BYTES_PER_PARAM * copies // max(1, config.parallel.tensor_parallel)
     return int(RANK_BASE_GIB * _GIB) + state

@@ -163,7 +163,6 @@ class Controller:
         self._checkpoint_failures: list[Failure] = []
         self._preemption: str | None = None  # a preemption asked for, carried out before the next step
         self._saved_alone: set[tuple[int, str]] = set()  # (rank, tag) reports of saves made alone, absorbed
-        self._committed_alone: str | None = None  # the checkpoint the ranks saved alone, committed
         self.metrics = metrics
         if metrics is not None:
             events.subscribe(metrics.on_event)
@@ -443,7 +442,8 @@ class Controller:
     def preempted_meanwhile(self) -> Preempting | None:
         """While failures were being settled, a preemption was asked for: those failures are the same
         stop reaching ranks first (Slurm signals every process of a job at once), not failures of the
-        run. Stop without asking for a checkpoint: failed ranks cannot take it."""
+        run. No checkpoint is asked for (failed ranks cannot take it); after a SIGTERM the ranks may
+        still save one alone (:meth:`absorb_saved_alone`)."""
         if self._preemption is None:
             return None
         return self._preempting(self._preemption, None)
@@ -481,7 +481,6 @@ class Controller:
                                          blocked_s=report.blocked_s, write_s=report.write_s, files=report.files,
                                          at=time.time()))
             if self.last_checkpoint == report.tag:
-                self._committed_alone = report.tag
                 # The ranks trained to it without a word to anyone: it is the last step known.
                 self.last_step = max(self.last_step or 0, report.step)
 
@@ -502,7 +501,8 @@ class Controller:
         tag = self.last_checkpoint
         if tag is None:
             return False
-        return tag == self._committed_alone or (step is not None and store.step_of(tag) >= step)
+        saved_alone = any(tag == alone for _, alone in self._saved_alone)
+        return saved_alone or (step is not None and store.step_of(tag) >= step)
 
     def now(self) -> float:
         return self._clock()
